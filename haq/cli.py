@@ -1,0 +1,83 @@
+"""`haq` command line: parses arguments and calls the Python API; user errors print as one line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from haq.errors import HaqError
+
+
+def _write_json(path: str, payload: dict) -> None:
+    from haq.io import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def cmd_zoo(args: argparse.Namespace) -> None:
+    from haq import zoo
+
+    if args.zoo_cmd == "list":
+        for entry in zoo.ZOO.values():
+            state = "built" if zoo.is_built(entry.name) else "-"
+            print(f"{entry.name:22s} {state:6s} {entry.description}")
+    else:
+        for name in args.names:
+            print(zoo.build(name, force=args.force))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from haq.data.corpora import eval_windows
+    from haq.eval.perplexity import perplexity
+    from haq.models.loading import load_model
+
+    model, tokenizer, path = load_model(args.model)
+    windows = eval_windows(args.dataset, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows)
+    result = perplexity(model, windows)
+    print(f"{path.name}  {args.dataset}  seqlen {result.seqlen}  windows {result.windows}  "
+          f"tokens {result.tokens}  ppl {result.ppl:.4f}  ({result.seconds:.1f}s)")
+    if args.json:
+        _write_json(args.json, {"model": str(path), "dataset": args.dataset, **result.to_dict()})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haq", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("zoo", help="bundled models: list or build")
+    zsub = p.add_subparsers(dest="zoo_cmd", required=True)
+    zsub.add_parser("list", help="list the zoo")
+    b = zsub.add_parser("build", help="build zoo models locally (no hub)")
+    b.add_argument("names", nargs="+")
+    b.add_argument("--force", action="store_true", help="rebuild even if built")
+    p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("eval", help="perplexity on non-overlapping windows (GPTQ protocol)")
+    p.add_argument("model", help="model folder, quantized checkpoint or zoo name")
+    p.add_argument("--dataset", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | c4-new | PATH")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--json", help="also write the result as JSON to this file")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except HaqError as exc:
+        if args.verbose:
+            raise
+        print(f"haq: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

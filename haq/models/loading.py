@@ -1,0 +1,63 @@
+"""Resolve a model argument (folder or zoo name) and load it with its tokenizer, or fail clearly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from haq.errors import HaqError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "opt", "qwen2_moe", "qwen3_moe")
+QUANT_CONFIG = "haq_config.json"
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path:
+    """A folder on disk wins; otherwise the name of a built zoo model."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise HaqError(f"{path} is not a model folder (expected a directory with config.json)")
+        if not (path / "config.json").is_file():
+            raise HaqError(f"{path} is not a model folder: no config.json inside")
+        return path
+    from haq.zoo import ZOO, model_path
+
+    if str(name_or_path) in ZOO:
+        return model_path(str(name_or_path))
+    raise HaqError(f"model {str(name_or_path)!r} not found: not a folder, nor a zoo model ({', '.join(ZOO)})")
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise HaqError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise HaqError(
+            f"unsupported architecture {model_type!r} in {path}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return config
+
+
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, path); a haq quantized checkpoint loads with its int8 modules."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    read_config(path)
+    if (path / QUANT_CONFIG).is_file():
+        from haq.checkpoint import load_quantized
+
+        model = load_quantized(path)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise HaqError(f"cannot load model weights from {path}: {str(exc).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise HaqError(f"no usable tokenizer in {path}: {str(exc).splitlines()[0]}") from None
+    return model.eval(), tokenizer, path

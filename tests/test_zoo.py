@@ -1,0 +1,48 @@
+import pytest
+import torch
+
+from haq.errors import HaqError
+from haq.zoo.tiny_random import TINY_CONFIGS
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_tiny_configs_build_and_run(tiny_dir, name):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir(name)).eval()
+    logits = model(torch.arange(8)[None]).logits
+    assert logits.shape == (1, 8, 4096) and torch.isfinite(logits).all()
+
+
+def test_upcycled_moe_computes_the_dense_function(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from haq.zoo.smollm2 import kmeans_centroids, moe_inputs, upcycle_to_mixtral
+
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-llama")).eval()
+    ids = torch.randint(0, 4096, (4, 16), generator=torch.Generator().manual_seed(0))
+    centroids = [kmeans_centroids(x, 8) for x in moe_inputs(dense, ids)]
+    moe = upcycle_to_mixtral(dense, centroids).eval()
+    with torch.no_grad():
+        out = moe(ids, output_router_logits=True)
+        diff = (out.logits - dense(ids).logits).abs().max()
+    assert diff < 1e-4
+    # Routing is data dependent: several experts are chosen in every layer.
+    for logits in out.router_logits:
+        assert len(torch.unique(logits.topk(2, -1).indices)) >= 3
+
+
+def test_kmeans_is_deterministic_and_unit_norm():
+    from haq.zoo.smollm2 import kmeans_centroids
+
+    x = torch.randn(500, 16, generator=torch.Generator().manual_seed(1))
+    a, b = kmeans_centroids(x, 8), kmeans_centroids(x, 8)
+    assert torch.equal(a, b)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(8), atol=1e-5)
+
+
+def test_unknown_zoo_model_is_a_clear_error():
+    from haq import zoo
+
+    with pytest.raises(HaqError, match="unknown zoo model 'nope'"):
+        zoo.build("nope")
