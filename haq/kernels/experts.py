@@ -1,0 +1,59 @@
+"""Quantized fused experts: a drop-in for transformers 5.x `*Experts` modules (same forward).
+
+E = experts, H = hidden, I = expert intermediate size, T = tokens, K = top-k.
+Buffers: gate_up_q int8 [E, 2I, H] (gate rows first), gate_up_scale [E, 2I], down_q int8 [E, H, I],
+down_scale [E, H]; with static per-tensor activations also gate_up_in_scale [E] and down_in_scale [E].
+act_bits 16 means weight-only: weights are dequantized and activations stay float.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from haq.kernels.int8 import int8_linear
+
+
+class Int8Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, act_fn, act_bits: int = 8,
+                 act_mode: str = "per-token") -> None:
+        super().__init__()
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, intermediate
+        self.act_fn = act_fn
+        self.act_bits, self.act_mode = act_bits, act_mode
+        self.register_buffer("gate_up_q", torch.zeros(num_experts, 2 * intermediate, hidden, dtype=torch.int8))
+        self.register_buffer("gate_up_scale", torch.ones(num_experts, 2 * intermediate))
+        self.register_buffer("down_q", torch.zeros(num_experts, hidden, intermediate, dtype=torch.int8))
+        self.register_buffer("down_scale", torch.ones(num_experts, hidden))
+        static = act_mode == "per-tensor" and act_bits <= 8
+        self.register_buffer("gate_up_in_scale", torch.ones(num_experts) if static else None)
+        self.register_buffer("down_in_scale", torch.ones(num_experts) if static else None)
+
+    def _linear(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, in_scale) -> torch.Tensor:
+        if self.act_bits > 8:
+            return F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None])
+        return int8_linear(x, q.t(), scale, act_bits=self.act_bits, act_mode=self.act_mode,
+                           static_act_scale=in_scale)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert on its tokens x [T, H] -> [T, H]."""
+        static = self.gate_up_in_scale is not None
+        gate_up = self._linear(x, self.gate_up_q[e], self.gate_up_scale[e],
+                               self.gate_up_in_scale[e] if static else None)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        return self._linear(h, self.down_q[e], self.down_scale[e], self.down_in_scale[e] if static else None)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        # hidden_states [T, H]; top_k_index, top_k_weights [T, K]
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            token_idx, k_pos = torch.where(top_k_index == e)
+            y = self.expert_forward(e, hidden_states[token_idx])
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
+                f"act_bits={self.act_bits}, act_mode={self.act_mode}")

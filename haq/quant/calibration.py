@@ -1,0 +1,95 @@
+"""Observing one decoder layer on calibration inputs: hooks on its dense linears and a calibration
+stand-in for fused experts that records per-expert inputs (routed tokens, or all tokens with
+`all_experts`) while computing exactly what the original experts compute."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from haq.models.adapters import ArchAdapter
+from haq.quant.observers import InputStats
+
+
+class ObservedExperts(nn.Module):
+    """Same forward as transformers' fused experts (E = experts, T = tokens, K = top-k);
+    statistics per expert: gate_up input (hidden states) and down input (act(gate) * up)."""
+
+    def __init__(self, experts: nn.Module, all_experts: bool, stride: int, max_samples: int):
+        super().__init__()
+        self.inner = experts
+        self.all_experts = all_experts
+        E = experts.gate_up_proj.shape[0]
+        per_expert = max(1, max_samples)
+        self.moe_input = InputStats("experts input", stride, max_samples, hessian=all_experts)
+        self.gate_up = [InputStats(f"expert {e} gate_up", stride, per_expert, hessian=not all_experts)
+                        for e in range(E)]
+        self.down = [InputStats(f"expert {e} down", stride, per_expert) for e in range(E)]
+        self.routed_tokens = [0] * E
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        experts = self.inner
+        self.moe_input.update(hidden_states)
+        out = torch.zeros_like(hidden_states)
+        for e in range(experts.gate_up_proj.shape[0]):
+            token_idx, k_pos = torch.where(top_k_index == e)
+            self.routed_tokens[e] += len(token_idx)
+            x = hidden_states if self.all_experts else hidden_states[token_idx]
+            if x.shape[0] == 0:
+                continue
+            gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            h = experts.act_fn(gate) * up
+            if not self.all_experts:
+                self.gate_up[e].update(x)
+            self.down[e].update(h)
+            if self.all_experts:
+                h = h[token_idx]
+            y = F.linear(h, experts.down_proj[e]) * top_k_weights[token_idx, k_pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    def gate_up_hessian(self, e: int) -> tuple[torch.Tensor | None, int]:
+        if self.all_experts:
+            return self.moe_input.H, self.moe_input.tokens
+        return self.gate_up[e].H, self.gate_up[e].tokens
+
+    def gate_up_samples(self, e: int) -> torch.Tensor:
+        return self.moe_input.samples if self.all_experts else self.gate_up[e].samples
+
+    def smoothed_input(self, s: torch.Tensor) -> None:
+        self.moe_input.smoothed(s)
+        for stats in self.gate_up:
+            stats.smoothed(s)
+
+
+@dataclass
+class LayerStats:
+    linears: dict[str, InputStats] = field(default_factory=dict)
+    experts: ObservedExperts | None = None
+
+
+@contextmanager
+def observe_layer(layer: nn.Module, adapter: ArchAdapter, all_experts: bool, stride: int, max_samples: int):
+    """Hooks on the layer's linears and, for MoE, experts swapped for `ObservedExperts`."""
+    stats = LayerStats()
+    handles = []
+    for name in adapter.linears:
+        stats.linears[name] = InputStats(name, stride, max_samples)
+        handles.append(layer.get_submodule(name).register_forward_pre_hook(
+            lambda _m, args, st=stats.linears[name]: st.update(args[0])))
+    original = None
+    if adapter.moe is not None:
+        original = layer.get_submodule(adapter.moe.experts)
+        stats.experts = ObservedExperts(original, all_experts, stride, max_samples)
+        layer.set_submodule(adapter.moe.experts, stats.experts)
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+        if original is not None:
+            layer.set_submodule(adapter.moe.experts, original)

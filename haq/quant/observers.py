@@ -1,0 +1,55 @@
+"""Calibration statistics of one linear input: per-channel abs-max, the Hessian 2/n sum x x^T,
+and a strided sample of tokens for scoring smoothing candidates. Smoothing by s maps all three
+exactly (X -> X / s), so one pass over the float layer serves smoothing and GPTQ alike."""
+from __future__ import annotations
+
+import torch
+
+from haq.errors import HaqError
+from haq.quant.gptq import accumulate_hessian
+
+
+class InputStats:
+    def __init__(self, name: str, sample_stride: int = 1, max_samples: int = 4096, hessian: bool = True):
+        self.name = name
+        self.sample_stride = max(1, sample_stride)
+        self.max_samples = max_samples
+        self.want_hessian = hessian
+        self.act_max: torch.Tensor | None = None  # [C]
+        self.H: torch.Tensor | None = None  # [C, C]
+        self.tokens = 0
+        self._samples: list[torch.Tensor] = []
+        self._sampled = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if x.numel() == 0:
+            return
+        if not torch.isfinite(x).all():
+            raise HaqError(f"NaN or Inf in calibration activations entering {self.name}; "
+                           "check the model weights and the calibration text")
+        cur = x.abs().amax(0)
+        self.act_max = cur if self.act_max is None else torch.maximum(self.act_max, cur)
+        if self.want_hessian:
+            self.H, self.tokens = accumulate_hessian(self.H, self.tokens, x)
+        else:
+            self.tokens += x.shape[0]
+        if self._sampled < self.max_samples:
+            picked = x[:: self.sample_stride][: self.max_samples - self._sampled]
+            self._samples.append(picked.clone())
+            self._sampled += picked.shape[0]
+
+    @property
+    def samples(self) -> torch.Tensor:
+        if not self._samples:
+            return torch.zeros(0, 0 if self.act_max is None else self.act_max.numel())
+        return torch.cat(self._samples)
+
+    def smoothed(self, s: torch.Tensor) -> None:
+        """Apply X -> X / s to the recorded statistics (H -> diag(1/s) H diag(1/s))."""
+        inv = 1.0 / s.float()
+        if self.act_max is not None:
+            self.act_max = self.act_max * inv
+        if self.H is not None:
+            self.H = self.H * inv[:, None] * inv[None, :]
+        self._samples = [t * inv for t in self._samples]

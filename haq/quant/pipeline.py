@@ -1,0 +1,249 @@
+"""Layer-by-layer post-training quantization.
+
+Each decoder layer is calibrated on the outputs of the already-quantized layers before it: one
+pass of the float layer over the calibration inputs records activation ranges, Hessians and token
+samples; smoothing (fixed or adaptive alpha) is folded in; every linear and expert is quantized
+(GPTQ or RTN) into real int8 modules; the quantized layer then produces the next layer's inputs.
+Peak memory is the model plus one layer's calibration inputs and statistics. With `work_dir`,
+every finished layer is saved and an interrupted run resumes after the last one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from haq.errors import HaqError
+from haq.io import atomic_write_bytes, atomic_write_text
+from haq.kernels.experts import Int8Experts
+from haq.kernels.int8 import Int8Linear
+from haq.kernels.weight_only import WeightOnlyInt8Linear
+from haq.models.adapters import ArchAdapter, adapter_for
+from haq.quant.calibration import LayerStats, observe_layer
+from haq.quant.gptq import gptq_quantize
+from haq.quant.qmodules import install_specs, spec_of
+from haq.quant.recipe import Recipe
+from haq.quant.rtn import qmax_for, quantize_weight, weight_scales
+from haq.quant.smoothing import smooth_group
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    index: int
+    alphas: dict[str, float | None] = field(default_factory=dict)
+    damp: dict[str, float] = field(default_factory=dict)
+    fallbacks: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class QuantReport:
+    recipe: dict
+    layers: list[LayerReport]
+    modules: dict[str, dict]  # quantized module path -> spec
+    seconds: float
+    calib_tokens: int
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, calib: torch.Tensor):
+    """Inputs of the first decoder layer for every calibration row, and the keyword arguments the
+    model passes to its layers (rotary embeddings, masks: identical for equal-length rows)."""
+    layers = adapter.decoder_layers(model)
+    captured: dict = {}
+
+    def grab(_module, args, kwargs):
+        captured["x"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    inputs = []
+    try:
+        for row in calib:
+            try:
+                model(row[None], use_cache=False)
+            except _StopForward:
+                pass
+            inputs.append(captured["x"])
+    finally:
+        handle.remove()
+    return inputs, captured["kwargs"]
+
+
+def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, index: int) -> list[torch.Tensor]:
+    outputs = []
+    with torch.no_grad():
+        for x in inputs:
+            out = layer(x, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            if not torch.isfinite(out).all():
+                raise HaqError(f"NaN or Inf in the outputs of decoder layer {index} during calibration")
+            outputs.append(out)
+    return outputs
+
+
+def _solve(W: torch.Tensor, H: torch.Tensor | None, tokens: int, recipe: Recipe, name: str,
+           report: LayerReport, min_tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight int8, scale) by GPTQ, or by RTN when the recipe says so or GPTQ cannot run."""
+    if recipe.uses_gptq and H is not None and tokens >= min_tokens:
+        result = gptq_quantize(W.float(), H, bits=recipe.wbits, blocksize=recipe.blocksize,
+                               percdamp=recipe.percdamp, actorder=recipe.actorder)
+        report.damp[name] = result.damp
+        if result.fallback:
+            log.warning("GPTQ: no damping made the Hessian of %s factorizable; used RTN", name)
+            report.fallbacks.append(name)
+        return result.qweight, result.scale
+    if recipe.uses_gptq:
+        log.warning("%s saw %d calibration tokens (< %d): quantized with RTN instead of GPTQ",
+                    name, tokens, min_tokens)
+        report.fallbacks.append(name)
+    scale = weight_scales(W.float(), recipe.wbits)
+    return quantize_weight(W.float(), scale, recipe.wbits), scale
+
+
+def _static_scale(act_max: torch.Tensor | None, recipe: Recipe) -> torch.Tensor | None:
+    if recipe.act != "per-tensor" or not recipe.quant_acts:
+        return None
+    peak = 0.0 if act_max is None else float(act_max.max())
+    return torch.tensor(max(peak, 1e-8) / qmax_for(recipe.abits))
+
+
+def _quantized_linear(linear: nn.Linear, qweight, scale, recipe: Recipe, input_scale) -> nn.Module:
+    if not recipe.quant_acts:
+        module = WeightOnlyInt8Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        module.qweight.copy_(qweight)
+        module.w_scale.copy_(scale)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach())
+        return module
+    return Int8Linear.from_float(linear, bits=recipe.wbits, scale=scale, qweight=qweight,
+                                 act_bits=recipe.abits, act_mode=recipe.act, input_scale=input_scale)
+
+
+def quantize_layer(layer: nn.Module, adapter: ArchAdapter, stats: LayerStats, recipe: Recipe,
+                   report: LayerReport, prefix: str) -> dict[str, dict]:
+    """Smooth, then quantize every linear and expert of one layer in place; returns the specs."""
+    if recipe.smooths:
+        for group in adapter.groups:
+            report.alphas[group.name] = smooth_group(layer, group, stats, recipe)
+        log.debug("layer %d alphas %s", report.index, report.alphas)
+    specs = {}
+    for name in adapter.linears:
+        linear, st = layer.get_submodule(name), stats.linears[name]
+        qweight, scale = _solve(linear.weight.data, st.H, st.tokens, recipe, f"{prefix}.{name}", report)
+        layer.set_submodule(name, _quantized_linear(linear, qweight, scale, recipe,
+                                                    _static_scale(st.act_max, recipe)))
+        specs[name] = spec_of(layer.get_submodule(name))
+    if adapter.moe is not None:
+        specs[adapter.moe.experts] = _quantize_experts(layer, adapter, stats, recipe, report, prefix)
+    return specs
+
+
+def _quantize_experts(layer, adapter, stats, recipe, report, prefix) -> dict:
+    experts = layer.get_submodule(adapter.moe.experts)
+    ex = stats.experts
+    E, two_i, hidden = experts.gate_up_proj.shape
+    module = Int8Experts(E, hidden, two_i // 2, experts.act_fn,
+                         act_bits=recipe.abits if recipe.quant_acts else 16, act_mode=recipe.act)
+    for e in range(E):
+        name = f"{prefix}.{adapter.moe.experts}[{e}]"
+        if ex.routed_tokens[e] < recipe.min_expert_tokens and not recipe.calibrate_all_experts:
+            log.warning("%s was routed %d calibration tokens (< %d): its weights use RTN",
+                        name, ex.routed_tokens[e], recipe.min_expert_tokens)
+        H, tokens = ex.gate_up_hessian(e)
+        q, s = _solve(experts.gate_up_proj.data[e], H, tokens, recipe, f"{name}.gate_up", report,
+                      recipe.min_expert_tokens)
+        module.gate_up_q[e], module.gate_up_scale[e] = q, s
+        q, s = _solve(experts.down_proj.data[e], ex.down[e].H, ex.down[e].tokens, recipe, f"{name}.down",
+                      report, recipe.min_expert_tokens)
+        module.down_q[e], module.down_scale[e] = q, s
+        if module.gate_up_in_scale is not None:
+            gate_up_max = ex.moe_input.act_max if recipe.calibrate_all_experts else ex.gate_up[e].act_max
+            module.gate_up_in_scale[e] = _static_scale(gate_up_max, recipe)
+            module.down_in_scale[e] = _static_scale(ex.down[e].act_max, recipe)
+    layer.set_submodule(adapter.moe.experts, module)
+    return spec_of(module)
+
+
+def _partial_paths(work_dir: Path, index: int) -> tuple[Path, Path]:
+    return work_dir / f"layer_{index:03d}.safetensors", work_dir / f"layer_{index:03d}.json"
+
+
+def _save_partial(work_dir: Path, index: int, layer: nn.Module, specs: dict, report: LayerReport) -> None:
+    from safetensors.torch import save as save_bytes
+
+    tensors, meta = _partial_paths(work_dir, index)
+    state = {k: v.contiguous() for k, v in layer.state_dict().items()}
+    atomic_write_bytes(tensors, save_bytes(state))
+    # The JSON goes last: a layer counts as done only when both files exist.
+    atomic_write_text(meta, json.dumps({"specs": specs, "report": report.__dict__}))
+
+
+def _load_partial(work_dir: Path, index: int, layer: nn.Module) -> tuple[dict, LayerReport] | None:
+    from safetensors.torch import load_file
+
+    tensors, meta = _partial_paths(work_dir, index)
+    if not (tensors.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        state = load_file(tensors)
+        install_specs(layer, info["specs"])
+        layer.load_state_dict(state)
+    except Exception as exc:  # a half-written layer from a crash: redo it
+        log.warning("ignoring unreadable resume state for layer %d (%s)", index, exc)
+        return None
+    return info["specs"], LayerReport(**info["report"])
+
+
+def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_dir: Path | None = None,
+                   progress: bool = True) -> QuantReport:
+    """Quantize `model` in place with `recipe` on calibration token windows `calib` [n, seqlen]."""
+    start = time.perf_counter()
+    adapter = adapter_for(model.config)
+    if recipe.method == "fp":
+        return QuantReport(recipe.to_dict(), [], {}, 0.0, 0)
+    if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
+        raise HaqError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(calib.shape)}")
+    tokens = calib.numel()
+    stride = max(1, math.ceil(tokens / recipe.search_tokens))
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    inputs, kwargs = capture_layer_inputs(model, adapter, calib)
+    layers = adapter.decoder_layers(model)
+    reports, specs = [], {}
+    bar = tqdm(range(len(layers)), desc=f"quantize {recipe.method}", disable=not progress)
+    for index in bar:
+        layer, prefix = layers[index], f"{adapter.layers}.{index}"
+        layer_start = time.perf_counter()
+        resumed = _load_partial(work_dir, index, layer) if work_dir is not None else None
+        if resumed is not None:
+            layer_specs, report = resumed
+        else:
+            report = LayerReport(index)
+            with observe_layer(layer, adapter, recipe.calibrate_all_experts, stride, recipe.search_tokens) as stats:
+                run_layer(layer, inputs, kwargs, index)
+            layer_specs = quantize_layer(layer, adapter, stats, recipe, report, prefix)
+            del stats
+            report.seconds = time.perf_counter() - layer_start
+            if work_dir is not None:
+                _save_partial(work_dir, index, layer, layer_specs, report)
+        specs.update({f"{prefix}.{k}": v for k, v in layer_specs.items()})
+        reports.append(report)
+        inputs = run_layer(layer, inputs, kwargs, index)
+        bar.set_postfix_str(f"layer {index} {report.seconds:.1f}s")
+    return QuantReport(recipe.to_dict(), reports, specs, time.perf_counter() - start, tokens)

@@ -1,0 +1,66 @@
+"""A quantization recipe: which method, bits and granularity; explains itself, rejects unknown keys."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+from haq.errors import HaqError
+
+Method = Literal["fp", "rtn", "smoothquant", "gptq", "haq"]
+METHODS: tuple[str, ...] = ("fp", "rtn", "smoothquant", "gptq", "haq")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    method: Method = "haq"
+    wbits: int = 8
+    abits: int = 8  # 16 = activations stay float (weight-only, e.g. GPTQ W8A16)
+    act: Literal["per-token", "per-tensor"] = "per-token"  # per-tensor = static, calibrated
+    alpha: float = 0.5  # smoothquant's fixed migration strength (SmoothQuant's default)
+    alpha_step: float = 0.05  # haq's grid: None (no smoothing), 0, step, ..., 1
+    search_tokens: int = 2048  # tokens per group used to score alphas (the search is O(grid x tokens))
+    percdamp: float = 0.01  # GPTQ damping, fraction of mean diag(H); raised x10 until Cholesky succeeds
+    blocksize: int = 128
+    actorder: bool = True
+    calibrate_all_experts: bool = False  # expert Hessians from all tokens (outputs still use routed ones)
+    min_expert_tokens: int = 16  # fewer routed calibration tokens than this: RTN for that expert, with a warning
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise HaqError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if not 2 <= self.wbits <= 8:
+            raise HaqError(f"--wbits must be in [2, 8], got {self.wbits}")
+        if self.abits != 16 and not 2 <= self.abits <= 8:
+            raise HaqError(f"--abits must be in [2, 8] or 16 (no activation quantization), got {self.abits}")
+        if self.act not in ("per-token", "per-tensor"):
+            raise HaqError(f"--act must be per-token or per-tensor, got {self.act!r}")
+        if not 0 <= self.alpha <= 1:
+            raise HaqError(f"--alpha must be in [0, 1], got {self.alpha}")
+
+    @property
+    def smooths(self) -> bool:
+        return self.method in ("smoothquant", "haq")
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.method in ("gptq", "haq")
+
+    @property
+    def quant_acts(self) -> bool:
+        return self.abits <= 8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise HaqError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
