@@ -1,0 +1,275 @@
+"""Real W8A8 inference: int8 x int8 -> int32 GEMM (``torch._int_mm``) with float rescaling.
+
+This module runs already-quantized weights; it never chooses them (that is :mod:`haq.quant`).
+The activation grid is the one of :mod:`haq.quant.rtn` (symmetric, [-qmax, qmax]), so
+``int8_linear`` equals ``fake_quant_act(x) @ (qweight * w_scale)^T`` up to float rounding.
+
+Weight layout: ``qweight`` is stored [out, in] = [N, K] contiguous (nn.Linear's layout, which
+checkpoints and compressed-tensors use) and handed to ``torch._int_mm`` as the transposed view
+``qweight.t()`` ([K, N], column-major). It is never slower, usually much faster (ms per call):
+
+    where                                 M x K x N          [K, N] contig.  [N, K].t() view  float GEMM
+    H200, torch 2.11+cu130                17 x 4096 x 4096       0.115          0.017        0.025 (fp16)
+                                         2048 x 4096 x 4096      0.550          0.082        0.085 (fp16)
+    Xeon with AMX/VNNI, 16 thr, 2.11      1 x 4096 x 4096        1.00           0.157        0.82 (fp32)
+                                           32 x 4096 x 4096      0.50           0.25         3.39 (fp32)
+    Xeon AVX-512, no VNNI, 1 thr, 2.13  128 x 2048 x 2048       2556           1166          32 (fp32)
+                                          128 x 576 x 1536       175            171           2.1 (fp32)
+
+On a CPU without VNNI/AMX ``torch._int_mm`` is a slow generic loop (~50-80x an fp32 GEMM);
+there ``impl="float"`` computes the same int32 accumulator exactly with a float GEMM
+(see :func:`int8_matmul`).
+
+``torch._int_mm(a [M, K] int8, b [K, N] int8) -> int32 [M, N]`` constraints (torch 2.13):
+- CPU: any M, K, N (including 0 and odd sizes), any strides.
+- CUDA (checked on an H200, torch 2.11): M > 16 ("self.size(0) needs to be greater than 16"),
+  K and N > 0 and multiples of 8 ("self.size(1)/mat2.size(1) needs to be greater than 0 and a
+  multiple of 8"); B may be row- or column-major. We pad M up to 17 with zero rows; if K or N is
+  not a multiple of 8 we use the exact float path and warn once per shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from haq.errors import HaqError
+from haq.quant.rtn import ActMode, qmax_for, quantize_act_per_tensor, quantize_act_per_token, quantize_weight, weight_scales
+
+MatmulImpl = Literal["auto", "int_mm", "float"]
+
+CUDA_MIN_M = 17
+"""cuBLASLt int8 GEMM in torch._int_mm needs M > 16; smaller batches are zero-padded to this."""
+CUDA_KN_MULTIPLE = 8
+"""torch._int_mm on CUDA needs K and N to be multiples of 8."""
+_FP32_EXACT = 2**24
+"""Integers up to 2^24 are exact in float32; larger int8 dot products need float64."""
+
+_warned_shapes: set[tuple[str, int, int]] = set()  # (device type, K, N) already warned about
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (VNNI or AMX). Without them
+    ``torch._int_mm`` on CPU is 50-80x slower than an fp32 GEMM (measured above), so "auto" then
+    runs the exact float GEMM of the same int8 values instead."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _int_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``torch._int_mm`` accepts these operands on their device (M padding aside)."""
+    K, N = b.shape
+    if a.device.type == "cpu":
+        return True
+    if a.device.type == "cuda":
+        return K > 0 and N > 0 and K % CUDA_KN_MULTIPLE == 0 and N % CUDA_KN_MULTIPLE == 0
+    return False
+
+
+def _float_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of int8 operands through a float GEMM, exact: every partial sum is an integer of
+    magnitude <= K * 127 * 127, representable in float32 while that is < 2^24, else in float64."""
+    K = a.shape[1]
+    acc = torch.float32 if K * 127 * 127 < _FP32_EXACT else torch.float64
+    return a.to(acc) @ b.to(acc)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor, impl: MatmulImpl = "auto") -> torch.Tensor:
+    """Exact integer product of int8 ``a [M, K]`` and ``b [K, N]``, returned as float32 [M, N].
+
+    ``impl``: "int_mm" uses ``torch._int_mm`` (error if the shape is unsupported), "float" the
+    exact float GEMM, "auto" ``torch._int_mm`` where supported and the float GEMM otherwise (with a
+    one-time warning per shape). Float32 output is exact up to |value| 2^24, and within 1 ulp beyond.
+    """
+    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise HaqError(
+            f"int8_matmul needs int8 [M, K] @ [K, N]; got {a.dtype} {tuple(a.shape)} @ {b.dtype} {tuple(b.shape)}"
+        )
+    if impl == "float" or (impl == "auto" and a.device.type == "cpu" and not cpu_has_int8_dot()):
+        return _float_matmul_exact(a, b).float()
+    if impl not in ("auto", "int_mm"):
+        raise HaqError(f"impl must be 'auto', 'int_mm' or 'float', got {impl!r}")
+    if not _int_mm_supported(a, b):
+        if impl == "int_mm":
+            raise HaqError(
+                f"torch._int_mm does not support K={b.shape[0]}, N={b.shape[1]} on {a.device.type} "
+                f"(CUDA needs multiples of {CUDA_KN_MULTIPLE}); use impl='auto' or 'float'"
+            )
+        key = (a.device.type, b.shape[0], b.shape[1])
+        if key not in _warned_shapes:
+            _warned_shapes.add(key)
+            warnings.warn(
+                f"torch._int_mm cannot run K={b.shape[0]}, N={b.shape[1]} on {a.device.type}; "
+                "using an exact float GEMM of the int8 values instead (slower)",
+                stacklevel=3,
+            )
+        return _float_matmul_exact(a, b).float()
+    M = a.shape[0]
+    if a.device.type == "cuda" and M < CUDA_MIN_M:
+        a = torch.cat([a, a.new_zeros(CUDA_MIN_M - M, a.shape[1])])
+    return torch._int_mm(a, b)[:M].float()
+
+
+def int8_linear(
+    x: torch.Tensor,
+    qweight_t: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    act_bits: int = 8,
+    act_mode: ActMode = "per-token",
+    static_act_scale: torch.Tensor | float | None = None,
+    impl: MatmulImpl = "auto",
+) -> torch.Tensor:
+    """``y = x W^T + b`` with int8 activations and weights; returns ``x``'s dtype, shape [..., N].
+
+    ``qweight_t`` is the int8 weight as [K, N] (pass ``qweight.t()`` of the [N, K] storage);
+    ``w_scale`` [N] its per-output-channel scales. ``x [..., K]`` is quantized per token
+    (dynamic), or per tensor (``static_act_scale`` if given, else dynamic). Then
+    ``y = (xq @ wq^T) * x_scale * w_scale + b``, the GEMM in int32.
+    """
+    K, N = qweight_t.shape
+    if x.shape[-1] != K:
+        raise HaqError(f"input has {x.shape[-1]} features, int8 weight expects {K}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if act_mode == "per-token":
+        if static_act_scale is not None:
+            raise HaqError("static_act_scale needs act_mode='per-tensor'")
+        xq, x_scale = quantize_act_per_token(x2, act_bits)  # [M, 1]
+    elif act_mode == "per-tensor":
+        xq, x_scale = quantize_act_per_tensor(x2, act_bits, static_act_scale)  # scalar
+    else:
+        raise HaqError(f"act_mode must be 'per-token' or 'per-tensor', got {act_mode!r}")
+    acc = int8_matmul(xq, qweight_t, impl)  # [M, N], exact integers
+    y = acc * x_scale * w_scale.float().reshape(1, N)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, N)
+
+
+class Int8Linear(nn.Module):
+    """Drop-in W8A8 replacement for ``nn.Linear`` (inference only).
+
+    Buffers: ``qweight`` int8 [out, in], ``w_scale`` float32 [out], optional ``bias`` [out] and
+    optional ``input_scale`` (float32 scalar, static per-tensor activation scale).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        act_bits: int = 8,
+        act_mode: ActMode = "per-token",
+        static_input_scale: bool = False,
+        impl: MatmulImpl = "auto",
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        qmax_for(act_bits)  # validates
+        if act_mode not in ("per-token", "per-tensor"):
+            raise HaqError(f"act_mode must be 'per-token' or 'per-tensor', got {act_mode!r}")
+        if static_input_scale and act_mode != "per-tensor":
+            raise HaqError("a static input scale needs act_mode='per-tensor'")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.act_bits = act_bits
+        self.act_mode: ActMode = act_mode
+        self.impl: MatmulImpl = impl
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self.register_buffer(
+            "input_scale", torch.ones((), dtype=torch.float32, device=device) if static_input_scale else None
+        )
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        bits: int = 8,
+        scale: torch.Tensor | None = None,
+        qweight: torch.Tensor | None = None,
+        act_bits: int = 8,
+        act_mode: ActMode = "per-token",
+        input_scale: torch.Tensor | float | None = None,
+        impl: MatmulImpl = "auto",
+    ) -> Int8Linear:
+        """Build from a float linear: RTN per channel by default; or with given ``scale`` (and
+        ``qweight``, e.g. a GPTQ result, in which case ``scale`` is required)."""
+        W = linear.weight.detach()
+        if qweight is not None and scale is None:
+            raise HaqError("from_float: a precomputed qweight needs its scale")
+        if scale is None:
+            scale = weight_scales(W, bits)
+        if qweight is None:
+            qweight = quantize_weight(W, scale, bits)
+        if qweight.shape != W.shape or qweight.dtype != torch.int8:
+            raise HaqError(f"qweight must be int8 {tuple(W.shape)}, got {qweight.dtype} {tuple(qweight.shape)}")
+        mod = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            act_bits=act_bits,
+            act_mode=act_mode,
+            static_input_scale=input_scale is not None,
+            impl=impl,
+            device=W.device,
+            bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32,
+        )
+        mod.qweight.copy_(qweight)
+        mod.w_scale.copy_(scale.reshape(-1))
+        if linear.bias is not None:
+            mod.bias.copy_(linear.bias.detach())
+        if input_scale is not None:
+            mod.input_scale.copy_(torch.as_tensor(input_scale, dtype=torch.float32))
+        return mod
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(
+            x, self.qweight.t(), self.w_scale, self.bias, self.act_bits, self.act_mode, self.input_scale, self.impl
+        )
+
+    def extra_repr(self) -> str:
+        static = ", static input scale" if self.input_scale is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"act_bits={self.act_bits}, act_mode={self.act_mode}{static}, impl={self.impl}"
+        )
+
+
+def int8_expert_mlp(
+    x: torch.Tensor,
+    gate_up_q: torch.Tensor,
+    gate_up_scale: torch.Tensor,
+    down_q: torch.Tensor,
+    down_scale: torch.Tensor,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    act_bits: int = 8,
+    impl: MatmulImpl = "auto",
+) -> torch.Tensor:
+    """One gated expert, both GEMMs int8: ``down(act(gate(x)) * up(x))``.
+
+    Layout as transformers 5.x ``MixtralExperts`` (one expert's slice):
+    T = tokens, H = hidden, I = expert intermediate size.
+    - ``gate_up_q`` int8 [2I, H], rows 0..I-1 = gate, I..2I-1 = up (``F.linear(x, gate_up_proj[e])
+      .chunk(2, dim=-1)`` gives gate first); ``gate_up_scale`` [2I].
+    - ``down_q`` int8 [H, I]; ``down_scale`` [H].
+    - ``x`` [T, H] (any leading dims) -> [T, H] in ``x``'s dtype. The intermediate is
+      re-quantized per token before the down GEMM.
+    """
+    gate_up = int8_linear(x, gate_up_q.t(), gate_up_scale, act_bits=act_bits, impl=impl)  # [T, 2I]
+    gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+    h = act_fn(gate) * up  # [T, I]
+    return int8_linear(h, down_q.t(), down_scale, act_bits=act_bits, impl=impl)  # [T, H]

@@ -1,0 +1,197 @@
+"""GPTQ as a pure solver: statistics in (``H``), quantized weights out.
+
+Two phases, as in IST-DASLab/gptq (``add_batch`` / ``fasterquant``): the caller streams layer
+inputs through :func:`accumulate_hessian`, then calls :func:`gptq_quantize` once. This module knows
+nothing about models, hooks or names; the pipeline owns those (and the warning on fallback).
+
+Notation (Frantar et al., 2022), for one linear ``y = W x`` with ``W [out, in]``:
+
+- ``H = 2/n * sum_t x_t x_t^T``  [in, in], the Hessian of the layer's squared output error.
+- ``Hinv`` = upper Cholesky factor of ``(H + damp*I)^-1``; row ``i`` of it, divided by its diagonal
+  ``d = Hinv[i, i]``, is the OBS update direction after column ``i`` is quantized.
+- Column by column: ``q = quant(w_i)``, ``Err_i = (w_i - q) / d``,
+  ``W[:, i:] -= Err_i Hinv[i, i:]``; the loss estimate is ``sum (w_i - q)^2 / d^2 / 2``.
+- Lazy batch updates: the trailing columns outside the current block are updated once per block
+  with ``W[:, i2:] -= Err[:, i1:i2] @ Hinv[i1:i2, i2:]`` (same result as column by column).
+
+The grid is haq's symmetric per-output-channel RTN grid (:mod:`haq.quant.rtn`), with the scales
+fixed from the original ``W`` before the solve, like GPTQ's per-channel ``find_params`` on the
+full weight; the updated weights are clamped to that grid.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from haq.errors import HaqError
+from haq.quant.rtn import dequantize_weight, qmax_for, quantize_weight, weight_scales
+
+DAMP_TRIES = 6
+"""Damping attempts: percdamp * mean(diag H) times 1, 10, ..., 10^5, then RTN fallback."""
+
+
+@dataclass
+class GPTQResult:
+    """What one GPTQ solve produced; every tensor is in the original column order."""
+
+    Q: torch.Tensor
+    """Dequantized weights ``qweight * scale`` [out, in], float32 (float64 if ``W`` was)."""
+    qweight: torch.Tensor
+    """Integer levels [out, in], int8, in [-qmax, qmax]."""
+    scale: torch.Tensor
+    """Per-output-channel scales [out], float32."""
+    loss: float
+    """GPTQ's estimate ``sum (w - q)^2 / d^2 / 2``; NaN on fallback (no usable ``Hinv``)."""
+    damp: float
+    """Absolute damping added to diag(H) in the successful attempt (the last one tried on fallback)."""
+    fallback: bool
+    """True when no damping made ``H`` factorizable and ``Q`` is plain RTN: the caller must warn."""
+
+
+def accumulate_hessian(H: torch.Tensor | None, nsamples: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold a batch of layer inputs ``x [..., in]`` into the running ``H = 2/n * sum_t x_t x_t^T``.
+
+    Returns the updated ``(H, nsamples)``; ``H`` (float32) is updated in place, or created when
+    None. Unlike IST-DASLab/gptq, which counts sequences, ``nsamples`` counts tokens (rows of
+    ``x``): MoE experts see a different number of routed tokens per call, and counting tokens keeps
+    every token equally weighted. The overall scale of ``H`` does not change the solution (damping
+    is relative to mean(diag H)).
+    """
+    x = x.detach().reshape(-1, x.shape[-1])
+    n = x.shape[0]
+    if H is None:
+        H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    if H.shape != (x.shape[1], x.shape[1]):
+        raise HaqError(f"Hessian shape {tuple(H.shape)} does not match input features {x.shape[1]}")
+    if n == 0:
+        return H, nsamples
+    # H_new = n_old/(n_old+n) * H_old + 2/(n_old+n) * X^T X
+    H.mul_(nsamples / (nsamples + n))
+    nsamples += n
+    x = math.sqrt(2 / nsamples) * x.to(device=H.device, dtype=torch.float32)
+    H.addmm_(x.t(), x)
+    return H, nsamples
+
+
+def _damp_schedule(mean_diag: float, percdamp: float) -> list[float]:
+    """Damping values to try, smallest first: percdamp * mean(diag H) * 10^k."""
+    base = percdamp * mean_diag
+    damps = [base * 10**k for k in range(DAMP_TRIES)]
+    if percdamp == 0:  # "no damping" first, then the default 1% ladder rather than 0 forever
+        damps = [0.0] + [0.01 * mean_diag * 10**k for k in range(DAMP_TRIES - 1)]
+    return damps
+
+
+def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of ``(H + damp*I)^-1`` with the smallest damp that works.
+
+    Returns ``(Hinv, damp)``, or ``(None, last_damp)`` when every attempt failed.
+    """
+    mean_diag = torch.diag(H).mean().item()
+    if not math.isfinite(mean_diag) or mean_diag <= 0:
+        return None, float("nan")
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    damp = float("nan")
+    for damp in _damp_schedule(mean_diag, percdamp):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if info.item() != 0:
+            continue
+        Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if info.item() == 0 and bool(torch.isfinite(Hinv).all()):
+            return Hinv, damp
+    return None, damp
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int = 8,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    actorder: bool = True,
+    scale: torch.Tensor | None = None,
+) -> GPTQResult:
+    """Quantize ``W [out, in]`` to ``bits`` minimizing ``||W X - Q X||^2`` under ``H`` (GPTQ).
+
+    - Dead columns (``H_ii == 0``: an input that was always zero) get ``H_ii = 1`` and ``W[:, i] = 0``.
+    - Damping starts at ``percdamp * mean(diag H)`` and is multiplied by 10 until the Cholesky
+      factorizations succeed (``DAMP_TRIES`` attempts); if none does, the result is RTN with
+      ``fallback=True``.
+    - ``actorder`` quantizes columns in descending ``diag(H)`` order (largest activations first,
+      while there are still many columns left to absorb their error) and undoes the permutation.
+    - ``scale`` defaults to the RTN per-channel scales of the original ``W``.
+
+    Arithmetic is float32 (float64 when ``W`` is float64), on ``W``'s device. Inputs are not
+    modified.
+    """
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise HaqError(f"GPTQ needs W [out, in] and H [in, in]; got {tuple(W.shape)} and {tuple(H.shape)}")
+    if blocksize < 1:
+        raise HaqError(f"blocksize must be >= 1, got {blocksize}")
+    if percdamp < 0:
+        raise HaqError(f"percdamp must be >= 0, got {percdamp}")
+    qmax = qmax_for(bits)
+    work = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W0 = W.detach().to(work)
+    if scale is None:
+        scale = weight_scales(W0, bits)  # from the original W: static per-channel grid
+    scale = scale.detach().to(device=W.device, dtype=torch.float32).reshape(-1)
+    if scale.shape[0] != W.shape[0]:
+        raise HaqError(f"scale has {scale.shape[0]} entries, W has {W.shape[0]} output channels")
+
+    W = W0.clone()
+    H = H.detach().to(device=W.device, dtype=work).clone()
+    ncols = W.shape[1]
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    Hinv, damp = _hinv_cholesky(H, percdamp)
+    if Hinv is None:
+        qweight = quantize_weight(W0, scale, bits)
+        return GPTQResult(dequantize_weight(qweight, scale, work), qweight, scale, float("nan"), damp, True)
+    del H
+
+    s = scale.to(work).reshape(-1, 1)
+    Qint = torch.zeros_like(W)
+    Losses = torch.zeros_like(W)
+    for i1 in range(0, ncols, blocksize):
+        i2 = min(i1 + blocksize, ncols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i : i + 1]
+            d = Hinv1[i, i]
+            qi = torch.round(w / s).clamp(-qmax, qmax)
+            q = qi * s
+            Qint[:, i1 + i : i1 + i + 1] = qi
+            Losses[:, i1 + i : i1 + i + 1] = (w - q) ** 2 / d**2 / 2
+            # Err_i = (w_i - q_i) / d ;  W[:, i:] -= Err_i Hinv[i, i:]
+            err = (w - q) / d
+            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
+            Err1[:, i : i + 1] = err
+        # lazy batch update of the columns after this block
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if actorder:
+        invperm = torch.argsort(perm)
+        Qint = Qint[:, invperm]
+    qweight = Qint.to(torch.int8)
+    return GPTQResult(
+        Q=dequantize_weight(qweight, scale, work),
+        qweight=qweight,
+        scale=scale,
+        loss=Losses.sum().item(),
+        damp=damp,
+        fallback=False,
+    )

@@ -1,0 +1,1 @@
+"""The CPU-GPU MoE runtime: traces, hardware profiles, the expert cache, the cost predictor, placement."""

@@ -1,0 +1,83 @@
+"""Per-call cost model: run an expert call on the CPU, or copy the weights and run it on the device.
+
+For a call with n routed tokens (1 in decode, up to the prompt length in prefill):
+  cpu:      t_cpu(n)
+  copy:     backlog + t_copy + t_dev(n)      (backlog: copies already queued on the link)
+  resident: t_dev(n)
+Constants come from a HardwareProfile (measured or spec-derived), never from this file.
+
+Admission. A copy made for the call itself costs nothing extra to keep, so it is admitted (the
+cache's LRU decides what leaves). A call served by the CPU may still start a background copy so
+later calls hit; that copy is not free: its DMA reads host memory while the CPU streams weights
+from the same DRAM, slowing the CPU by about
+  lost = t_copy * (1 - bw_cpu_while_copying / bw_cpu)
+and every later device use saves  t_cpu(1) - t_dev(1). So a background copy pays off only when the
+expected reuse while cached exceeds  lost / saving  (`break_even_reuse`), and only when the link is
+idle enough that the copy lands in time to be useful (`max_backlog_s`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from haq.runtime.cache import Key
+from haq.runtime.hardware import HardwareProfile
+
+Where = Literal["device", "cpu"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    where: Where
+    transfer: bool  # copy the weights host -> device: blocking when where == "device", background when "cpu"
+    admit: bool  # keep the copied weights in the device cache
+    est_s: float  # predicted time of the call on its critical path (queued copies included)
+    evicted: tuple[Key, ...] = ()  # cache entries the admission pushed out (the engine frees their slots)
+
+
+class CostPredictor:
+    def __init__(self, profile: HardwareProfile, expert_bytes: int, flops_per_token: float | None = None,
+                 max_backlog_s: float | None = None) -> None:
+        self.times = profile.expert_times(expert_bytes, flops_per_token)
+        t = self.times
+        self._transfer = t.transfer
+        # a background copy is worth queueing only if it can land within about one copy time
+        self.max_backlog_s = self._transfer if max_backlog_s is None else max_backlog_s
+        # expected later device uses a background copy needs to repay the CPU time it costs
+        lost = self._transfer * (1.0 - t.cpu_bw_while_copying / profile.cpu.mem_bw.value)
+        self.break_even_reuse = lost / max(t.cpu(1) - t.device(1), 1e-12)
+        self._cpu: dict[int, float] = {}  # memo: the simulator asks for the same n millions of times
+        self._dev: dict[int, float] = {}
+
+    def t_cpu(self, n: int) -> float:
+        if n not in self._cpu:
+            self._cpu[n] = self.times.cpu(n)
+        return self._cpu[n]
+
+    def t_transfer(self) -> float:
+        return self._transfer
+
+    def t_device(self, n: int) -> float:
+        if n not in self._dev:
+            self._dev[n] = self.times.device(n)
+        return self._dev[n]
+
+    def decide(self, n: int, resident: bool, *, ready_in_s: float = 0.0, link_backlog_s: float = 0.0,
+               expected_reuse: float = 0.0) -> Decision:
+        """Where to run a call with n tokens.
+
+        `resident`: the weights are cached on the device, landing in `ready_in_s` (0: ready now; a
+        background copy may still be in flight). `expected_reuse`: device uses this expert would
+        serve while cached, net of what its eviction victim would have served (0: no background copy).
+        """
+        cpu = self.t_cpu(n)
+        if resident:
+            wait = ready_in_s + self.t_device(n)
+            if ready_in_s <= 0.0 or wait <= cpu:
+                return Decision("device", transfer=False, admit=False, est_s=wait)
+            return Decision("cpu", transfer=False, admit=False, est_s=cpu)
+        dev = link_backlog_s + self._transfer + self.t_device(n)
+        if dev < cpu:
+            return Decision("device", transfer=True, admit=True, est_s=dev)
+        background = link_backlog_s <= self.max_backlog_s and expected_reuse > self.break_even_reuse
+        return Decision("cpu", transfer=background, admit=background, est_s=cpu)

@@ -1,0 +1,1 @@
+"""Trace-driven simulator: the runtime's policy objects replayed against a hardware profile."""

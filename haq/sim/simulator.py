@@ -1,0 +1,277 @@
+"""Trace-driven simulator: replay routing through a policy on a modelled machine.
+
+The policies are the runtime's objects (`haq.sim.policies`); the machine is a HardwareProfile.
+Nothing here runs a model: a trace says which experts each token calls, the profile says how long
+each call and copy takes, and the timeline below adds them up.
+
+Replay. The trace is split by sequence: the first part is the profile (placement statistics), the
+rest is replayed, sequence by sequence. With `prefill_tokens` = P > 0 the first P tokens of each
+sequence form one batch (each expert called once with the number of its tokens); the remaining
+tokens are decoded one at a time (batch 1). Tokens of different sequences are never batched.
+
+Timeline assumptions, per layer of a step (one decode token or one prefill batch):
+  1. non-expert work (attention, router) runs on the device first: t_dev of the non-expert bytes;
+  2. the policy then decides every expert call of the layer at once (the router output is known);
+  3. CPU calls run one after another on the CPU; device calls one after another on the device,
+     resident ones first, copied ones when their copy lands; copies go one after another over the
+     link (one FIFO copy queue, background copies included, shared with later layers and tokens);
+  4. CPU and device work in parallel: the layer ends at max(CPU end + 2 link latencies for moving
+     the activations there and back, device end); background copies do not hold the layer;
+  5. while copies are on the link, CPU weight streaming gets min(cpu bw, host bw - link bw): the
+     link's DMA reads the same DRAM;
+  6. lm_head, embeddings, sampling and attention over the KV cache are not modelled (identical
+     across policies); device memory traffic of copies is ignored (a few % of device bandwidth).
+Hit: a call served on the device from weights already there (no copy on its critical path).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from haq.errors import HaqError
+from haq.runtime.cache import Key
+from haq.runtime.hardware import HardwareProfile
+from haq.runtime.placement import expert_frequencies, path_statistics
+from haq.runtime.predictor import CostPredictor
+from haq.runtime.trace import Trace, split_by_sequence
+from haq.sim.policies import Policy, PolicyContext, make_policy
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward pass: a decode token (tokens = 1) or a prefill batch."""
+
+    tokens: int
+    prefill: bool
+    calls: list[list[tuple[int, int]]]  # per layer: (expert, tokens routed to it)
+
+
+@dataclass
+class SimResult:
+    policy: str
+    budget_bytes: int
+    budget_frac: float  # of all expert bytes of the model
+    calls: int
+    hit_rate: float
+    layer_hit_std: float  # std over layers of the per-layer hit rate
+    cpu_share: float  # share of calls computed on the CPU
+    bytes_moved_per_token: float  # host -> device expert bytes per replayed token (prefill included)
+    latency_mean_s: float  # decode tokens only
+    latency_std_s: float
+    latency_p50_s: float
+    latency_p99_s: float
+    tokens_per_s: float  # decode
+    ttft_mean_s: float | None  # prefill latency per sequence, when prefill is simulated
+    device_bytes: int  # peak expert bytes resident (+ one staging buffer if copies are not kept) + non-expert
+    fits_device: bool
+    latency_s: np.ndarray = field(repr=False)  # [decode tokens]
+    cum_hit_rate: np.ndarray = field(repr=False)  # [decode tokens] hit rate of all calls so far
+
+
+class SimLink:
+    """The modelled host -> device copy queue (FIFO); the simulator's LinkView."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.free_at = 0.0
+        self.ready_at: dict[Key, float] = {}
+
+    def backlog_s(self) -> float:
+        return max(0.0, self.free_at - self.now)
+
+    def ready_in_s(self, key: Key) -> float:
+        return max(0.0, self.ready_at.get(key, 0.0) - self.now)
+
+    def enqueue(self, seconds: float, key: Key | None) -> float:
+        self.free_at = max(self.now, self.free_at) + seconds
+        if key is not None:
+            self.ready_at[key] = self.free_at
+        return self.free_at
+
+
+def replay_steps(trace: Trace, prefill_tokens: int = 0) -> list[Step]:
+    """The forward passes of a replay, in order (see the module docstring)."""
+    L = trace.meta.layers
+    steps: list[Step] = []
+    bounds = np.flatnonzero(np.diff(trace.seq_id)) + 1
+    for seq in np.split(trace.experts, bounds):  # [S, L, K] each
+        head = min(prefill_tokens, len(seq))
+        if head:
+            calls = []
+            for layer in range(L):
+                ids, counts = np.unique(seq[:head, layer], return_counts=True)
+                calls.append([(int(e), int(c)) for e, c in zip(ids, counts) if e >= 0])
+            steps.append(Step(tokens=head, prefill=True, calls=calls))
+        for row in seq[head:].tolist():
+            steps.append(Step(tokens=1, prefill=False, calls=[[(e, 1) for e in r if e >= 0] for r in row]))
+    return steps
+
+
+def _cpu_call_time(predictor: CostPredictor, n: int, start: float, link_free: float) -> float:
+    """CPU call duration; while the link is busy (until `link_free`) weights stream at the shared bandwidth."""
+    if link_free <= start:
+        return predictor.t_cpu(n)
+    times = predictor.times
+    nbytes, bw, shared = times.expert_bytes, times.profile.cpu.mem_bw.value, times.cpu_bw_while_copying
+    busy = link_free - start
+    stream = nbytes / shared if busy * shared >= nbytes else busy + (nbytes - busy * shared) / bw
+    return predictor.t_cpu(n) - nbytes / bw + stream
+
+
+def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, layers: int,
+               nonexpert_bytes_per_layer: int = 0) -> dict:
+    """Replay `steps` through `policy`; returns raw per-step and per-layer counters."""
+    prof = predictor.times.profile
+    t_copy = predictor.t_transfer()
+    act_roundtrip = 2 * prof.link.latency.value
+    link = SimLink()
+    clock = 0.0
+    hits_l = np.zeros(layers)
+    calls_l = np.zeros(layers)
+    cpu_calls = 0
+    copies = 0
+    staged = False
+    peak_resident = policy.resident_bytes()
+    step_latency = np.zeros(len(steps))
+    step_hits = np.zeros(len(steps))
+    step_calls = np.zeros(len(steps))
+    for s, step in enumerate(steps):
+        start = clock
+        ne = prof.device.expert_time(nonexpert_bytes_per_layer, 2.0 * nonexpert_bytes_per_layer, step.tokens) \
+            if nonexpert_bytes_per_layer else 0.0
+        for layer in range(layers):
+            clock += ne
+            link.now = clock
+            cpu_work: list[int] = []
+            dev_ready: list[tuple[float, int]] = []  # (may start at, tokens)
+            dev_copied: list[tuple[float, int]] = []
+            for expert, n in step.calls[layer]:
+                key = (layer, expert)
+                d = policy.decide(key, n, link)
+                for old in d.evicted:
+                    link.ready_at.pop(old, None)
+                calls_l[layer] += 1
+                if d.transfer:
+                    copies += 1
+                    done = link.enqueue(t_copy, key if d.admit else None)
+                    staged |= not d.admit
+                if d.where == "cpu":
+                    cpu_work.append(n)
+                    cpu_calls += 1
+                elif d.transfer:
+                    dev_copied.append((done, n))
+                else:
+                    hits_l[layer] += 1
+                    step_hits[s] += 1
+                    dev_ready.append((clock + link.ready_in_s(key), n))
+            step_calls[s] += len(step.calls[layer])
+            cpu_end = clock
+            for n in cpu_work:
+                cpu_end += _cpu_call_time(predictor, n, cpu_end, link.free_at)
+            if cpu_work:
+                cpu_end += act_roundtrip
+            dev_end = clock
+            for ready, n in sorted(dev_ready) + dev_copied:
+                dev_end = max(dev_end, ready) + predictor.t_device(n)
+            clock = max(cpu_end, dev_end)
+        step_latency[s] = clock - start
+        peak_resident = max(peak_resident, policy.resident_bytes())
+    return dict(hits_l=hits_l, calls_l=calls_l, cpu_calls=cpu_calls, copies=copies, staged=staged,
+                peak_resident=peak_resident, step_latency=step_latency, step_hits=step_hits, step_calls=step_calls)
+
+
+def _summarize(name: str, raw: dict, steps: Sequence[Step], budget_bytes: int, total_expert_bytes: int,
+               expert_bytes: int, nonexpert_bytes: int, profile: HardwareProfile) -> SimResult:
+    decode = np.array([not st.prefill for st in steps])
+    prefill = ~decode
+    lat = raw["step_latency"][decode]
+    calls = int(raw["calls_l"].sum())
+    tokens = sum(st.tokens for st in steps)
+    cum_hits = np.cumsum(raw["step_hits"])[decode]
+    cum_calls = np.maximum(np.cumsum(raw["step_calls"])[decode], 1)
+    layer_rate = raw["hits_l"] / np.maximum(raw["calls_l"], 1)
+    device_bytes = int(raw["peak_resident"] + (expert_bytes if raw["staged"] else 0) + nonexpert_bytes)
+    return SimResult(
+        policy=name,
+        budget_bytes=budget_bytes,
+        budget_frac=budget_bytes / total_expert_bytes,
+        calls=calls,
+        hit_rate=float(raw["hits_l"].sum() / max(calls, 1)),
+        layer_hit_std=float(layer_rate.std()),
+        cpu_share=raw["cpu_calls"] / max(calls, 1),
+        bytes_moved_per_token=raw["copies"] * expert_bytes / max(tokens, 1),
+        latency_mean_s=float(lat.mean()) if len(lat) else 0.0,
+        latency_std_s=float(lat.std()) if len(lat) else 0.0,
+        latency_p50_s=float(np.percentile(lat, 50)) if len(lat) else 0.0,
+        latency_p99_s=float(np.percentile(lat, 99)) if len(lat) else 0.0,
+        tokens_per_s=float(1.0 / lat.mean()) if len(lat) and lat.mean() > 0 else 0.0,
+        ttft_mean_s=float(raw["step_latency"][prefill].mean()) if prefill.any() else None,
+        device_bytes=device_bytes,
+        fits_device=device_bytes <= profile.device_memory.value,
+        latency_s=lat,
+        cum_hit_rate=cum_hits / cum_calls,
+    )
+
+
+def simulate(
+    trace: Trace,
+    profile: HardwareProfile,
+    budget_bytes: int | Sequence[int],
+    expert_bytes: int,
+    policies: Sequence[str],
+    *,
+    flops_per_token: float | None = None,
+    nonexpert_bytes_per_layer: int = 0,
+    prefill_tokens: int = 0,
+    profile_trace: Trace | None = None,
+    profile_frac: float = 0.5,
+    path_window: int = 2,
+    pin_share: float = 0.5,
+    path_share: float = 0.25,
+    ranking: list[Key] | None = None,
+) -> list[SimResult]:
+    """One SimResult per (budget, policy), budgets in the outer loop.
+
+    Without `profile_trace` the trace is split by sequence (`profile_frac` of the sequences build the
+    placement statistics, the rest is replayed). `ranking` replaces fiddler's profile-derived
+    popularity ranking (e.g. `load_fiddler_ranking()`). `pin_share` / `path_share` tune haq.
+    """
+    if profile_trace is None:
+        profile_trace, trace = split_by_sequence(trace, profile_frac)
+    if (profile_trace.meta.layers, profile_trace.meta.num_experts) != (trace.meta.layers, trace.meta.num_experts):
+        raise HaqError("profile trace and replayed trace come from different model shapes")
+    L, E = trace.meta.layers, trace.meta.num_experts
+    predictor = CostPredictor(profile, expert_bytes, flops_per_token)
+    steps = replay_steps(trace, prefill_tokens)
+    future = [(layer, e) for st in steps for layer in range(L) for e, _ in st.calls[layer]]
+    freq = expert_frequencies(profile_trace)
+    paths = path_statistics(profile_trace, path_window)
+    budgets = [budget_bytes] if np.ndim(budget_bytes) == 0 else list(budget_bytes)
+    rows = []
+    for budget in budgets:
+        if budget < 0:
+            raise HaqError(f"budget must be >= 0 bytes, got {budget}")
+        ctx = PolicyContext(layers=L, num_experts=E, budget_bytes=int(budget), expert_bytes=expert_bytes,
+                            predictor=predictor, freq=freq, profile_tokens=profile_trace.num_tokens, paths=paths,
+                            ranking=ranking, future=future, pin_share=pin_share, path_share=path_share)
+        for name in policies:
+            raw = run_policy(make_policy(name, ctx), steps, predictor, L, nonexpert_bytes_per_layer)
+            rows.append(_summarize(name, raw, steps, int(budget), L * E * expert_bytes, expert_bytes,
+                                   L * nonexpert_bytes_per_layer, profile))
+    return rows
+
+
+def format_table(rows: Sequence[SimResult]) -> str:
+    """Markdown table, one line per result."""
+    head = ("| policy | budget | hit rate | layer hit std | CPU share | MB moved/token | latency mean ms | "
+            "std ms | p50 ms | p99 ms | tokens/s | device GiB | fits |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r.policy} | {r.budget_frac:.0%} | {r.hit_rate:.3f} | {r.layer_hit_std:.3f} | {r.cpu_share:.3f} | "
+            f"{r.bytes_moved_per_token / 1e6:.0f} | {r.latency_mean_s * 1e3:.1f} | {r.latency_std_s * 1e3:.1f} | "
+            f"{r.latency_p50_s * 1e3:.1f} | {r.latency_p99_s * 1e3:.1f} | {r.tokens_per_s:.2f} | "
+            f"{r.device_bytes / 2**30:.1f} | {'yes' if r.fits_device else 'no'} |")
+    return "\n".join(lines)
