@@ -43,6 +43,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _write_json(args.json, {"model": str(path), "dataset": args.dataset, **result.to_dict()})
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from haq.api import quantize
+    from haq.quant.recipe import Recipe
+
+    recipe = Recipe(method=args.method, wbits=args.wbits, abits=args.abits, act=args.act, alpha=args.alpha,
+                    calibrate_all_experts=args.calibrate_all_experts)
+    out = quantize(args.model, recipe, args.output, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                   seed=args.seed)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haq", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -55,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("names", nargs="+")
     b.add_argument("--force", action="store_true", help="rebuild even if built")
     p.set_defaults(func=cmd_zoo)
+
+    p = sub.add_parser("quantize", help="post-training quantization (W8A8: adaptive smoothing + GPTQ)")
+    p.add_argument("model", help="model folder or zoo name")
+    p.add_argument("--method", default="haq", choices=["rtn", "smoothquant", "gptq", "haq"])
+    p.add_argument("--wbits", type=int, default=8)
+    p.add_argument("--abits", type=int, default=8, help="activation bits; 16 = weight-only")
+    p.add_argument("--act", default="per-token", choices=["per-token", "per-tensor"],
+                   help="activation scales: dynamic per token, or static per tensor (calibrated)")
+    p.add_argument("--alpha", type=float, default=0.5, help="smoothquant's fixed migration strength")
+    p.add_argument("--calib", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | PATH")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibrate-all-experts", action="store_true",
+                   help="expert Hessians from all tokens (outputs still combine routed experts only)")
+    p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", help="perplexity on non-overlapping windows (GPTQ protocol)")
     p.add_argument("model", help="model folder, quantized checkpoint or zoo name")

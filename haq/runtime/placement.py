@@ -80,6 +80,30 @@ def consecutive_overlap(trace: Trace) -> np.ndarray:
     return hit.any(axis=(2, 3)).mean(axis=0) if len(a) else np.zeros(trace.meta.layers)
 
 
+def locality_excess(trace: Trace, max_lag: int = 32) -> np.ndarray:
+    """[max_lag + 1, L] extra uses, within the next k tokens, of an expert a token just used.
+
+    Row k: sum over lags 1..k of P(expert reused at t+lag | used at t) minus the same probability
+    under routing independent over tokens (sum_e q_e^2 / sum_e q_e, q_e = P(e selected)); row 0 is 0.
+    About 0 everywhere without temporal locality. It is what a just-used expert is worth, over the
+    next k tokens, beyond its average rate.
+    """
+    L = trace.meta.layers
+    T = trace.num_tokens
+    q = expert_frequencies(trace) / max(T, 1)  # [L, E]
+    base = (q ** 2).sum(axis=1) / np.maximum(q.sum(axis=1), 1e-12)
+    excess = np.zeros((max_lag + 1, L))
+    for k in range(1, max_lag + 1):
+        same = trace.seq_id[k:] == trace.seq_id[:-k]
+        if not same.any():
+            excess[k:] = excess[k - 1]
+            break
+        a, b = trace.experts[:-k][same], trace.experts[k:][same]  # [P, L, K]
+        reused = ((a[:, :, :, None] == b[:, :, None, :]).any(axis=3) & (a >= 0)).sum(axis=(0, 2))
+        excess[k] = excess[k - 1] + reused / np.maximum((a >= 0).sum(axis=(0, 2)), 1) - base
+    return excess
+
+
 def _check_budget(budget_slots: int, L: int, E: int) -> int:
     if budget_slots < 0:
         raise HaqError(f"placement budget must be >= 0 expert slots, got {budget_slots}")

@@ -1,13 +1,16 @@
 """Per-call cost model: run an expert call on the CPU, or copy the weights and run it on the device.
 
 For a call with n routed tokens (1 in decode, up to the prompt length in prefill):
-  cpu:      t_cpu(n)
-  copy:     backlog + t_copy + t_dev(n)      (backlog: copies already queued on the link)
-  resident: t_dev(n)
+  cpu:      cpu_backlog + t_cpu(n)                (CPU calls of this layer already assigned)
+  copy:     link_backlog + t_copy + t_dev(n)      (copies already queued on the link)
+  resident: ready_in + t_dev(n)                   (ready_in > 0 while a background copy lands)
+and the call goes where it finishes first. Deciding a layer's calls one by one, largest n first,
+this is greedy list scheduling over the two parallel resources (CPU, link + device): in prefill
+it splits experts between the CPU and copies instead of sending all of them one way.
 Constants come from a HardwareProfile (measured or spec-derived), never from this file.
 
-Admission. A copy made for the call itself costs nothing extra to keep, so it is admitted (the
-cache's LRU decides what leaves). A call served by the CPU may still start a background copy so
+Admission. A copy made for the call itself costs nothing extra to keep: it is admitted when it is
+expected to serve more than what it evicts (expected_reuse > 0). A call served by the CPU may still start a background copy so
 later calls hit; that copy is not free: its DMA reads host memory while the CPU streams weights
 from the same DRAM, slowing the CPU by about
   lost = t_copy * (1 - bw_cpu_while_copying / bw_cpu)
@@ -63,14 +66,14 @@ class CostPredictor:
         return self._dev[n]
 
     def decide(self, n: int, resident: bool, *, ready_in_s: float = 0.0, link_backlog_s: float = 0.0,
-               expected_reuse: float = 0.0) -> Decision:
+               cpu_backlog_s: float = 0.0, expected_reuse: float = 0.0) -> Decision:
         """Where to run a call with n tokens.
 
         `resident`: the weights are cached on the device, landing in `ready_in_s` (0: ready now; a
         background copy may still be in flight). `expected_reuse`: device uses this expert would
-        serve while cached, net of what its eviction victim would have served (0: no background copy).
+        serve while cached, net of what its eviction victim would have served (<= 0: keep no copy).
         """
-        cpu = self.t_cpu(n)
+        cpu = cpu_backlog_s + self.t_cpu(n)
         if resident:
             wait = ready_in_s + self.t_device(n)
             if ready_in_s <= 0.0 or wait <= cpu:
@@ -78,6 +81,6 @@ class CostPredictor:
             return Decision("cpu", transfer=False, admit=False, est_s=cpu)
         dev = link_backlog_s + self._transfer + self.t_device(n)
         if dev < cpu:
-            return Decision("device", transfer=True, admit=True, est_s=dev)
+            return Decision("device", transfer=True, admit=expected_reuse > 0.0, est_s=dev)
         background = link_backlog_s <= self.max_backlog_s and expected_reuse > self.break_even_reuse
         return Decision("cpu", transfer=background, admit=background, est_s=cpu)

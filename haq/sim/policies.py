@@ -1,15 +1,17 @@
 """Offloading policies: per expert call, run on the CPU or the device, copy or not, cache or not.
 
-A policy sees one expert call at a time (`decide(key, n, link)`) and answers with a Decision; it
-keeps its own cache bookkeeping. It never reads a clock: whatever it needs to know about copies in
-flight comes through `LinkView`, which the simulator implements with a modelled timeline and the
-engine with CUDA events. So the same objects drive both executors.
+A policy sees one expert call at a time (`decide(key, n, view)`) and answers with a Decision; it
+keeps its own cache bookkeeping. It never reads a clock: what it needs to know about queued work
+and copies in flight comes through `ExecView`, which the simulator implements with a modelled
+timeline and the engine with its own queues and CUDA events. So the same objects drive both.
+The executor presents a layer's calls largest n first (decode: in routing order).
 
   all-cpu          every call on the CPU (no device experts)
   transfer-always  copy every expert for every call, compute on the device, keep nothing
   lru              mixtral-offloading: per-layer LRU of k slots, copy on a miss, compute on device
-  fiddler          Fiddler: static global-popularity placement; a miss runs where the cost model
-                   says (CPU in decode, copy without keeping it for large batches)
+  fiddler          Fiddler: static global-popularity placement (its shipped list, or re-profiled);
+                   a miss runs on the CPU when n * t_cpu(1) < t_copy + t_dev(1) (Fiddler's linear
+                   rule), else is copied for the call and not kept
   llamacpp         llama.cpp --n-cpu-moe: the first layers' experts live on the CPU, the others all
                    on the device; CPU-layer calls with >= 32 tokens are copied for the call (op offload)
   haq              two-stage placement pinned + LRU for the rest; the predictor picks CPU / copy
@@ -35,11 +37,15 @@ PolicyName = Literal["all-cpu", "transfer-always", "lru", "fiddler", "llamacpp",
 LLAMACPP_OFFLOAD_BATCH = 32  # ggml CUDA backend: ops with batch >= 32 run on the GPU, weights copied over
 
 
-class LinkView(Protocol):
-    """What a policy may ask about host -> device copies."""
+class ExecView(Protocol):
+    """What a policy may ask the executor about queued work."""
 
-    def backlog_s(self) -> float:
-        """Seconds until the copies already queued are done."""
+    def link_backlog_s(self) -> float:
+        """Seconds until the host -> device copies already queued are done."""
+        ...
+
+    def cpu_backlog_s(self) -> float:
+        """Predicted seconds of CPU expert work already assigned in the current layer."""
         ...
 
     def ready_in_s(self, key: Key) -> float:
@@ -50,7 +56,7 @@ class LinkView(Protocol):
 class Policy(Protocol):
     name: str
 
-    def decide(self, key: Key, n: int, link: LinkView) -> Decision: ...
+    def decide(self, key: Key, n: int, view: ExecView) -> Decision: ...
 
     def resident_bytes(self) -> int:
         """Device bytes held by cached expert weights now (staging buffers excluded)."""
@@ -69,6 +75,7 @@ class PolicyContext:
     freq: np.ndarray  # [L, E] selection counts in the profile part of the trace
     profile_tokens: int
     paths: Paths
+    locality: np.ndarray  # [lags + 1, L] extra uses of a just-used expert within k tokens (locality_excess)
     ranking: list[Key] | None = None  # global popularity ranking for fiddler; None: from freq
     future: list[Key] | None = None  # every call's key in replay order; only belady reads it
     pin_share: float = 0.5  # haq: share of the budget pinned by placement, the rest is LRU
@@ -106,7 +113,7 @@ class AllCpu:
     def __init__(self, ctx: PolicyContext) -> None:
         self.predictor = ctx.predictor
 
-    def decide(self, key: Key, n: int, link: LinkView) -> Decision:
+    def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         return Decision("cpu", transfer=False, admit=False, est_s=self.predictor.t_cpu(n))
 
     def resident_bytes(self) -> int:
@@ -120,10 +127,10 @@ class TransferAlways:
     def __init__(self, ctx: PolicyContext) -> None:
         self.predictor = ctx.predictor
 
-    def decide(self, key: Key, n: int, link: LinkView) -> Decision:
+    def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         p = self.predictor
         return Decision("device", transfer=True, admit=False,
-                        est_s=link.backlog_s() + p.t_transfer() + p.t_device(n))
+                        est_s=view.link_backlog_s() + p.t_transfer() + p.t_device(n))
 
     def resident_bytes(self) -> int:
         return 0
@@ -138,43 +145,42 @@ class PerLayerLru:
         self.expert_bytes = ctx.expert_bytes
         self.cache = PerLayerLRU.from_budget(ctx.budget_bytes, ctx.layers, ctx.expert_bytes)
 
-    def decide(self, key: Key, n: int, link: LinkView) -> Decision:
+    def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         p = self.predictor
         if self.cache.lookup(key):
-            return Decision("device", transfer=False, admit=False, est_s=link.ready_in_s(key) + p.t_device(n))
+            return Decision("device", transfer=False, admit=False, est_s=view.ready_in_s(key) + p.t_device(n))
         evicted = self.cache.admit(key, self.expert_bytes)
         return Decision("device", transfer=True, admit=key in self.cache,
-                        est_s=link.backlog_s() + p.t_transfer() + p.t_device(n), evicted=tuple(evicted))
-
-    def resident_bytes(self) -> int:
-        return self.cache.used_bytes
-
-
-class _StaticPlacement:
-    """Pinned experts only; a miss runs where the cost model says and its copy is not kept."""
-
-    name = "static"
-
-    def __init__(self, ctx: PolicyContext, pinned: set[Key]) -> None:
-        self.predictor = ctx.predictor
-        self.cache = ExpertCache(ctx.budget_bytes, {k: ctx.expert_bytes for k in pinned})
-
-    def decide(self, key: Key, n: int, link: LinkView) -> Decision:
-        if self.cache.lookup(key):
-            return self.predictor.decide(n, True)
-        return replace(self.predictor.decide(n, False, link_backlog_s=link.backlog_s()), admit=False)
+                        est_s=view.link_backlog_s() + p.t_transfer() + p.t_device(n), evicted=tuple(evicted))
 
     def resident_bytes(self) -> int:
         return self.cache.used_bytes
 
 
 @register("fiddler")
-class Fiddler(_StaticPlacement):
+class Fiddler:
     name = "fiddler"
 
     def __init__(self, ctx: PolicyContext) -> None:
+        self.predictor = ctx.predictor
         ranking = ctx.ranking if ctx.ranking is not None else ranking_from_frequencies(ctx.freq)
-        super().__init__(ctx, global_popularity_placement(ranking, ctx.slots))
+        pinned = global_popularity_placement(ranking, ctx.slots)
+        self.cache = ExpertCache(ctx.budget_bytes, {k: ctx.expert_bytes for k in pinned})
+        # Fiddler's cost model: CPU time linear in tokens, copy + device time constant
+        self.cpu_per_token = ctx.predictor.t_cpu(1)
+        self.copy_and_run = ctx.predictor.t_transfer() + ctx.predictor.t_device(1)
+
+    def decide(self, key: Key, n: int, view: ExecView) -> Decision:
+        p = self.predictor
+        if self.cache.lookup(key):
+            return Decision("device", transfer=False, admit=False, est_s=p.t_device(n))
+        if n * self.cpu_per_token < self.copy_and_run:
+            return Decision("cpu", transfer=False, admit=False, est_s=p.t_cpu(n))
+        return Decision("device", transfer=True, admit=False,
+                        est_s=view.link_backlog_s() + p.t_transfer() + p.t_device(n))
+
+    def resident_bytes(self) -> int:
+        return self.cache.used_bytes
 
 
 @register("llamacpp")
@@ -187,13 +193,13 @@ class LlamaCpp:
         self.n_cpu_moe = ctx.layers - full_layers  # --n-cpu-moe: the first layers stay on the CPU
         self._resident = full_layers * ctx.num_experts * ctx.expert_bytes
 
-    def decide(self, key: Key, n: int, link: LinkView) -> Decision:
+    def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         p = self.predictor
         if key[0] >= self.n_cpu_moe:
             return Decision("device", transfer=False, admit=False, est_s=p.t_device(n))
         if n >= LLAMACPP_OFFLOAD_BATCH:
             return Decision("device", transfer=True, admit=False,
-                            est_s=link.backlog_s() + p.t_transfer() + p.t_device(n))
+                            est_s=view.link_backlog_s() + p.t_transfer() + p.t_device(n))
         return Decision("cpu", transfer=False, admit=False, est_s=p.t_cpu(n))
 
     def resident_bytes(self) -> int:
@@ -204,11 +210,16 @@ class LlamaCpp:
 class Haq:
     """Two-stage placement pinned, LRU for the rest, the cost predictor per call.
 
-    Expected reuse of a background copy (what `CostPredictor.decide` weighs against its cost):
-      reuse = H * (r[key] - r[victim])
-    r: the key's share of all expert calls in the profile; victim: the LRU entry the copy would
-    evict (r = 0 when a slot is free); H: calls an admitted entry is expected to stay cached, the LRU
-    part's slots over the recent admissions per call.
+    Admission weighs what the candidate would serve against what the LRU victim it evicts would
+    serve, over the H tokens an admitted entry is expected to stay:
+      value(key, age) = H * p[key] + X[age + H] - X[age]
+      reuse = value(candidate, 0) - value(victim, its age)
+    p: per-token selection rate in the profile; X: the layer's locality-excess curve (extra uses
+    within k tokens of a use); age: tokens since the key's last use; H: LRU slots over recent
+    admissions per token. A free slot has value 0. A copy made for the call is kept when reuse > 0;
+    a background copy when reuse repays its cost (`CostPredictor.break_even_reuse`). Without
+    temporal locality this converges to the highest-rate experts (a static placement); with it, to
+    the recently used ones, without thrashing when copies come faster than they are reused.
     """
 
     name = "haq"
@@ -220,33 +231,56 @@ class Haq:
         pinned = two_stage_placement(ctx.freq, ctx.paths, pinned_slots, ctx.path_share)
         self.cache = ExpertCache(ctx.budget_bytes, {k: ctx.expert_bytes for k in pinned})
         self.lru_slots = ctx.slots - len(pinned)
-        self.rate = ctx.freq / max(ctx.freq.sum(), 1.0)  # [L, E] share of calls
-        self.ema = 1.0 / (ctx.layers * ctx.num_experts * 20)  # smoothing over ~20 tokens of calls
-        self.admit_rate = self.lru_slots * self.ema  # admissions per call, moving average
+        tokens = max(ctx.profile_tokens, 1)
+        self.p = ctx.freq / tokens  # [L, E]
+        self.X = ctx.locality  # [lags + 1, L]
+        self.calls_per_token = float(ctx.freq.sum()) / tokens
+        self.ema = 1.0 / (20 * max(self.calls_per_token, 1.0))  # moving average over ~20 tokens of calls
+        self.admits_per_call = 0.0
+        self.calls = 0
+        self.last_use: dict[Key, int] = {}  # key -> call counter at its last use
 
-    def decide(self, key: Key, n: int, link: LinkView) -> Decision:
+    def _excess(self, layer: int, age: float, span: float) -> float:
+        X, top = self.X, len(self.X) - 1
+        return X[min(int(age + span), top), layer] - X[min(int(age), top), layer]
+
+    def expected_reuse(self, key: Key) -> float:
+        per_token = self.admits_per_call * self.calls_per_token
+        horizon = self.lru_slots / max(per_token, 1.0 / max(self.lru_slots, 1))
+        gain = horizon * self.p[key] + self._excess(key[0], 0.0, horizon)
+        victims = self.cache.victims(self.expert_bytes)
+        if not victims:
+            return gain
+        v = victims[0]
+        age = (self.calls - self.last_use.get(v, 0)) / max(self.calls_per_token, 1.0)
+        return gain - horizon * self.p[v] - self._excess(v[0], age, horizon)
+
+    def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         p = self.predictor
+        self.calls += 1
         if key in self.cache:
-            d = p.decide(n, True, ready_in_s=link.ready_in_s(key))
+            d = p.decide(n, True, ready_in_s=view.ready_in_s(key), cpu_backlog_s=view.cpu_backlog_s())
             if d.where == "device":
                 self.cache.lookup(key)
+                self.last_use[key] = self.calls
             self._count(False)
             return d
-        victims = self.cache.victims(self.expert_bytes)
-        r_victim = self.rate[victims[0]] if victims else 0.0
-        horizon = self.lru_slots / max(self.admit_rate, 1e-9)
-        d = p.decide(n, False, link_backlog_s=link.backlog_s(), expected_reuse=horizon * (self.rate[key] - r_victim))
+        d = p.decide(n, False, link_backlog_s=view.link_backlog_s(), cpu_backlog_s=view.cpu_backlog_s(),
+                     expected_reuse=self.expected_reuse(key) if self.lru_slots else 0.0)
         if d.admit:
             evicted = self.cache.admit(key, self.expert_bytes)
-            if key not in self.cache:
-                d = replace(d, admit=False, transfer=d.where == "device")
-            else:
+            if key in self.cache:
+                self.last_use[key] = self.calls
+                for old in evicted:
+                    self.last_use.pop(old, None)
                 d = replace(d, evicted=tuple(evicted))
+            else:
+                d = replace(d, admit=False, transfer=d.where == "device")
         self._count(d.admit)
         return d
 
     def _count(self, admitted: bool) -> None:
-        self.admit_rate += self.ema * (float(admitted) - self.admit_rate)
+        self.admits_per_call += self.ema * (float(admitted) - self.admits_per_call)
 
     def resident_bytes(self) -> int:
         return self.cache.used_bytes
@@ -273,7 +307,7 @@ class Belady:
         self.resident: dict[Key, int] = {}  # key -> its next use
         self.heap: list[tuple[int, Key]] = []  # (-next use, key), stale entries skipped lazily
 
-    def decide(self, key: Key, n: int, link: LinkView) -> Decision:
+    def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         if self.future[self.i] != key:
             raise HaqError(f"belady replay diverged at call {self.i}: expected {self.future[self.i]}, got {key}")
         nxt = int(self.next_use[self.i])
@@ -296,8 +330,8 @@ class Belady:
             self.resident[key] = nxt
             heapq.heappush(self.heap, (-nxt, key))
         if hit:
-            return Decision("device", transfer=False, admit=False, est_s=link.ready_in_s(key) + p.t_device(n))
-        return Decision("device", transfer=True, admit=keep, est_s=link.backlog_s() + p.t_transfer() + p.t_device(n),
+            return Decision("device", transfer=False, admit=False, est_s=view.ready_in_s(key) + p.t_device(n))
+        return Decision("device", transfer=True, admit=keep, est_s=view.link_backlog_s() + p.t_transfer() + p.t_device(n),
                         evicted=tuple(evicted))
 
     def _farthest(self) -> tuple[int, Key]:

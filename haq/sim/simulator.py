@@ -33,7 +33,7 @@ import numpy as np
 from haq.errors import HaqError
 from haq.runtime.cache import Key
 from haq.runtime.hardware import HardwareProfile
-from haq.runtime.placement import expert_frequencies, path_statistics
+from haq.runtime.placement import expert_frequencies, locality_excess, path_statistics
 from haq.runtime.predictor import CostPredictor
 from haq.runtime.trace import Trace, split_by_sequence
 from haq.sim.policies import Policy, PolicyContext, make_policy
@@ -70,16 +70,20 @@ class SimResult:
     cum_hit_rate: np.ndarray = field(repr=False)  # [decode tokens] hit rate of all calls so far
 
 
-class SimLink:
-    """The modelled host -> device copy queue (FIFO); the simulator's LinkView."""
+class SimView:
+    """The modelled copy queue (FIFO) and CPU work of the current layer; the simulator's ExecView."""
 
     def __init__(self) -> None:
         self.now = 0.0
-        self.free_at = 0.0
+        self.free_at = 0.0  # when the link has sent everything queued
+        self.cpu_assigned = 0.0  # predicted CPU seconds assigned in the current layer
         self.ready_at: dict[Key, float] = {}
 
-    def backlog_s(self) -> float:
+    def link_backlog_s(self) -> float:
         return max(0.0, self.free_at - self.now)
+
+    def cpu_backlog_s(self) -> float:
+        return self.cpu_assigned
 
     def ready_in_s(self, key: Key) -> float:
         return max(0.0, self.ready_at.get(key, 0.0) - self.now)
@@ -102,7 +106,8 @@ def replay_steps(trace: Trace, prefill_tokens: int = 0) -> list[Step]:
             calls = []
             for layer in range(L):
                 ids, counts = np.unique(seq[:head, layer], return_counts=True)
-                calls.append([(int(e), int(c)) for e, c in zip(ids, counts) if e >= 0])
+                order = np.argsort(-counts, kind="stable")  # largest first: greedy list scheduling
+                calls.append([(int(ids[i]), int(counts[i])) for i in order if ids[i] >= 0])
             steps.append(Step(tokens=head, prefill=True, calls=calls))
         for row in seq[head:].tolist():
             steps.append(Step(tokens=1, prefill=False, calls=[[(e, 1) for e in r if e >= 0] for r in row]))
@@ -126,7 +131,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
     prof = predictor.times.profile
     t_copy = predictor.t_transfer()
     act_roundtrip = 2 * prof.link.latency.value
-    link = SimLink()
+    view = SimView()
     clock = 0.0
     hits_l = np.zeros(layers)
     calls_l = np.zeros(layers)
@@ -143,21 +148,23 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
             if nonexpert_bytes_per_layer else 0.0
         for layer in range(layers):
             clock += ne
-            link.now = clock
+            view.now = clock
+            view.cpu_assigned = 0.0
             cpu_work: list[int] = []
             dev_ready: list[tuple[float, int]] = []  # (may start at, tokens)
             dev_copied: list[tuple[float, int]] = []
             for expert, n in step.calls[layer]:
                 key = (layer, expert)
-                d = policy.decide(key, n, link)
+                d = policy.decide(key, n, view)
                 for old in d.evicted:
-                    link.ready_at.pop(old, None)
+                    view.ready_at.pop(old, None)
                 calls_l[layer] += 1
                 if d.transfer:
                     copies += 1
-                    done = link.enqueue(t_copy, key if d.admit else None)
+                    done = view.enqueue(t_copy, key if d.admit else None)
                     staged |= not d.admit
                 if d.where == "cpu":
+                    view.cpu_assigned += predictor.t_cpu(n)
                     cpu_work.append(n)
                     cpu_calls += 1
                 elif d.transfer:
@@ -165,11 +172,11 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
                 else:
                     hits_l[layer] += 1
                     step_hits[s] += 1
-                    dev_ready.append((clock + link.ready_in_s(key), n))
+                    dev_ready.append((clock + view.ready_in_s(key), n))
             step_calls[s] += len(step.calls[layer])
             cpu_end = clock
             for n in cpu_work:
-                cpu_end += _cpu_call_time(predictor, n, cpu_end, link.free_at)
+                cpu_end += _cpu_call_time(predictor, n, cpu_end, view.free_at)
             if cpu_work:
                 cpu_end += act_roundtrip
             dev_end = clock
@@ -248,6 +255,7 @@ def simulate(
     future = [(layer, e) for st in steps for layer in range(L) for e, _ in st.calls[layer]]
     freq = expert_frequencies(profile_trace)
     paths = path_statistics(profile_trace, path_window)
+    locality = locality_excess(profile_trace)
     budgets = [budget_bytes] if np.ndim(budget_bytes) == 0 else list(budget_bytes)
     rows = []
     for budget in budgets:
@@ -255,6 +263,7 @@ def simulate(
             raise HaqError(f"budget must be >= 0 bytes, got {budget}")
         ctx = PolicyContext(layers=L, num_experts=E, budget_bytes=int(budget), expert_bytes=expert_bytes,
                             predictor=predictor, freq=freq, profile_tokens=profile_trace.num_tokens, paths=paths,
+                            locality=locality,
                             ranking=ranking, future=future, pin_share=pin_share, path_share=path_share)
         for name in policies:
             raw = run_policy(make_policy(name, ctx), steps, predictor, L, nonexpert_bytes_per_layer)

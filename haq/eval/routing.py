@@ -1,0 +1,40 @@
+"""Expert routing statistics: which experts each MoE layer picks, counted during any forward."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from haq.models.adapters import adapter_for
+
+
+@contextmanager
+def routing_counter(model: nn.Module):
+    """Yields counts [layers, experts] (int64) filled in by every forward inside the block."""
+    adapter = adapter_for(model.config)
+    if adapter.moe is None:
+        raise ValueError("routing statistics need an MoE model")
+    layers = adapter.decoder_layers(model)
+    num_experts = getattr(model.config, adapter.moe.num_experts_attr)
+    counts = torch.zeros(len(layers), num_experts, dtype=torch.int64)
+
+    def hook(index):
+        def record(_module, _inputs, output):
+            indices = output[2]  # routers return (logits, top-k weights, top-k indices)
+            counts[index] += torch.bincount(indices.reshape(-1).cpu(), minlength=num_experts)
+        return record
+
+    handles = [layer.get_submodule(adapter.moe.router).register_forward_hook(hook(i))
+               for i, layer in enumerate(layers)]
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def frequency_skew(counts: torch.Tensor) -> list[float]:
+    """Per layer max/min expert frequency (inf when an expert is never chosen)."""
+    counts = counts.double()
+    return [float(row.max() / row.min()) if row.min() > 0 else float("inf") for row in counts]

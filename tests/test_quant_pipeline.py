@@ -1,0 +1,190 @@
+"""End-to-end quantization on the tiny configs of every supported architecture."""
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from haq.errors import HaqError
+from haq.kernels.experts import Int8Experts
+from haq.kernels.int8 import Int8Linear
+from haq.models.adapters import adapter_for
+from haq.quant import pipeline
+from haq.quant.calibration import observe_layer
+from haq.quant.pipeline import capture_layer_inputs, quantize_model, run_layer
+from haq.quant.recipe import Recipe
+from haq.quant.rtn import dequantize_weight, fake_quant_act
+from haq.quant.smoothing import smooth_group
+
+ARCHS = ["tiny-llama", "tiny-mixtral-random", "tiny-opt", "tiny-qwen2-moe", "tiny-qwen3-moe"]
+
+
+def load(tiny_dir, name):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_dir(name)).eval()
+
+
+def tokens(n, length, seed):
+    return torch.randint(0, 4096, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("method", ["smoothquant", "haq"])
+def test_smoothing_leaves_the_float_layer_unchanged(tiny_dir, name, method):
+    model = load(tiny_dir, name)
+    adapter = adapter_for(model.config)
+    inputs, kwargs = capture_layer_inputs(model, adapter, tokens(2, 32, 0))
+    layer = adapter.decoder_layers(model)[0]
+    before = run_layer(layer, inputs, kwargs, 0)
+    with observe_layer(layer, adapter, False, 1, 256) as stats:
+        run_layer(layer, inputs, kwargs, 0)
+    # Exaggerate outliers so every group really rescales.
+    recipe = Recipe(method=method, alpha=0.8)
+    alphas = {g.name: smooth_group(layer, g, stats, recipe) for g in adapter.groups}
+    after = run_layer(layer, inputs, kwargs, 0)
+    if method == "smoothquant":
+        assert all(a == 0.8 for a in alphas.values())
+    for b, a in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+class FakeQuantLinear(nn.Module):
+    """Reference for Int8Linear: dequantized weights, fake-quant activations, float matmul."""
+
+    def __init__(self, q: Int8Linear):
+        super().__init__()
+        self.q = q
+
+    def forward(self, x):
+        q = self.q
+        w = dequantize_weight(q.qweight, q.w_scale)
+        x = fake_quant_act(x, q.act_bits, q.act_mode, q.input_scale)
+        return F.linear(x, w, q.bias)
+
+
+def fake_quant_expert(module: Int8Experts, e: int, x):
+    scale_in = module.gate_up_in_scale
+    g_u = F.linear(fake_quant_act(x, module.act_bits, module.act_mode, None if scale_in is None else scale_in[e]),
+                   dequantize_weight(module.gate_up_q[e], module.gate_up_scale[e]))
+    gate, up = g_u.chunk(2, -1)
+    h = module.act_fn(gate) * up
+    scale_in = module.down_in_scale
+    return F.linear(fake_quant_act(h, module.act_bits, module.act_mode, None if scale_in is None else scale_in[e]),
+                    dequantize_weight(module.down_q[e], module.down_scale[e]))
+
+
+def to_fake_quant(model):
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int8Linear):
+            model.set_submodule(name, FakeQuantLinear(module))
+        elif isinstance(module, Int8Experts):
+            module.expert_forward = lambda e, x, m=module: fake_quant_expert(m, e, x)
+    return model
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("act", ["per-token", "per-tensor"])
+def test_int8_model_matches_its_fake_quant_reference(tiny_dir, name, act):
+    import copy
+
+    model = load(tiny_dir, name)
+    quantize_model(model, Recipe(method="haq", act=act, alpha_step=0.25), tokens(4, 32, 0), progress=False)
+    kinds = {type(m) for m in model.modules()}
+    assert Int8Linear in kinds and not any(isinstance(m, nn.Linear) and "proj" in n and "gate" not in n
+                                           for n, m in model.named_modules() if "layers" in n)
+    reference = to_fake_quant(copy.deepcopy(model))
+    ids = tokens(2, 24, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["rtn", "smoothquant", "gptq", "haq"])
+def test_methods_stay_close_to_float(tiny_dir, method):
+    model = load(tiny_dir, "tiny-llama")
+    ids = tokens(2, 32, 1)
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = quantize_model(model, Recipe(method=method), tokens(4, 32, 0), progress=False)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert (out - ref).abs().max() < 0.05
+    assert len(report.layers) == 2 and report.calib_tokens == 128
+    if method == "haq":
+        assert set(report.layers[0].alphas) == {g.name for g in adapter_for(model.config).groups}
+
+
+def test_gptq_lowers_the_output_error_of_a_real_layer(tiny_dir):
+    """On the same calibration data GPTQ's layer outputs are closer to float than RTN's."""
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = load(tiny_dir, "tiny-llama")
+        ids = tokens(8, 64, 0)
+        inputs, kwargs = capture_layer_inputs(model, adapter_for(model.config), ids)
+        layer = adapter_for(model.config).decoder_layers(model)[0]
+        ref = run_layer(layer, inputs, kwargs, 0)
+        quantize_model(model, Recipe(method=method, abits=16), ids, progress=False)
+        out = run_layer(layer, inputs, kwargs, 0)
+        errors[method] = sum(float(((a - b) ** 2).sum()) for a, b in zip(out, ref))
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_interrupted_run_resumes_from_the_last_finished_layer(tiny_dir, tmp_path, monkeypatch):
+    calib = tokens(4, 32, 0)
+    recipe = Recipe(method="gptq")
+    straight = load(tiny_dir, "tiny-mixtral-random")
+    quantize_model(straight, recipe, calib, progress=False)
+
+    real = pipeline.quantize_layer
+    calls = []
+
+    def crash_on_second_layer(layer, adapter, stats, recipe, report, prefix):
+        calls.append(report.index)
+        if report.index == 1 and len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(layer, adapter, stats, recipe, report, prefix)
+
+    monkeypatch.setattr(pipeline, "quantize_layer", crash_on_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(load(tiny_dir, "tiny-mixtral-random"), recipe, calib, work_dir=tmp_path, progress=False)
+    resumed = load(tiny_dir, "tiny-mixtral-random")
+    quantize_model(resumed, recipe, calib, work_dir=tmp_path, progress=False)
+    assert calls == [0, 1, 1]  # layer 0 was not redone
+    ids = tokens(2, 16, 3)
+    with torch.no_grad():
+        assert torch.equal(straight(ids).logits, resumed(ids).logits)
+
+
+def test_nan_in_calibration_activations_is_a_clear_error(tiny_dir):
+    model = load(tiny_dir, "tiny-llama")
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] = float("nan")
+    with pytest.raises(HaqError, match="NaN or Inf"):
+        quantize_model(model, Recipe(method="rtn"), tokens(2, 16, 0), progress=False)
+
+
+def test_empty_calibration_is_a_clear_error(tiny_dir):
+    model = load(tiny_dir, "tiny-llama")
+    with pytest.raises(HaqError, match="calibration needs at least one window"):
+        quantize_model(model, Recipe(method="rtn"), torch.zeros(0, 16, dtype=torch.long), progress=False)
+
+
+def test_rarely_routed_experts_fall_back_with_a_warning(tiny_dir, caplog):
+    model = load(tiny_dir, "tiny-mixtral-random")
+    with caplog.at_level(logging.WARNING):
+        quantize_model(model, Recipe(method="gptq", min_expert_tokens=10_000), tokens(1, 8, 0), progress=False)
+    assert "RTN" in caplog.text
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens(1, 8, 1)).logits).all()
+
+
+def test_unknown_recipe_keys_and_architectures_are_rejected():
+    with pytest.raises(HaqError, match="unknown recipe keys"):
+        Recipe.from_dict({"method": "haq", "bogus": 1})
+
+    class Config:
+        model_type = "gpt2"
+
+    with pytest.raises(HaqError, match="supported: llama"):
+        adapter_for(Config())
