@@ -30,10 +30,11 @@ def cmd_zoo(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from haq.data.corpora import eval_windows
+    from haq.data.corpora import eval_windows, resolve
     from haq.eval.perplexity import perplexity
     from haq.models.loading import load_model
 
+    resolve(args.dataset)  # a bad dataset fails before the model loads
     model, tokenizer, path = load_model(args.model)
     windows = eval_windows(args.dataset, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows)
     result = perplexity(model, windows)
@@ -94,9 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers() -> None:
+    """haq shows its own progress; transformers' per-shard bars and advice would bury it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    _quiet_transformers()
     try:
         args.func(args)
     except HaqError as exc:

@@ -77,11 +77,16 @@ def _int_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _float_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of int8 operands through a float GEMM, exact: every partial sum is an integer of
-    magnitude <= K * 127 * 127, representable in float32 while that is < 2^24, else in float64."""
+    """``a @ b`` of int8 operands through float32 GEMMs: K is cut into chunks whose partial sums
+    (|value| <= chunk * 127^2 < 2^24) are exact integers in float32; adding the chunk results
+    is exact below 2^24 and within 1 ulp of float32 above, the precision of the float32 output."""
     K = a.shape[1]
-    acc = torch.float32 if K * 127 * 127 < _FP32_EXACT else torch.float64
-    return a.to(acc) @ b.to(acc)
+    chunk = max(1, (_FP32_EXACT - 1) // (127 * 127))
+    af, bf = a.float(), b.float()
+    out = af[:, :chunk] @ bf[:chunk]
+    for start in range(chunk, K, chunk):
+        out += af[:, start:start + chunk] @ bf[start:start + chunk]
+    return out
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor, impl: MatmulImpl = "auto") -> torch.Tensor:

@@ -1,0 +1,45 @@
+"""Bad input on the command line ends in one clear line on stderr, exit code 2, no traceback."""
+import pytest
+
+from haq.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_unknown_model_name(capsys):
+    code, err = run(capsys, "eval", "no-such-model")
+    assert code == 2 and err.startswith("haq: error: model 'no-such-model' not found") and "\n" not in err
+
+
+def test_folder_that_is_not_a_model(capsys, tmp_path):
+    code, err = run(capsys, "eval", str(tmp_path))
+    assert code == 2 and "is not a model folder: no config.json" in err and "\n" not in err
+
+
+def test_missing_dataset_file(capsys, tiny_dir):
+    code, err = run(capsys, "eval", str(tiny_dir("tiny-llama")), "--dataset", "/no/such/file.txt")
+    assert code == 2 and "/no/such/file.txt" in err and "\n" not in err
+
+
+def test_quantize_rejects_a_bad_calibration_file_before_loading(capsys, tmp_path):
+    code, err = run(capsys, "quantize", str(tmp_path), "--calib", str(tmp_path / "missing.jsonl"), "-o",
+                    str(tmp_path / "out"))
+    assert code == 2 and "\n" not in err
+
+
+def test_unknown_zoo_model_build(capsys):
+    code, err = run(capsys, "zoo", "build", "nope")
+    assert code == 2 and "unknown zoo model 'nope'" in err
+
+
+@pytest.mark.parametrize("args", [["eval", "--help"], ["quantize", "--help"], ["zoo", "list"]])
+def test_help_and_listing_work(capsys, args):
+    try:
+        assert main(args) == 0
+    except SystemExit as exc:  # argparse exits 0 after --help
+        assert exc.code == 0
+    assert capsys.readouterr().out
