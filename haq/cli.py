@@ -55,6 +55,58 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from haq.runtime.api import open_engine
+
+    engine, tokenizer = open_engine(args.model, args.gpu_budget, device=args.device, policy=args.policy,
+                                    hardware=args.hardware, profile=args.profile)
+    try:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        tokens, metrics = engine.generate(ids, max_new_tokens=args.max_new_tokens)
+    finally:
+        engine.close()
+    print(args.prompt + tokenizer.decode(tokens))
+    print(metrics.summary())
+    if args.json:
+        _write_json(args.json, metrics.to_dict())
+    if args.plot:
+        from haq.sim.plots import plot_engine_run
+
+        for path in plot_engine_run(metrics, args.plot):
+            print(f"wrote {path}")
+
+
+def cmd_trace(args: argparse.Namespace) -> None:
+    from haq.data.corpora import eval_windows, resolve
+    from haq.models.loading import load_model
+    from haq.runtime.record import record_trace
+    from haq.runtime.trace import save_trace
+
+    resolve(args.dataset)
+    model, tokenizer, path = load_model(args.model)
+    windows = eval_windows(args.dataset, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows)
+    trace = record_trace(model, windows, path.name, source=f"hf-hooks on {args.dataset}")
+    save_trace(args.output, trace)
+    print(f"wrote {args.output}: {trace.num_tokens} tokens x {trace.meta.layers} layers x top-{trace.meta.top_k}")
+
+
+def cmd_profile_hw(args: argparse.Namespace) -> None:
+    from haq.models.adapters import adapter_for
+    from haq.models.loading import load_model
+    from haq.runtime.profile_hw import profile_hardware
+    from haq.runtime.store import extract_experts
+
+    model, _, path = load_model(args.model)
+    adapter = adapter_for(model.config)
+    if adapter.moe is None:
+        raise HaqError(f"{path} is a dense model: profile-hw measures expert calls of an MoE model")
+    weights, math = extract_experts(adapter.decoder_layers(model)[0].get_submodule(adapter.moe.experts))
+    profile = profile_hardware(weights[0], math, device=args.device, repeats=args.repeats)
+    profile.save(args.output)
+    print(json.dumps(profile.to_dict(), indent=1))
+    print(f"wrote {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haq", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -85,6 +137,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("run", help="generate with experts offloaded between CPU and device, with metrics")
+    p.add_argument("model", help="MoE model folder, haq checkpoint or zoo name")
+    p.add_argument("--gpu-budget", required=True, help="device bytes for experts: 6GiB, 512MB, 123456 or 25%%")
+    p.add_argument("--prompt", default="The history of")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--policy", default="haq")
+    p.add_argument("--hardware", help="hardware preset or profile JSON (default: measure this machine)")
+    p.add_argument("--profile", help="routing trace (.npz) for placement (default: recorded on wiki-offline train)")
+    p.add_argument("--json", help="write the metrics as JSON")
+    p.add_argument("--plot", help="folder for PNG plots")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("trace", help="record expert routing on a dataset into a .npz trace")
+    p.add_argument("model")
+    p.add_argument("--dataset", default="wiki-offline")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("profile-hw", help="measure expert call and copy times on this machine")
+    p.add_argument("model", help="MoE model whose expert shape is measured")
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_profile_hw)
+
     p = sub.add_parser("eval", help="perplexity on non-overlapping windows (GPTQ protocol)")
     p.add_argument("model", help="model folder, quantized checkpoint or zoo name")
     p.add_argument("--dataset", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | c4-new | PATH")
@@ -105,6 +185,10 @@ def _quiet_transformers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "device", "unset") is None:
+        from haq.runtime.api import default_device
+
+        args.device = default_device()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     _quiet_transformers()
     try:

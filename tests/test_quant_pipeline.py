@@ -188,3 +188,16 @@ def test_unknown_recipe_keys_and_architectures_are_rejected():
 
     with pytest.raises(HaqError, match="supported: llama"):
         adapter_for(Config())
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral-random", "tiny-opt", "tiny-qwen2-moe"])
+def test_outlier_injection_preserves_the_float_function(tiny_dir, name):
+    from haq.models.outliers import inject_outliers
+
+    model = load(tiny_dir, name)
+    ids = tokens(2, 16, 0)
+    with torch.no_grad():
+        before = model(ids).logits
+        inject_outliers(model, channels=4, factor=50.0)
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

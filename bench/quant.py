@@ -1,0 +1,107 @@
+"""Quantization quality and cost: every method on every model, same calibration and eval windows.
+
+Each (model, method, setting) cell runs in its own process so its peak RSS is its own. Writes
+bench/results/quant.json (rows {"model","method","wbits","abits","act","ppl","fp_ppl",
+"delta_pct","quant_s","peak_rss_mb","tokens"}) and quant.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from common import ROOT, machine, md_table, write_results
+
+MODELS = ["smollm2-135m", "smollm2-8x135m", "tiny-mixtral", "tiny-mixtral+outliers"]
+METHODS = ["rtn", "smoothquant", "gptq", "haq"]
+SETTINGS = {"w8a8-token": (8, 8, "per-token"), "w8a8-tensor": (8, 8, "per-tensor"), "w8a6-token": (8, 6, "per-token")}
+
+
+def load(model_name: str):
+    from haq import zoo
+    from haq.models.loading import load_model
+    from haq.models.outliers import inject_outliers
+
+    base = model_name.removesuffix("+outliers")
+    zoo.build(base)
+    model, tokenizer, _ = load_model(base)
+    if model_name.endswith("+outliers"):
+        inject_outliers(model, channels=4, factor=50.0)
+    return model, tokenizer
+
+
+def one_cell(args) -> dict:
+    """Quantize and evaluate one cell in this process; prints its row as JSON."""
+    import torch
+
+    from haq.data.corpora import calib_windows, eval_windows
+    from haq.eval.perplexity import perplexity
+    from haq.quant.pipeline import quantize_model
+    from haq.quant.recipe import Recipe
+
+    torch.manual_seed(0)
+    model, tokenizer = load(args.model)
+    wbits, abits, act = SETTINGS[args.setting]
+    start = time.perf_counter()
+    if args.method != "fp":
+        calib = calib_windows("wiki-offline", tokenizer, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=0)
+        quantize_model(model, Recipe(method=args.method, wbits=wbits, abits=abits, act=act), calib, progress=False)
+    quant_s = time.perf_counter() - start
+    result = perplexity(model, eval_windows("wiki-offline", tokenizer, seqlen=2048, max_windows=args.max_windows),
+                        progress=False)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"model": args.model, "method": args.method, "setting": args.setting, "wbits": wbits,
+            "abits": abits, "act": act, "ppl": result.ppl, "quant_s": round(quant_s, 1),
+            "peak_rss_mb": round(peak_mb), "tokens": result.tokens}
+
+
+def run_cell(model: str, method: str, setting: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--one", "--model", model, "--method", method, "--setting", setting,
+           "--max-windows", str(args.max_windows), "--nsamples", str(args.nsamples),
+           "--calib-seqlen", str(args.calib_seqlen)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT / "bench")
+    if proc.returncode != 0:
+        raise SystemExit(f"cell {model} {method} {setting} failed:\n{proc.stderr[-3000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--max-windows", type=int, default=4, help="wiki-offline test windows of 2048 tokens")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--setting", default="w8a8-token", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_cell(args)))
+        return
+    rows = []
+    for model in args.models:
+        fp = run_cell(model, "fp", "w8a8-token", args)
+        rows.append({**fp, "setting": "fp", "wbits": 32, "abits": 32, "act": "-", "fp_ppl": fp["ppl"], "delta_pct": 0.0})
+        for setting in args.settings:
+            for method in args.methods:
+                row = run_cell(model, method, setting, args)
+                row.update(fp_ppl=fp["ppl"], delta_pct=round(100 * (row["ppl"] / fp["ppl"] - 1), 3))
+                rows.append(row)
+    table = md_table(rows, ["model", "setting", "method", "ppl", "fp_ppl", "delta_pct", "quant_s", "peak_rss_mb",
+                            "tokens"])
+    header = (f"# W8A8 quantization: wiki-offline test perplexity\n\nseqlen 2048, first {args.max_windows} "
+              f"test windows for every row; calibration {args.nsamples} x {args.calib_seqlen} wiki-offline train "
+              f"tokens (seed 0). delta_pct is vs the fp32 row of the same model.\n\n")
+    write_results("quant", {"machine": machine(), "args": vars(args), "rows": rows}, header + table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""The CPU-GPU MoE engine: runs an HF MoE model (float or haq int8) whose experts live in host
+memory, with a device cache of experts under a byte budget. For every expert call the same policy
+objects as the simulator (`haq.sim.policies`) decide: compute on the CPU, use the resident copy,
+or copy the weights over (and whether to keep them). CPU calls run on a worker thread while the
+main thread drives device calls; on CUDA, host -> device copies run on their own stream.
+
+The engine knows nothing about tokenization: it takes and returns token ids.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from haq.errors import HaqError
+from haq.models.adapters import adapter_for
+from haq.runtime.hardware import HardwareProfile
+from haq.runtime.predictor import CostPredictor
+from haq.runtime.store import ExpertStore, ExpertWeights, Key, extract_experts
+from haq.runtime.trace import Trace
+from haq.sim.policies import make_policy
+from haq.sim.simulator import policy_context
+
+
+@dataclass
+class EngineMetrics:
+    policy: str
+    budget_bytes: int
+    expert_bytes: int
+    total_expert_bytes: int
+    calls: int
+    hit_rate: float
+    layer_hit_rates: list[float]
+    layer_hit_mean: float
+    layer_hit_std: float
+    cpu_share: float
+    bytes_moved_per_token: float
+    latency_mean_ms: float
+    latency_std_ms: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    ttft_ms: float
+    tokens_per_s: float
+    device_bytes: dict = field(default_factory=dict)
+    token_latency_ms: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        dev = self.device_bytes
+        return (f"policy {self.policy}  budget {self.budget_bytes / 2**20:.1f} MiB  hit rate {self.hit_rate:.3f} "
+                f"(per layer {self.layer_hit_mean:.3f} +- {self.layer_hit_std:.3f})  cpu share {self.cpu_share:.3f}\n"
+                f"latency/token mean {self.latency_mean_ms:.2f} ms  std {self.latency_std_ms:.2f}  "
+                f"p50 {self.latency_p50_ms:.2f}  p99 {self.latency_p99_ms:.2f}  ttft {self.ttft_ms:.1f} ms  "
+                f"{self.tokens_per_s:.2f} tok/s  moved {self.bytes_moved_per_token / 2**20:.2f} MiB/token\n"
+                f"device bytes: experts {dev.get('experts_peak', 0) / 2**20:.1f} MiB (peak), non-expert "
+                f"{dev.get('non_expert', 0) / 2**20:.1f} MiB, KV {dev.get('kv_cache', 0) / 2**20:.2f} MiB")
+
+
+class _View:
+    """ExecView for the policies, from the engine's own queues and CUDA events."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def link_backlog_s(self) -> float:
+        pending = sum(1 for ev in self.engine.pending.values() if ev is not None and not ev.query())
+        return pending * self.engine.predictor.t_transfer()
+
+    def cpu_backlog_s(self) -> float:
+        return self.engine.cpu_assigned_s
+
+    def ready_in_s(self, key: Key) -> float:
+        ev = self.engine.pending.get(key)
+        return self.engine.predictor.t_transfer() if ev is not None and not ev.query() else 0.0
+
+
+class OffloadedExperts(nn.Module):
+    """Stands in for a layer's fused experts module; same forward signature."""
+
+    def __init__(self, engine: Engine, layer: int) -> None:
+        super().__init__()
+        self.engine, self.layer = engine, layer
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self.engine.run_experts(self.layer, hidden_states, top_k_index, top_k_weights)
+
+
+class Engine:
+    def __init__(self, model: nn.Module, *, budget_bytes: int, hardware: HardwareProfile, policy: str = "haq",
+                 profile: Trace | None = None, device: str = "cpu", cpu_workers: int = 1) -> None:
+        adapter = adapter_for(model.config)
+        if adapter.moe is None:
+            raise HaqError(f"{model.config.model_type} is a dense model: the MoE runtime needs a model with experts")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise HaqError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        self.model = model.eval()
+        layers = adapter.decoder_layers(model)
+        per_layer, maths = [], []
+        for layer in layers:
+            weights, math = extract_experts(layer.get_submodule(adapter.moe.experts))
+            per_layer.append(weights)
+            maths.append(math)
+        self.store = ExpertStore(per_layer, maths[0], pin=self.device.type == "cuda")
+        self.expert_bytes = self.store.expert_bytes
+        self._check_budget(budget_bytes)
+        self.budget_bytes = int(budget_bytes)
+        for index, layer in enumerate(layers):
+            layer.set_submodule(adapter.moe.experts, OffloadedExperts(self, index))
+        self.model.to(self.device)  # everything but the experts, which now live in the store
+        self.predictor = CostPredictor(hardware, self.expert_bytes, self._flops_per_token())
+        if profile is None:
+            raise HaqError("the engine needs a routing profile (a trace): record one with `haq trace`")
+        ctx = policy_context(profile, self.budget_bytes, self.expert_bytes, self.predictor)
+        self.policy = make_policy(policy, ctx)
+        self.policy_name = policy
+        self.cache: dict[Key, ExpertWeights] = {}
+        self.pending: dict[Key, torch.cuda.Event | None] = {}
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.pool = ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="haq-cpu-expert")
+        self.cpu_assigned_s = 0.0
+        self.view = _View(self)
+        self.peak_expert_bytes = 0
+        self._reset_counters()
+        for key in self.policy.preload():
+            self.cache[key] = self._copy(key, count=False)
+        self._check_resident()
+
+    # -- set-up checks -------------------------------------------------------------------------
+    def _check_budget(self, budget: int) -> None:
+        capacity = self._device_memory()
+        if budget < 0:
+            raise HaqError(f"--gpu-budget must be >= 0, got {budget}")
+        if 0 < budget < self.expert_bytes:
+            raise HaqError(f"--gpu-budget {budget} B is below one expert ({self.expert_bytes} B): "
+                           f"use 0 (all experts on the CPU) or at least {self.expert_bytes}")
+        if budget > capacity:
+            raise HaqError(f"--gpu-budget {budget / 2**30:.2f} GiB exceeds the device memory "
+                           f"({capacity / 2**30:.2f} GiB on {self.device})")
+
+    def _device_memory(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_properties(self.device).total_memory
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # the "device" is host memory
+
+    def _flops_per_token(self) -> float:
+        w = self.store[(0, 0)]
+        return 2.0 * (w.gate_up.numel() + w.down.numel())
+
+    # -- expert movement -----------------------------------------------------------------------
+    def _copy(self, key: Key, count: bool = True) -> ExpertWeights:
+        host = self.store[key]
+        if count:
+            self.copies += 1
+        if self.device.type == "cuda":
+            with torch.cuda.stream(self.copy_stream):
+                weights = host.to(self.device, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            self.pending[key] = event
+            return weights
+        return host.copy()  # the "device" is the CPU: a separate copy still costs its bytes
+
+    def _ready(self, key: Key) -> None:
+        event = self.pending.pop(key, None)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def _check_resident(self) -> None:
+        resident = sum(w.nbytes for w in self.cache.values())
+        if resident > self.budget_bytes:
+            raise AssertionError(f"device expert bytes {resident} exceed the budget {self.budget_bytes}")
+        self.peak_expert_bytes = max(self.peak_expert_bytes, resident)
+
+    # -- one MoE layer -------------------------------------------------------------------------
+    def run_experts(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H]; top_k_index, top_k_weights [T, K]. Same result as the model's experts."""
+        calls = []
+        for e in torch.unique(top_k_index).tolist():
+            token_idx, k_pos = torch.where(top_k_index == e)
+            calls.append((e, token_idx, k_pos))
+        self.cpu_assigned_s = 0.0
+        results: dict[int, torch.Tensor] = {}
+        futures: dict[int, Future] = {}
+        for e, token_idx, _ in sorted(calls, key=lambda c: -len(c[1])):  # largest calls first
+            key, n = (layer, e), len(token_idx)
+            decision = self.policy.decide(key, n, self.view)
+            for old in decision.evicted:
+                self.cache.pop(old, None)
+                self.pending.pop(old, None)
+            self.calls[layer] += 1
+            x = hidden[token_idx]
+            if decision.where == "cpu":
+                self.cpu_calls += 1
+                self.cpu_assigned_s += self.predictor.t_cpu(n)
+                futures[e] = self.pool.submit(self.store.math.forward, self.store[key], x.to("cpu"))
+                if decision.transfer:  # a background copy, so later calls find the expert resident
+                    weights = self._copy(key)
+                    if decision.admit:
+                        self.cache[key] = weights
+            else:
+                if decision.transfer:
+                    weights = self._copy(key)
+                    if decision.admit:
+                        self.cache[key] = weights
+                else:
+                    if key not in self.cache:
+                        raise AssertionError(f"policy {self.policy_name} reused {key}, which is not resident")
+                    weights = self.cache[key]
+                    self.hits[layer] += 1
+                self._ready(key)
+                results[e] = self.store.math.forward(weights, x)
+            self._check_resident()
+        for e, future in futures.items():
+            results[e] = future.result().to(hidden.device)
+        out = torch.zeros_like(hidden)
+        for e, token_idx, k_pos in calls:  # ascending expert order, as the model's own experts
+            out.index_add_(0, token_idx, (results[e] * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
+        return out
+
+    # -- generation and metrics ----------------------------------------------------------------
+    def _reset_counters(self) -> None:
+        n = self.store.num_layers
+        self.calls, self.hits = [0] * n, [0] * n
+        self.cpu_calls = self.copies = 0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32) -> tuple[list[int], EngineMetrics]:
+        """Greedy decoding of one sequence; returns the new token ids and the run's metrics."""
+        self._reset_counters()
+        ids = input_ids.reshape(1, -1).to(self.device)
+        self._sync()
+        start = time.perf_counter()
+        out = self.model(ids, use_cache=True)
+        past = out.past_key_values
+        token = out.logits[0, -1].argmax()
+        self._sync()
+        ttft = time.perf_counter() - start
+        tokens, latencies = [int(token)], []
+        for _ in range(max_new_tokens - 1):
+            t0 = time.perf_counter()
+            out = self.model(token.reshape(1, 1), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            token = out.logits[0, -1].argmax()
+            self._sync()
+            latencies.append(time.perf_counter() - t0)
+            tokens.append(int(token))
+        return tokens, self._metrics(np.array(latencies), ttft, len(tokens) + ids.shape[1], past)
+
+    def _metrics(self, lat: np.ndarray, ttft: float, tokens: int, past) -> EngineMetrics:
+        calls = sum(self.calls)
+        layer_rates = [h / c if c else 0.0 for h, c in zip(self.hits, self.calls)]
+        non_expert = sum(t.numel() * t.element_size() for t in
+                         list(self.model.parameters()) + list(self.model.buffers()))
+        kv = sum(t.numel() * t.element_size() for t in _tensors(past))
+        lat_ms = lat * 1000 if len(lat) else np.zeros(1)
+        return EngineMetrics(
+            policy=self.policy_name, budget_bytes=self.budget_bytes, expert_bytes=self.expert_bytes,
+            total_expert_bytes=self.store.total_bytes, calls=calls, hit_rate=sum(self.hits) / max(calls, 1),
+            layer_hit_rates=layer_rates, layer_hit_mean=float(np.mean(layer_rates)),
+            layer_hit_std=float(np.std(layer_rates)), cpu_share=self.cpu_calls / max(calls, 1),
+            bytes_moved_per_token=self.copies * self.expert_bytes / max(tokens, 1),
+            latency_mean_ms=float(lat_ms.mean()), latency_std_ms=float(lat_ms.std()),
+            latency_p50_ms=float(np.percentile(lat_ms, 50)), latency_p99_ms=float(np.percentile(lat_ms, 99)),
+            ttft_ms=ttft * 1000, tokens_per_s=float(1000.0 / lat_ms.mean()) if lat_ms.mean() > 0 else 0.0,
+            device_bytes={"experts_peak": self.peak_expert_bytes, "budget": self.budget_bytes,
+                          "non_expert": non_expert, "kv_cache": kv,
+                          "total": self.peak_expert_bytes + non_expert + kv},
+            token_latency_ms=[round(float(x), 4) for x in lat_ms],
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor inside a KV cache object (DynamicCache or nested tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    layers = getattr(obj, "layers", None)
+    if layers is not None:
+        return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                if isinstance(t, torch.Tensor)]
+    return []

@@ -1,0 +1,94 @@
+"""`haq profile-hw`: measure this machine for one expert shape and write a HardwareProfile.
+
+t(n) = a + b n is fitted (least squares, medians of repeats) to expert calls with n tokens on the
+CPU and on the device, using the engine's own expert math; a / b become the profile's
+bytes / mem_bw and flops_per_token / int8_ops (the per-call overhead is folded into a, so it is
+recorded as the smallest positive value). Host -> device copies are timed from (pinned) host
+memory. Without CUDA the "device" is the CPU itself, and a copy is a host memory copy.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from haq.runtime.hardware import HardwareProfile, Link, Processor, Quantity
+from haq.runtime.store import ExpertMath, ExpertWeights
+
+TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _median_time(fn, repeats: int, sync=lambda: None) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _fit(ns: list[int], ts: list[float]) -> tuple[float, float]:
+    b, a = np.polyfit(np.array(ns, dtype=float), np.array(ts), 1)
+    return max(float(a), 1e-7), max(float(b), 1e-12)
+
+
+def measure_expert_times(weights: ExpertWeights, math: ExpertMath, device: torch.device,
+                         repeats: int = 5) -> tuple[list[int], list[float]]:
+    w = weights.to(device)
+    hidden = w.gate_up.shape[1]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = []
+    for n in TOKEN_COUNTS:
+        x = torch.randn(n, hidden, device=device)
+        times.append(_median_time(lambda: math.forward(w, x), repeats, sync))
+    return list(TOKEN_COUNTS), times
+
+
+def measure_copy(weights: ExpertWeights, device: torch.device, repeats: int = 5) -> float:
+    if device.type == "cuda":
+        host = weights.pin()
+        return _median_time(lambda: host.to(device, non_blocking=True), repeats,
+                            lambda: torch.cuda.synchronize(device))
+    return _median_time(weights.copy, repeats)
+
+
+def profile_hardware(weights: ExpertWeights, math: ExpertMath, device: str = "cpu", repeats: int = 5,
+                     name: str | None = None) -> HardwareProfile:
+    dev = torch.device(device)
+    nbytes = weights.nbytes
+    flops = 2.0 * (weights.gate_up.numel() + weights.down.numel())
+    where = f"{platform.node()} ({platform.processor() or platform.machine()}, torch {torch.__version__})"
+    shape = f"expert {tuple(weights.gate_up.shape)}+{tuple(weights.down.shape)} {weights.gate_up.dtype}"
+
+    def processor(ns, ts, label) -> Processor:
+        a, b = _fit(ns, ts)
+        src = f"measured: t(n) = a + b n fitted to {label} calls n={ns[0]}..{ns[-1]} ({shape}) on {where}"
+        return Processor(mem_bw=Quantity(nbytes / a, "B/s", src + "; bytes / a"),
+                         int8_ops=Quantity(flops / b, "op/s", src + "; flops per token / b"),
+                         overhead=Quantity(1e-9, "s", "folded into a (bytes / mem_bw)"))
+
+    cpu = processor(*measure_expert_times(weights, math, torch.device("cpu"), repeats), "CPU")
+    device_proc = cpu if dev.type == "cpu" else processor(*measure_expert_times(weights, math, dev, repeats),
+                                                          torch.cuda.get_device_name(dev))
+    copy_s = measure_copy(weights, dev, repeats)
+    link_src = f"measured: {nbytes} B expert copied host -> {dev} in {copy_s * 1e6:.0f} us on {where}"
+    link = Link(bw=Quantity(nbytes / copy_s, "B/s", link_src), latency=Quantity(1e-9, "s", "folded into bw"))
+    host_bw = Quantity(2.2 * link.bw.value if dev.type == "cpu" else max(3 * link.bw.value, cpu.mem_bw.value * 1.1),
+                       "B/s", "derived: host copies read and write every byte (about 2x the copy rate)"
+                       if dev.type == "cpu" else "derived: at least the CPU's streaming rate plus the link's reads")
+    if dev.type == "cuda":
+        memory = Quantity(float(torch.cuda.get_device_properties(dev).total_memory), "B",
+                          "measured: torch.cuda.get_device_properties")
+    else:
+        import os
+
+        memory = Quantity(float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "B",
+                          "measured: physical host memory (the device is the CPU)")
+    return HardwareProfile(name=name or f"measured-{dev.type}", description=f"measured by haq profile-hw on {where}",
+                           cpu=cpu, device=device_proc, link=link, host_memory_bw=host_bw, device_memory=memory)

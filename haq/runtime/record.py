@@ -1,0 +1,47 @@
+"""Record routing traces from a real model: which experts every token picks in every MoE layer."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from haq.errors import HaqError
+from haq.models.adapters import adapter_for
+from haq.runtime.trace import Trace, TraceMeta
+
+
+@torch.no_grad()
+def record_trace(model: nn.Module, windows: torch.Tensor, model_name: str, source: str = "hf-hooks",
+                 progress: bool = True) -> Trace:
+    """Run each window [n, seqlen] through the model and keep every router's top-k choices.
+    T = tokens, L = MoE layers, K = top-k."""
+    adapter = adapter_for(model.config)
+    if adapter.moe is None:
+        raise HaqError(f"{model.config.model_type} is a dense model: it has no routing to trace")
+    layers = adapter.decoder_layers(model)
+    current: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+
+    def hook(index):
+        def grab(_module, _inputs, output):
+            current[index] = (output[2].cpu(), output[1].float().cpu())  # top-k indices, top-k weights
+        return grab
+
+    handles = [layer.get_submodule(adapter.moe.router).register_forward_hook(hook(i))
+               for i, layer in enumerate(layers)]
+    experts, weights, seq_id, pos = [], [], [], []
+    try:
+        for s, window in enumerate(tqdm(windows, desc="trace", disable=not progress, leave=False)):
+            model(window[None].to(next(model.parameters()).device), use_cache=False)
+            experts.append(torch.stack([c[0] for c in current], dim=1))  # [T, L, K]
+            weights.append(torch.stack([c[1] for c in current], dim=1))
+            seq_id.append(torch.full((window.numel(),), s, dtype=torch.int32))
+            pos.append(torch.arange(window.numel(), dtype=torch.int32))
+    finally:
+        for h in handles:
+            h.remove()
+    config = model.config
+    meta = TraceMeta(model=model_name, num_experts=getattr(config, adapter.moe.num_experts_attr),
+                     layers=len(layers), top_k=getattr(config, adapter.moe.top_k_attr), source=source)
+    return Trace(experts=torch.cat(experts).numpy().astype(np.int16), seq_id=torch.cat(seq_id).numpy(),
+                 pos=torch.cat(pos).numpy(), meta=meta, weights=torch.cat(weights).numpy().astype(np.float16))
