@@ -37,10 +37,8 @@ class Processor:
     int8_ops: Quantity  # op/s, effective for int8 GEMM (2 ops per multiply-add)
     overhead: Quantity  # s per expert call (dispatch, kernel launches)
 
-    def expert_time(self, nbytes: float, flops_per_token: float, n: int, mem_bw: float | None = None) -> float:
-        """t(n); `mem_bw` overrides the bandwidth (the CPU shares host memory with the link's DMA)."""
-        bw = self.mem_bw.value if mem_bw is None else mem_bw
-        return self.overhead.value + nbytes / bw + n * flops_per_token / self.int8_ops.value
+    def expert_time(self, nbytes: float, flops_per_token: float, n: int) -> float:
+        return self.overhead.value + nbytes / self.mem_bw.value + n * flops_per_token / self.int8_ops.value
 
 
 @dataclass(frozen=True)
@@ -62,8 +60,8 @@ class ExpertTimes:
     expert_bytes: int
     flops_per_token: float
 
-    def cpu(self, n: int, mem_bw: float | None = None) -> float:
-        return self.profile.cpu.expert_time(self.expert_bytes, self.flops_per_token, n, mem_bw)
+    def cpu(self, n: int) -> float:
+        return self.profile.cpu.expert_time(self.expert_bytes, self.flops_per_token, n)
 
     def device(self, n: int) -> float:
         return self.profile.device.expert_time(self.expert_bytes, self.flops_per_token, n)
@@ -144,17 +142,15 @@ def list_presets() -> list[str]:
 
 def load_profile(name_or_path: str | Path) -> HardwareProfile:
     """A preset by name (`rtx4090-pcie4`, ...) or a profile JSON file (e.g. from `haq profile-hw`)."""
-    path = Path(name_or_path)
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise HaqError(f"hardware profile {path}: no such file")
-        text, where = path.read_text(), f"hardware profile {path}"
-    else:
-        presets = list_presets()
-        if str(name_or_path) not in presets:
-            raise HaqError(f"unknown hardware preset {str(name_or_path)!r}; presets: {presets}, or pass a JSON file")
+    presets = list_presets()
+    if str(name_or_path) in presets:
         text = resources.files("haq.runtime").joinpath(f"presets/{name_or_path}.json").read_text()
         where = f"hardware preset {name_or_path}"
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise HaqError(f"unknown hardware preset or file {str(name_or_path)!r}; presets: {presets}")
+        text, where = path.read_text(), f"hardware profile {path}"
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

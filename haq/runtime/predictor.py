@@ -10,9 +10,9 @@ it splits experts between the CPU and copies instead of sending all of them one 
 Constants come from a HardwareProfile (measured or spec-derived), never from this file.
 
 Admission. A copy made for the call itself costs nothing extra to keep: it is admitted when it is
-expected to serve more than what it evicts (expected_reuse > 0). A call served by the CPU may still start a background copy so
-later calls hit; that copy is not free: its DMA reads host memory while the CPU streams weights
-from the same DRAM, slowing the CPU by about
+expected to serve more than what it evicts (expected_reuse > 0). A call served by the CPU may
+still start a background copy so later calls hit; that copy is not free: its DMA reads host
+memory while the CPU streams weights from the same DRAM, slowing the CPU by about
   lost = t_copy * (1 - bw_cpu_while_copying / bw_cpu)
 and every later device use saves  t_cpu(1) - t_dev(1). So a background copy pays off only when the
 expected reuse while cached exceeds  lost / saving  (`break_even_reuse`), and only when the link is
@@ -29,12 +29,12 @@ from haq.runtime.hardware import HardwareProfile
 Where = Literal["device", "cpu"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs 3x more to build, and one is built per call
 class Decision:
     where: Where
     transfer: bool  # copy the weights host -> device: blocking when where == "device", background when "cpu"
     admit: bool  # keep the copied weights in the device cache
-    est_s: float  # predicted time of the call on its critical path (queued copies included)
+    est_s: float  # predicted finish time of the call from now (queued work and copies included)
     evicted: tuple[Key, ...] = ()  # cache entries the admission pushed out (the engine frees their slots)
 
 

@@ -114,7 +114,8 @@ def load_trace(path: str | Path) -> Trace:
         raise HaqError(f"trace {path}: not a readable .npz file ({exc})") from exc
     missing = [k for k in ARRAY_KEYS if k not in arrays]
     if missing:
-        raise HaqError(f"trace {path}: missing array(s) {missing}; a trace holds {list(ARRAY_KEYS)} (+ optional weights)")
+        raise HaqError(f"trace {path}: missing array(s) {missing}; "
+                       f"a trace holds {list(ARRAY_KEYS)} (+ optional weights)")
     unknown = sorted(set(arrays) - set(ARRAY_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
         raise HaqError(f"trace {path}: unexpected array(s) {unknown}")
@@ -158,7 +159,8 @@ def _validate(trace: Trace, path: Path) -> None:
         raise HaqError(f"{where}: experts must be int16 [tokens, layers, top_k], got {ex.dtype} {ex.shape}")
     T, L, K = ex.shape
     if (L, K) != (meta.layers, meta.top_k):
-        raise HaqError(f"{where}: experts shape {ex.shape} disagrees with meta layers={meta.layers}, top_k={meta.top_k}")
+        raise HaqError(f"{where}: experts shape {ex.shape} disagrees with "
+                       f"meta layers={meta.layers}, top_k={meta.top_k}")
     for name, arr in (("seq_id", trace.seq_id), ("pos", trace.pos)):
         if arr.dtype != np.int32 or arr.shape != (T,):
             raise HaqError(f"{where}: {name} must be int32 [{T}], got {arr.dtype} {arr.shape}")

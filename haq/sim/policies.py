@@ -9,13 +9,17 @@ The executor presents a layer's calls largest n first (decode: in routing order)
   all-cpu          every call on the CPU (no device experts)
   transfer-always  copy every expert for every call, compute on the device, keep nothing
   lru              mixtral-offloading: per-layer LRU of k slots, copy on a miss, compute on device
-  fiddler          Fiddler: static global-popularity placement (its shipped list, or re-profiled);
+  fiddler          Fiddler's method re-profiled: one global popularity ranking from the profile;
                    a miss runs on the CPU when n * t_cpu(1) < t_copy + t_dev(1) (Fiddler's linear
-                   rule), else is copied for the call and not kept
+                   cost rule), else is copied for the call and not kept
+  fiddler-list     the same with a given ranking (`PolicyContext.ranking`), e.g. the list Fiddler
+                   ships for Mixtral-8x7B (`haq.runtime.synthetic.load_fiddler_ranking`)
   llamacpp         llama.cpp --n-cpu-moe: the first layers' experts live on the CPU, the others all
                    on the device; CPU-layer calls with >= 32 tokens are copied for the call (op offload)
-  haq              two-stage placement pinned + LRU for the rest; the predictor picks CPU / copy
-                   per call and admits background copies when their expected reuse repays them
+  haq              two-stage placement pinned (`pin_share` of the budget, tuned per budget on the
+                   profile by `haq.sim.simulator.tune_pin_share`) + LRU for the rest; the predictor
+                   picks CPU / copy per call (list-scheduling a layer's calls over CPU and link)
+                   and admits background copies when their expected reuse repays them
   belady           oracle: copy on a miss, compute on device, evict (or bypass) by the farthest
                    next use in the future call sequence; an upper bound on demand-cache hit rate
 """
@@ -23,17 +27,22 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
 
 from haq.errors import HaqError
 from haq.runtime.cache import ExpertCache, Key, PerLayerLRU
-from haq.runtime.placement import Paths, global_popularity_placement, ranking_from_frequencies, two_stage_placement
+from haq.runtime.placement import (
+    ProfileStats,
+    global_popularity_placement,
+    ranking_from_frequencies,
+    two_stage_placement,
+)
 from haq.runtime.predictor import CostPredictor, Decision
 
-PolicyName = Literal["all-cpu", "transfer-always", "lru", "fiddler", "llamacpp", "haq", "belady"]
+PolicyName = Literal["all-cpu", "transfer-always", "lru", "fiddler", "fiddler-list", "llamacpp", "haq", "belady"]
 LLAMACPP_OFFLOAD_BATCH = 32  # ggml CUDA backend: ops with batch >= 32 run on the GPU, weights copied over
 
 
@@ -58,6 +67,10 @@ class Policy(Protocol):
 
     def decide(self, key: Key, n: int, view: ExecView) -> Decision: ...
 
+    def preload(self) -> list[Key]:
+        """Experts the executor copies to the device before serving (startup, not on the clock)."""
+        ...
+
     def resident_bytes(self) -> int:
         """Device bytes held by cached expert weights now (staging buffers excluded)."""
         ...
@@ -67,23 +80,26 @@ class Policy(Protocol):
 class PolicyContext:
     """Everything a policy may be built from: sizes, the cost model and profile statistics."""
 
-    layers: int
-    num_experts: int
     budget_bytes: int
     expert_bytes: int
     predictor: CostPredictor
-    freq: np.ndarray  # [L, E] selection counts in the profile part of the trace
-    profile_tokens: int
-    paths: Paths
-    locality: np.ndarray  # [lags + 1, L] extra uses of a just-used expert within k tokens (locality_excess)
-    ranking: list[Key] | None = None  # global popularity ranking for fiddler; None: from freq
+    stats: ProfileStats  # from the profile part of the trace, never the replayed part
+    ranking: list[Key] | None = None  # the ranking fiddler-list places (most popular first)
     future: list[Key] | None = None  # every call's key in replay order; only belady reads it
     pin_share: float = 0.5  # haq: share of the budget pinned by placement, the rest is LRU
-    path_share: float = 0.25  # haq: share of the pinned slots spent on path coverage (stage 1)
+    path_share: float = 0.0  # haq: share of the pinned slots spent on path coverage (stage 1)
 
     @property
     def slots(self) -> int:
         return self.budget_bytes // self.expert_bytes
+
+    @property
+    def layers(self) -> int:
+        return self.stats.layers
+
+    @property
+    def num_experts(self) -> int:
+        return self.stats.num_experts
 
 
 _REGISTRY: dict[str, Callable[[PolicyContext], Policy]] = {}
@@ -116,6 +132,9 @@ class AllCpu:
     def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         return Decision("cpu", transfer=False, admit=False, est_s=self.predictor.t_cpu(n))
 
+    def preload(self) -> list[Key]:
+        return []
+
     def resident_bytes(self) -> int:
         return 0
 
@@ -131,6 +150,9 @@ class TransferAlways:
         p = self.predictor
         return Decision("device", transfer=True, admit=False,
                         est_s=view.link_backlog_s() + p.t_transfer() + p.t_device(n))
+
+    def preload(self) -> list[Key]:
+        return []
 
     def resident_bytes(self) -> int:
         return 0
@@ -153,6 +175,9 @@ class PerLayerLru:
         return Decision("device", transfer=True, admit=key in self.cache,
                         est_s=view.link_backlog_s() + p.t_transfer() + p.t_device(n), evicted=tuple(evicted))
 
+    def preload(self) -> list[Key]:
+        return []  # mixtral-offloading starts cold
+
     def resident_bytes(self) -> int:
         return self.cache.used_bytes
 
@@ -161,10 +186,9 @@ class PerLayerLru:
 class Fiddler:
     name = "fiddler"
 
-    def __init__(self, ctx: PolicyContext) -> None:
+    def __init__(self, ctx: PolicyContext, ranking: list[Key] | None = None) -> None:
         self.predictor = ctx.predictor
-        ranking = ctx.ranking if ctx.ranking is not None else ranking_from_frequencies(ctx.freq)
-        pinned = global_popularity_placement(ranking, ctx.slots)
+        pinned = global_popularity_placement(ranking or ranking_from_frequencies(ctx.stats.freq), ctx.slots)
         self.cache = ExpertCache(ctx.budget_bytes, {k: ctx.expert_bytes for k in pinned})
         # Fiddler's cost model: CPU time linear in tokens, copy + device time constant
         self.cpu_per_token = ctx.predictor.t_cpu(1)
@@ -179,8 +203,22 @@ class Fiddler:
         return Decision("device", transfer=True, admit=False,
                         est_s=view.link_backlog_s() + p.t_transfer() + p.t_device(n))
 
+    def preload(self) -> list[Key]:
+        return sorted(self.cache.pinned)
+
     def resident_bytes(self) -> int:
         return self.cache.used_bytes
+
+
+@register("fiddler-list")
+class FiddlerList(Fiddler):
+    name = "fiddler-list"
+
+    def __init__(self, ctx: PolicyContext) -> None:
+        if ctx.ranking is None:
+            raise HaqError("policy fiddler-list needs a ranking (for Mixtral-8x7B: "
+                           "ranking=haq.runtime.synthetic.load_fiddler_ranking())")
+        super().__init__(ctx, ctx.ranking)
 
 
 @register("llamacpp")
@@ -191,6 +229,8 @@ class LlamaCpp:
         self.predictor = ctx.predictor
         full_layers = min(ctx.layers, ctx.budget_bytes // (ctx.num_experts * ctx.expert_bytes))
         self.n_cpu_moe = ctx.layers - full_layers  # --n-cpu-moe: the first layers stay on the CPU
+        self.num_experts = ctx.num_experts
+        self.layers = ctx.layers
         self._resident = full_layers * ctx.num_experts * ctx.expert_bytes
 
     def decide(self, key: Key, n: int, view: ExecView) -> Decision:
@@ -201,6 +241,9 @@ class LlamaCpp:
             return Decision("device", transfer=True, admit=False,
                             est_s=view.link_backlog_s() + p.t_transfer() + p.t_device(n))
         return Decision("cpu", transfer=False, admit=False, est_s=p.t_cpu(n))
+
+    def preload(self) -> list[Key]:
+        return [(layer, e) for layer in range(self.n_cpu_moe, self.layers) for e in range(self.num_experts)]
 
     def resident_bytes(self) -> int:
         return self._resident
@@ -228,32 +271,34 @@ class Haq:
         self.predictor = ctx.predictor
         self.expert_bytes = ctx.expert_bytes
         pinned_slots = int(round(ctx.pin_share * ctx.slots))
-        pinned = two_stage_placement(ctx.freq, ctx.paths, pinned_slots, ctx.path_share)
+        stats = ctx.stats
+        pinned = two_stage_placement(stats.freq, stats.paths, pinned_slots, ctx.path_share)
         self.cache = ExpertCache(ctx.budget_bytes, {k: ctx.expert_bytes for k in pinned})
         self.lru_slots = ctx.slots - len(pinned)
-        tokens = max(ctx.profile_tokens, 1)
-        self.p = ctx.freq / tokens  # [L, E]
-        self.X = ctx.locality  # [lags + 1, L]
-        self.calls_per_token = float(ctx.freq.sum()) / tokens
+        tokens = max(stats.tokens, 1)
+        self.p = (stats.freq / tokens).tolist()  # [L][E] (plain floats: read on every miss)
+        self.X = stats.locality.T.tolist()  # [L][lags + 1]
+        self.calls_per_token = float(stats.freq.sum()) / tokens
         self.ema = 1.0 / (20 * max(self.calls_per_token, 1.0))  # moving average over ~20 tokens of calls
         self.admits_per_call = 0.0
         self.calls = 0
         self.last_use: dict[Key, int] = {}  # key -> call counter at its last use
 
     def _excess(self, layer: int, age: float, span: float) -> float:
-        X, top = self.X, len(self.X) - 1
-        return X[min(int(age + span), top), layer] - X[min(int(age), top), layer]
+        X = self.X[layer]
+        top = len(X) - 1
+        return X[min(int(age + span), top)] - X[min(int(age), top)]
 
     def expected_reuse(self, key: Key) -> float:
         per_token = self.admits_per_call * self.calls_per_token
         horizon = self.lru_slots / max(per_token, 1.0 / max(self.lru_slots, 1))
-        gain = horizon * self.p[key] + self._excess(key[0], 0.0, horizon)
+        gain = horizon * self.p[key[0]][key[1]] + self._excess(key[0], 0.0, horizon)
         victims = self.cache.victims(self.expert_bytes)
         if not victims:
             return gain
         v = victims[0]
         age = (self.calls - self.last_use.get(v, 0)) / max(self.calls_per_token, 1.0)
-        return gain - horizon * self.p[v] - self._excess(v[0], age, horizon)
+        return gain - horizon * self.p[v[0]][v[1]] - self._excess(v[0], age, horizon)
 
     def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         p = self.predictor
@@ -273,14 +318,17 @@ class Haq:
                 self.last_use[key] = self.calls
                 for old in evicted:
                     self.last_use.pop(old, None)
-                d = replace(d, evicted=tuple(evicted))
+                d.evicted = tuple(evicted)
             else:
-                d = replace(d, admit=False, transfer=d.where == "device")
+                d.admit, d.transfer = False, d.where == "device"
         self._count(d.admit)
         return d
 
     def _count(self, admitted: bool) -> None:
-        self.admits_per_call += self.ema * (float(admitted) - self.admits_per_call)
+        self.admits_per_call += self.ema * (admitted - self.admits_per_call)
+
+    def preload(self) -> list[Key]:
+        return sorted(self.cache.pinned)  # the LRU part starts empty and fills by admission
 
     def resident_bytes(self) -> int:
         return self.cache.used_bytes
@@ -331,8 +379,11 @@ class Belady:
             heapq.heappush(self.heap, (-nxt, key))
         if hit:
             return Decision("device", transfer=False, admit=False, est_s=view.ready_in_s(key) + p.t_device(n))
-        return Decision("device", transfer=True, admit=keep, est_s=view.link_backlog_s() + p.t_transfer() + p.t_device(n),
-                        evicted=tuple(evicted))
+        return Decision("device", transfer=True, admit=keep,
+                        est_s=view.link_backlog_s() + p.t_transfer() + p.t_device(n), evicted=tuple(evicted))
+
+    def preload(self) -> list[Key]:
+        return []  # the oracle starts cold, like the demand caches it bounds
 
     def _farthest(self) -> tuple[int, Key]:
         while True:

@@ -1,0 +1,94 @@
+"""The offloading engine on CPU: same tokens as the plain model at every budget and policy,
+the budget respected, and clear errors for impossible requests."""
+import copy
+
+import pytest
+import torch
+
+from haq.errors import HaqError
+from haq.runtime.engine import Engine
+from haq.runtime.hardware import load_profile
+from haq.runtime.record import record_trace
+
+
+@pytest.fixture(scope="module")
+def moe(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-mixtral-random")).eval()
+    ids = torch.randint(0, 4096, (4, 64), generator=torch.Generator().manual_seed(0))
+    return model, record_trace(model, ids, "tiny-mixtral-random", progress=False)
+
+
+def greedy(model, ids, n):
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = model(ids).logits[0, -1].argmax()
+            out.append(int(token))
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("policy", ["haq", "lru", "fiddler", "all-cpu", "transfer-always", "llamacpp"])
+@pytest.mark.parametrize("budget_pct", [0, 25, 50, 75, 100])
+def test_engine_generates_exactly_the_plain_models_tokens(moe, policy, budget_pct):
+    model, trace = moe
+    prompt = torch.randint(0, 4096, (1, 12), generator=torch.Generator().manual_seed(5))
+    expected = greedy(model, prompt, 8)
+    offloaded = copy.deepcopy(model)
+    experts_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "experts" in n)
+    engine = Engine(offloaded, budget_bytes=experts_bytes * budget_pct // 100, hardware=load_profile("rtx4090-pcie4"),
+                    policy=policy, profile=trace)
+    tokens, metrics = engine.generate(prompt, max_new_tokens=8)
+    engine.close()
+    assert tokens == expected
+    assert metrics.device_bytes["experts_peak"] <= engine.budget_bytes
+    assert 0.0 <= metrics.hit_rate <= 1.0 and metrics.calls > 0
+    if budget_pct == 0 or policy == "all-cpu":
+        assert metrics.hit_rate == 0.0
+    assert len(metrics.token_latency_ms) == 7
+
+
+def test_a_quantized_checkpoint_runs_offloaded_with_identical_tokens(moe, tmp_path):
+    from haq.checkpoint import load_quantized, save_quantized
+    from haq.quant.pipeline import quantize_model
+    from haq.quant.recipe import Recipe
+
+    model, trace = moe
+    quantized = copy.deepcopy(model)
+    report = quantize_model(quantized, Recipe(method="rtn"), torch.randint(0, 4096, (2, 32)), progress=False)
+    save_quantized(quantized, None, tmp_path / "q", report, {"name": "random"})
+    plain = load_quantized(tmp_path / "q")
+    prompt = torch.randint(0, 4096, (1, 10), generator=torch.Generator().manual_seed(2))
+    expected = greedy(plain, prompt, 6)
+    engine = Engine(load_quantized(tmp_path / "q"), budget_bytes=10**9 // 1000, hardware=load_profile("laptop"),
+                    policy="haq", profile=trace)
+    tokens, metrics = engine.generate(prompt, max_new_tokens=6)
+    engine.close()
+    assert tokens == expected
+    assert metrics.expert_bytes < sum(p.numel() * 4 for n, p in model.named_parameters() if "experts.gate_up" in n)
+
+
+def test_impossible_budgets_and_dense_models_are_clear_errors(moe, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model, trace = moe
+    hardware = load_profile("rtx4090-pcie4")
+    with pytest.raises(HaqError, match="below one expert"):
+        Engine(copy.deepcopy(model), budget_bytes=10, hardware=hardware, profile=trace)
+    with pytest.raises(HaqError, match="exceeds the device memory"):
+        Engine(copy.deepcopy(model), budget_bytes=2**60, hardware=hardware, profile=trace)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-llama"))
+    with pytest.raises(HaqError, match="dense model"):
+        Engine(dense, budget_bytes=0, hardware=hardware, profile=trace)
+
+
+def test_budget_parsing():
+    from haq.runtime.api import parse_budget
+
+    assert parse_budget("25%", 1000) == 250
+    assert parse_budget("2MiB", 0) == 2 * 2**20
+    assert parse_budget("1.5GB", 0) == 1_500_000_000
+    with pytest.raises(HaqError, match="--gpu-budget"):
+        parse_budget("lots", 1000)

@@ -1,0 +1,141 @@
+"""Trace-driven simulator: timeline arithmetic, oracle bounds, and haq against the baselines."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from haq.errors import HaqError
+from haq.runtime.hardware import load_profile
+from haq.runtime.predictor import CostPredictor
+from haq.runtime.synthetic import (
+    MIXTRAL_EXPERT_BYTES,
+    MIXTRAL_EXPERT_FLOPS,
+    MIXTRAL_NONEXPERT_BYTES_PER_LAYER,
+    generate_synthetic_trace,
+    load_fiddler_ranking,
+    load_mixtral_popularity,
+)
+from haq.runtime.trace import Trace, TraceMeta
+from haq.sim.plots import plot_expert_heatmap, plot_hit_rate, plot_latency_cdf
+from haq.sim.simulator import format_table, simulate
+
+MIXTRAL_TOTAL = 256 * MIXTRAL_EXPERT_BYTES
+FRACS = (0.25, 0.5, 0.75)
+MIXTRAL = dict(flops_per_token=MIXTRAL_EXPERT_FLOPS, nonexpert_bytes_per_layer=MIXTRAL_NONEXPERT_BYTES_PER_LAYER)
+
+
+@pytest.fixture(scope="module")
+def rtx4090():
+    return load_profile("rtx4090-pcie4")
+
+
+@pytest.fixture(scope="module")
+def mixtral_trace():
+    return generate_synthetic_trace(12, 64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_trace():
+    """8 layers x 8 experts with Mixtral's first layers' popularity: fast to replay."""
+    return generate_synthetic_trace(8, 64, popularity=load_mixtral_popularity()[:8], seed=1)
+
+
+def _by(rows):
+    return {(r.policy, round(r.budget_frac, 2)): r for r in rows}
+
+
+def _toy(tokens: list[list[int]]) -> Trace:
+    experts = np.array(tokens, dtype=np.int16)[:, None, :]  # [T, 1 layer, K]
+    T = len(tokens)
+    return Trace(experts, np.arange(T, dtype=np.int32), np.zeros(T, np.int32),
+                 TraceMeta("toy", 4, 1, experts.shape[2], "test"))
+
+
+def test_timeline_by_hand(rtx4090):
+    """One layer, one token calling experts 0 and 1; no non-expert time."""
+    nbytes = 64 * 2**20
+    t = CostPredictor(rtx4090, nbytes)
+    lat = rtx4090.link.latency.value
+    profile = _toy([[0, 2], [0, 3], [0, 1]])  # expert 0 is the most popular
+    replay = _toy([[0, 1]])
+    rows = _by(simulate(replay, rtx4090, nbytes, nbytes, ["all-cpu", "transfer-always", "fiddler"],
+                        profile_trace=profile))
+    # CPU calls one after another, plus moving the activations there and back
+    assert rows["all-cpu", 0.25].latency_mean_s == pytest.approx(2 * t.t_cpu(1) + 2 * lat)
+    # copies one after another on the link; the device computes each once it lands
+    assert rows["transfer-always", 0.25].latency_mean_s == pytest.approx(2 * t.t_transfer() + t.t_device(1))
+    assert rows["transfer-always", 0.25].bytes_moved_per_token == 2 * nbytes
+    # fiddler pins expert 0 (one slot): device and CPU in parallel, the CPU is the longer
+    fid = rows["fiddler", 0.25]
+    assert fid.hit_rate == 0.5 and fid.cpu_share == 0.5
+    assert fid.latency_mean_s == pytest.approx(t.t_cpu(1) + 2 * lat)
+
+
+def test_all_cpu_and_belady_bounds(small_trace, rtx4090):
+    nbytes = 32 * 2**20
+    budgets = [int(f * 64 * nbytes) for f in (0.1, 0.25, 0.5)]
+    rows = simulate(small_trace, rtx4090, budgets, nbytes, ["all-cpu", "lru", "belady"], pin_share=1.0)
+    by = {}
+    for r in rows:
+        by.setdefault(r.budget_bytes, {})[r.policy] = r
+    for budget, group in by.items():
+        assert group["all-cpu"].hit_rate == 0.0 and group["all-cpu"].cpu_share == 1.0
+        assert group["all-cpu"].bytes_moved_per_token == 0.0
+        assert group["belady"].hit_rate >= group["lru"].hit_rate
+        assert group["belady"].device_bytes <= budget + nbytes  # + one staging buffer for bypassed copies
+    assert by[budgets[-1]]["lru"].hit_rate > by[budgets[0]]["lru"].hit_rate
+
+
+def test_haq_beats_lru_and_fiddler_on_mixtral(mixtral_trace, rtx4090):
+    """Synthetic Mixtral-8x7B decode on an RTX 4090 at 25/50/75% of the expert bytes on the device.
+
+    fiddler-list is Fiddler as published (its shipped placement list). fiddler re-profiles Fiddler's
+    global-popularity placement on the same profile part as haq: on this trace haq only ties it,
+    because decode latency is a sum of per-layer miss costs, which global popularity already
+    minimises for a static placement, and the trace's temporal locality (calibrated to the Mixtral
+    paper) is too weak for background copies to repay their DRAM cost.
+    """
+    rows = _by(simulate(mixtral_trace, rtx4090, [int(f * MIXTRAL_TOTAL) for f in FRACS], MIXTRAL_EXPERT_BYTES,
+                        ["haq", "lru", "fiddler", "fiddler-list"], ranking=load_fiddler_ranking(), **MIXTRAL))
+    for f in FRACS:
+        haq = rows["haq", f].latency_mean_s
+        assert haq < rows["lru", f].latency_mean_s / 2
+        assert haq < rows["fiddler-list", f].latency_mean_s
+        assert haq < rows["fiddler", f].latency_mean_s * 1.01
+        assert rows["haq", f].cpu_share > 0 and rows["lru", f].cpu_share == 0
+    assert not rows["haq", 0.75].fits_device and rows["haq", 0.25].fits_device  # 24 GB card
+
+
+def test_haq_exploits_temporal_locality(rtx4090):
+    """With strong token locality the LRU part fed by background copies beats any static placement."""
+    trace = generate_synthetic_trace(10, 64, seed=2, token_locality=0.8)
+    rows = _by(simulate(trace, rtx4090, [int(f * MIXTRAL_TOTAL) for f in FRACS], MIXTRAL_EXPERT_BYTES,
+                        ["haq", "lru", "fiddler"], **MIXTRAL))
+    for f in FRACS:
+        assert rows["haq", f].latency_mean_s < 0.95 * rows["fiddler", f].latency_mean_s
+        assert rows["haq", f].latency_mean_s < rows["lru", f].latency_mean_s
+        assert rows["haq", f].bytes_moved_per_token > 0
+
+
+def test_prefill_splits_work_between_cpu_and_copies(mixtral_trace, rtx4090):
+    rows = _by(simulate(mixtral_trace, rtx4090, int(0.5 * MIXTRAL_TOTAL), MIXTRAL_EXPERT_BYTES,
+                        ["haq", "fiddler", "llamacpp"], prefill_tokens=24, pin_share=1.0, **MIXTRAL))
+    haq, fid, llama = rows["haq", 0.5], rows["fiddler", 0.5], rows["llamacpp", 0.5]
+    assert haq.ttft_mean_s < fid.ttft_mean_s  # fiddler's linear rule copies every n >= 3 call
+    assert len(haq.latency_s) == 6 * 40  # decode tokens of the 6 replayed sequences
+    assert llama.latency_std_s == pytest.approx(0.0, abs=1e-12)  # routing-blind: same cost every token
+    assert llama.cpu_share == pytest.approx(0.5, abs=0.01)  # --n-cpu-moe 16 of 32; prefill n >= 32 is copied
+
+
+def test_table_plots_and_errors(small_trace, rtx4090, tmp_path):
+    nbytes = 32 * 2**20
+    rows = simulate(small_trace, rtx4090, [16 * nbytes], nbytes, ["all-cpu", "haq"], pin_share=0.5)
+    table = format_table(rows)
+    assert table.count("\n") == 1 + len(rows) and "haq (pin_share=0.5" in table
+    for plot, arg in ((plot_hit_rate, rows), (plot_latency_cdf, rows), (plot_expert_heatmap, small_trace)):
+        out = plot(arg, tmp_path / f"{plot.__name__}.png")
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(HaqError, match="unknown policy"):
+        simulate(small_trace, rtx4090, nbytes, nbytes, ["clairvoyant"])
+    with pytest.raises(HaqError, match="needs a ranking"):
+        simulate(small_trace, rtx4090, nbytes, nbytes, ["fiddler-list"])
