@@ -107,6 +107,67 @@ def cmd_profile_hw(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from haq.data.corpora import eval_windows, resolve
+    from haq.models.loading import load_model
+    from haq.runtime.placement import expert_frequencies, path_statistics
+    from haq.runtime.record import record_trace
+    from haq.runtime.trace import save_trace
+
+    resolve(args.dataset)
+    model, tokenizer, path = load_model(args.model)
+    windows = eval_windows(args.dataset, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows)
+    trace = record_trace(model, windows, path.name, source=f"hf-hooks on {args.dataset}")
+    save_trace(args.output, trace)
+    freq = expert_frequencies(trace)
+    paths = path_statistics(trace, args.path_window)
+    skew = [float(row.max() / max(row.min(), 1)) for row in freq]
+    top = np.sort(paths.counts)[::-1]
+    covered = top[: max(1, len(top) // 10)].sum() / max(top.sum(), 1)
+    print(f"wrote {args.output}: {trace.num_tokens} tokens; per-layer expert frequency max/min "
+          f"{min(skew):.2f}..{max(skew):.2f}; {len(top)} distinct {args.path_window}-layer paths, "
+          f"the top 10% cover {covered:.1%} of token-paths")
+    if args.plot:
+        from haq.sim.plots import plot_expert_heatmap
+
+        print(f"wrote {plot_expert_heatmap(trace, Path(args.plot) / 'expert_heatmap.png')}")
+
+
+def cmd_simulate(args: argparse.Namespace) -> None:
+    from haq.runtime.api import parse_budget
+    from haq.runtime.hardware import load_profile
+    from haq.runtime.synthetic import (MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS, MIXTRAL_NONEXPERT_BYTES_PER_LAYER,
+                                       generate_synthetic_trace, load_fiddler_ranking)
+    from haq.runtime.trace import load_trace
+    from haq.sim.simulator import format_table, simulate
+
+    mixtral = args.trace == "synthetic-mixtral"
+    trace = generate_synthetic_trace(num_sequences=16, seq_len=256, seed=0) if mixtral else load_trace(args.trace)
+    expert_bytes = args.expert_bytes or (MIXTRAL_EXPERT_BYTES if mixtral else None)
+    if not expert_bytes:
+        raise HaqError("--expert-bytes is needed for a trace of another model (e.g. from `haq profile-hw` output)")
+    total = expert_bytes * trace.meta.layers * trace.meta.num_experts
+    budgets = [parse_budget(b, total) for b in args.gpu_budget]
+    rows = simulate(trace, load_profile(args.hardware), budgets, expert_bytes, args.policies,
+                    flops_per_token=MIXTRAL_EXPERT_FLOPS if mixtral else None,
+                    nonexpert_bytes_per_layer=MIXTRAL_NONEXPERT_BYTES_PER_LAYER if mixtral else 0,
+                    prefill_tokens=args.prefill, ranking=load_fiddler_ranking() if mixtral else None)
+    print(format_table(rows))
+    if args.json:
+        _write_json(args.json, {"trace": args.trace, "hardware": args.hardware,
+                                "rows": [{k: v for k, v in vars(r).items() if k not in ("latency_s", "cum_hit_rate")}
+                                         for r in rows]})
+    if args.plot:
+        from haq.sim.plots import plot_expert_heatmap, plot_hit_rate, plot_latency_cdf
+
+        folder = Path(args.plot)
+        for path in (plot_hit_rate(rows, folder / "hit_rate.png"), plot_latency_cdf(rows, folder / "latency_cdf.png"),
+                     plot_expert_heatmap(trace, folder / "expert_heatmap.png")):
+            print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haq", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -157,6 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=16)
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("profile", help="expert activation statistics and paths on a dataset (writes a trace)")
+    p.add_argument("model")
+    p.add_argument("--dataset", default="wiki-offline")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=16)
+    p.add_argument("--path-window", type=int, default=2)
+    p.add_argument("-o", "--output", required=True, help="routing trace .npz (usable as `haq run --profile`)")
+    p.add_argument("--plot", help="folder for the expert heat map PNG")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("simulate", help="compare offloading policies on a routing trace")
+    p.add_argument("trace", help="trace .npz, or synthetic-mixtral (labelled synthetic, Mixtral-8x7B scale)")
+    p.add_argument("--hardware", default="rtx4090-pcie4", help="preset or profile JSON")
+    p.add_argument("--gpu-budget", nargs="+", default=["25%", "50%", "75%"])
+    p.add_argument("--expert-bytes", type=int, help="bytes of one expert (default: Mixtral's for synthetic-mixtral)")
+    p.add_argument("--policies", nargs="+",
+                   default=["all-cpu", "transfer-always", "lru", "fiddler", "llamacpp", "haq", "belady"])
+    p.add_argument("--prefill", type=int, default=0, help="simulate a prompt of this many tokens per sequence")
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("profile-hw", help="measure expert call and copy times on this machine")
     p.add_argument("model", help="MoE model whose expert shape is measured")

@@ -48,6 +48,7 @@ class EngineMetrics:
     tokens_per_s: float
     device_bytes: dict = field(default_factory=dict)
     token_latency_ms: list[float] = field(default_factory=list)
+    cum_hit_rate: list[float] = field(default_factory=list)  # after each decode token, all calls so far
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -184,6 +185,7 @@ class Engine:
     def run_experts(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H]; top_k_index, top_k_weights [T, K]. Same result as the model's experts."""
+        self.routing[layer].append(top_k_index.to("cpu", torch.int16))
         calls = []
         for e in torch.unique(top_k_index).tolist():
             token_idx, k_pos = torch.where(top_k_index == e)
@@ -232,6 +234,7 @@ class Engine:
         n = self.store.num_layers
         self.calls, self.hits = [0] * n, [0] * n
         self.cpu_calls = self.copies = 0
+        self.routing: list[list[torch.Tensor]] = [[] for _ in range(n)]  # per layer, per forward: [T, K]
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -249,7 +252,7 @@ class Engine:
         token = out.logits[0, -1].argmax()
         self._sync()
         ttft = time.perf_counter() - start
-        tokens, latencies = [int(token)], []
+        tokens, latencies, cum_hits = [int(token)], [], []
         for _ in range(max_new_tokens - 1):
             t0 = time.perf_counter()
             out = self.model(token.reshape(1, 1), past_key_values=past, use_cache=True)
@@ -258,7 +261,10 @@ class Engine:
             self._sync()
             latencies.append(time.perf_counter() - t0)
             tokens.append(int(token))
-        return tokens, self._metrics(np.array(latencies), ttft, len(tokens) + ids.shape[1], past)
+            cum_hits.append(sum(self.hits) / max(sum(self.calls), 1))
+        metrics = self._metrics(np.array(latencies), ttft, len(tokens) + ids.shape[1], past)
+        metrics.cum_hit_rate = [round(x, 5) for x in cum_hits]
+        return tokens, metrics
 
     def _metrics(self, lat: np.ndarray, ttft: float, tokens: int, past) -> EngineMetrics:
         calls = sum(self.calls)
@@ -281,6 +287,16 @@ class Engine:
                           "total": self.peak_expert_bytes + non_expert + kv},
             token_latency_ms=[round(float(x), 4) for x in lat_ms],
         )
+
+    def last_trace(self, model_name: str) -> Trace:
+        """Routing of the last `generate` (prompt, then each decode input) as a trace, for replay."""
+        from haq.runtime.trace import TraceMeta
+
+        experts = torch.stack([torch.cat(chunks) for chunks in self.routing], dim=1).numpy()  # [T, L, K]
+        T = experts.shape[0]
+        meta = TraceMeta(model=model_name, num_experts=self.store.num_experts, layers=self.store.num_layers,
+                         top_k=experts.shape[2], source=f"engine run (policy {self.policy_name})")
+        return Trace(experts=experts, seq_id=np.zeros(T, dtype=np.int32), pos=np.arange(T, dtype=np.int32), meta=meta)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -92,3 +92,21 @@ def plot_expert_heatmap(trace: Trace, path: str | Path) -> Path:
     ax.set_ylabel("layer")
     ax.set_title(f"{trace.meta.model}: expert frequency ({trace.num_tokens} tokens)")
     return _save(fig, path)
+
+
+def plot_engine_run(metrics, folder: str | Path) -> list[Path]:
+    """`haq run --plot`: cumulative hit rate over decode tokens and the per-token latency CDF."""
+    folder = Path(folder)
+    fig, (ax_hit, ax_lat) = _panels(2, f"engine run: policy {metrics.policy}, "
+                                       f"budget {metrics.budget_bytes / max(metrics.total_expert_bytes, 1):.0%} of experts")
+    ax_hit.plot(np.arange(1, len(metrics.cum_hit_rate) + 1), metrics.cum_hit_rate)
+    ax_hit.set_xlabel("decode token")
+    ax_hit.set_ylabel("cumulative hit rate")
+    ax_hit.set_ylim(0.0, 1.0)
+    ax_hit.grid(alpha=0.3)
+    lat = np.sort(np.asarray(metrics.token_latency_ms))
+    ax_lat.step(lat, np.arange(1, len(lat) + 1) / max(len(lat), 1), where="post")
+    ax_lat.set_xlabel("latency per token (ms)")
+    ax_lat.set_ylabel("fraction of tokens")
+    ax_lat.grid(alpha=0.3)
+    return [_save(fig, folder / "run.png")]

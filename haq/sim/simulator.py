@@ -252,6 +252,7 @@ def _context(stats: ProfileStats, budget: int, expert_bytes: int, predictor: Cos
 
 
 PIN_SHARES = (1.0, 0.75, 0.5, 0.25)
+TIE_TOLERANCE = 1e-3  # relative: shares this close in replayed time count as tied
 
 
 def tune_pin_share(profile_trace: Trace, predictor: CostPredictor, budgets: Sequence[int], expert_bytes: int, *,
@@ -262,7 +263,8 @@ def tune_pin_share(profile_trace: Trace, predictor: CostPredictor, budgets: Sequ
     Whether the unpinned part should hold recently used experts (an LRU fed by background copies)
     or more static placement depends on the workload's temporal locality, which placement
     statistics alone do not settle; so each candidate is replayed: statistics from the first half
-    of the profile's sequences, time measured on the second half. Ties go to the larger share.
+    of the profile's sequences, time measured on the second half. Ties (within TIE_TOLERANCE)
+    go to the larger share; a budget that holds every expert pins them all.
     """
     if len(profile_trace.sequences()) >= 2:
         stats_part, score_part = split_by_sequence(profile_trace, 0.5)
@@ -273,10 +275,13 @@ def tune_pin_share(profile_trace: Trace, predictor: CostPredictor, budgets: Sequ
     chosen = []
     for budget in budgets:
         best, best_time = candidates[0], float("inf")
+        if budget >= stats.layers * stats.num_experts * expert_bytes:
+            chosen.append(max(candidates))
+            continue
         for share in candidates:
             ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path_share)
             replay = run_policy(make_policy("haq", ctx), steps, predictor, stats.layers, nonexpert_bytes_per_layer)
-            if replay.step_latency.sum() < best_time:
+            if replay.step_latency.sum() < best_time * (1 - TIE_TOLERANCE):
                 best, best_time = share, float(replay.step_latency.sum())
         chosen.append(best)
     return chosen

@@ -162,6 +162,23 @@ def expert_frequency(model, ids: torch.Tensor, seqlen: int = 512, max_tokens: in
     return counts / counts.sum(dim=1, keepdim=True)
 
 
+def per_layer_balance_loss(router_logits, top_k: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss computed per MoE layer and averaged over layers:
+    E * sum_e f_e * P_e, with f_e the share of top-k routing slots and P_e the mean router
+    probability of expert e in that layer. 1.0 when balanced (HF's Mixtral aux loss pools all
+    layers' tokens together and is scaled by top_k)."""
+    total = 0.0
+    for logits in router_logits:
+        logits = logits.reshape(-1, logits.shape[-1]).float()
+        n_exp = logits.shape[-1]
+        probs = logits.softmax(dim=-1)
+        idx = probs.topk(top_k, dim=-1).indices
+        ones = torch.ones(idx.numel(), device=logits.device)
+        f = torch.zeros(n_exp, device=logits.device).scatter_add_(0, idx.flatten(), ones) / idx.numel()
+        total = total + n_exp * (f * probs.mean(dim=0)).sum()
+    return total / len(router_logits)
+
+
 def _lr_at(step: int, steps: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -177,7 +194,7 @@ def train(
     seed: int = 0,
     seqlen: int = 256,
     batch: int = 16,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     *,
     warmup: int | None = None,
     weight_decay: float = 0.1,
@@ -188,7 +205,8 @@ def train(
     """Train tiny-mixtral from scratch and save it (fp16 safetensors + tokenizer + training.json)
     to `out_dir`, atomically (written to a temp dir next to it, then renamed).
 
-    Schedule: linear warmup (`warmup`, default 5% of steps) then cosine to 10% of `lr`; AdamW
+    Loss: token cross-entropy + `router_aux_loss_coef` * per-layer load-balancing loss
+    (`per_layer_balance_loss`). Schedule: linear warmup (`warmup`, default 5% of steps) then cosine to 10% of `lr`; AdamW
     (0.9, 0.95), weight decay on matrices only, grad-norm clip 1.0. Each step draws `batch` random
     windows of `seqlen` tokens from the train stream. If `long_every` > 0, every `long_every`-th
     step instead draws windows of `eval_seqlen` tokens (same token count per step) so the model has
@@ -238,13 +256,17 @@ def train(
             x = torch.stack([train_ids[s:s + L] for s in starts.tolist()])
             for g in opt.param_groups:
                 g["lr"] = _lr_at(step, steps, lr, warmup)
-            out = model(input_ids=x, labels=x, use_cache=False, output_router_logits=True)
+            # no labels: HF would add its own aux loss, which balances experts over all layers
+            # pooled (one layer's dead expert is "paid for" by another layer's busy one)
+            out = model(input_ids=x, use_cache=False, output_router_logits=True)
+            lm_loss = model.loss_function(out.logits, x, cfg.vocab_size)
+            aux_loss = per_layer_balance_loss(out.router_logits, cfg.num_experts_per_tok)
+            loss = lm_loss + cfg.router_aux_loss_coef * aux_loss
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            aux = out.aux_loss.item()
-            lm = out.loss.item() - cfg.router_aux_loss_coef * aux
+            lm, aux = lm_loss.item(), aux_loss.item()
             losses.append(lm)
             aux_losses.append(aux)
             bar.set_postfix(loss=f"{lm:.3f}", aux=f"{aux:.3f}", lr=f"{opt.param_groups[0]['lr']:.1e}", refresh=False)
@@ -266,6 +288,9 @@ def train(
         model.save_pretrained(str(tmp), safe_serialization=True)
         info = {
             "model": "tiny-mixtral",
+            "reproduce": (f"python -m haq.zoo.tiny_mixtral --out OUT --steps {steps} --seed {seed} --seqlen {seqlen}"
+                          f" --batch {batch} --lr {lr} --long-every {long_every} --eval-seqlen {eval_seqlen}"
+                          + (f" --warmup {warmup}" if warmup != max(1, steps // 20) else "")),
             "architecture": "MixtralForCausalLM",
             "parameters": n_params,
             "corpus": "wiki-offline train split (haq.data.wiki_offline)",
@@ -283,6 +308,7 @@ def train(
             "schedule": "linear warmup, cosine to 0.1*lr",
             "optimizer": {"name": "AdamW", "betas": [0.9, 0.95], "weight_decay": weight_decay, "clip": 1.0},
             "router_aux_loss_coef": cfg.router_aux_loss_coef,
+            "router_aux_loss": "per-layer Switch balance loss, mean over layers (1.0 = balanced)",
             "seed": seed,
             "threads": threads,
             "train_wall_s": round(train_time, 1),
@@ -325,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--long-every", type=int, default=0)
