@@ -30,12 +30,6 @@ def int8_expert_bytes(config) -> tuple[int, int]:
     return params + 4 * (2 * I + H), 2 * params
 
 
-def nonexpert_bytes_per_layer(model) -> int:
-    """Weights outside the experts, spread over layers (embeddings and lm_head included)."""
-    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "experts" not in n)
-    return total // model.config.num_hidden_layers
-
-
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, new_tokens: int) -> list[int]:
     """Plain greedy decoding with the KV cache, no stop token (the engine does not stop either)."""
@@ -62,7 +56,7 @@ def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[
     from haq.runtime.api import profile_trace_for
     from haq.runtime.engine import Engine
     from haq.runtime.hardware import load_profile
-    from haq.runtime.profile_hw import profile_hardware
+    from haq.runtime.profile_hw import measure_nonexpert_s_per_layer, profile_hardware
     from haq.runtime.record import record_trace
     from haq.runtime.store import extract_experts
     from haq.sim.simulator import simulate
@@ -76,7 +70,7 @@ def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[
     weights, math = extract_experts(model.model.layers[0].mlp.experts)
     measured = profile_hardware(weights[0], math, device="cpu")
     total = weights[0].nbytes * len(weights) * model.config.num_hidden_layers
-    per_layer_nonexpert = nonexpert_bytes_per_layer(model)
+    nonexpert_s = measure_nonexpert_s_per_layer(model, prompt)
     engine_rows, compare_rows = [], []
     for pct in budgets:
         engine = Engine(copy.deepcopy(model), budget_bytes=total * pct // 100, hardware=measured, policy="haq",
@@ -93,7 +87,7 @@ def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[
         engine_rows.append(row)
         print(row, flush=True)
         predicted = simulate(trace, measured, [total * pct // 100], weights[0].nbytes, ["haq"], profile_trace=profile,
-                             prefill_tokens=prompt.shape[1], nonexpert_bytes_per_layer=per_layer_nonexpert,
+                             prefill_tokens=prompt.shape[1], nonexpert_s_per_layer=nonexpert_s,
                              flops_per_token=2.0 * (weights[0].gate_up.numel() + weights[0].down.numel()))[0]
         compare_rows.append({"model": name, "budget_pct": pct, "predicted_ms": predicted.latency_mean_s * 1e3,
                              "measured_ms": m.latency_mean_ms,
@@ -123,6 +117,9 @@ def synthetic_rows(sim_budgets: list[int]) -> list[dict]:
 
 
 def main() -> None:
+    # One intra-op thread: the engine runs CPU expert calls on a worker thread beside the main
+    # thread, and two multi-threaded ops at once oversubscribe the cores and make timings erratic.
+    torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--budgets", type=int, nargs="+", default=[0, 25, 50, 75, 100])

@@ -92,3 +92,39 @@ def profile_hardware(weights: ExpertWeights, math: ExpertMath, device: str = "cp
                           "measured: physical host memory (the device is the CPU)")
     return HardwareProfile(name=name or f"measured-{dev.type}", description=f"measured by haq profile-hw on {where}",
                            cpu=cpu, device=device_proc, link=link, host_memory_bw=host_bw, device_memory=memory)
+
+
+class _NoExperts(torch.nn.Module):
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return torch.zeros_like(hidden_states)
+
+
+@torch.no_grad()
+def measure_nonexpert_s_per_layer(model: torch.nn.Module, prompt: torch.Tensor, steps: int = 8) -> float:
+    """Seconds per layer of one decode step without the experts (attention, norms, router, and a
+    share of the embeddings and lm_head): the model with its experts stubbed out, timed on
+    `steps` decode tokens after `prompt` (median). The model is restored afterwards."""
+    from haq.models.adapters import adapter_for
+
+    adapter = adapter_for(model.config)
+    layers = adapter.decoder_layers(model)
+    saved = [layer.get_submodule(adapter.moe.experts) for layer in layers]
+    device = next(model.parameters()).device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    try:
+        for layer in layers:
+            layer.set_submodule(adapter.moe.experts, _NoExperts())
+        out = model(prompt.to(device), use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(steps):
+            sync()
+            start = time.perf_counter()
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            sync()
+            times.append(time.perf_counter() - start)
+    finally:
+        for layer, experts in zip(layers, saved):
+            layer.set_submodule(adapter.moe.experts, experts)
+    return statistics.median(times) / len(layers)

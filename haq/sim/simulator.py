@@ -145,7 +145,7 @@ class Replay:
 
 
 def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, layers: int,
-               nonexpert_bytes_per_layer: int = 0) -> Replay:
+               nonexpert_bytes_per_layer: int = 0, nonexpert_s_per_layer: float | None = None) -> Replay:
     """Replay `steps` through `policy` on the timeline of the module docstring."""
     prof = predictor.times.profile
     t_copy = predictor.t_transfer()
@@ -161,8 +161,11 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
     for step in steps:
         start = clock
         hits = calls = 0
-        ne = prof.device.expert_time(nonexpert_bytes_per_layer, 2.0 * nonexpert_bytes_per_layer, step.tokens) \
-            if nonexpert_bytes_per_layer else 0.0
+        if nonexpert_s_per_layer is not None:  # measured per decode token; prefill scaled by its tokens
+            ne = nonexpert_s_per_layer * step.tokens
+        else:
+            ne = prof.device.expert_time(nonexpert_bytes_per_layer, 2.0 * nonexpert_bytes_per_layer, step.tokens) \
+                if nonexpert_bytes_per_layer else 0.0
         for layer in range(layers):
             clock += ne
             view.now = clock
@@ -312,6 +315,7 @@ def simulate(
     *,
     flops_per_token: float | None = None,
     nonexpert_bytes_per_layer: int = 0,
+    nonexpert_s_per_layer: float | None = None,
     prefill_tokens: int = 0,
     profile_trace: Trace | None = None,
     profile_frac: float = 0.5,
@@ -324,7 +328,9 @@ def simulate(
 
     Without `profile_trace` the trace is split by sequence (`profile_frac` of the sequences build the
     placement statistics, the rest is replayed). `ranking` is what policy fiddler-list places
-    (e.g. `load_fiddler_ranking()` for Mixtral-8x7B). haq's `pin_share` is tuned per budget on the
+    (e.g. `load_fiddler_ranking()` for Mixtral-8x7B). `nonexpert_s_per_layer`, when measured
+    (`haq.runtime.profile_hw.measure_nonexpert_s_per_layer`), replaces the bytes-derived time of
+    the non-expert part of a layer. haq's `pin_share` is tuned per budget on the
     profile part when None (`tune_pin_share`); `path_share` is its stage-1 share.
     """
     if profile_trace is None:
@@ -350,7 +356,8 @@ def simulate(
         ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path_share,
                        ranking=ranking, future=future)
         for name in policies:
-            replay = run_policy(make_policy(name, ctx), steps, predictor, L, nonexpert_bytes_per_layer)
+            replay = run_policy(make_policy(name, ctx), steps, predictor, L, nonexpert_bytes_per_layer,
+                                nonexpert_s_per_layer)
             row = summarize(name, replay, steps, budget, L * E * expert_bytes, expert_bytes,
                             L * nonexpert_bytes_per_layer, profile)
             if name == "haq":

