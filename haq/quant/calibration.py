@@ -18,16 +18,14 @@ class ObservedExperts(nn.Module):
     """Same forward as transformers' fused experts (E = experts, T = tokens, K = top-k);
     statistics per expert: gate_up input (hidden states) and down input (act(gate) * up)."""
 
-    def __init__(self, experts: nn.Module, all_experts: bool, stride: int, max_samples: int):
+    def __init__(self, experts: nn.Module, all_experts: bool):
         super().__init__()
         self.inner = experts
         self.all_experts = all_experts
         E = experts.gate_up_proj.shape[0]
-        per_expert = max(1, max_samples)
-        self.moe_input = InputStats("experts input", stride, max_samples, hessian=all_experts)
-        self.gate_up = [InputStats(f"expert {e} gate_up", stride, per_expert, hessian=not all_experts)
-                        for e in range(E)]
-        self.down = [InputStats(f"expert {e} down", stride, per_expert) for e in range(E)]
+        self.moe_input = InputStats("experts input", hessian=all_experts)
+        self.gate_up = [InputStats(f"expert {e} gate_up", hessian=not all_experts) for e in range(E)]
+        self.down = [InputStats(f"expert {e} down") for e in range(E)]
         self.routed_tokens = [0] * E
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -57,9 +55,6 @@ class ObservedExperts(nn.Module):
             return self.moe_input.H, self.moe_input.tokens
         return self.gate_up[e].H, self.gate_up[e].tokens
 
-    def gate_up_samples(self, e: int) -> torch.Tensor:
-        return self.moe_input.samples if self.all_experts else self.gate_up[e].samples
-
     def smoothed_input(self, s: torch.Tensor) -> None:
         self.moe_input.smoothed(s)
         for stats in self.gate_up:
@@ -73,18 +68,18 @@ class LayerStats:
 
 
 @contextmanager
-def observe_layer(layer: nn.Module, adapter: ArchAdapter, all_experts: bool, stride: int, max_samples: int):
+def observe_layer(layer: nn.Module, adapter: ArchAdapter, all_experts: bool):
     """Hooks on the layer's linears and, for MoE, experts swapped for `ObservedExperts`."""
     stats = LayerStats()
     handles = []
     for name in adapter.linears:
-        stats.linears[name] = InputStats(name, stride, max_samples)
+        stats.linears[name] = InputStats(name)
         handles.append(layer.get_submodule(name).register_forward_pre_hook(
             lambda _m, args, st=stats.linears[name]: st.update(args[0])))
     original = None
     if adapter.moe is not None:
         original = layer.get_submodule(adapter.moe.experts)
-        stats.experts = ObservedExperts(original, all_experts, stride, max_samples)
+        stats.experts = ObservedExperts(original, all_experts)
         layer.set_submodule(adapter.moe.experts, stats.experts)
     try:
         yield stats

@@ -1,6 +1,6 @@
-"""Calibration statistics of one linear input: per-channel abs-max, the Hessian 2/n sum x x^T,
-and a strided sample of tokens for scoring smoothing candidates. Smoothing by s maps all three
-exactly (X -> X / s), so one pass over the float layer serves smoothing and GPTQ alike."""
+"""Calibration statistics of one linear input: per-channel abs-max and the Hessian 2/n sum x x^T.
+Smoothing by s maps both exactly (X -> X / s), so one pass over the float layer serves smoothing
+and GPTQ alike."""
 from __future__ import annotations
 
 import torch
@@ -10,16 +10,12 @@ from haq.quant.gptq import accumulate_hessian
 
 
 class InputStats:
-    def __init__(self, name: str, sample_stride: int = 1, max_samples: int = 4096, hessian: bool = True):
+    def __init__(self, name: str, hessian: bool = True):
         self.name = name
-        self.sample_stride = max(1, sample_stride)
-        self.max_samples = max_samples
         self.want_hessian = hessian
         self.act_max: torch.Tensor | None = None  # [C]
         self.H: torch.Tensor | None = None  # [C, C]
         self.tokens = 0
-        self._samples: list[torch.Tensor] = []
-        self._sampled = 0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -34,16 +30,6 @@ class InputStats:
             self.H, self.tokens = accumulate_hessian(self.H, self.tokens, x)
         else:
             self.tokens += x.shape[0]
-        if self._sampled < self.max_samples:
-            picked = x[:: self.sample_stride][: self.max_samples - self._sampled]
-            self._samples.append(picked.clone())
-            self._sampled += picked.shape[0]
-
-    @property
-    def samples(self) -> torch.Tensor:
-        if not self._samples:
-            return torch.zeros(0, 0 if self.act_max is None else self.act_max.numel())
-        return torch.cat(self._samples)
 
     def smoothed(self, s: torch.Tensor) -> None:
         """Apply X -> X / s to the recorded statistics (H -> diag(1/s) H diag(1/s))."""
@@ -52,4 +38,3 @@ class InputStats:
             self.act_max = self.act_max * inv
         if self.H is not None:
             self.H = self.H * inv[:, None] * inv[None, :]
-        self._samples = [t * inv for t in self._samples]

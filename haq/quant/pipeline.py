@@ -31,7 +31,7 @@ from haq.quant.gptq import gptq_quantize
 from haq.quant.qmodules import install_specs, spec_of
 from haq.quant.recipe import Recipe
 from haq.quant.rtn import qmax_for, quantize_weight, weight_scales
-from haq.quant.smoothing import smooth_group
+from haq.quant.smoothing import Probe, smooth_layer
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,10 @@ def _quantized_linear(linear: nn.Linear, qweight, scale, recipe: Recipe, input_s
 
 
 def quantize_layer(layer: nn.Module, adapter: ArchAdapter, stats: LayerStats, recipe: Recipe,
-                   report: LayerReport, prefix: str) -> dict[str, dict]:
+                   report: LayerReport, prefix: str, probe: Probe | None = None) -> dict[str, dict]:
     """Smooth, then quantize every linear and expert of one layer in place; returns the specs."""
     if recipe.smooths:
-        for group in adapter.groups:
-            report.alphas[group.name] = smooth_group(layer, group, stats, recipe)
+        report.alphas = smooth_layer(layer, adapter, stats, recipe, probe)
         log.debug("layer %d alphas %s", report.index, report.alphas)
     specs = {}
     for name in adapter.linears:
@@ -220,7 +219,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
     if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
         raise HaqError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(calib.shape)}")
     tokens = calib.numel()
-    stride = max(1, math.ceil(tokens / recipe.search_tokens))
+    probe_windows = max(1, math.ceil(recipe.search_tokens / calib.shape[1]))  # haq's block-error probe
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
     inputs, kwargs = capture_layer_inputs(model, adapter, calib)
@@ -235,9 +234,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
             layer_specs, report = resumed
         else:
             report = LayerReport(index)
-            with observe_layer(layer, adapter, recipe.calibrate_all_experts, stride, recipe.search_tokens) as stats:
-                run_layer(layer, inputs, kwargs, index)
-            layer_specs = quantize_layer(layer, adapter, stats, recipe, report, prefix)
+            with observe_layer(layer, adapter, recipe.calibrate_all_experts) as stats:
+                outputs = run_layer(layer, inputs, kwargs, index)
+            probe = Probe(inputs[:probe_windows], kwargs, outputs[:probe_windows])
+            layer_specs = quantize_layer(layer, adapter, stats, recipe, report, prefix, probe)
             del stats
             report.seconds = time.perf_counter() - layer_start
             if work_dir is not None:

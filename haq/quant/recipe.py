@@ -20,7 +20,7 @@ class Recipe:
     act: Literal["per-token", "per-tensor"] = "per-token"  # per-tensor = static, calibrated
     alpha: float = 0.5  # smoothquant's fixed migration strength (SmoothQuant's default)
     alpha_step: float = 0.05  # haq's grid: None (no smoothing), 0, step, ..., 1
-    search_tokens: int = 2048  # tokens per group used to score alphas (the search is O(grid x tokens))
+    search_tokens: int = 2048  # calibration tokens (whole windows) on which haq scores alphas by block error
     percdamp: float = 0.01  # GPTQ damping, fraction of mean diag(H); raised x10 until Cholesky succeeds
     blocksize: int = 128
     actorder: bool = True

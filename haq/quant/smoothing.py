@@ -1,100 +1,41 @@
-"""Applying smoothing groups to one decoder layer: gather each group's activation and weight
-ranges from the calibration statistics, choose s (fixed alpha, or the adaptive grid search that
-minimises the group's fake-quant W/A output error), fold 1/s into the producer and s into every
-consumer (routers and shared-expert gates rescaled, not quantized)."""
+"""Smoothing one decoder layer: fold per-channel scales s into each smoothing group (1/s into the
+producer, s into every consumer; routers and shared-expert gates rescaled, not quantized).
+
+smoothquant uses one fixed alpha. haq chooses alpha per group by a grid search whose score is the
+*quantized block's* output error: the whole decoder layer, every linear and expert fake-quantized
+(W and A as the recipe says), against the float layer's outputs on probe calibration windows.
+Groups are searched in order, each with the earlier groups' choices already folded in, so the
+score sees the interactions the block really has (attention softmax, gating, routing).
+"""
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from haq.models.adapters import SmoothGroup
+from haq.models.adapters import ArchAdapter, SmoothGroup
 from haq.quant.calibration import LayerStats
 from haq.quant.recipe import Recipe
 from haq.quant.rtn import fake_quant_act, fake_quant_weight
 from haq.quant.smooth import alpha_grid, best_alpha, divide_producer, scale_weight_columns, smooth_scales
 
-log = logging.getLogger(__name__)
+Scales = torch.Tensor | dict[int, torch.Tensor]  # one s per group, or one per expert (experts-up)
 
 
 @dataclass
-class Consumer:
-    """One weight reading the group's input, with the input samples it sees (routed for experts)."""
-    weight: torch.Tensor  # [out, C] view into the module's parameter
-    samples: torch.Tensor  # [n, C]
+class GroupPlan:
+    """A group ready to smooth: the scales for any alpha, and how to fold them in."""
+
+    scales: Callable[[float], Scales]
+    apply: Callable[[Scales, bool], None]  # (s, update the recorded statistics too)
 
 
-def quant_error(X: torch.Tensor, W: torch.Tensor, s: torch.Tensor, recipe: Recipe) -> float:
-    """Sum of squared output errors of fake-quant (X / s) @ (W * s)^T against X @ W^T."""
-    if X.shape[0] == 0:
-        return 0.0
-    ref = X @ W.T
-    Xs = X / s
-    if recipe.quant_acts:
-        Xs = fake_quant_act(Xs, recipe.abits, recipe.act)
-    out = Xs @ fake_quant_weight(W * s, recipe.wbits).T
-    return float(((out - ref) ** 2).sum())
-
-
-def choose_alpha(act_max: torch.Tensor, w_max: torch.Tensor, consumers: list[Consumer], recipe: Recipe,
-                 expand=lambda s: s) -> tuple[float | None, torch.Tensor | None]:
-    """(alpha, s): fixed alpha for smoothquant; for haq the grid candidate (None = no smoothing)
-    with the lowest fake-quant output MSE. `expand` maps producer-channel scales to consumer
-    columns (identity, or the GQA repeat of v -> o)."""
-    if recipe.method == "smoothquant":
-        return recipe.alpha, smooth_scales(act_max, w_max, recipe.alpha)
-    total = sum(c.samples.shape[0] for c in consumers) or 1
-
-    def score(alpha: float | None) -> float:
-        s = torch.ones_like(act_max) if alpha is None else smooth_scales(act_max, w_max, alpha)
-        return sum(quant_error(c.samples, c.weight.float(), expand(s), recipe) for c in consumers) / total
-
-    alpha, _ = best_alpha(score, alpha_grid(recipe.alpha_step))
-    return alpha, None if alpha is None else smooth_scales(act_max, w_max, alpha)
-
-
-def _column_max(consumers: list[Consumer]) -> torch.Tensor:
-    return torch.stack([c.weight.abs().amax(0).float() for c in consumers]).amax(0)
-
-
-def smooth_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats, recipe: Recipe) -> float | None:
-    """Smooth one group in place; returns the chosen alpha (None = left unsmoothed)."""
-    if group.kind == "experts-up":
-        return _smooth_experts_up(layer, group, stats, recipe)
-    consumers: list[Consumer] = []
-    act_maxes = []
-    for name in group.consumers:
-        module = layer.get_submodule(name)
-        if name in stats.linears:
-            st = stats.linears[name]
-            consumers.append(Consumer(module.weight.data, st.samples))
-            act_maxes.append(st.act_max)
-        else:  # fused experts: every expert's gate_up reads the group input
-            ex = stats.experts
-            for e in range(module.gate_up_proj.shape[0]):
-                consumers.append(Consumer(module.gate_up_proj.data[e], ex.gate_up_samples(e)))
-            act_maxes.append(ex.moe_input.act_max)
-    act_max = torch.stack(act_maxes).amax(0)
-    if group.kind == "linear" and group.repeat_attr:
-        return _smooth_repeated(layer, group, stats, recipe, consumers, act_max)
-    alpha, s = choose_alpha(act_max, _column_max(consumers), consumers, recipe)
-    if alpha is None:
-        return None
-    _divide_prev(layer.get_submodule(group.prev), s)
-    for name in group.consumers:
-        module = layer.get_submodule(name)
-        if name in stats.linears:
-            module.weight.data = scale_weight_columns(module.weight.data, s)
-            stats.linears[name].smoothed(s)
-        else:
-            module.gate_up_proj.data = module.gate_up_proj.data * s
-            stats.experts.smoothed_input(s)
-    for name in group.rescale:
-        module = layer.get_submodule(name)
-        module.weight.data = scale_weight_columns(module.weight.data, s)
-    return alpha
+def _column_max(weights: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([w.abs().amax(0).float() for w in weights]).amax(0)
 
 
 def _divide_prev(prev: nn.Module, s: torch.Tensor) -> None:
@@ -105,68 +46,177 @@ def _divide_prev(prev: nn.Module, s: torch.Tensor) -> None:
         prev.bias.data = new_b
 
 
-def _smooth_repeated(layer, group, stats, recipe, consumers, act_max_cols) -> float | None:
-    """v -> o under grouped-query attention: each v channel feeds `repeat` o columns (one per
-    query head of its group), so one s per v channel is shared by those columns."""
-    owner, attr = group.repeat_attr.rsplit(".", 1)
-    repeat = int(getattr(layer.get_submodule(owner), attr))
-    prev = layer.get_submodule(group.prev)
-    kv_channels = prev.weight.shape[0]
-    head_dim = layer.get_submodule(group.prev.rsplit(".", 1)[0]).head_dim
-    kv_heads = kv_channels // head_dim
-
-    def fold(cols: torch.Tensor) -> torch.Tensor:  # [kv * repeat * D] -> [kv * D]
-        return cols.view(kv_heads, repeat, head_dim).amax(1).reshape(-1)
-
-    def expand(s: torch.Tensor) -> torch.Tensor:  # [kv * D] -> [kv * repeat * D]
-        return s.view(kv_heads, 1, head_dim).expand(kv_heads, repeat, head_dim).reshape(-1)
-
-    alpha, s = choose_alpha(fold(act_max_cols), fold(_column_max(consumers)), consumers, recipe, expand)
-    if alpha is None:
-        return None
-    _divide_prev(prev, s)
-    s_cols = expand(s)
+def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats) -> GroupPlan | None:
+    """None when the group saw no activations (e.g. experts that were never routed)."""
+    if group.kind == "experts-up":
+        return _plan_experts_up(layer, group, stats)
+    weights, act_maxes = [], []
     for name in group.consumers:
         module = layer.get_submodule(name)
-        module.weight.data = scale_weight_columns(module.weight.data, s_cols)
-        stats.linears[name].smoothed(s_cols)
-    return alpha
+        if name in stats.linears:
+            weights.append(module.weight.data)
+            act_maxes.append(stats.linears[name].act_max)
+        else:  # fused experts: every expert's gate_up reads the group input
+            weights += list(module.gate_up_proj.data)
+            act_maxes.append(stats.experts.moe_input.act_max)
+    if any(a is None for a in act_maxes):
+        return None
+    act_max, w_max = torch.stack(act_maxes).amax(0), _column_max(weights)
+    expand = lambda s: s  # noqa: E731  producer channel -> consumer column
+    if group.repeat_attr:  # grouped-query v -> o: one s per v channel, shared by its query heads
+        owner, attr = group.repeat_attr.rsplit(".", 1)
+        repeat = int(getattr(layer.get_submodule(owner), attr))
+        head_dim = layer.get_submodule(owner).head_dim
+        kv_heads = layer.get_submodule(group.prev).weight.shape[0] // head_dim
+
+        def fold(cols: torch.Tensor) -> torch.Tensor:  # [kv * repeat * D] -> [kv * D]
+            return cols.view(kv_heads, repeat, head_dim).amax(1).reshape(-1)
+
+        def expand(s: torch.Tensor) -> torch.Tensor:  # [kv * D] -> [kv * repeat * D]
+            return s.view(kv_heads, 1, head_dim).expand(kv_heads, repeat, head_dim).reshape(-1)
+
+        act_max, w_max = fold(act_max), fold(w_max)
+
+    def apply(s: torch.Tensor, update_stats: bool) -> None:
+        _divide_prev(layer.get_submodule(group.prev), s)
+        cols = expand(s)
+        for name in group.consumers:
+            module = layer.get_submodule(name)
+            if name in stats.linears:
+                module.weight.data = scale_weight_columns(module.weight.data, cols)
+                if update_stats:
+                    stats.linears[name].smoothed(cols)
+            else:
+                module.gate_up_proj.data = module.gate_up_proj.data * cols
+                if update_stats:
+                    stats.experts.smoothed_input(cols)
+        for name in group.rescale:
+            module = layer.get_submodule(name)
+            module.weight.data = scale_weight_columns(module.weight.data, cols)
+
+    return GroupPlan(lambda alpha: smooth_scales(act_max, w_max, alpha), apply)
 
 
-def _smooth_experts_up(layer, group, stats, recipe) -> float | None:
-    """Inside every expert: up rows of gate_up absorb 1/s_e, down columns s_e; one alpha shared
-    by the layer's experts, s_e from each expert's own routed activations."""
+def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) -> GroupPlan | None:
+    """Inside every expert: up rows of gate_up absorb 1/s_e, down columns s_e; one alpha for the
+    layer's experts, s_e from each expert's own routed activations."""
     experts = layer.get_submodule(group.prev)
     ex = stats.experts
-    E, two_i, _ = experts.gate_up_proj.shape
-    inter = two_i // 2
-    live = [e for e in range(E) if ex.down[e].act_max is not None]
+    inter = experts.gate_up_proj.shape[1] // 2
+    live = [e for e in range(experts.gate_up_proj.shape[0]) if ex.down[e].act_max is not None]
     if not live:
         return None
     w_max = {e: experts.down_proj.data[e].abs().amax(0) for e in live}
 
-    def scales(e: int, alpha: float | None) -> torch.Tensor:
-        if alpha is None:
-            return torch.ones(inter)
-        return smooth_scales(ex.down[e].act_max, w_max[e], alpha)
+    def scales(alpha: float) -> dict[int, torch.Tensor]:
+        return {e: smooth_scales(ex.down[e].act_max, w_max[e], alpha) for e in live}
 
-    if recipe.method == "smoothquant":
-        alpha = recipe.alpha
-    else:
-        total = sum(ex.down[e].samples.shape[0] for e in live) or 1
+    def apply(s: dict[int, torch.Tensor], update_stats: bool) -> None:
+        gate_up, down = experts.gate_up_proj.data.clone(), experts.down_proj.data.clone()
+        for e, s_e in s.items():
+            gate_up[e, inter:] = gate_up[e, inter:] / s_e[:, None]
+            down[e] = down[e] * s_e
+            if update_stats:
+                ex.down[e].smoothed(s_e)
+        experts.gate_up_proj.data, experts.down_proj.data = gate_up, down
 
-        def score(a):
-            return sum(quant_error(ex.down[e].samples, experts.down_proj.data[e].float(), scales(e, a), recipe)
-                       for e in live) / total
+    return GroupPlan(scales, apply)
 
-        alpha, _ = best_alpha(score, alpha_grid(recipe.alpha_step))
-    if alpha is None:
-        return None
-    gate_up, down = experts.gate_up_proj.data.clone(), experts.down_proj.data.clone()
-    for e in live:
-        s = scales(e, alpha)
-        gate_up[e, inter:] = gate_up[e, inter:] / s[:, None]
-        down[e] = down[e] * s
-        ex.down[e].smoothed(s)
-    experts.gate_up_proj.data, experts.down_proj.data = gate_up, down
-    return alpha
+
+class FakeQuantExperts(nn.Module):
+    """Fused experts computed with fake-quant weights and activations (same forward signature)."""
+
+    def __init__(self, experts: nn.Module, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+        self.act_fn = experts.act_fn
+        self.gate_up = torch.stack([fake_quant_weight(w, recipe.wbits) for w in experts.gate_up_proj.data])
+        self.down = torch.stack([fake_quant_weight(w, recipe.wbits) for w in experts.down_proj.data])
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.recipe
+        return fake_quant_act(x, r.abits, r.act) if r.quant_acts else x
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e in torch.unique(top_k_index).tolist():
+            token_idx, k_pos = torch.where(top_k_index == e)
+            gate, up = F.linear(self._act(hidden_states[token_idx]), self.gate_up[e]).chunk(2, dim=-1)
+            y = F.linear(self._act(self.act_fn(gate) * up), self.down[e])
+            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
+        return out
+
+
+@contextmanager
+def fake_quantized(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe):
+    """The layer with every quantized linear and expert fake-quantized, restored on exit."""
+    saved, handles = {}, []
+    for name in adapter.linears:
+        linear = layer.get_submodule(name)
+        saved[name] = linear.weight.data
+        linear.weight.data = fake_quant_weight(linear.weight.data, recipe.wbits)
+        if recipe.quant_acts:
+            handles.append(linear.register_forward_pre_hook(
+                lambda _m, args: (fake_quant_act(args[0], recipe.abits, recipe.act),) + tuple(args[1:])))
+    experts = layer.get_submodule(adapter.moe.experts) if adapter.moe is not None else None
+    if experts is not None:
+        layer.set_submodule(adapter.moe.experts, FakeQuantExperts(experts, recipe))
+    try:
+        yield layer
+    finally:
+        for h in handles:
+            h.remove()
+        for name, weight in saved.items():
+            layer.get_submodule(name).weight.data = weight
+        if experts is not None:
+            layer.set_submodule(adapter.moe.experts, experts)
+
+
+@dataclass
+class Probe:
+    """Calibration windows the block error is measured on, with the float layer's outputs."""
+
+    inputs: list[torch.Tensor]
+    kwargs: dict
+    reference: list[torch.Tensor]
+
+
+@torch.no_grad()
+def block_error(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, probe: Probe) -> float:
+    """Mean squared error of the fake-quantized layer's outputs against the float outputs."""
+    total, count = 0.0, 0
+    with fake_quantized(layer, adapter, recipe):
+        for x, ref in zip(probe.inputs, probe.reference):
+            out = layer(x, **probe.kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            total += float(((out - ref) ** 2).sum())
+            count += ref.numel()
+    return total / max(count, 1)
+
+
+def smooth_layer(layer: nn.Module, adapter: ArchAdapter, stats: LayerStats, recipe: Recipe,
+                 probe: Probe | None) -> dict[str, float | None]:
+    """Smooth every group of the layer in place; returns the alpha of each (None = unsmoothed)."""
+    alphas: dict[str, float | None] = {}
+    for group in adapter.groups:
+        plan = plan_group(layer, group, stats)
+        if plan is None:
+            alphas[group.name] = None
+            continue
+        if recipe.method == "smoothquant":
+            alpha = recipe.alpha
+        else:
+            saved = {k: v.clone() for k, v in layer.state_dict().items()}
+
+            def score(candidate: float | None) -> float:
+                if candidate is not None:
+                    plan.apply(plan.scales(candidate), False)
+                error = block_error(layer, adapter, recipe, probe)
+                layer.load_state_dict(saved)
+                return error
+
+            alpha, _ = best_alpha(score, alpha_grid(recipe.alpha_step))
+        if alpha is not None:
+            plan.apply(plan.scales(alpha), True)
+        alphas[group.name] = alpha
+    return alphas
