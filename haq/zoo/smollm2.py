@@ -3,9 +3,9 @@
 
 Upcycling copies every MLP into all experts. Mixtral renormalises the top-k router weights to sum
 to one, so the MoE computes exactly the dense function whatever the router says; the router is
-still initialised from k-means centroids of each layer's MoE inputs, row norms balanced so no
-expert starves, so that routing is data-dependent and skewed like a real MoE's (that is what the
-runtime's caches and placement see).
+still initialised from k-means centroids of each layer's (centred) MoE inputs so that routing
+is data-dependent and skewed like a real MoE's (that is what the runtime's caches and placement
+see).
 """
 from __future__ import annotations
 
@@ -94,21 +94,18 @@ def kmeans_centroids(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) ->
     return centroids
 
 
-def balance_router(router: torch.Tensor, x: torch.Tensor, top_k: int = TOP_K, max_ratio: float = 3.0,
-                   iters: int = 60) -> torch.Tensor:
-    """Rescale router rows so top-k selection frequencies on x [N, D] have max/min <= max_ratio.
+def router_rows(x: torch.Tensor, k: int = NUM_EXPERTS, seed: int = 0) -> torch.Tensor:
+    """Router weights [k, D] from MoE inputs x [N, D]: spherical k-means centroids of the centred
+    inputs, with the mean input's direction projected out of every row.
 
-    Raw centroids can leave an expert almost never chosen (one layer of smollm2 had max/min > 1000);
-    real MoEs are trained with load-balancing losses and are skewed, not starved. Each step
-    multiplies row j by (mean frequency / frequency_j)^0.3 (damped); only row norms change."""
-    gains = torch.ones(router.shape[0])
-    for _ in range(iters):
-        chosen = (x @ (router * gains[:, None]).T).topk(top_k, dim=-1).indices
-        freq = torch.bincount(chosen.reshape(-1), minlength=router.shape[0]).float() + 1.0
-        if freq.max() / freq.min() <= max_ratio:
-            break
-        gains = (gains * (freq.mean() / freq) ** 0.3).clamp(0.2, 5.0)
-    return router * gains[:, None]
+    Hidden states share a large common component; centroids of raw inputs all point along it and
+    one or two experts win almost every token (max/min frequency > 200 in some smollm2 layers).
+    With rows orthogonal to the mean, logit_j = c_j . (x - mean): tokens go to the cluster they are
+    closest to, skewed as real routers are (max/min about 2-4) but with no expert starved."""
+    mean = x.mean(0)
+    rows = kmeans_centroids(x - mean, k, seed=seed)
+    direction = mean / mean.norm().clamp(min=1e-12)
+    return rows - (rows @ direction)[:, None] * direction[None]
 
 
 def upcycle_to_mixtral(dense, centroids: list[torch.Tensor]):
@@ -164,9 +161,9 @@ def build_smollm2_8x135m(out: Path, dense_dir: Path, calib_tokens: int = 16 * 51
         raise HaqError("wiki-offline train text too short to fit the routers")
     ids = ids[:calib_tokens].view(-1, 512)
     inputs = moe_inputs(dense, ids)
-    centroids = [balance_router(kmeans_centroids(x, NUM_EXPERTS, seed=i), x) for i, x in enumerate(inputs)]
+    centroids = [router_rows(x, NUM_EXPERTS, seed=i) for i, x in enumerate(inputs)]
     # Only the ranking of router logits matters (top-2 weights are renormalised over identical
-    # experts), so the (balanced) centroids serve as router rows.
+    # experts), so the centroid rows serve as the router as they are.
     moe = upcycle_to_mixtral(dense, centroids)
     moe.config.name_or_path = "smollm2-8x135m"
     moe.save_pretrained(out, safe_serialization=True)
