@@ -60,3 +60,33 @@ def test_router_rows_ignore_the_shared_component_of_the_inputs():
     assert torch.allclose(rows @ mean, torch.zeros(8), atol=1e-3)  # logits = rows . (x - mean)
     counts = torch.bincount((x @ rows.T).topk(2, -1).indices.reshape(-1), minlength=8).float()
     assert counts.min() > 0 and counts.max() / counts.min() < 4
+
+
+def test_smollm2_folder_has_the_gguf_weights(smollm2_dir):
+    """The saved safetensors model computes what transformers' GGUF loader gives."""
+    from transformers import AutoModelForCausalLM
+
+    from haq.zoo.smollm2 import load_from_gguf
+
+    gguf_model, tokenizer = load_from_gguf()
+    saved = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ids = tokenizer("The capital of France is Paris. The capital of Italy", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(saved(ids).logits, gguf_model.eval()(ids).logits)
+
+
+def test_real_upcycled_moe_equals_smollm2(smollm2_dir):
+    """smollm2-8x135m's construction on the real weights: logits equal the dense model's."""
+    from transformers import AutoModelForCausalLM
+
+    from haq.zoo.smollm2 import moe_inputs, router_rows, upcycle_to_mixtral
+
+    dense = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ids = torch.randint(0, dense.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    routers = [router_rows(x, 8, seed=i) for i, x in enumerate(moe_inputs(dense, ids))]
+    moe = upcycle_to_mixtral(dense, routers).eval()
+    with torch.no_grad():
+        out = moe(ids, output_router_logits=True)
+        diff = (out.logits - dense(ids).logits).abs().max()
+    assert diff < 1e-3 * dense(ids).logits.abs().max()
+    assert all(len(torch.unique(r.topk(2, -1).indices)) == 8 for r in out.router_logits)
