@@ -7,7 +7,7 @@ STAMP := $(VENV)/.haq-installed
 TORCH_SPEC ?= torch==2.13.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test bench-quant bench-kernels bench-zoo clean
+.PHONY: setup demo test bench-zoo bench-quant bench-kernels bench-runtime clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,15 @@ demo: $(STAMP)
 
 bench-zoo: $(STAMP)
 	$(PY) bench/zoo.py
+
+bench-quant: $(STAMP)
+	$(PY) bench/quant.py
+
+bench-kernels: $(STAMP)
+	$(PY) bench/kernels.py
+
+bench-runtime: $(STAMP)
+	$(PY) bench/runtime.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

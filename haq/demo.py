@@ -1,4 +1,5 @@
-"""`make demo`: build the bundled models, then quantize the MoE and compare perplexities.
+"""`make demo`: build the bundled models, quantize the MoE and compare perplexities, run the int8
+MoE with a quarter of its experts on the device, and compare offloading policies at Mixtral scale.
 
 Kept to a few minutes on 2 CPU cores: evaluation uses the first windows of the wiki-offline test
 split (the same windows for every row) and a small calibration set; `bench/` has the full runs.
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=4, help="wiki-offline test windows of --seqlen tokens")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens")
+    parser.add_argument("--prompt", default="The history of the Roman Empire")
+    parser.add_argument("--new-tokens", type=int, default=24)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     torch.manual_seed(0)
@@ -54,13 +57,45 @@ def main(argv: list[str] | None = None) -> None:
             ppl, tokens = ppl_of(model, tokenizer, args.seqlen, args.windows)
             rows.append(("smollm2-8x135m", f"{method} W8A8", ppl, tokens))
             del model
-
-    print(f"\nwiki-offline test perplexity (first {args.windows} windows of {args.seqlen} tokens)\n")
-    print(f"| {'model':16s} | {'weights':11s} | {'ppl':>8s} | {'tokens':>6s} |")
-    print(f"|{'-' * 18}|{'-' * 13}|{'-' * 10}|{'-' * 8}|")
-    for name, kind, ppl, tokens in rows:
-        print(f"| {name:16s} | {kind:11s} | {ppl:8.3f} | {tokens:6d} |")
+        print(f"\nwiki-offline test perplexity (first {args.windows} windows of {args.seqlen} tokens)\n")
+        print(f"| {'model':16s} | {'weights':11s} | {'ppl':>8s} | {'tokens':>6s} |")
+        print(f"|{'-' * 18}|{'-' * 13}|{'-' * 10}|{'-' * 8}|")
+        for name, kind, ppl, tokens in rows:
+            print(f"| {name:16s} | {kind:11s} | {ppl:8.3f} | {tokens:6d} |")
+        run_offloaded(Path(tmp) / "haq", args.prompt, args.new_tokens)
+    simulate_mixtral()
     print(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
+
+
+def run_offloaded(checkpoint: Path, prompt: str, new_tokens: int) -> None:
+    """The int8 MoE with 25% of its expert bytes on the device (this CPU stands in for it)."""
+    from haq.runtime.api import default_device, open_engine
+
+    device = default_device()
+    print(f"\n== running the haq W8A8 smollm2-8x135m offloaded: 25% of expert bytes on {device}", flush=True)
+    engine, tokenizer = open_engine(checkpoint, "25%", device=device)
+    try:
+        tokens, metrics = engine.generate(tokenizer(prompt, return_tensors="pt").input_ids, new_tokens)
+    finally:
+        engine.close()
+    print(prompt + tokenizer.decode(tokens))
+    print(metrics.summary())
+
+
+def simulate_mixtral() -> None:
+    """Policies on the synthetic Mixtral-8x7B-scale trace, RTX 4090 + PCIe 4.0 preset."""
+    from haq.runtime.hardware import load_profile
+    from haq.runtime.synthetic import (MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS, MIXTRAL_NONEXPERT_BYTES_PER_LAYER,
+                                       generate_synthetic_trace)
+    from haq.sim.simulator import format_table, simulate
+
+    trace = generate_synthetic_trace(num_sequences=8, seq_len=128, seed=0)
+    total = MIXTRAL_EXPERT_BYTES * trace.meta.layers * trace.meta.num_experts
+    rows = simulate(trace, load_profile("rtx4090-pcie4"), [total // 4, total // 2], MIXTRAL_EXPERT_BYTES,
+                    ["all-cpu", "lru", "fiddler", "llamacpp", "haq"], flops_per_token=MIXTRAL_EXPERT_FLOPS,
+                    nonexpert_bytes_per_layer=MIXTRAL_NONEXPERT_BYTES_PER_LAYER)
+    print("\n== simulator: synthetic Mixtral-8x7B-scale trace (int8 experts), RTX 4090 + PCIe 4.0 preset\n")
+    print(format_table(rows))
 
 
 if __name__ == "__main__":
