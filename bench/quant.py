@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    parser.add_argument("--stress-models", nargs="*", default=None,
+                        help="models that also run the settings beyond w8a8-token (default: all)")
     parser.add_argument("--max-windows", type=int, default=4, help="wiki-offline test windows of 2048 tokens")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=512)
@@ -90,7 +92,8 @@ def main() -> None:
     for model in args.models:
         fp = run_cell(model, "fp", "w8a8-token", args)
         rows.append({**fp, "setting": "fp", "wbits": 32, "abits": 32, "act": "-", "fp_ppl": fp["ppl"], "delta_pct": 0.0})
-        for setting in args.settings:
+        stress = args.stress_models is None or model in args.stress_models
+        for setting in [s for s in args.settings if stress or s == "w8a8-token"]:
             for method in args.methods:
                 row = run_cell(model, method, setting, args)
                 row.update(fp_ppl=fp["ppl"], delta_pct=round(100 * (row["ppl"] / fp["ppl"] - 1), 3))
