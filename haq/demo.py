@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for method in ("rtn", "haq"):
             print(f"== quantizing smollm2-8x135m with {method} W8A8", flush=True)
-            out = quantize("smollm2-8x135m", Recipe(method=method), Path(tmp) / method,
-                           nsamples=args.nsamples, seqlen=512)
+            # A coarser alpha grid and a smaller probe than the defaults keep the demo to minutes.
+            recipe = Recipe(method=method, alpha_step=0.1, search_tokens=1024)
+            out = quantize("smollm2-8x135m", recipe, Path(tmp) / method, nsamples=args.nsamples, seqlen=512)
             model, tokenizer, _ = load_model(out)
             ppl, tokens = ppl_of(model, tokenizer, args.seqlen, args.windows)
             rows.append(("smollm2-8x135m", f"{method} W8A8", ppl, tokens))
