@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from common import ROOT, machine, md_table, write_results
 
@@ -33,25 +36,39 @@ def load(model_name: str):
     return model, tokenizer
 
 
+def windows_file(model: str, args) -> Path:
+    """Calibration and eval windows of a model, tokenized once and shared by all its cells."""
+    import torch
+
+    from haq.data.corpora import calib_windows, eval_windows
+
+    path = Path(args.windows_dir) / f"{model.removesuffix('+outliers')}.pt"
+    if not path.exists():
+        _, tokenizer = load(model)
+        torch.save({"calib": calib_windows("wiki-offline", tokenizer, nsamples=args.nsamples,
+                                           seqlen=args.calib_seqlen, seed=0),
+                    "eval": eval_windows("wiki-offline", tokenizer, seqlen=2048, max_windows=args.max_windows)}, path)
+    return path
+
+
 def one_cell(args) -> dict:
     """Quantize and evaluate one cell in this process; prints its row as JSON."""
     import torch
 
-    from haq.data.corpora import calib_windows, eval_windows
     from haq.eval.perplexity import perplexity
     from haq.quant.pipeline import quantize_model
     from haq.quant.recipe import Recipe
 
     torch.manual_seed(0)
-    model, tokenizer = load(args.model)
+    model, _ = load(args.model)
+    windows = torch.load(windows_file(args.model, args))
     wbits, abits, act = SETTINGS[args.setting]
     start = time.perf_counter()
     if args.method != "fp":
-        calib = calib_windows("wiki-offline", tokenizer, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=0)
-        quantize_model(model, Recipe(method=args.method, wbits=wbits, abits=abits, act=act), calib, progress=False)
+        quantize_model(model, Recipe(method=args.method, wbits=wbits, abits=abits, act=act), windows["calib"],
+                       progress=False)
     quant_s = time.perf_counter() - start
-    result = perplexity(model, eval_windows("wiki-offline", tokenizer, seqlen=2048, max_windows=args.max_windows),
-                        progress=False)
+    result = perplexity(model, windows["eval"], progress=False)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"model": args.model, "method": args.method, "setting": args.setting, "wbits": wbits,
             "abits": abits, "act": act, "ppl": result.ppl, "quant_s": round(quant_s, 1),
@@ -61,7 +78,7 @@ def one_cell(args) -> dict:
 def run_cell(model: str, method: str, setting: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", "--model", model, "--method", method, "--setting", setting,
            "--max-windows", str(args.max_windows), "--nsamples", str(args.nsamples),
-           "--calib-seqlen", str(args.calib_seqlen)]
+           "--calib-seqlen", str(args.calib_seqlen), "--windows-dir", args.windows_dir]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT / "bench")
     if proc.returncode != 0:
         raise SystemExit(f"cell {model} {method} {setting} failed:\n{proc.stderr[-3000:]}")
@@ -84,12 +101,15 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--setting", default="w8a8-token", help=argparse.SUPPRESS)
+    parser.add_argument("--windows-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one_cell(args)))
         return
+    args.windows_dir = tempfile.mkdtemp(prefix="haq-bench-windows-")
     rows = []
     for model in args.models:
+        windows_file(model, args)
         fp = run_cell(model, "fp", "w8a8-token", args)
         rows.append({**fp, "setting": "fp", "wbits": 32, "abits": 32, "act": "-", "fp_ppl": fp["ppl"], "delta_pct": 0.0})
         stress = args.stress_models is None or model in args.stress_models
@@ -102,7 +122,10 @@ def main() -> None:
                             "tokens"])
     header = (f"# W8A8 quantization: wiki-offline test perplexity\n\nseqlen 2048, first {args.max_windows} "
               f"test windows for every row; calibration {args.nsamples} x {args.calib_seqlen} wiki-offline train "
-              f"tokens (seed 0). delta_pct is vs the fp32 row of the same model.\n\n")
+              f"tokens (seed 0). delta_pct is vs the fp32 row of the same model; quant_s is the quantization "
+              f"alone (calibration forward passes included, tokenization not).\n\n")
+    shutil.rmtree(args.windows_dir, ignore_errors=True)
+    args.windows_dir = None
     write_results("quant", {"machine": machine(), "args": vars(args), "rows": rows}, header + table)
 
 

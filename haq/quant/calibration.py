@@ -18,14 +18,14 @@ class ObservedExperts(nn.Module):
     """Same forward as transformers' fused experts (E = experts, T = tokens, K = top-k);
     statistics per expert: gate_up input (hidden states) and down input (act(gate) * up)."""
 
-    def __init__(self, experts: nn.Module, all_experts: bool):
+    def __init__(self, experts: nn.Module, all_experts: bool, hessian: bool = True):
         super().__init__()
         self.inner = experts
         self.all_experts = all_experts
         E = experts.gate_up_proj.shape[0]
-        self.moe_input = InputStats("experts input", hessian=all_experts)
-        self.gate_up = [InputStats(f"expert {e} gate_up", hessian=not all_experts) for e in range(E)]
-        self.down = [InputStats(f"expert {e} down") for e in range(E)]
+        self.moe_input = InputStats("experts input", hessian=hessian and all_experts)
+        self.gate_up = [InputStats(f"expert {e} gate_up", hessian=hessian and not all_experts) for e in range(E)]
+        self.down = [InputStats(f"expert {e} down", hessian=hessian) for e in range(E)]
         self.routed_tokens = [0] * E
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -68,18 +68,19 @@ class LayerStats:
 
 
 @contextmanager
-def observe_layer(layer: nn.Module, adapter: ArchAdapter, all_experts: bool):
-    """Hooks on the layer's linears and, for MoE, experts swapped for `ObservedExperts`."""
+def observe_layer(layer: nn.Module, adapter: ArchAdapter, all_experts: bool, hessian: bool = True):
+    """Hooks on the layer's linears and, for MoE, experts swapped for `ObservedExperts`;
+    `hessian=False` (RTN recipes) records activation ranges only."""
     stats = LayerStats()
     handles = []
     for name in adapter.linears:
-        stats.linears[name] = InputStats(name)
+        stats.linears[name] = InputStats(name, hessian=hessian)
         handles.append(layer.get_submodule(name).register_forward_pre_hook(
             lambda _m, args, st=stats.linears[name]: st.update(args[0])))
     original = None
     if adapter.moe is not None:
         original = layer.get_submodule(adapter.moe.experts)
-        stats.experts = ObservedExperts(original, all_experts)
+        stats.experts = ObservedExperts(original, all_experts, hessian)
         layer.set_submodule(adapter.moe.experts, stats.experts)
     try:
         yield stats

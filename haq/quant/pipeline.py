@@ -234,7 +234,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
             layer_specs, report = resumed
         else:
             report = LayerReport(index)
-            with observe_layer(layer, adapter, recipe.calibrate_all_experts) as stats:
+            with observe_layer(layer, adapter, recipe.calibrate_all_experts, recipe.uses_gptq) as stats:
                 outputs = run_layer(layer, inputs, kwargs, index)
             probe = Probe(inputs[:probe_windows], kwargs, outputs[:probe_windows])
             layer_specs = quantize_layer(layer, adapter, stats, recipe, report, prefix, probe)
