@@ -76,7 +76,8 @@ def cmd_run(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
 
 
-def cmd_trace(args: argparse.Namespace) -> None:
+def _record_trace(args: argparse.Namespace):
+    """Routing of MODEL on --dataset windows, saved to --output; shared by `trace` and `profile`."""
     from haq.data.corpora import eval_windows, resolve
     from haq.models.loading import load_model
     from haq.runtime.record import record_trace
@@ -87,6 +88,11 @@ def cmd_trace(args: argparse.Namespace) -> None:
     windows = eval_windows(args.dataset, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows)
     trace = record_trace(model, windows, path.name, source=f"hf-hooks on {args.dataset}")
     save_trace(args.output, trace)
+    return trace
+
+
+def cmd_trace(args: argparse.Namespace) -> None:
+    trace = _record_trace(args)
     print(f"wrote {args.output}: {trace.num_tokens} tokens x {trace.meta.layers} layers x top-{trace.meta.top_k}")
 
 
@@ -110,17 +116,9 @@ def cmd_profile_hw(args: argparse.Namespace) -> None:
 def cmd_profile(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from haq.data.corpora import eval_windows, resolve
-    from haq.models.loading import load_model
     from haq.runtime.placement import expert_frequencies, path_statistics
-    from haq.runtime.record import record_trace
-    from haq.runtime.trace import save_trace
 
-    resolve(args.dataset)
-    model, tokenizer, path = load_model(args.model)
-    windows = eval_windows(args.dataset, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows)
-    trace = record_trace(model, windows, path.name, source=f"hf-hooks on {args.dataset}")
-    save_trace(args.output, trace)
+    trace = _record_trace(args)
     freq = expert_frequencies(trace)
     paths = path_statistics(trace, args.path_window)
     skew = [float(row.max() / max(row.min(), 1)) for row in freq]

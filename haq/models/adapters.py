@@ -73,20 +73,25 @@ LLAMA = ArchAdapter(
         SmoothGroup("up->down", "mlp.up_proj", ("mlp.down_proj",), kind="linear"),
     ),
 )
-MIXTRAL = ArchAdapter(
-    model_types=("mixtral",),
-    layers="model.layers",
-    linears=ATTN + ("self_attn.o_proj",),
-    groups=(
-        SmoothGroup("norm->qkv", "input_layernorm", ATTN),
-        V_TO_O,
-        SmoothGroup("norm->experts", "post_attention_layernorm", ("mlp.experts",), rescale=("mlp.gate",)),
-        SmoothGroup("up->down", "mlp.experts", ("mlp.experts",), kind="experts-up"),
-    ),
-    moe=MoeSpec(block="mlp", router="mlp.gate", experts="mlp.experts",
-                top_k_attr="num_experts_per_tok", num_experts_attr="num_local_experts"),
-    high_precision=("mlp.gate",),
-)
+def _routed_experts_only(model_types: tuple[str, ...], num_experts_attr: str) -> ArchAdapter:
+    """Mixtral-style blocks: attention, then a router and fused experts (no shared expert)."""
+    return ArchAdapter(
+        model_types=model_types,
+        layers="model.layers",
+        linears=ATTN + ("self_attn.o_proj",),
+        groups=(
+            SmoothGroup("norm->qkv", "input_layernorm", ATTN),
+            V_TO_O,
+            SmoothGroup("norm->experts", "post_attention_layernorm", ("mlp.experts",), rescale=("mlp.gate",)),
+            SmoothGroup("up->down", "mlp.experts", ("mlp.experts",), kind="experts-up"),
+        ),
+        moe=MoeSpec(block="mlp", router="mlp.gate", experts="mlp.experts",
+                    top_k_attr="num_experts_per_tok", num_experts_attr=num_experts_attr),
+        high_precision=("mlp.gate",),
+    )
+
+
+MIXTRAL = _routed_experts_only(("mixtral",), "num_local_experts")
 QWEN2_MOE = ArchAdapter(
     model_types=("qwen2_moe",),
     layers="model.layers",
@@ -107,20 +112,7 @@ QWEN2_MOE = ArchAdapter(
                 shared_expert_gate="mlp.shared_expert_gate"),
     high_precision=("mlp.gate", "mlp.shared_expert_gate"),
 )
-QWEN3_MOE = ArchAdapter(
-    model_types=("qwen3_moe",),
-    layers="model.layers",
-    linears=ATTN + ("self_attn.o_proj",),
-    groups=(
-        SmoothGroup("norm->qkv", "input_layernorm", ATTN),
-        V_TO_O,
-        SmoothGroup("norm->experts", "post_attention_layernorm", ("mlp.experts",), rescale=("mlp.gate",)),
-        SmoothGroup("up->down", "mlp.experts", ("mlp.experts",), kind="experts-up"),
-    ),
-    moe=MoeSpec(block="mlp", router="mlp.gate", experts="mlp.experts",
-                top_k_attr="num_experts_per_tok", num_experts_attr="num_experts"),
-    high_precision=("mlp.gate",),
-)
+QWEN3_MOE = _routed_experts_only(("qwen3_moe",), "num_experts")
 # OPT: LayerNorms with bias; ReLU between fc1 and fc2 is positively homogeneous, so fc1 -> fc2
 # smoothing is exact too.
 OPT = ArchAdapter(
