@@ -27,9 +27,9 @@ def ppl_of(model, tokenizer, seqlen: int, windows: int) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m haq.demo", description=__doc__)
-    parser.add_argument("--windows", type=int, default=4, help="wiki-offline test windows of --seqlen tokens")
+    parser.add_argument("--windows", type=int, default=2, help="wiki-offline test windows of --seqlen tokens")
     parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens")
+    parser.add_argument("--nsamples", type=int, default=8, help="calibration windows of 512 tokens")
     parser.add_argument("--prompt", default="The history of the Roman Empire")
     parser.add_argument("--new-tokens", type=int, default=24)
     args = parser.parse_args(argv)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         for method in ("rtn", "haq"):
             print(f"== quantizing smollm2-8x135m with {method} W8A8", flush=True)
             # A coarser alpha grid and a smaller probe than the defaults keep the demo to minutes.
-            recipe = Recipe(method=method, alpha_step=0.1, search_tokens=1024)
+            recipe = Recipe(method=method, alpha_step=0.25, search_tokens=512)
             out = quantize("smollm2-8x135m", recipe, Path(tmp) / method, nsamples=args.nsamples, seqlen=512)
             model, tokenizer, _ = load_model(out)
             ppl, tokens = ppl_of(model, tokenizer, args.seqlen, args.windows)

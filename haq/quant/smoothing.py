@@ -130,8 +130,8 @@ class FakeQuantExperts(nn.Module):
         super().__init__()
         self.recipe = recipe
         self.act_fn = experts.act_fn
-        self.gate_up = torch.stack([fake_quant_weight(w, recipe.wbits) for w in experts.gate_up_proj.data])
-        self.down = torch.stack([fake_quant_weight(w, recipe.wbits) for w in experts.down_proj.data])
+        self.gate_up = [fake_quant_weight(w, recipe.wbits) for w in experts.gate_up_proj.data]
+        self.down = [fake_quant_weight(w, recipe.wbits) for w in experts.down_proj.data]
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         r = self.recipe
