@@ -107,7 +107,7 @@ def main() -> None:
         print(json.dumps(one_cell(args)))
         return
     args.windows_dir = tempfile.mkdtemp(prefix="haq-bench-windows-")
-    rows = []
+    rows: list[dict] = []
     for model in args.models:
         windows_file(model, args)
         fp = run_cell(model, "fp", "w8a8-token", args)
@@ -118,15 +118,21 @@ def main() -> None:
                 row = run_cell(model, method, setting, args)
                 row.update(fp_ppl=fp["ppl"], delta_pct=round(100 * (row["ppl"] / fp["ppl"] - 1), 3))
                 rows.append(row)
+                write(rows, args, done=False)  # an interrupted run keeps what it measured
+    shutil.rmtree(args.windows_dir, ignore_errors=True)
+    write(rows, args, done=True)
+
+
+def write(rows: list[dict], args, done: bool) -> None:
     table = md_table(rows, ["model", "setting", "method", "ppl", "fp_ppl", "delta_pct", "quant_s", "peak_rss_mb",
                             "tokens"])
     header = (f"# W8A8 quantization: wiki-offline test perplexity\n\nseqlen 2048, first {args.max_windows} "
               f"test windows for every row; calibration {args.nsamples} x {args.calib_seqlen} wiki-offline train "
               f"tokens (seed 0). delta_pct is vs the fp32 row of the same model; quant_s is the quantization "
-              f"alone (calibration forward passes included, tokenization not).\n\n")
-    shutil.rmtree(args.windows_dir, ignore_errors=True)
-    args.windows_dir = None
-    write_results("quant", {"machine": machine(), "args": vars(args), "rows": rows}, header + table)
+              f"alone (calibration forward passes included, tokenization not).\n\n"
+              + ("" if done else "**Partial: the run was still going when this was written.**\n\n"))
+    settings = {k: v for k, v in vars(args).items() if k not in ("windows_dir", "one", "model", "method", "setting")}
+    write_results("quant", {"machine": machine(), "args": settings, "complete": done, "rows": rows}, header + table)
 
 
 if __name__ == "__main__":
