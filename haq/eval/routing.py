@@ -6,6 +6,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from haq.errors import HaqError
 from haq.models.adapters import adapter_for
 
 
@@ -14,7 +15,7 @@ def routing_counter(model: nn.Module):
     """Yields counts [layers, experts] (int64) filled in by every forward inside the block."""
     adapter = adapter_for(model.config)
     if adapter.moe is None:
-        raise ValueError("routing statistics need an MoE model")
+        raise HaqError(f"{model.config.model_type} is a dense model: routing statistics need an MoE model")
     layers = adapter.decoder_layers(model)
     num_experts = getattr(model.config, adapter.moe.num_experts_attr)
     counts = torch.zeros(len(layers), num_experts, dtype=torch.int64)
