@@ -208,3 +208,21 @@ def test_outlier_injection_preserves_the_float_function(tiny_dir, name):
         inject_outliers(model, channels=4, factor=50.0)
         after = model(ids).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_round_trip_and_tampering(tiny_dir, tmp_path):
+    from haq.checkpoint import load_quantized, save_quantized
+
+    model = load(tiny_dir, "tiny-qwen2-moe")
+    report = quantize_model(model, Recipe(method="rtn"), tokens(2, 16, 0), progress=False)
+    out = save_quantized(model, None, tmp_path / "q", report, {"name": "random"})
+    ids = tokens(1, 12, 1)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(out)(ids).logits, model(ids).logits)
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated
+    with pytest.raises(HaqError, match="checksum"):
+        load_quantized(out)
+    (out / "haq_config.json").write_text("{not json")
+    with pytest.raises(HaqError, match="not JSON"):
+        load_quantized(out)

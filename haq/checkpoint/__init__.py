@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 from torch import nn
 
 from haq.errors import HaqError
+from haq.io import atomic_dir
 from haq.quant.pipeline import QuantReport
 from haq.quant.qmodules import install_specs
 
@@ -58,9 +57,9 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, report: QuantReport, 
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    if out.exists() and not (out / CONFIG_NAME).is_file() and any(out.iterdir()):
+        raise HaqError(f"{out} exists and is not a haq checkpoint: refusing to overwrite it")
+    with atomic_dir(out) as tmp:
         save_file(_state_to_save(model), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -76,14 +75,6 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, report: QuantReport, 
             "files": {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)},
         }
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            if not (out / CONFIG_NAME).is_file() and any(out.iterdir()):
-                raise HaqError(f"{out} exists and is not a haq checkpoint: refusing to overwrite it")
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

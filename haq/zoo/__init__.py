@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from haq.errors import HaqError
+from haq.io import atomic_dir
 from haq.paths import models_dir
 
 ASSETS = Path(__file__).parent / "assets"
@@ -101,16 +101,8 @@ def build(name: str, force: bool = False) -> Path:
     final = models_dir() / name
     if is_built(name) and not force:
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         start = time.perf_counter()
         entry.build(tmp)
         (tmp / DONE_MARKER).write_text(f"version {entry.version()}\nbuilt in {time.perf_counter() - start:.1f}s\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
