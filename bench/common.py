@@ -17,7 +17,18 @@ def machine() -> dict:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
+            "cpu": cpu_name(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo ("x86_64" says little about speed)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:

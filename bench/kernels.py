@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 16, 128, 512])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--name", default="kernels", help="results file stem under bench/results")
     args = parser.parse_args()
     rows, has_dot = linear_rows(args.size, args.ms, args.repeats)
     e2e = end_to_end(args.seqlen, max(1, args.repeats // 2))
@@ -84,7 +85,7 @@ def main() -> None:
           + md_table(rows, cols)
           + f"\nEnd to end, {e2e['model']} forward on {e2e['tokens']} tokens: fp32 {e2e['fp32_ms']:.0f} ms, "
             f"W8A8 (auto backend) {e2e['w8a8_ms']:.0f} ms, ratio fp32/W8A8 = {e2e['fp32/w8a8']:.2f}\n")
-    write_results("kernels", {"machine": machine(), "int8_dot_instructions": has_dot, "linear": rows,
+    write_results(args.name, {"machine": machine(), "int8_dot_instructions": has_dot, "linear": rows,
                               "end_to_end": e2e}, md)
 
 

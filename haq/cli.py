@@ -49,7 +49,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from haq.quant.recipe import Recipe
 
     recipe = Recipe(method=args.method, wbits=args.wbits, abits=args.abits, act=args.act, alpha=args.alpha,
-                    calibrate_all_experts=args.calibrate_all_experts)
+                    alpha_search=args.alpha_search, calibrate_all_experts=args.calibrate_all_experts)
     out = quantize(args.model, recipe, args.output, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                    seed=args.seed)
     print(f"wrote {out}")
@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act", default="per-token", choices=["per-token", "per-tensor"],
                    help="activation scales: dynamic per token, or static per tensor (calibrated)")
     p.add_argument("--alpha", type=float, default=0.5, help="smoothquant's fixed migration strength")
+    p.add_argument("--alpha-search", default="coarse-to-fine", choices=["coarse-to-fine", "grid"],
+                   help="haq: search the alpha grid hierarchically (about half the block evaluations) or whole")
     p.add_argument("--calib", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | PATH")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)

@@ -21,6 +21,7 @@ from haq.quant.rtn import (
 from haq.quant.smooth import (
     alpha_grid,
     best_alpha,
+    coarse_to_fine_alpha,
     divide_producer,
     scale_weight_columns,
     smooth_scales,
@@ -328,3 +329,22 @@ def test_alpha_grid_and_best_alpha() -> None:
     assert best is None  # NaN never wins
     with pytest.raises(HaqError, match="NaN"):
         best_alpha(lambda a: float("nan"), [0.1, 0.2])
+
+
+@pytest.mark.parametrize("target", [0.0, 0.15, 0.35, 0.6, 0.85, 0.95, 1.0])
+def test_coarse_to_fine_alpha_finds_the_grid_minimum_of_a_unimodal_score(target: float) -> None:
+    def score(a: float | None) -> float:
+        return 0.5 if a is None else (a - target) ** 2 + 0.01
+
+    exhaustive, all_scores = best_alpha(score, alpha_grid(0.05))
+    best, scores = coarse_to_fine_alpha(score, 0.05)
+    assert best == exhaustive == pytest.approx(target)
+    assert len(scores) <= 11 < len(all_scores)
+    assert all(scores[a] == all_scores[a] for a in scores)  # only real grid points were scored
+
+
+def test_coarse_to_fine_alpha_small_grid_is_exhaustive_and_keeps_none() -> None:
+    best, scores = coarse_to_fine_alpha(lambda a: 0.0 if a is None else 1.0, 0.25)
+    assert best is None and list(scores) == alpha_grid(0.25)
+    with pytest.raises(HaqError, match="NaN"):
+        coarse_to_fine_alpha(lambda a: float("nan"), 0.05)

@@ -20,6 +20,7 @@ class Recipe:
     act: Literal["per-token", "per-tensor"] = "per-token"  # per-tensor = static, calibrated
     alpha: float = 0.5  # smoothquant's fixed migration strength (SmoothQuant's default)
     alpha_step: float = 0.05  # haq's grid: None (no smoothing), 0, step, ..., 1
+    alpha_search: Literal["coarse-to-fine", "grid"] = "coarse-to-fine"  # grid = score every grid point
     search_tokens: int = 2048  # calibration tokens (whole windows) on which haq scores alphas by block error
     percdamp: float = 0.01  # GPTQ damping, fraction of mean diag(H); raised x10 until Cholesky succeeds
     blocksize: int = 128
@@ -36,6 +37,8 @@ class Recipe:
             raise HaqError(f"--abits must be in [2, 8] or 16 (no activation quantization), got {self.abits}")
         if self.act not in ("per-token", "per-tensor"):
             raise HaqError(f"--act must be per-token or per-tensor, got {self.act!r}")
+        if self.alpha_search not in ("coarse-to-fine", "grid"):
+            raise HaqError(f"--alpha-search must be coarse-to-fine or grid, got {self.alpha_search!r}")
         if not 0 <= self.alpha <= 1:
             raise HaqError(f"--alpha must be in [0, 1], got {self.alpha}")
 

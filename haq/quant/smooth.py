@@ -91,6 +91,14 @@ def alpha_grid(step: float = 0.05) -> list[float | None]:
     return [None] + [round(i / n, 10) for i in range(n + 1)]
 
 
+def _lowest(scores: dict[float | None, float]) -> float | None:
+    """The lowest-scoring candidate, first on ties; NaN never wins; all NaN raises."""
+    live = [(score, i, alpha) for i, (alpha, score) in enumerate(scores.items()) if not math.isnan(score)]
+    if not live:
+        raise HaqError(f"every smoothing alpha scored NaN ({len(scores)} tried); check the calibration inputs")
+    return min(live)[2]
+
+
 def best_alpha(
     score_fn: Callable[[float | None], float], grid: Sequence[float | None]
 ) -> tuple[float | None, dict[float | None, float]]:
@@ -98,15 +106,33 @@ def best_alpha(
 
     NaN scores (a candidate that broke numerically) never win; if all are NaN, raise.
     """
-    scores: dict[float | None, float] = {}
-    best: float | None = None
-    best_score = math.inf
-    found = False
-    for alpha in grid:
-        score = float(score_fn(alpha))
-        scores[alpha] = score
-        if not math.isnan(score) and (not found or score < best_score):
-            best, best_score, found = alpha, score, True
-    if not found:
-        raise HaqError(f"every smoothing alpha scored NaN ({len(scores)} tried); check the calibration inputs")
-    return best, scores
+    scores = {alpha: float(score_fn(alpha)) for alpha in grid}
+    return _lowest(scores), scores
+
+
+def coarse_to_fine_alpha(
+    score_fn: Callable[[float | None], float], step: float = 0.05
+) -> tuple[float | None, dict[float | None, float]]:
+    """The grid of :func:`alpha_grid` searched hierarchically: None and every 4th-or-so grid point
+    first, then the neighbours of the best point at half the spacing, down to ``step``.
+
+    On a score that is unimodal in alpha (the usual shape of quantization error against migration
+    strength) this finds the exhaustive grid's minimum with about half the evaluations (11 instead
+    of 22 for step 0.05); grids of up to 7 points are searched exhaustively.
+    """
+    grid = alpha_grid(step)
+    n = len(grid) - 2  # levels 0..n map to alpha = level / n
+    stride = 1
+    while n // (2 * stride) >= 4:
+        stride *= 2
+    levels = sorted(set(range(0, n + 1, stride)) | {n})
+    scores = {None: float(score_fn(None))}
+    level_scores = {level: float(score_fn(grid[level + 1])) for level in levels}
+    while stride > 1:
+        stride //= 2
+        best = _lowest({lv: sc for lv, sc in level_scores.items()})
+        for level in (best - stride, best + stride):
+            if 0 <= level <= n and level not in level_scores:
+                level_scores[level] = float(score_fn(grid[level + 1]))
+    scores.update({grid[level + 1]: score for level, score in sorted(level_scores.items())})
+    return _lowest(scores), scores

@@ -21,7 +21,8 @@ from haq.models.adapters import ArchAdapter, SmoothGroup
 from haq.quant.calibration import LayerStats
 from haq.quant.recipe import Recipe
 from haq.quant.rtn import fake_quant_act, fake_quant_weight
-from haq.quant.smooth import alpha_grid, best_alpha, divide_producer, scale_weight_columns, smooth_scales
+from haq.quant.smooth import (alpha_grid, best_alpha, coarse_to_fine_alpha, divide_producer, scale_weight_columns,
+                              smooth_scales)
 
 Scales = torch.Tensor | dict[int, torch.Tensor]  # one s per group, or one per expert (experts-up)
 
@@ -215,7 +216,10 @@ def smooth_layer(layer: nn.Module, adapter: ArchAdapter, stats: LayerStats, reci
                 layer.load_state_dict(saved)
                 return error
 
-            alpha, _ = best_alpha(score, alpha_grid(recipe.alpha_step))
+            if recipe.alpha_search == "grid":
+                alpha, _ = best_alpha(score, alpha_grid(recipe.alpha_step))
+            else:
+                alpha, _ = coarse_to_fine_alpha(score, recipe.alpha_step)
         if alpha is not None:
             plan.apply(plan.scales(alpha), True)
         alphas[group.name] = alpha
