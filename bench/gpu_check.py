@@ -36,7 +36,7 @@ def run(args) -> dict:
     from haq.quant.pipeline import quantize_model
     from haq.quant.recipe import Recipe
     from haq.runtime.engine import Engine
-    from haq.runtime.profile_hw import measure_nonexpert_s_per_layer, profile_hardware
+    from haq.runtime.profile_hw import profile_hardware
     from haq.runtime.record import record_trace
     from haq.runtime.store import extract_experts
     from haq.sim.simulator import simulate
@@ -58,7 +58,6 @@ def run(args) -> dict:
         results[f"profile_{variant}"] = hardware.to_dict()
         print(f"{variant}: profiled in {time.perf_counter() - start:.1f}s", flush=True)
         total = weights[0].nbytes * len(weights) * model.config.num_hidden_layers
-        nonexpert_s = measure_nonexpert_s_per_layer(copy.deepcopy(model).to(args.device), prompt)
         cpu_engine = Engine(copy.deepcopy(model), budget_bytes=0, hardware=hardware, policy="all-cpu",
                             profile=profile, device="cpu")
         cpu_tokens, _ = cpu_engine.generate(prompt, args.new_tokens)
@@ -67,12 +66,13 @@ def run(args) -> dict:
             engine = Engine(copy.deepcopy(model), budget_bytes=total * pct // 100, hardware=hardware, policy="haq",
                             profile=profile, device=args.device)
             engine.generate(prompt, 4)  # warm-up: CUDA context, kernels, caches
+            overhead_s = engine.measure_overhead_s_per_layer(prompt)  # non-expert work + dispatch
             tokens, metrics = engine.generate(prompt, args.new_tokens)
             trace = engine.last_trace("tiny-mixtral")
             engine.close()
             predicted = simulate(trace, hardware, [total * pct // 100], weights[0].nbytes, ["haq"], profile_trace=profile,
                                  prefill_tokens=prompt.shape[1],
-                                 nonexpert_s_per_layer=nonexpert_s)[0]
+                                 nonexpert_s_per_layer=overhead_s)[0]
             row = {"variant": variant, "budget_pct": pct, "same_tokens_as_cpu": tokens == cpu_tokens,
                    "first_divergence": next((i for i, (a, b) in enumerate(zip(tokens, cpu_tokens)) if a != b), None),
                    "hit_rate": metrics.hit_rate, "cpu_share": metrics.cpu_share,

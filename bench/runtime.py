@@ -56,7 +56,7 @@ def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[
     from haq.runtime.api import profile_trace_for
     from haq.runtime.engine import Engine
     from haq.runtime.hardware import load_profile
-    from haq.runtime.profile_hw import measure_nonexpert_s_per_layer, profile_hardware
+    from haq.runtime.profile_hw import profile_hardware
     from haq.runtime.record import record_trace
     from haq.runtime.store import extract_experts
     from haq.sim.simulator import simulate
@@ -70,11 +70,11 @@ def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[
     weights, math = extract_experts(model.model.layers[0].mlp.experts)
     measured = profile_hardware(weights[0], math, device="cpu")
     total = weights[0].nbytes * len(weights) * model.config.num_hidden_layers
-    nonexpert_s = measure_nonexpert_s_per_layer(model, prompt)
     engine_rows, compare_rows = [], []
     for pct in budgets:
         engine = Engine(copy.deepcopy(model), budget_bytes=total * pct // 100, hardware=measured, policy="haq",
                         profile=profile)
+        overhead_s = engine.measure_overhead_s_per_layer(prompt)  # non-expert work + the engine's dispatch
         tokens, m = engine.generate(prompt, max_new_tokens=new_tokens)
         trace = engine.last_trace(name)
         engine.close()
@@ -87,7 +87,7 @@ def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[
         engine_rows.append(row)
         print(row, flush=True)
         predicted = simulate(trace, measured, [total * pct // 100], weights[0].nbytes, ["haq"], profile_trace=profile,
-                             prefill_tokens=prompt.shape[1], nonexpert_s_per_layer=nonexpert_s,
+                             prefill_tokens=prompt.shape[1], nonexpert_s_per_layer=overhead_s,
                              flops_per_token=2.0 * (weights[0].gate_up.numel() + weights[0].down.numel()))[0]
         compare_rows.append({"model": name, "budget_pct": pct, "predicted_ms": predicted.latency_mean_s * 1e3,
                              "measured_ms": m.latency_mean_ms,

@@ -50,6 +50,20 @@ def test_engine_generates_exactly_the_plain_models_tokens(moe, policy, budget_pc
     assert len(metrics.token_latency_ms) == 7
 
 
+def test_overhead_measurement_leaves_the_engine_as_it_was(moe):
+    model, trace = moe
+    prompt = torch.randint(0, 4096, (1, 12), generator=torch.Generator().manual_seed(5))
+    expected = greedy(model, prompt, 4)
+    engine = Engine(copy.deepcopy(model), budget_bytes=0, hardware=load_profile("laptop"), policy="haq",
+                    profile=trace)
+    math, policy = engine.store.math, engine.policy
+    assert engine.measure_overhead_s_per_layer(prompt, steps=2) > 0
+    assert engine.store.math is math and engine.policy is policy and sum(engine.calls) == 0
+    tokens, _ = engine.generate(prompt, max_new_tokens=4)
+    engine.close()
+    assert tokens == expected
+
+
 def test_a_quantized_checkpoint_runs_offloaded_with_identical_tokens(moe, tmp_path):
     from haq.checkpoint import load_quantized, save_quantized
     from haq.quant.pipeline import quantize_model

@@ -142,6 +142,10 @@ def test_profile_json_round_trip_and_rejects_bad_keys(tmp_path):
         profile_from_dict(data)
     with pytest.raises(HaqError, match="unknown hardware preset or file"):
         load_profile("rtx9090")
+    data = json.loads(path.read_text())
+    assert data.pop("device_is_host") is False and profile_from_dict(data) == prof  # optional key
+    with pytest.raises(HaqError, match="device_is_host"):
+        profile_from_dict({**data, "device_is_host": "yes"})
 
 
 # ---------------------------------------------------------------- predictor

@@ -1,6 +1,8 @@
 """Trace-driven simulator: timeline arithmetic, oracle bounds, and haq against the baselines."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -69,6 +71,20 @@ def test_timeline_by_hand(rtx4090):
     fid = rows["fiddler", 0.25]
     assert fid.hit_rate == 0.5 and fid.cpu_share == 0.5
     assert fid.latency_mean_s == pytest.approx(t.t_cpu(1) + 2 * lat)
+
+
+def test_timeline_when_the_device_is_the_host(rtx4090):
+    """A CPU-only machine (`haq profile-hw --device cpu`): one set of cores does the copies, the
+    device calls and the CPU calls in turn, with no activation round trip."""
+    host = dataclasses.replace(rtx4090, device_is_host=True)
+    nbytes = 64 * 2**20
+    t = CostPredictor(host, nbytes)
+    profile, replay = _toy([[0, 2], [0, 3], [0, 1]]), _toy([[0, 1]])
+    rows = _by(simulate(replay, host, nbytes, nbytes, ["all-cpu", "transfer-always", "fiddler"],
+                        profile_trace=profile))
+    assert rows["all-cpu", 0.25].latency_mean_s == pytest.approx(2 * t.t_cpu(1))
+    assert rows["transfer-always", 0.25].latency_mean_s == pytest.approx(2 * t.t_transfer() + 2 * t.t_device(1))
+    assert rows["fiddler", 0.25].latency_mean_s == pytest.approx(t.t_cpu(1) + t.t_device(1))
 
 
 def test_all_cpu_and_belady_bounds(small_trace, rtx4090):

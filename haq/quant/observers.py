@@ -21,10 +21,10 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         if x.numel() == 0:
             return
-        if not torch.isfinite(x).all():
+        cur = x.abs().amax(0)
+        if not torch.isfinite(cur).all():  # amax propagates NaN and Inf: one check per channel suffices
             raise HaqError(f"NaN or Inf in calibration activations entering {self.name}; "
                            "check the model weights and the calibration text")
-        cur = x.abs().amax(0)
         self.act_max = cur if self.act_max is None else torch.maximum(self.act_max, cur)
         if self.want_hessian:
             self.H, self.tokens = accumulate_hessian(self.H, self.tokens, x)

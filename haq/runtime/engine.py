@@ -1,8 +1,10 @@
 """The CPU-GPU MoE engine: runs an HF MoE model (float or haq int8) whose experts live in host
 memory, with a device cache of experts under a byte budget. For every expert call the same policy
 objects as the simulator (`haq.sim.policies`) decide: compute on the CPU, use the resident copy,
-or copy the weights over (and whether to keep them). CPU calls run on a worker thread while the
-main thread drives device calls; on CUDA, host -> device copies run on their own stream.
+or copy the weights over (and whether to keep them). On CUDA, CPU calls run on a worker thread
+while the main thread drives device calls, and host -> device copies run on their own stream.
+When the "device" is the CPU itself there is nothing to overlap: every call runs in turn on the
+calling thread (a worker would only add a thread hand-off per call on the same cores).
 
 The engine knows nothing about tokenization: it takes and returns token ids.
 """
@@ -121,12 +123,14 @@ class Engine:
         if profile is None:
             raise HaqError("the engine needs a routing profile (a trace): record one with `haq trace`")
         ctx = policy_context(profile, self.budget_bytes, self.expert_bytes, self.predictor)
+        self.policy_ctx = ctx
         self.policy = make_policy(policy, ctx)
         self.policy_name = policy
         self.cache: dict[Key, ExpertWeights] = {}
         self.pending: dict[Key, torch.cuda.Event | None] = {}
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.pool = ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="haq-cpu-expert")
+        self.pool = (ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="haq-cpu-expert")
+                     if self.device.type != "cpu" else None)
         self.cpu_assigned_s = 0.0
         self.view = _View(self)
         self.peak_expert_bytes = 0
@@ -204,7 +208,10 @@ class Engine:
             if decision.where == "cpu":
                 self.cpu_calls += 1
                 self.cpu_assigned_s += self.predictor.t_cpu(n)
-                futures[e] = self.pool.submit(self.store.math.forward, self.store[key], x.to("cpu"))
+                if self.pool is None:
+                    results[e] = self.store.math.forward(self.store[key], x)
+                else:
+                    futures[e] = self.pool.submit(self.store.math.forward, self.store[key], x.to("cpu"))
                 if decision.transfer:  # a background copy, so later calls find the expert resident
                     weights = self._copy(key)
                     if decision.admit:
@@ -298,8 +305,42 @@ class Engine:
                          top_k=experts.shape[2], source=f"engine run (policy {self.policy_name})")
         return Trace(experts=experts, seq_id=np.zeros(T, dtype=np.int32), pos=np.arange(T, dtype=np.int32), meta=meta)
 
+    @torch.no_grad()
+    def measure_overhead_s_per_layer(self, prompt: torch.Tensor, steps: int = 8) -> float:
+        """Seconds per layer of one decode step with expert arithmetic taken out: attention, norms,
+        router and this engine's own per-call dispatch (gather, policy, scatter), which the
+        simulator's per-expert times do not include. The engine's math is swapped for one that
+        returns zeros and its policy for all-cpu (no copies), then both are restored."""
+        math, policy = self.store.math, self.policy
+        self.store.math = _ZeroMath()
+        self.policy = make_policy("all-cpu", self.policy_ctx)
+        try:
+            ids = prompt.reshape(1, -1).to(self.device)
+            out = self.model(ids, use_cache=True)
+            token = out.logits[0, -1].argmax()
+            times = []
+            for _ in range(steps):
+                self._sync()
+                start = time.perf_counter()
+                out = self.model(token.reshape(1, 1), past_key_values=out.past_key_values, use_cache=True)
+                token = out.logits[0, -1].argmax()
+                self._sync()
+                times.append(time.perf_counter() - start)
+        finally:
+            self.store.math, self.policy = math, policy
+            self._reset_counters()
+        return float(np.median(times)) / self.store.num_layers
+
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+class _ZeroMath:
+    """Expert math that costs nothing: what is left of a decode step is the engine's overhead."""
+
+    def forward(self, w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
 
 
 def _tensors(obj) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ Host -> device copy: t_copy = latency + bytes / link_bw.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 
@@ -86,6 +86,7 @@ class HardwareProfile:
     link: Link
     host_memory_bw: Quantity  # B/s, all agents together (CPU cores + the link's DMA reads)
     device_memory: Quantity  # bytes on the device
+    device_is_host: bool = False  # the "device" is the CPU itself: device and CPU work share its cores
 
     def __post_init__(self) -> None:
         if self.host_memory_bw.value <= self.link.bw.value:
@@ -111,12 +112,14 @@ def _build(cls, data, where: str):
         raise HaqError(f"{where}: expected a JSON object, got {type(data).__name__}")
     names = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(names))
-    missing = sorted(set(names) - set(data))
+    missing = sorted(n for n, f in names.items() if n not in data and f.default is MISSING)
     if unknown or missing:
         raise HaqError(f"{where}: " + "; ".join(
             ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else [])))
     kwargs = {}
     for name, f in names.items():
+        if name not in data:
+            continue  # optional, keeps its default
         sub = {"Quantity": Quantity, "Processor": Processor, "Link": Link}.get(str(f.type))
         kwargs[name] = _build(sub, data[name], f"{where}.{name}") if sub else data[name]
     if cls is Quantity:
@@ -128,6 +131,8 @@ def _build(cls, data, where: str):
         for key in ("name", "description"):
             if not isinstance(kwargs[key], str):
                 raise HaqError(f"{where}.{key} must be a string")
+        if not isinstance(kwargs.get("device_is_host", False), bool):
+            raise HaqError(f"{where}.device_is_host must be true or false")
     return cls(**kwargs)
 
 

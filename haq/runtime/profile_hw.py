@@ -38,15 +38,23 @@ def _fit(ns: list[int], ts: list[float]) -> tuple[float, float]:
     return max(float(a), 1e-7), max(float(b), 1e-12)
 
 
+COLD_BYTES = 256 * 2**20
+"""Weights cycled through when timing CPU calls: more than any last-level cache, so every call
+streams its expert from DRAM as the engine's calls do (one expert timed over and over would sit in
+cache and look several times faster than it is in a run)."""
+
+
 def measure_expert_times(weights: ExpertWeights, math: ExpertMath, device: torch.device,
                          repeats: int = 5) -> tuple[list[int], list[float]]:
-    w = weights.to(device)
-    hidden = w.gate_up.shape[1]
+    copies = 1 if device.type == "cuda" else max(1, min(64, -(-COLD_BYTES // weights.nbytes)))
+    ws = [weights.to(device) if i == 0 else weights.to(device).copy() for i in range(copies)]
+    hidden = ws[0].gate_up.shape[1]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    turn = iter(range(10**9))
     times = []
     for n in TOKEN_COUNTS:
         x = torch.randn(n, hidden, device=device)
-        times.append(_median_time(lambda: math.forward(w, x), repeats, sync))
+        times.append(_median_time(lambda: math.forward(ws[next(turn) % copies], x), max(repeats, copies), sync))
     return list(TOKEN_COUNTS), times
 
 
@@ -91,40 +99,5 @@ def profile_hardware(weights: ExpertWeights, math: ExpertMath, device: str = "cp
         memory = Quantity(float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "B",
                           "measured: physical host memory (the device is the CPU)")
     return HardwareProfile(name=name or f"measured-{dev.type}", description=f"measured by haq profile-hw on {where}",
-                           cpu=cpu, device=device_proc, link=link, host_memory_bw=host_bw, device_memory=memory)
-
-
-class _NoExperts(torch.nn.Module):
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        return torch.zeros_like(hidden_states)
-
-
-@torch.no_grad()
-def measure_nonexpert_s_per_layer(model: torch.nn.Module, prompt: torch.Tensor, steps: int = 8) -> float:
-    """Seconds per layer of one decode step without the experts (attention, norms, router, and a
-    share of the embeddings and lm_head): the model with its experts stubbed out, timed on
-    `steps` decode tokens after `prompt` (median). The model is restored afterwards."""
-    from haq.models.adapters import adapter_for
-
-    adapter = adapter_for(model.config)
-    layers = adapter.decoder_layers(model)
-    saved = [layer.get_submodule(adapter.moe.experts) for layer in layers]
-    device = next(model.parameters()).device
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    try:
-        for layer in layers:
-            layer.set_submodule(adapter.moe.experts, _NoExperts())
-        out = model(prompt.to(device), use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        times = []
-        for _ in range(steps):
-            sync()
-            start = time.perf_counter()
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            sync()
-            times.append(time.perf_counter() - start)
-    finally:
-        for layer, experts in zip(layers, saved):
-            layer.set_submodule(adapter.moe.experts, experts)
-    return statistics.median(times) / len(layers)
+                           cpu=cpu, device=device_proc, link=link, host_memory_bw=host_bw, device_memory=memory,
+                           device_is_host=dev.type == "cpu")

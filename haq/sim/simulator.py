@@ -17,7 +17,10 @@ Timeline assumptions, per layer of a step (one decode token or one prefill batch
      resident ones first, copied ones when their copy lands; copies go one after another over the
      link (one FIFO copy queue, background copies included, shared with later layers and tokens);
   4. CPU and device work in parallel: the layer ends at max(CPU end + 2 link latencies for moving
-     the activations there and back, device end); background copies do not hold the layer;
+     the activations there and back, device end); background copies do not hold the layer.
+     Unless the profile's device is the host CPU itself (`device_is_host`, e.g. `haq profile-hw
+     --device cpu`): then one set of cores does everything one after another, and the layer takes
+     the sum of its CPU calls, device calls and copies;
   5. while copies are on the link, CPU weight streaming gets min(cpu bw, host bw - link bw): the
      link's DMA reads the same DRAM;
   6. lm_head, embeddings, sampling and attention over the KV cache are not modelled (identical
@@ -174,6 +177,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
             dev_ready: list[tuple[float, int]] = []  # resident calls: (may start at, tokens)
             dev_copied: list[tuple[float, int]] = []  # copied calls: (copy lands at, tokens)
             layer_calls = step.calls[layer]
+            layer_copies = 0
             for expert, n in layer_calls:
                 key = (layer, expert)
                 d = policy.decide(key, n, view)
@@ -181,6 +185,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
                     view.ready_at.pop(old, None)
                 if d.transfer:
                     copies += 1
+                    layer_copies += 1
                     done = view.enqueue(t_copy, key if d.admit else None)
                     staged = staged or not d.admit
                 if d.where == "cpu":
@@ -195,6 +200,11 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
             calls_l[layer] += len(layer_calls)
             calls += len(layer_calls)
             cpu_calls += len(cpu_work)
+            if prof.device_is_host:  # one set of cores: copies, device and CPU calls in turn
+                clock += layer_copies * t_copy + sum(t_cpu(n) for n in cpu_work) \
+                    + sum(t_dev(n) for _, n in dev_ready + dev_copied)
+                view.free_at = clock
+                continue
             cpu_end = clock
             for n in cpu_work:
                 cpu_end += _cpu_call_time(predictor, n, cpu_end, view.free_at)
@@ -329,7 +339,7 @@ def simulate(
     Without `profile_trace` the trace is split by sequence (`profile_frac` of the sequences build the
     placement statistics, the rest is replayed). `ranking` is what policy fiddler-list places
     (e.g. `load_fiddler_ranking()` for Mixtral-8x7B). `nonexpert_s_per_layer`, when measured
-    (`haq.runtime.profile_hw.measure_nonexpert_s_per_layer`), replaces the bytes-derived time of
+    (`Engine.measure_overhead_s_per_layer`: attention, router and dispatch), replaces the bytes-derived time of
     the non-expert part of a layer. haq's `pin_share` is tuned per budget on the
     profile part when None (`tune_pin_share`); `path_share` is its stage-1 share.
     """

@@ -1,0 +1,284 @@
+"""Export a haq W8A8 checkpoint to the compressed-tensors "int-quantized" layout that vLLM loads.
+
+The export is a pure rewrite of tensors: no model is built and nothing is re-quantized, so the
+int8 levels and scales are bit for bit the ones haq computed. For every quantized linear
+(names as in the model's original HF checkpoint, which vLLM reads):
+
+    <name>.weight        int8 [out, in]     = Int8Linear.qweight
+    <name>.weight_scale  float32 [out, 1]   = Int8Linear.w_scale (per output channel)
+    <name>.input_scale   float32 [1]        only for static per-tensor activations
+
+Fused experts (transformers 5 ``*Experts``: gate_up_q [E, 2I, H], down_q [E, H, I]) are split
+back into the per-expert linears of the HF checkpoint (Mixtral ``block_sparse_moe.experts.E.w1``
+= gate, ``w3`` = up, ``w2`` = down; Qwen-MoE ``mlp.experts.E.gate_proj/up_proj/down_proj``),
+which is what vLLM's int8 fused-MoE loader and llm-compressor's own saves use. Everything else
+(embeddings, norms, routers, lm_head) is copied as it is and listed in ``ignore``.
+
+``config.json`` gets a ``quantization_config`` (``quant_method: compressed-tensors``, format
+``int-quantized``, status ``compressed``): weights int8 symmetric per channel, activations int8
+symmetric dynamic per token (or static per tensor). haq's grid is [-127, 127]; compressed-tensors'
+is [-128, 127], a superset, so dynamic scales (absmax / 127) give identical levels.
+
+``load_compressed_tensors`` reads an export back into haq's int8 modules (the round trip the
+tests check); the check against compressed-tensors itself lives in ``bench/peers.py``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from haq.errors import HaqError
+from haq.io import atomic_dir
+
+ExportFormat = Literal["compressed-tensors"]
+FORMATS: tuple[str, ...] = ("compressed-tensors",)
+WEIGHTS_NAME = "model.safetensors"
+PROVENANCE_NAME = "haq_export.json"  # not haq_config.json: the export is not a haq checkpoint
+
+
+@dataclass(frozen=True)
+class CheckpointNames:
+    """How one family's tensors are named in its HF checkpoints, where transformers 5 module paths
+    differ. ``renames``: (module-path substring, checkpoint substring); ``expert_proj``: the
+    checkpoint names of one expert's gate, up and down linears."""
+
+    renames: tuple[tuple[str, str], ...] = ()
+    expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    def to_disk(self, path: str) -> str:
+        for ours, theirs in self.renames:
+            path = path.replace(ours, theirs)
+        return path
+
+    def from_disk(self, path: str) -> str:
+        for ours, theirs in self.renames:
+            path = path.replace(theirs, ours)
+        return path
+
+
+# transformers' conversion_mapping.py, read backwards (tested against save_pretrained's keys).
+CHECKPOINT_NAMES: dict[str, CheckpointNames] = {
+    "llama": CheckpointNames(),
+    "mistral": CheckpointNames(),
+    "opt": CheckpointNames(),
+    "mixtral": CheckpointNames(renames=((".mlp.", ".block_sparse_moe."),), expert_proj=("w1", "w3", "w2")),
+    "qwen2_moe": CheckpointNames(),
+    "qwen3_moe": CheckpointNames(),
+}
+
+
+def quantization_config(strategy: Literal["token", "tensor"], ignore: list[str]) -> dict:
+    """compressed-tensors' config for int8 W8A8: weights per channel (static), activations per
+    token (dynamic) or per tensor (static, calibrated ``input_scale``)."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel",
+                            "dynamic": False, "group_size": None, "block_structure": None, "actorder": None,
+                            "observer": "minmax", "observer_kwargs": {}, "scale_dtype": None, "zp_dtype": None},
+                "input_activations": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": strategy,
+                                      "dynamic": strategy == "token", "group_size": None,
+                                      "block_structure": None, "actorder": None,
+                                      "observer": None if strategy == "token" else "minmax",
+                                      "observer_kwargs": {}, "scale_dtype": None, "zp_dtype": None},
+                "output_activations": None,
+                "format": "int-quantized",
+            }
+        },
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+        "transform_config": {},
+        "global_compression_ratio": None,
+    }
+
+
+def _check_exportable(meta: dict) -> Literal["token", "tensor"]:
+    recipe, modules = meta["recipe"], meta["modules"]
+    if recipe.get("method") == "fp" or not modules:
+        raise HaqError("the checkpoint has no quantized modules: nothing to export")
+    if recipe.get("wbits") != 8 or recipe.get("abits") != 8:
+        raise HaqError(f"compressed-tensors export needs a W8A8 checkpoint (int8 kernels in vLLM); this one is "
+                       f"W{recipe.get('wbits')}A{recipe.get('abits')}: re-quantize with --wbits 8 --abits 8")
+    act = recipe.get("act", "per-token")
+    moe = any(spec["type"] == "int8_experts" for spec in modules.values())
+    if act == "per-tensor" and moe:
+        raise HaqError("vLLM's int8 fused-MoE takes dynamic per-token activations only; this MoE checkpoint "
+                       "uses static per-tensor scales: re-quantize with --act per-token")
+    return "token" if act == "per-token" else "tensor"
+
+
+def to_compressed_tensors(state: dict[str, torch.Tensor], specs: dict[str, dict],
+                          names: CheckpointNames) -> dict[str, torch.Tensor]:
+    """haq checkpoint tensors (module paths of transformers 5) -> compressed-tensors tensors
+    (HF checkpoint names). ``specs``: quantized module path -> spec, as in haq_config.json."""
+    out: dict[str, torch.Tensor] = {}
+
+    def put(disk: str, qweight: torch.Tensor, scale: torch.Tensor, in_scale: torch.Tensor | None) -> None:
+        out[f"{disk}.weight"] = qweight.contiguous()
+        out[f"{disk}.weight_scale"] = scale.reshape(-1, 1).float().contiguous()  # [out, 1]
+        if in_scale is not None:
+            out[f"{disk}.input_scale"] = in_scale.reshape(1).float().contiguous()
+
+    for path, spec in specs.items():
+        disk = names.to_disk(path)
+        if spec["type"] == "int8_linear":
+            put(disk, state[f"{path}.qweight"], state[f"{path}.w_scale"], state.get(f"{path}.input_scale"))
+            if f"{path}.bias" in state:
+                out[f"{disk}.bias"] = state[f"{path}.bias"]
+        elif spec["type"] == "int8_experts":
+            # E = experts, I = intermediate: gate_up_q [E, 2I, H] gate rows first, down_q [E, H, I]
+            I = spec["intermediate"]
+            gate_up, gate_up_s = state[f"{path}.gate_up_q"], state[f"{path}.gate_up_scale"]
+            down, down_s = state[f"{path}.down_q"], state[f"{path}.down_scale"]
+            gate_up_in, down_in = state.get(f"{path}.gate_up_in_scale"), state.get(f"{path}.down_in_scale")
+            gate, up, down_name = names.expert_proj
+            for e in range(spec["experts"]):
+                gu_in = None if gate_up_in is None else gate_up_in[e]
+                put(f"{disk}.{e}.{gate}", gate_up[e, :I], gate_up_s[e, :I], gu_in)
+                put(f"{disk}.{e}.{up}", gate_up[e, I:], gate_up_s[e, I:], gu_in)
+                put(f"{disk}.{e}.{down_name}", down[e], down_s[e], None if down_in is None else down_in[e])
+        else:
+            raise HaqError(f"module {path} is {spec['type']}: only W8A8 modules export to int-quantized")
+    owned = tuple(f"{path}." for path in specs)
+    for key, tensor in state.items():
+        if not key.startswith(owned):
+            out[names.to_disk(key)] = tensor.contiguous()
+    return out
+
+
+def _ignored(config: dict, specs: dict[str, dict], names: CheckpointNames) -> list[str]:
+    """Linears kept in high precision: lm_head and each layer's routers / shared-expert gates."""
+    from types import SimpleNamespace
+
+    from haq.models.adapters import adapter_for
+
+    adapter = adapter_for(SimpleNamespace(model_type=config["model_type"]))
+    ignore = ["lm_head"]
+    for index in range(config["num_hidden_layers"]):
+        for module in adapter.high_precision:
+            ignore.append(names.to_disk(f"{adapter.layers}.{index}.{module}"))
+    return ignore
+
+
+def export_checkpoint(src: str | Path, out: str | Path, fmt: ExportFormat = "compressed-tensors") -> Path:
+    """Write the haq checkpoint ``src`` as a compressed-tensors int-quantized folder ``out``
+    (atomically: ``out`` is replaced only when complete)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from haq.checkpoint import WEIGHTS_NAME as HAQ_WEIGHTS, read_quant_config, sha256_file
+
+    if fmt not in FORMATS:
+        raise HaqError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    src, out = Path(src), Path(out)
+    if not (src / "haq_config.json").is_file():
+        raise HaqError(f"{src} is not a haq checkpoint (no haq_config.json): run `haq quantize` first")
+    if out.resolve() == src.resolve():
+        raise HaqError("the export folder must differ from the checkpoint folder")
+    if out.exists() and any(out.iterdir()) and not (out / PROVENANCE_NAME).is_file():
+        raise HaqError(f"{out} exists and is not a haq export: refusing to overwrite it")
+    meta = read_quant_config(src)
+    strategy = _check_exportable(meta)
+    weights = src / HAQ_WEIGHTS
+    digest = sha256_file(weights) if weights.is_file() else None
+    if digest != meta["files"][HAQ_WEIGHTS]:
+        raise HaqError(f"{weights} is missing or does not match the checksum in haq_config.json")
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as exc:
+        raise HaqError(f"{weights} is not a readable safetensors file: {exc}") from None
+    config = json.loads((src / "config.json").read_text())
+    names = CHECKPOINT_NAMES.get(config.get("model_type"))
+    if names is None:
+        raise HaqError(f"no compressed-tensors names for architecture {config.get('model_type')!r}; "
+                       f"supported: {', '.join(CHECKPOINT_NAMES)}")
+    tensors = to_compressed_tensors(state, meta["modules"], names)
+    config["quantization_config"] = quantization_config(strategy, _ignored(config, meta["modules"], names))
+    with atomic_dir(out) as tmp:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for extra in src.iterdir():  # tokenizer, generation config, chat template
+            if extra.is_file() and extra.name not in ("config.json", "haq_config.json", HAQ_WEIGHTS):
+                shutil.copy2(extra, tmp / extra.name)
+        provenance = {"format": fmt, "source": str(src.resolve()), "source_sha256": digest,
+                      "recipe": meta["recipe"], "versions": meta.get("versions", {})}
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+    return out
+
+
+def load_compressed_tensors(path: str | Path):
+    """Read an int-quantized compressed-tensors folder (channel weights, token or tensor
+    activations) back into haq's int8 modules; returns the model (eval mode)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from haq.models.adapters import adapter_for
+    from haq.quant.qmodules import install_specs
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else getattr(qc, "to_dict", lambda: None)()
+    if not qc or qc.get("quant_method") != "compressed-tensors" or qc.get("format") != "int-quantized":
+        raise HaqError(f"{path} is not a compressed-tensors int-quantized checkpoint")
+    group = next(iter(qc["config_groups"].values()))
+    act_mode = {"token": "per-token", "tensor": "per-tensor"}.get(group["input_activations"]["strategy"])
+    if act_mode is None or group["weights"]["strategy"] != "channel" or group["weights"]["num_bits"] != 8:
+        raise HaqError(f"{path}: only int8 per-channel weights with per-token or per-tensor activations load here")
+    names = CHECKPOINT_NAMES[config.model_type]
+    disk = load_file(path / WEIGHTS_NAME)
+    adapter = adapter_for(config)
+    del config.quantization_config  # build the plain float architecture
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state, specs, used = {}, {}, set()
+    experts = ([f"{adapter.layers}.{i}.{adapter.moe.experts}" for i in range(config.num_hidden_layers)]
+               if adapter.moe is not None else [])
+    gate, up, down = names.expert_proj
+    for ours in experts:
+        prefix = names.to_disk(ours)
+        E = sum(1 for k in disk if k.startswith(f"{prefix}.") and k.endswith(f".{gate}.weight_scale"))
+        get = lambda e, proj, what: disk[f"{prefix}.{e}.{proj}.{what}"]  # noqa: E731
+        state[f"{ours}.gate_up_q"] = torch.stack([torch.cat([get(e, gate, "weight"), get(e, up, "weight")])
+                                                  for e in range(E)])
+        state[f"{ours}.gate_up_scale"] = torch.stack([torch.cat([get(e, gate, "weight_scale"),
+                                                                 get(e, up, "weight_scale")])[:, 0] for e in range(E)])
+        state[f"{ours}.down_q"] = torch.stack([get(e, down, "weight") for e in range(E)])
+        state[f"{ours}.down_scale"] = torch.stack([get(e, down, "weight_scale")[:, 0] for e in range(E)])
+        H, I = state[f"{ours}.down_q"].shape[1:]
+        specs[ours] = {"type": "int8_experts", "experts": E, "hidden": H, "intermediate": I, "act_bits": 8,
+                       "act_mode": act_mode}
+        used |= {k for k in disk if k.startswith(f"{prefix}.")}
+    for key in disk:
+        if key.endswith(".weight_scale") and key not in used:
+            theirs = key.removesuffix(".weight_scale")
+            ours = names.from_disk(theirs)
+            qweight = disk[f"{theirs}.weight"]
+            state[f"{ours}.qweight"], state[f"{ours}.w_scale"] = qweight, disk[key][:, 0]
+            if f"{theirs}.input_scale" in disk:
+                state[f"{ours}.input_scale"] = disk[f"{theirs}.input_scale"].reshape(())
+            if f"{theirs}.bias" in disk:
+                state[f"{ours}.bias"] = disk[f"{theirs}.bias"]
+            specs[ours] = {"type": "int8_linear", "in": qweight.shape[1], "out": qweight.shape[0],
+                           "bias": f"{theirs}.bias" in disk, "act_bits": 8, "act_mode": act_mode,
+                           "static": f"{theirs}.input_scale" in disk}
+            used |= {f"{theirs}.{s}" for s in ("weight", "weight_scale", "input_scale", "bias")}
+    state.update({names.from_disk(k): v for k, v in disk.items() if k not in used})
+    install_specs(model, specs)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise HaqError(f"{path} does not fit the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if tied:
+        model.tie_weights()
+    return model.eval()
