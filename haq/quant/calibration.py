@@ -61,6 +61,32 @@ class ObservedExperts(nn.Module):
             stats.smoothed(s)
 
 
+BATCH_TOKENS = 8192
+"""Calibration windows are run through a layer in batches of up to this many tokens: one GEMM per
+linear instead of one per window (on CPUs without int8 dot products every int8 call converts its
+weights, so per-window calls cost many times the arithmetic)."""
+
+
+@torch.no_grad()
+def forward_windows(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict,
+                    batch_tokens: int = BATCH_TOKENS) -> list[torch.Tensor]:
+    """The layer's outputs for each window [1, S, H] of `inputs`, computed in batches of equal-length
+    windows (the shared kwargs, e.g. rotary embeddings, broadcast over the batch)."""
+    outputs: list[torch.Tensor] = []
+    start = 0
+    while start < len(inputs):
+        seq = inputs[start].shape[1]
+        stop = start + 1
+        while (stop < len(inputs) and inputs[stop].shape[1] == seq
+               and (stop - start + 1) * seq <= batch_tokens):
+            stop += 1
+        out = layer(torch.cat(inputs[start:stop]), **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        outputs += list(out.split(1))
+        start = stop
+    return outputs
+
+
 @dataclass
 class LayerStats:
     linears: dict[str, InputStats] = field(default_factory=dict)

@@ -26,7 +26,7 @@ from haq.kernels.experts import Int8Experts
 from haq.kernels.int8 import Int8Linear
 from haq.kernels.weight_only import WeightOnlyInt8Linear
 from haq.models.adapters import ArchAdapter, adapter_for
-from haq.quant.calibration import LayerStats, observe_layer
+from haq.quant.calibration import LayerStats, forward_windows, observe_layer
 from haq.quant.gptq import gptq_quantize
 from haq.quant.qmodules import install_specs, spec_of
 from haq.quant.recipe import Recipe
@@ -85,14 +85,9 @@ def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, calib: torch.Te
 
 
 def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, index: int) -> list[torch.Tensor]:
-    outputs = []
-    with torch.no_grad():
-        for x in inputs:
-            out = layer(x, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            if not torch.isfinite(out).all():
-                raise HaqError(f"NaN or Inf in the outputs of decoder layer {index} during calibration")
-            outputs.append(out)
+    outputs = forward_windows(layer, inputs, kwargs)
+    if not all(bool(torch.isfinite(out).all()) for out in outputs):
+        raise HaqError(f"NaN or Inf in the outputs of decoder layer {index} during calibration")
     return outputs
 
 

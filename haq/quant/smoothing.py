@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from haq.models.adapters import ArchAdapter, SmoothGroup
-from haq.quant.calibration import LayerStats
+from haq.quant.calibration import LayerStats, forward_windows
 from haq.quant.recipe import Recipe
 from haq.quant.rtn import fake_quant_act, fake_quant_weight
 from haq.quant.smooth import (alpha_grid, best_alpha, coarse_to_fine_alpha, divide_producer, scale_weight_columns,
@@ -187,11 +187,10 @@ def block_error(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, probe: P
     """Mean squared error of the fake-quantized layer's outputs against the float outputs."""
     total, count = 0.0, 0
     with fake_quantized(layer, adapter, recipe):
-        for x, ref in zip(probe.inputs, probe.reference):
-            out = layer(x, **probe.kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            total += float(((out - ref) ** 2).sum())
-            count += ref.numel()
+        outputs = forward_windows(layer, probe.inputs, probe.kwargs)
+    for out, ref in zip(outputs, probe.reference):
+        total += float(((out - ref) ** 2).sum())
+        count += ref.numel()
     return total / max(count, 1)
 
 
