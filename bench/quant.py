@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=4, help="wiki-offline test windows of 2048 tokens")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=512)
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the cells of bench/results/quant.json measured with the same windows")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -108,6 +110,7 @@ def main() -> None:
         print(json.dumps(one_cell(args)))
         return
     args.windows_dir = tempfile.mkdtemp(prefix="haq-bench-windows-")
+    done = previous_cells(args) if args.resume else {}
     rows: list[dict] = []
     fp_ppl: dict[str, float] = {}
     # Settings in the outer loop: the headline W8A8 per-token rows of every model come first.
@@ -117,12 +120,12 @@ def main() -> None:
                 continue
             if model not in fp_ppl:
                 windows_file(model, args)
-                fp = run_cell(model, "fp", "w8a8-token", args)
+                fp = done.get((model, "fp", "fp")) or run_cell(model, "fp", "w8a8-token", args)
                 fp_ppl[model] = fp["ppl"]
                 rows.append({**fp, "setting": "fp", "wbits": 32, "abits": 32, "act": "-", "fp_ppl": fp["ppl"],
                              "delta_pct": 0.0})
             for method in args.methods:
-                row = run_cell(model, method, setting, args)
+                row = done.get((model, method, setting)) or run_cell(model, method, setting, args)
                 row.update(fp_ppl=fp_ppl[model], delta_pct=round(100 * (row["ppl"] / fp_ppl[model] - 1), 3))
                 rows.append(row)
                 write(rows, args, done=False)  # an interrupted run keeps what it measured
@@ -130,6 +133,21 @@ def main() -> None:
     rows.sort(key=lambda r: (args.models.index(r["model"]), order.index(r["setting"])))
     shutil.rmtree(args.windows_dir, ignore_errors=True)
     write(rows, args, done=True)
+
+
+def previous_cells(args) -> dict[tuple[str, str, str], dict]:
+    """Cells of an interrupted run with the same windows and calibration, keyed (model, method, setting)."""
+    path = ROOT / "bench" / "results" / "quant.json"
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    same = ("max_windows", "nsamples", "calib_seqlen")
+    if any(old["args"].get(k) != getattr(args, k) for k in same):
+        print(f"--resume: {path} used other windows or calibration; starting afresh", flush=True)
+        return {}
+    cells = {(r["model"], r["method"], r["setting"]): r for r in old["rows"]}
+    print(f"--resume: reusing {len(cells)} cells from {path}", flush=True)
+    return cells
 
 
 def write(rows: list[dict], args, done: bool) -> None:
@@ -140,7 +158,8 @@ def write(rows: list[dict], args, done: bool) -> None:
               f"tokens (seed 0). delta_pct is vs the fp32 row of the same model; quant_s is the quantization "
               f"alone (calibration forward passes included, tokenization not).\n\n"
               + ("" if done else "**Partial: the run was still going when this was written.**\n\n"))
-    settings = {k: v for k, v in vars(args).items() if k not in ("windows_dir", "one", "model", "method", "setting")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("windows_dir", "one", "model", "method", "setting", "resume")}
     write_results("quant", {"machine": machine(), "args": settings, "complete": done, "rows": rows}, header + table)
 
 

@@ -117,8 +117,8 @@ def synthetic_rows(sim_budgets: list[int]) -> list[dict]:
 
 
 def main() -> None:
-    # One intra-op thread: the engine runs CPU expert calls on a worker thread beside the main
-    # thread, and two multi-threaded ops at once oversubscribe the cores and make timings erratic.
+    # One intra-op thread: on 2 cores, multi-threaded small GEMMs make decode timings erratic; the
+    # profile, the engine and the simulator's prediction all see the same single thread.
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=MODELS)
