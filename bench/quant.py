@@ -98,8 +98,10 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int, default=4, help="wiki-offline test windows of 2048 tokens")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--calib-seqlen", type=int, default=512)
-    parser.add_argument("--resume", action="store_true",
-                        help="reuse the cells of bench/results/quant.json measured with the same windows")
+    parser.add_argument("--resume", nargs="*", default=None, metavar="FILE",
+                        help="reuse the cells of these result files (default quant.json) measured with the "
+                             "same windows")
+    parser.add_argument("--name", default="quant", help="results file stem under bench/results")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -110,6 +112,8 @@ def main() -> None:
         print(json.dumps(one_cell(args)))
         return
     args.windows_dir = tempfile.mkdtemp(prefix="haq-bench-windows-")
+    if args.resume == []:
+        args.resume = ["quant.json"]
     done = previous_cells(args) if args.resume else {}
     rows: list[dict] = []
     fp_ppl: dict[str, float] = {}
@@ -136,17 +140,21 @@ def main() -> None:
 
 
 def previous_cells(args) -> dict[tuple[str, str, str], dict]:
-    """Cells of an interrupted run with the same windows and calibration, keyed (model, method, setting)."""
-    path = ROOT / "bench" / "results" / "quant.json"
-    if not path.exists():
-        return {}
-    old = json.loads(path.read_text())
-    same = ("max_windows", "nsamples", "calib_seqlen")
-    if any(old["args"].get(k) != getattr(args, k) for k in same):
-        print(f"--resume: {path} used other windows or calibration; starting afresh", flush=True)
-        return {}
-    cells = {(r["model"], r["method"], r["setting"]): r for r in old["rows"]}
-    print(f"--resume: reusing {len(cells)} cells from {path}", flush=True)
+    """Cells of earlier runs (`--resume FILE...`, e.g. an interrupted run, or one that measured other
+    models at the same time) with the same windows and calibration, keyed (model, method, setting)."""
+    cells = {}
+    for name in args.resume:
+        path = Path(name) if Path(name).is_absolute() else ROOT / "bench" / "results" / name
+        if not path.exists():
+            continue
+        old = json.loads(path.read_text())
+        same = ("max_windows", "nsamples", "calib_seqlen")
+        if any(old["args"].get(k) != getattr(args, k) for k in same):
+            print(f"--resume: {path} used other windows or calibration; not reused", flush=True)
+            continue
+        found = {(r["model"], r["method"], r["setting"]): r for r in old["rows"]}
+        print(f"--resume: reusing {len(found)} cells from {path}", flush=True)
+        cells.update(found)
     return cells
 
 
@@ -159,8 +167,8 @@ def write(rows: list[dict], args, done: bool) -> None:
               f"alone (calibration forward passes included, tokenization not).\n\n"
               + ("" if done else "**Partial: the run was still going when this was written.**\n\n"))
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("windows_dir", "one", "model", "method", "setting", "resume")}
-    write_results("quant", {"machine": machine(), "args": settings, "complete": done, "rows": rows}, header + table)
+                if k not in ("windows_dir", "one", "model", "method", "setting", "resume", "name")}
+    write_results(args.name, {"machine": machine(), "args": settings, "complete": done, "rows": rows}, header + table)
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ class Engine:
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def _check_resident(self) -> None:
-        resident = sum(w.nbytes for w in self.cache.values())
+        resident = len(self.cache) * self.expert_bytes  # every expert has the same shape and bytes
         if resident > self.budget_bytes:
             raise AssertionError(f"device expert bytes {resident} exceed the budget {self.budget_bytes}")
         self.peak_expert_bytes = max(self.peak_expert_bytes, resident)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from haq.errors import HaqError
 from haq.kernels.experts import Int8Experts
 from haq.kernels.int8 import int8_linear
 
@@ -103,6 +104,9 @@ class ExpertStore:
     """All experts of all MoE layers in host memory."""
 
     def __init__(self, per_layer: list[list[ExpertWeights]], math: ExpertMath, pin: bool = False):
+        sizes = {w.nbytes for experts in per_layer for w in experts}
+        if len(sizes) != 1:
+            raise HaqError(f"experts of one model must all have the same size; found {sorted(sizes)} bytes")
         self.layers = [[w.pin() if pin else w for w in experts] for experts in per_layer]
         self.math = math
 
