@@ -7,7 +7,7 @@ STAMP := $(VENV)/.haq-installed
 TORCH_SPEC ?= torch==2.13.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test bench-zoo bench-quant bench-kernels bench-runtime clean
+.PHONY: setup demo test bench-zoo bench-quant bench-kernels bench-runtime bench-peers clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,12 @@ bench-kernels: $(STAMP)
 
 bench-runtime: $(STAMP)
 	$(PY) bench/runtime.py
+
+# The peers (llm-compressor, torchao, GPTQModel) in their own pinned venvs under .peers/ (git-ignored);
+# haq never imports them. Then every tool on the same models and windows: bench/results/peers.{json,md}.
+bench-peers: $(STAMP)
+	PYTHON=$(PYTHON) TORCH_SPEC=$(TORCH_SPEC) bash bench/peers/setup.sh
+	$(PY) bench/peers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

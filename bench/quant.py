@@ -69,10 +69,19 @@ def one_cell(args) -> dict:
                        progress=False)
     quant_s = time.perf_counter() - start
     result = perplexity(model, windows["eval"], progress=False)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     return {"model": args.model, "method": args.method, "setting": args.setting, "wbits": wbits,
             "abits": abits, "act": act, "ppl": result.ppl, "quant_s": round(quant_s, 1),
             "peak_rss_mb": round(peak_mb), "tokens": result.tokens}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS. Not getrusage's ru_maxrss: that survives fork and exec, so a
+    cell would report at least the peak of the parent that launched it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_cell(model: str, method: str, setting: str, args) -> dict:

@@ -55,6 +55,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from haq.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, fmt=args.format)
+    print(f"wrote {out} ({args.format}); serve it with: vllm serve {out} --dtype bfloat16")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from haq.runtime.api import open_engine
 
@@ -197,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert Hessians from all tokens (outputs still combine routed experts only)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("export", help="write a W8A8 checkpoint in another engine's format (vLLM: compressed-tensors)")
+    p.add_argument("checkpoint", help="haq checkpoint folder (from `haq quantize`)")
+    p.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"],
+                   help="compressed-tensors int-quantized: int8 per-channel weights, dynamic per-token activations")
+    p.add_argument("-o", "--output", required=True, help="output folder (replaced atomically)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="generate with experts offloaded between CPU and device, with metrics")
     p.add_argument("model", help="MoE model folder, haq checkpoint or zoo name")

@@ -39,6 +39,9 @@ ExportFormat = Literal["compressed-tensors"]
 FORMATS: tuple[str, ...] = ("compressed-tensors",)
 WEIGHTS_NAME = "model.safetensors"
 PROVENANCE_NAME = "haq_export.json"  # not haq_config.json: the export is not a haq checkpoint
+# Files copied from the checkpoint as they are (tokenizer, generation defaults, chat template).
+COPIED_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "generation_config",
+                   "chat_template")
 
 
 @dataclass(frozen=True)
@@ -207,8 +210,8 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: ExportFormat = "com
     with atomic_dir(out) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for extra in src.iterdir():  # tokenizer, generation config, chat template
-            if extra.is_file() and extra.name not in ("config.json", "haq_config.json", HAQ_WEIGHTS):
+        for extra in src.iterdir():
+            if extra.is_file() and extra.name.startswith(COPIED_PREFIXES):
                 shutil.copy2(extra, tmp / extra.name)
         provenance = {"format": fmt, "source": str(src.resolve()), "source_sha256": digest,
                       "recipe": meta["recipe"], "versions": meta.get("versions", {})}

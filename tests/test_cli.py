@@ -31,6 +31,11 @@ def test_quantize_rejects_a_bad_calibration_file_before_loading(capsys, tmp_path
     assert code == 2 and "\n" not in err
 
 
+def test_export_of_a_float_model_is_a_clear_error(capsys, tiny_dir, tmp_path):
+    code, err = run(capsys, "export", str(tiny_dir("tiny-llama")), "-o", str(tmp_path / "x"))
+    assert code == 2 and "not a haq checkpoint" in err and "\n" not in err
+
+
 def test_unknown_zoo_model_build(capsys):
     code, err = run(capsys, "zoo", "build", "nope")
     assert code == 2 and "unknown zoo model 'nope'" in err

@@ -1,6 +1,7 @@
 """compressed-tensors export: layout, config, and a bit-exact round trip through our own reader.
 (The reload by compressed-tensors itself runs in bench/peers.py, in the peers' venv.)"""
 import json
+import shutil
 
 import pytest
 import torch
@@ -20,12 +21,22 @@ def tokens(n, length, seed):
     return torch.randint(0, 4096, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-def checkpoint(tiny_dir, tmp_path, name, **recipe):
+@pytest.fixture(scope="module")
+def checkpoints(tiny_dir, tmp_path_factory):
+    """RTN checkpoints of the tiny models, each built once per module (read-only for the tests)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir(name)).eval()
-    report = quantize_model(model, Recipe(method="rtn", **recipe), tokens(2, 16, 0), progress=False)
-    return save_quantized(model, None, tmp_path / "q", report, {"name": "random"})
+    built = {}
+
+    def make(name, **recipe):
+        key = (name, tuple(sorted(recipe.items())))
+        if key not in built:
+            model = AutoModelForCausalLM.from_pretrained(tiny_dir(name)).eval()
+            report = quantize_model(model, Recipe(method="rtn", **recipe), tokens(2, 16, 0), progress=False)
+            built[key] = save_quantized(model, None, tmp_path_factory.mktemp(name) / "q", report, {"name": "random"})
+        return built[key]
+
+    return make
 
 
 def keys(path):
@@ -34,8 +45,8 @@ def keys(path):
 
 
 @pytest.mark.parametrize("name", ARCHS)
-def test_export_has_the_hf_checkpoint_names_and_reproduces_our_logits(tiny_dir, tmp_path, name):
-    ckpt = checkpoint(tiny_dir, tmp_path, name)
+def test_export_has_the_hf_checkpoint_names_and_reproduces_our_logits(tiny_dir, checkpoints, tmp_path, name):
+    ckpt = checkpoints(name)
     out = export_checkpoint(ckpt, tmp_path / "ct")
     tensors = load_file(out / "model.safetensors")
     # Every tensor of the float model's own save_pretrained (original HF names, per-expert
@@ -67,8 +78,8 @@ def test_export_has_the_hf_checkpoint_names_and_reproduces_our_logits(tiny_dir, 
         assert torch.equal(load_compressed_tensors(out)(ids).logits, load_quantized(ckpt)(ids).logits)
 
 
-def test_mixtral_experts_use_w1_gate_w3_up_w2_down(tiny_dir, tmp_path):
-    ckpt = checkpoint(tiny_dir, tmp_path, "tiny-mixtral-random")
+def test_mixtral_experts_use_w1_gate_w3_up_w2_down(checkpoints, tmp_path):
+    ckpt = checkpoints("tiny-mixtral-random")
     ours = load_file(ckpt / "model.safetensors")
     theirs = load_file(export_checkpoint(ckpt, tmp_path / "ct") / "model.safetensors")
     gate_up, down = ours["model.layers.1.mlp.experts.gate_up_q"], ours["model.layers.1.mlp.experts.down_q"]
@@ -82,8 +93,8 @@ def test_mixtral_experts_use_w1_gate_w3_up_w2_down(tiny_dir, tmp_path):
     assert ignore == ["lm_head", "model.layers.0.block_sparse_moe.gate", "model.layers.1.block_sparse_moe.gate"]
 
 
-def test_static_per_tensor_dense_exports_input_scales(tiny_dir, tmp_path):
-    ckpt = checkpoint(tiny_dir, tmp_path, "tiny-llama", act="per-tensor")
+def test_static_per_tensor_dense_exports_input_scales(checkpoints, tmp_path):
+    ckpt = checkpoints("tiny-llama", act="per-tensor")
     out = export_checkpoint(ckpt, tmp_path / "ct")
     tensors = load_file(out / "model.safetensors")
     assert tensors["model.layers.0.self_attn.q_proj.input_scale"].shape == (1,)
@@ -99,17 +110,17 @@ def test_static_per_tensor_dense_exports_input_scales(tiny_dir, tmp_path):
     ("tiny-llama", {"abits": 16}, "needs a W8A8 checkpoint"),
     ("tiny-llama", {"abits": 6}, "needs a W8A8 checkpoint"),
 ])
-def test_unsupported_checkpoints_are_refused(tiny_dir, tmp_path, name, recipe, message):
-    ckpt = checkpoint(tiny_dir, tmp_path, name, **recipe)
+def test_unsupported_checkpoints_are_refused(checkpoints, tmp_path, name, recipe, message):
+    ckpt = checkpoints(name, **recipe)
     with pytest.raises(HaqError, match=message):
         export_checkpoint(ckpt, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
 
 
-def test_bad_input_is_refused_and_nothing_is_half_written(tiny_dir, tmp_path):
+def test_bad_input_is_refused_and_nothing_is_half_written(tiny_dir, checkpoints, tmp_path):
     with pytest.raises(HaqError, match="not a haq checkpoint"):
         export_checkpoint(tiny_dir("tiny-llama"), tmp_path / "ct")
-    ckpt = checkpoint(tiny_dir, tmp_path, "tiny-llama")
+    ckpt = shutil.copytree(checkpoints("tiny-llama"), tmp_path / "q")  # tampered below
     with pytest.raises(HaqError, match="unknown export format"):
         export_checkpoint(ckpt, tmp_path / "ct", fmt="gguf")
     other = tmp_path / "other"

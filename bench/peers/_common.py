@@ -54,6 +54,14 @@ def perplexity(model, windows: torch.Tensor) -> dict:
 
 
 def peak_rss_mb() -> int:
+    """Peak RSS of this process image: VmHWM, which exec resets. (ru_maxrss is not: on Linux a
+    child inherits its parent's peak at fork, so every cell would report at least the driver's.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 

@@ -49,6 +49,27 @@ def moe_loading(model_type: str):
     return stack
 
 
+def int8_kernel(module: torch.nn.Module):
+    """The forward vLLM's int8 W8A8 kernels compute, on the int8 weight and scale that
+    compressed-tensors loaded (captured before its first forward decompresses them): dynamic
+    per-token scale absmax / 127, levels clamped to [-128, 127], an exact integer GEMM (float64
+    here), then rescaling in float32. compressed-tensors' own CPU forward instead fake-quantizes activations
+    with scale absmax / 127.5, so it differs from both vLLM and haq by one activation rounding."""
+    qweight, w_scale = module.weight.detach().clone(), module.weight_scale.detach().float().clone()
+    bias = None if module.bias is None else module.bias.detach().clone()
+    if qweight.dtype != torch.int8:
+        raise SystemExit(f"expected an int8 weight still compressed after loading, got {qweight.dtype}")
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x_scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127).clamp(min=1e-8)
+        xq = torch.round(x.float() / x_scale).clamp(-128, 127)
+        acc = (xq.double() @ qweight.double().t()).float()  # exact integers (|sum| < 2^53)
+        y = acc * x_scale * w_scale.reshape(1, -1)
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+
+    return forward
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--export", required=True)
@@ -62,18 +83,26 @@ def main() -> None:
     config = AutoConfig.from_pretrained(args.export)
     with moe_loading(config.model_type):
         model = AutoModelForCausalLM.from_pretrained(args.export, dtype=torch.float32).eval()
-    reference = torch.load(args.reference)
-    with torch.no_grad():
-        logits = model(windows["eval"][:1], use_cache=False).logits[0].float()
-    diff = (logits - reference["logits"]).abs()
-    quantized = sum(1 for _, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None)
-    result = perplexity(model, windows["eval"])
-    write_result(args.result, {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
-                               "max_abs_logit": float(reference["logits"].abs().max()),
-                               "argmax_agreement": float((logits.argmax(-1) == reference["logits"].argmax(-1))
-                                                         .float().mean()),
-                               "quantized_modules": quantized, "ppl_reloaded": result["ppl"],
-                               "model_class": type(model).__name__})
+    reference = torch.load(args.reference)["logits"]
+    quantized = {name: m for name, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+    kernels = {name: int8_kernel(m) for name, m in quantized.items()}
+    window = windows["eval"][:1]
+
+    def compare(tag: str) -> dict:
+        with torch.no_grad():
+            logits = model(window, use_cache=False).logits[0].float()
+        diff = (logits - reference).abs()
+        return {f"max_abs_logit_diff{tag}": float(diff.max()), f"mean_abs_logit_diff{tag}": float(diff.mean()),
+                f"argmax_agreement{tag}": float((logits.argmax(-1) == reference.argmax(-1)).float().mean())}
+
+    row = {"model_class": type(model).__name__, "quantized_modules": len(quantized),
+           "max_abs_logit": float(reference.abs().max()), **compare("_ct")}
+    row["ppl_reloaded_ct"] = perplexity(model, windows["eval"])["ppl"]  # compressed-tensors' own forward
+    for name, module in quantized.items():
+        module.forward = kernels[name]
+    row.update(compare(""))
+    row["ppl_reloaded"] = perplexity(model, windows["eval"])["ppl"]  # int8-kernel semantics (vLLM, haq)
+    write_result(args.result, row)
 
 
 if __name__ == "__main__":
