@@ -71,7 +71,7 @@ def run(args) -> dict:
             trace = engine.last_trace("tiny-mixtral")
             engine.close()
             predicted = simulate(trace, hardware, [total * pct // 100], weights[0].nbytes, ["haq"], profile_trace=profile,
-                                 prefill_tokens=prompt.shape[1],
+                                 prefill_tokens=prompt.shape[1], pin_share=engine.policy_ctx.pin_share,
                                  nonexpert_s_per_layer=overhead_s)[0]
             row = {"variant": variant, "budget_pct": pct, "same_tokens_as_cpu": tokens == cpu_tokens,
                    "first_divergence": next((i for i, (a, b) in enumerate(zip(tokens, cpu_tokens)) if a != b), None),

@@ -74,6 +74,7 @@ def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[
     for pct in budgets:
         engine = Engine(copy.deepcopy(model), budget_bytes=total * pct // 100, hardware=measured, policy="haq",
                         profile=profile)
+        engine.generate(prompt, max_new_tokens=4)  # warm-up: first-touch page faults, allocator, caches
         overhead_s = engine.measure_overhead_s_per_layer(prompt)  # non-expert work + the engine's dispatch
         tokens, m = engine.generate(prompt, max_new_tokens=new_tokens)
         trace = engine.last_trace(name)
@@ -88,6 +89,7 @@ def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[
         print(row, flush=True)
         predicted = simulate(trace, measured, [total * pct // 100], weights[0].nbytes, ["haq"], profile_trace=profile,
                              prefill_tokens=prompt.shape[1], nonexpert_s_per_layer=overhead_s,
+                             pin_share=engine.policy_ctx.pin_share,  # the policy exactly as the engine ran it
                              flops_per_token=2.0 * (weights[0].gate_up.numel() + weights[0].down.numel()))[0]
         compare_rows.append({"model": name, "budget_pct": pct, "predicted_ms": predicted.latency_mean_s * 1e3,
                              "measured_ms": m.latency_mean_ms,
