@@ -1,6 +1,7 @@
 """Runtime policy objects: trace format, synthetic traces, hardware profiles, cache, predictor, placement."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import numpy as np
 import pytest
@@ -149,6 +150,16 @@ def test_profile_json_round_trip_and_rejects_bad_keys(tmp_path):
 
 
 # ---------------------------------------------------------------- predictor
+
+def test_a_device_that_is_the_host_never_gets_copies():
+    """CPU-only: the "device" is the same cores, so copying weights there only costs time."""
+    host = dataclasses.replace(load_profile("laptop"), device_is_host=True)
+    host = dataclasses.replace(host, device=host.cpu)
+    predictor = CostPredictor(host, 2 * MiB)
+    for n in (1, 16, 512):
+        d = predictor.decide(n, resident=False, expected_reuse=1e9)
+        assert d.where == "cpu" and not d.transfer
+    assert predictor.decide(1, resident=True).where == "device"  # a resident copy is as good as the CPU
 
 @pytest.fixture(scope="module")
 def mixtral_predictor():

@@ -8,6 +8,8 @@ and the call goes where it finishes first. Deciding a layer's calls one by one, 
 this is greedy list scheduling over the two parallel resources (CPU, link + device): in prefill
 it splits experts between the CPU and copies instead of sending all of them one way.
 Constants come from a HardwareProfile (measured or spec-derived), never from this file.
+When the profile's device is the host CPU itself (`device_is_host`), there is one resource, not
+two: both backlogs are on the same cores, and a copy is time those cores do not compute.
 
 Admission. A copy made for the call itself costs nothing extra to keep: it is admitted when it is
 expected to serve more than what it evicts (expected_reuse > 0). A call served by the CPU may
@@ -20,6 +22,7 @@ idle enough that the copy lands in time to be useful (`max_backlog_s`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,9 +49,12 @@ class CostPredictor:
         self._transfer = t.transfer
         # a background copy is worth queueing only if it can land within about one copy time
         self.max_backlog_s = self._transfer if max_backlog_s is None else max_backlog_s
+        self.shared = profile.device_is_host
         # expected later device uses a background copy needs to repay the CPU time it costs
-        lost = self._transfer * (1.0 - t.cpu_bw_while_copying / profile.cpu.mem_bw.value)
-        self.break_even_reuse = lost / max(t.cpu(1) - t.device(1), 1e-12)
+        lost = self._transfer if self.shared else \
+            self._transfer * (1.0 - t.cpu_bw_while_copying / profile.cpu.mem_bw.value)
+        saving = t.cpu(1) - t.device(1)
+        self.break_even_reuse = lost / saving if saving > 0 else math.inf  # no saving: never worth it
         self._cpu: dict[int, float] = {}  # memo: the simulator asks for the same n millions of times
         self._dev: dict[int, float] = {}
 
@@ -73,6 +79,8 @@ class CostPredictor:
         background copy may still be in flight). `expected_reuse`: device uses this expert would
         serve while cached, net of what its eviction victim would have served (<= 0: keep no copy).
         """
+        if self.shared:  # one timeline: whatever is queued anywhere runs before this call
+            cpu_backlog_s = link_backlog_s = cpu_backlog_s + link_backlog_s
         cpu = cpu_backlog_s + self.t_cpu(n)
         if resident:
             wait = ready_in_s + self.t_device(n)
