@@ -369,3 +369,14 @@ def test_stage_one_covers_frequent_paths():
     freq = np.ones((L, E))  # flat frequencies: only the path statistics can find the path
     placed = two_stage_placement(freq, path_statistics(trace, window=3), 6, path_share=1.0)
     assert placed == {(0, 0), (0, 1), (1, 2), (1, 3), (2, 4), (2, 5)}
+
+
+def test_profile_fit_is_exact_at_one_token_and_recovers_a_line():
+    from haq.runtime.profile_hw import _fit
+
+    ns = [1, 2, 4, 8, 16, 32, 64, 128]
+    a, b = _fit(ns, [3e-3 + 2e-5 * n for n in ns])
+    assert a == pytest.approx(3e-3) and b == pytest.approx(2e-5)
+    flat_then_linear = [1e-3 if n <= 16 else 1e-3 + 1e-5 * (n - 16) for n in ns]
+    a, b = _fit(ns, flat_then_linear)
+    assert a + b == pytest.approx(1e-3)  # the decode time is the measured one

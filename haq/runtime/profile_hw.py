@@ -1,7 +1,7 @@
 """`haq profile-hw`: measure this machine for one expert shape and write a HardwareProfile.
 
-t(n) = a + b n is fitted (least squares, medians of repeats) to expert calls with n tokens on the
-CPU and on the device, using the engine's own expert math; a / b become the profile's
+t(n) = a + b n is fitted (through the measured t(1), medians of repeats) to expert calls with n
+tokens on the CPU and on the device, using the engine's own expert math; a / b become the profile's
 bytes / mem_bw and flops_per_token / int8_ops (the per-call overhead is folded into a, so it is
 recorded as the smallest positive value). Host -> device copies are timed from (pinned) host
 memory. Without CUDA the "device" is the CPU itself, and a copy is a host memory copy.
@@ -34,8 +34,14 @@ def _median_time(fn, repeats: int, sync=lambda: None) -> float:
 
 
 def _fit(ns: list[int], ts: list[float]) -> tuple[float, float]:
-    b, a = np.polyfit(np.array(ns, dtype=float), np.array(ts), 1)
-    return max(float(a), 1e-7), max(float(b), 1e-12)
+    """t(n) = a + b n through the measured t(1), exactly: decode calls (n = 1) are most of a
+    generation's calls, and a free least-squares line lets the large-n points pull its intercept
+    off the measured single-token time. b is the least-squares slope of t(n) - t(1) over n - 1."""
+    n, t = np.array(ns, dtype=float), np.array(ts)
+    dn, dt = n[1:] - n[0], t[1:] - t[0]
+    b = max(float(dn @ dt / (dn @ dn)), 1e-12)
+    a = max(float(t[0] - b * n[0]), 1e-7)
+    return a, b
 
 
 COLD_BYTES = 256 * 2**20
