@@ -225,6 +225,7 @@ def load_compressed_tensors(path: str | Path):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from haq.checkpoint import load_state_checked
     from haq.models.adapters import adapter_for
     from haq.quant.qmodules import install_specs
 
@@ -277,11 +278,5 @@ def load_compressed_tensors(path: str | Path):
             used |= {f"{theirs}.{s}" for s in ("weight", "weight_scale", "input_scale", "bias")}
     state.update({names.from_disk(k): v for k, v in disk.items() if k not in used})
     install_specs(model, specs)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise HaqError(f"{path} does not fit the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if tied:
-        model.tie_weights()
+    load_state_checked(model, state, config, path)
     return model.eval()

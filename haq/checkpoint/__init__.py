@@ -108,12 +108,17 @@ def load_quantized(path: Path, verify: bool = True) -> nn.Module:
         state = load_file(weights)
     except (SafetensorError, OSError) as exc:
         raise HaqError(f"{weights} is not a readable safetensors file: {exc}") from None
+    load_state_checked(model, state, config, weights)
+    model.haq_config = meta
+    return model.eval()
+
+
+def load_state_checked(model, state: dict, config, where) -> None:
+    """Load `state` into `model`; every weight must fit (a tied lm_head may be absent, then tied)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise HaqError(f"{weights} does not fit the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise HaqError(f"{where} does not fit the architecture: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if tied:
         model.tie_weights()
-    model.haq_config = meta
-    return model.eval()
