@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, md_table, write_results
+from common import ROOT, machine, md_table, peak_rss_mb, write_results
 
 MODELS = ["smollm2-135m", "tiny-mixtral", "smollm2-8x135m"]
 PEERS_DIR = Path(os.environ.get("HAQ_PEERS_DIR", ROOT / ".peers"))
@@ -100,15 +99,6 @@ def haq_cell(args) -> dict:
     return {"tool": "haq", "method": "fp32" if args.method == "fp" else f"{args.method} w8a8",
             "ppl": math.exp(nll_sum / count), "tokens": count, "quant_s": round(quant_s, 1),
             "forward_s": round(min(times), 3), "peak_rss_mb": peak_rss_mb()}
-
-
-def peak_rss_mb() -> int:
-    """Peak RSS of this process image (VmHWM, reset by exec; ru_maxrss would include the driver's
-    peak, which a child inherits at fork on Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def run(cmd: list[str], result: Path, timeout: float, env: dict | None = None) -> dict:

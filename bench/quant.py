@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine, md_table, write_results
+from common import ROOT, machine, md_table, peak_rss_mb, write_results
 
 MODELS = ["smollm2-135m", "smollm2-8x135m", "tiny-mixtral", "tiny-mixtral+outliers"]
 METHODS = ["rtn", "smoothquant", "gptq", "haq"]
@@ -73,15 +72,6 @@ def one_cell(args) -> dict:
     return {"model": args.model, "method": args.method, "setting": args.setting, "wbits": wbits,
             "abits": abits, "act": act, "ppl": result.ppl, "quant_s": round(quant_s, 1),
             "peak_rss_mb": round(peak_mb), "tokens": result.tokens}
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS. Not getrusage's ru_maxrss: that survives fork and exec, so a
-    cell would report at least the peak of the parent that launched it."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_cell(model: str, method: str, setting: str, args) -> dict:
