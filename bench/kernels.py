@@ -1,9 +1,10 @@
 """Int8 linear vs float nn.Linear at 4096x4096, and the end-to-end forward of a quantized model.
 
 The int8 linear is the whole W8A8 path: per-token activation quantization, the int8 x int8 ->
-int32 GEMM, and the float rescale. Both int8 GEMM backends are timed: `torch._int_mm` and the
-exact float GEMM of the int8 values (what "auto" runs on CPUs without VNNI/AMX). Medians of
-repeats, all in one run, reported as ratios to fp32. Writes bench/results/kernels.json and .md.
+int32 GEMM, and the float rescale. Every int8 GEMM backend this machine has is timed:
+`torch._int_mm` (what "auto" runs with VNNI/AMX or on CUDA), FBGEMM with the activation split
+(what "auto" runs on x86 CPUs without them) and the exact float GEMM of the int8 values (the
+fallback). Medians of repeats, all in one run, reported as ratios to fp32. Writes bench/results/kernels.json and .md.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from common import machine, md_table, write_results
 
-from haq.kernels.int8 import cpu_has_int8_dot
+from haq.kernels.int8 import cpu_has_int8_dot, has_fbgemm
 
 
 def median_ms(fn, repeats: int, sync=lambda: None) -> float:
@@ -38,8 +39,11 @@ def linear_rows(size: int, ms: list[int], repeats: int, device: torch.device) ->
     torch.manual_seed(0)
     fp32 = nn.Linear(size, size, bias=False).to(device)
     bf16 = nn.Linear(size, size, bias=False).to(device, torch.bfloat16)
-    backends = {"int8 (_int_mm)": Int8Linear.from_float(fp32, impl="int_mm"),
+    backends = {"int8 (auto)": Int8Linear.from_float(fp32, impl="auto"),
+                "int8 (_int_mm)": Int8Linear.from_float(fp32, impl="int_mm"),
                 "int8 (exact float GEMM)": Int8Linear.from_float(fp32, impl="float")}
+    if device.type == "cpu" and has_fbgemm():
+        backends["int8 (fbgemm split)"] = Int8Linear.from_float(fp32, impl="fbgemm")
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     rows = []
     for m in ms:
@@ -49,7 +53,7 @@ def linear_rows(size: int, ms: list[int], repeats: int, device: torch.device) ->
         for name, module in backends.items():
             slow = "_int_mm" in name and device.type == "cpu" and not cpu_has_int8_dot()
             row[f"{name} ms"] = median_ms(lambda: module(x), max(1, repeats // 3) if slow else repeats, sync)
-        for key in ("bf16_ms", "int8 (_int_mm) ms", "int8 (exact float GEMM) ms"):
+        for key in ["bf16_ms"] + [f"{name} ms" for name in backends]:
             row[f"fp32/{key.removesuffix(' ms').removesuffix('_ms')}"] = row["fp32_ms"] / row[key]
         rows.append(row)
         print(row, flush=True)
@@ -70,7 +74,8 @@ def tokens_for(tokenizer, seqlen: int) -> tuple[torch.Tensor, str]:
 
 
 @torch.no_grad()
-def end_to_end(model_name: str, seqlen: int, repeats: int, device: torch.device) -> dict:
+def end_to_end(model_name: str, seqlens: list[int], repeats: int, device: torch.device) -> list[dict]:
+    """fp32 vs W8A8 RTN (auto backend) forward of the whole model, one row per sequence length."""
     from haq import zoo
     from haq.models.loading import load_model
     from haq.quant.pipeline import quantize_model
@@ -78,15 +83,15 @@ def end_to_end(model_name: str, seqlen: int, repeats: int, device: torch.device)
 
     zoo.build(model_name)
     model, tokenizer, _ = load_model(model_name)
-    ids, source = tokens_for(tokenizer, seqlen)
+    ids, source = tokens_for(tokenizer, max(seqlens))
     model, ids = model.to(device), ids.to(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    fp_ms = median_ms(lambda: model(ids, use_cache=False), repeats, sync)
+    fp_ms = [median_ms(lambda: model(ids[:, :n], use_cache=False), repeats, sync) for n in seqlens]
     quantize_model(model.cpu(), Recipe(method="rtn"), ids[:, :256].cpu(), progress=False)
     model = model.to(device)
-    q_ms = median_ms(lambda: model(ids, use_cache=False), repeats, sync)
-    return {"model": model_name, "tokens": seqlen, "token_source": source, "fp32_ms": fp_ms, "w8a8_ms": q_ms,
-            "fp32/w8a8": fp_ms / q_ms}
+    q_ms = [median_ms(lambda: model(ids[:, :n], use_cache=False), repeats, sync) for n in seqlens]
+    return [{"model": model_name, "tokens": n, "token_source": source, "fp32_ms": f, "w8a8_ms": q, "fp32/w8a8": f / q}
+            for n, f, q in zip(seqlens, fp_ms, q_ms)]
 
 
 def main() -> None:
@@ -94,27 +99,28 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 16, 128, 512])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[2048, 16],
+                        help="end-to-end forward lengths (prefill-sized and decode-batch-sized)")
     parser.add_argument("--name", default="kernels", help="results file stem under bench/results")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="smollm2-135m", help="zoo model for the end-to-end forward")
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = linear_rows(args.size, args.ms, args.repeats, device)
-    e2e = end_to_end(args.model, args.seqlen, max(1, args.repeats // 2), device)
+    e2e = end_to_end(args.model, args.seqlens, max(3, args.repeats // 2), device)
     has_dot = cpu_has_int8_dot()
     where = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else
              f"{machine()['cpu']}, {torch.get_num_threads()} threads, VNNI/AMX int8 dot products: "
              f"{'yes' if has_dot else 'no'}")
-    cols = ["M", "fp32_ms", "bf16_ms", "int8 (_int_mm) ms", "int8 (exact float GEMM) ms", "fp32/bf16",
-            "fp32/int8 (_int_mm)", "fp32/int8 (exact float GEMM)"]
+    names = [key.removesuffix(" ms") for key in rows[0] if key.startswith("int8 (")]
+    cols = ["M", "fp32_ms", "bf16_ms", *[f"{n} ms" for n in names], "fp32/bf16", *[f"fp32/{n}" for n in names]]
     md = (f"# Int8 kernels vs float ({where})\n\n"
           f"{args.size}x{args.size} linear, median of {args.repeats}; ratios > 1 mean faster than fp32. "
           f"The int8 rows are the whole W8A8 path: per-token activation quantization, the int8 GEMM, the rescale.\n\n"
           + md_table(rows, cols)
-          + f"\nEnd to end, {e2e['model']} forward on {e2e['tokens']} tokens ({e2e['token_source']}): "
-            f"fp32 {e2e['fp32_ms']:.0f} ms, W8A8 RTN (auto backend) {e2e['w8a8_ms']:.0f} ms, "
-            f"ratio fp32/W8A8 = {e2e['fp32/w8a8']:.2f}\n")
+          + f"\nEnd to end, {args.model} forward ({e2e[0]['token_source']}), W8A8 RTN with the auto backend "
+            f"({'torch._int_mm' if device.type == 'cuda' else 'picked per GEMM shape'}):\n\n"
+          + md_table(e2e, ["tokens", "fp32_ms", "w8a8_ms", "fp32/w8a8"]))
     write_results(args.name, {"machine": machine(), "device": str(device), "int8_dot_instructions": has_dot,
                               "linear": rows, "end_to_end": e2e}, md)
 

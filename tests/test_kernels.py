@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haq.errors import HaqError
-from haq.kernels.int8 import Int8Linear, int8_expert_mlp, int8_linear, int8_matmul
+from haq.kernels.int8 import Int8Linear, has_fbgemm, int8_expert_mlp, int8_linear, int8_matmul
 from haq.quant.gptq import accumulate_hessian, gptq_quantize
 from haq.quant.rtn import fake_quant_act, quantize_weight, weight_scales
 
@@ -34,8 +34,10 @@ def reference_linear(x, qweight, w_scale, bias=None, act_bits=8, mode="per-token
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["auto", "float"])
+@pytest.mark.parametrize("impl", ["auto", "float"] + (["fbgemm"] if has_fbgemm() else []))
 def test_int8_matmul_is_exact(device: str, impl: str) -> None:
+    if impl == "fbgemm" and device != "cpu":
+        pytest.skip("FBGEMM is a CPU library")
     g = torch.Generator().manual_seed(0)
     for M in MS:
         for K, N in KNS:
@@ -54,6 +56,22 @@ def test_int8_matmul_is_exact(device: str, impl: str) -> None:
         warnings.simplefilter("ignore")  # N=3 is not a CUDA _int_mm shape
         out = int8_matmul(a, b, impl)
     assert out[0, 0].double().item() == pytest.approx(-127 * 127 * K, abs=1)
+
+
+@pytest.mark.skipif(not has_fbgemm(), reason="this PyTorch has no FBGEMM")
+def test_fbgemm_matmul_exact_where_a_single_u8_pass_saturates() -> None:
+    """Extreme int8 values in every pair of K (the int16 pair sums of vpmaddubsw would saturate
+    for a zero-point-128 activation pass), and a weight rewritten in place (the packed copy must
+    follow it)."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-128, 128, (17, 64), generator=g, dtype=torch.int8)
+    a[:, ::2] = -128
+    a[1] = 127
+    w = torch.randint(-128, 128, (24, 64), generator=g, dtype=torch.int8)
+    w[:, :32] = -128
+    assert torch.equal(int8_matmul(a, w.t(), "fbgemm").double(), (a.long() @ w.long().t()).double())
+    w.mul_(-1).clamp_(-127, 127)
+    assert torch.equal(int8_matmul(a, w.t(), "fbgemm").double(), (a.long() @ w.long().t()).double())
 
 
 def test_int8_matmul_rejects_bad_operands() -> None:
