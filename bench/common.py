@@ -41,7 +41,7 @@ def write_results(name: str, payload: dict, markdown: str) -> None:
 
 def md_table(rows: list[dict], columns: list[str]) -> str:
     def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        return f"{v:.6g}" if isinstance(v, float) else str(v)  # 6 digits: ppl 226.441 vs 226.506 must differ
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]

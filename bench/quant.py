@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--resume", nargs="*", default=None, metavar="FILE",
                         help="reuse the cells of these result files (default quant.json) measured with the "
                              "same windows")
+    parser.add_argument("--redo", nargs="*", default=[], metavar="METHOD",
+                        help="measure these methods again even where --resume has their cells (after a change)")
     parser.add_argument("--name", default="quant", help="results file stem under bench/results")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -128,7 +130,8 @@ def main() -> None:
                 rows.append({**fp, "setting": "fp", "wbits": 32, "abits": 32, "act": "-", "fp_ppl": fp["ppl"],
                              "delta_pct": 0.0})
             for method in args.methods:
-                row = done.get((model, method, setting)) or run_cell(model, method, setting, args)
+                reuse = None if method in args.redo else done.get((model, method, setting))
+                row = reuse or run_cell(model, method, setting, args)
                 row.update(fp_ppl=fp_ppl[model], delta_pct=round(100 * (row["ppl"] / fp_ppl[model] - 1), 3))
                 rows.append(row)
                 write(rows, args, done=False)  # an interrupted run keeps what it measured
@@ -166,7 +169,7 @@ def write(rows: list[dict], args, done: bool) -> None:
               f"alone (calibration forward passes included, tokenization not).\n\n"
               + ("" if done else "**Partial: the run was still going when this was written.**\n\n"))
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("windows_dir", "one", "model", "method", "setting", "resume", "name")}
+                if k not in ("windows_dir", "one", "model", "method", "setting", "resume", "redo", "name")}
     write_results(args.name, {"machine": machine(), "args": settings, "complete": done, "rows": rows}, header + table)
 
 

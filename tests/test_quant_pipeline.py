@@ -137,6 +137,24 @@ def test_gptq_lowers_the_output_error_of_a_real_layer(tiny_dir):
     assert errors["gptq"] < errors["rtn"]
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral-random"])
+def test_haq_keeps_gptq_only_where_it_lowers_the_block_error(tiny_dir, name, monkeypatch):
+    """A GPTQ that returns worse weights than RTN (here: every level one step off) is rejected per
+    layer, and the RTN weights of the smoothed layer are installed instead."""
+    solve = pipeline._solve
+
+    def spoiled(W, H, *args, **kwargs):
+        q, scale = solve(W, H, *args, **kwargs)
+        return (q.to(torch.int16) + 1).clamp(-127, 127).to(torch.int8), scale
+
+    monkeypatch.setattr(pipeline, "_solve", spoiled)
+    model = load(tiny_dir, name)
+    report = quantize_model(model, Recipe(method="haq", alpha_step=0.25), tokens(4, 64, 0), progress=False)
+    assert [layer.weights for layer in report.layers] == ["rtn"] * len(report.layers)
+    q = adapter_for(model.config).decoder_layers(model)[0].get_submodule("self_attn.q_proj")
+    assert bool((q.qweight.abs().amax(1) == 127).all())  # RTN: every row's largest weight at the grid's end
+
+
 def test_interrupted_run_resumes_from_the_last_finished_layer(tiny_dir, tmp_path, monkeypatch):
     calib = tokens(4, 32, 0)
     recipe = Recipe(method="gptq")

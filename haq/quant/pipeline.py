@@ -30,8 +30,8 @@ from haq.quant.calibration import LayerStats, forward_windows, observe_layer
 from haq.quant.gptq import gptq_quantize
 from haq.quant.qmodules import install_specs, spec_of
 from haq.quant.recipe import Recipe
-from haq.quant.rtn import qmax_for, quantize_weight, weight_scales
-from haq.quant.smoothing import Probe, smooth_layer
+from haq.quant.rtn import dequantize_weight, qmax_for, quantize_weight, weight_scales
+from haq.quant.smoothing import Probe, block_error, smooth_layer
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class LayerReport:
     alphas: dict[str, float | None] = field(default_factory=dict)
     damp: dict[str, float] = field(default_factory=dict)
     fallbacks: list[str] = field(default_factory=list)
+    weights: str = ""  # haq: "gptq", or "rtn" where GPTQ's weights gave the larger block error
     seconds: float = 0.0
 
 
@@ -129,42 +130,96 @@ def _quantized_linear(linear: nn.Linear, qweight, scale, recipe: Recipe, input_s
                                  act_bits=recipe.abits, act_mode=recipe.act, input_scale=input_scale)
 
 
+Solution = tuple[torch.Tensor, torch.Tensor]  # (qweight int8, scale)
+
+
 def quantize_layer(layer: nn.Module, adapter: ArchAdapter, stats: LayerStats, recipe: Recipe,
                    report: LayerReport, prefix: str, probe: Probe | None = None) -> dict[str, dict]:
     """Smooth, then quantize every linear and expert of one layer in place; returns the specs."""
     if recipe.smooths:
         report.alphas = smooth_layer(layer, adapter, stats, recipe, probe)
         log.debug("layer %d alphas %s", report.index, report.alphas)
+    linears = {name: _solve(layer.get_submodule(name).weight.data, stats.linears[name].H,
+                            stats.linears[name].tokens, recipe, f"{prefix}.{name}", report)
+               for name in adapter.linears}
+    experts = _solve_experts(layer, adapter, stats, recipe, report, prefix) if adapter.moe is not None else None
+    if recipe.method == "haq" and probe is not None:
+        report.weights = "gptq"
+        rtn_linears, rtn_experts = _rtn_solutions(layer, adapter, recipe)
+        if (_block_error_with(layer, adapter, recipe, probe, rtn_linears, rtn_experts)
+                < _block_error_with(layer, adapter, recipe, probe, linears, experts)):
+            linears, experts, report.weights = rtn_linears, rtn_experts, "rtn"
     specs = {}
-    for name in adapter.linears:
-        linear, st = layer.get_submodule(name), stats.linears[name]
-        qweight, scale = _solve(linear.weight.data, st.H, st.tokens, recipe, f"{prefix}.{name}", report)
+    for name, (qweight, scale) in linears.items():
+        linear = layer.get_submodule(name)
         layer.set_submodule(name, _quantized_linear(linear, qweight, scale, recipe,
-                                                    _static_scale(st.act_max, recipe)))
+                                                    _static_scale(stats.linears[name].act_max, recipe)))
         specs[name] = spec_of(layer.get_submodule(name))
-    if adapter.moe is not None:
-        specs[adapter.moe.experts] = _quantize_experts(layer, adapter, stats, recipe, report, prefix)
+    if experts is not None:
+        specs[adapter.moe.experts] = _install_experts(layer, adapter, stats, recipe, experts)
     return specs
 
 
-def _quantize_experts(layer, adapter, stats, recipe, report, prefix) -> dict:
+def _rtn_solutions(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe):
+    def rtn(W: torch.Tensor) -> Solution:
+        scale = weight_scales(W.float(), recipe.wbits)
+        return quantize_weight(W.float(), scale, recipe.wbits), scale
+
+    linears = {name: rtn(layer.get_submodule(name).weight.data) for name in adapter.linears}
+    if adapter.moe is None:
+        return linears, None
+    ex = layer.get_submodule(adapter.moe.experts)
+    return linears, [(rtn(ex.gate_up_proj.data[e]), rtn(ex.down_proj.data[e])) for e in range(ex.gate_up_proj.shape[0])]
+
+
+@torch.no_grad()
+def _block_error_with(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, probe: Probe,
+                      linears: dict[str, Solution], experts: list[tuple[Solution, Solution]] | None) -> float:
+    """The block error of the layer with these quantized weights (activations fake-quantized)."""
+    saved = {name: layer.get_submodule(name).weight.data for name in linears}
+    for name, (q, scale) in linears.items():
+        layer.get_submodule(name).weight.data = dequantize_weight(q, scale, saved[name].dtype)
+    ex = layer.get_submodule(adapter.moe.experts) if experts is not None else None
+    if ex is not None:
+        saved_experts = ex.gate_up_proj.data, ex.down_proj.data
+        ex.gate_up_proj.data = torch.stack([dequantize_weight(*gu, saved_experts[0].dtype) for gu, _ in experts])
+        ex.down_proj.data = torch.stack([dequantize_weight(*d, saved_experts[1].dtype) for _, d in experts])
+    try:
+        return block_error(layer, adapter, recipe, probe, quantize_weights=False)
+    finally:
+        for name, weight in saved.items():
+            layer.get_submodule(name).weight.data = weight
+        if ex is not None:
+            ex.gate_up_proj.data, ex.down_proj.data = saved_experts
+
+
+def _solve_experts(layer, adapter, stats, recipe, report, prefix) -> list[tuple[Solution, Solution]]:
     experts = layer.get_submodule(adapter.moe.experts)
     ex = stats.experts
-    E, two_i, hidden = experts.gate_up_proj.shape
-    module = Int8Experts(E, hidden, two_i // 2, experts.act_fn,
-                         act_bits=recipe.abits if recipe.quant_acts else 16, act_mode=recipe.act)
-    for e in range(E):
+    solutions = []
+    for e in range(experts.gate_up_proj.shape[0]):
         name = f"{prefix}.{adapter.moe.experts}[{e}]"
         if ex.routed_tokens[e] < recipe.min_expert_tokens and not recipe.calibrate_all_experts:
             log.warning("%s was routed %d calibration tokens (< %d): its weights use RTN",
                         name, ex.routed_tokens[e], recipe.min_expert_tokens)
         H, tokens = ex.gate_up_hessian(e)
-        q, s = _solve(experts.gate_up_proj.data[e], H, tokens, recipe, f"{name}.gate_up", report,
-                      recipe.min_expert_tokens)
-        module.gate_up_q[e], module.gate_up_scale[e] = q, s
-        q, s = _solve(experts.down_proj.data[e], ex.down[e].H, ex.down[e].tokens, recipe, f"{name}.down",
+        gate_up = _solve(experts.gate_up_proj.data[e], H, tokens, recipe, f"{name}.gate_up", report,
+                         recipe.min_expert_tokens)
+        down = _solve(experts.down_proj.data[e], ex.down[e].H, ex.down[e].tokens, recipe, f"{name}.down",
                       report, recipe.min_expert_tokens)
-        module.down_q[e], module.down_scale[e] = q, s
+        solutions.append((gate_up, down))
+    return solutions
+
+
+def _install_experts(layer, adapter, stats, recipe, solutions: list[tuple[Solution, Solution]]) -> dict:
+    experts = layer.get_submodule(adapter.moe.experts)
+    ex = stats.experts
+    E, two_i, hidden = experts.gate_up_proj.shape
+    module = Int8Experts(E, hidden, two_i // 2, experts.act_fn,
+                         act_bits=recipe.abits if recipe.quant_acts else 16, act_mode=recipe.act)
+    for e, ((gu_q, gu_s), (d_q, d_s)) in enumerate(solutions):
+        module.gate_up_q[e], module.gate_up_scale[e] = gu_q, gu_s
+        module.down_q[e], module.down_scale[e] = d_q, d_s
         if module.gate_up_in_scale is not None:
             gate_up_max = ex.moe_input.act_max if recipe.calibrate_all_experts else ex.gate_up[e].act_max
             module.gate_up_in_scale[e] = _static_scale(gate_up_max, recipe)

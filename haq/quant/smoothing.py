@@ -127,12 +127,13 @@ def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) ->
 class FakeQuantExperts(nn.Module):
     """Fused experts computed with fake-quant weights and activations (same forward signature)."""
 
-    def __init__(self, experts: nn.Module, recipe: Recipe):
+    def __init__(self, experts: nn.Module, recipe: Recipe, quantize_weights: bool = True):
         super().__init__()
         self.recipe = recipe
         self.act_fn = experts.act_fn
-        self.gate_up = [fake_quant_weight(w, recipe.wbits) for w in experts.gate_up_proj.data]
-        self.down = [fake_quant_weight(w, recipe.wbits) for w in experts.down_proj.data]
+        wq = (lambda w: fake_quant_weight(w, recipe.wbits)) if quantize_weights else (lambda w: w)
+        self.gate_up = [wq(w) for w in experts.gate_up_proj.data]
+        self.down = [wq(w) for w in experts.down_proj.data]
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         r = self.recipe
@@ -149,19 +150,21 @@ class FakeQuantExperts(nn.Module):
 
 
 @contextmanager
-def fake_quantized(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe):
-    """The layer with every quantized linear and expert fake-quantized, restored on exit."""
+def fake_quantized(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, quantize_weights: bool = True):
+    """The layer with every quantized linear and expert fake-quantized, restored on exit
+    (`quantize_weights=False`: the weights already hold quantized values; activations only)."""
     saved, handles = {}, []
     for name in adapter.linears:
         linear = layer.get_submodule(name)
         saved[name] = linear.weight.data
-        linear.weight.data = fake_quant_weight(linear.weight.data, recipe.wbits)
+        if quantize_weights:
+            linear.weight.data = fake_quant_weight(linear.weight.data, recipe.wbits)
         if recipe.quant_acts:
             handles.append(linear.register_forward_pre_hook(
                 lambda _m, args: (fake_quant_act(args[0], recipe.abits, recipe.act),) + tuple(args[1:])))
     experts = layer.get_submodule(adapter.moe.experts) if adapter.moe is not None else None
     if experts is not None:
-        layer.set_submodule(adapter.moe.experts, FakeQuantExperts(experts, recipe))
+        layer.set_submodule(adapter.moe.experts, FakeQuantExperts(experts, recipe, quantize_weights))
     try:
         yield layer
     finally:
@@ -183,10 +186,11 @@ class Probe:
 
 
 @torch.no_grad()
-def block_error(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, probe: Probe) -> float:
+def block_error(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, probe: Probe,
+                quantize_weights: bool = True) -> float:
     """Mean squared error of the fake-quantized layer's outputs against the float outputs."""
     total, count = 0.0, 0
-    with fake_quantized(layer, adapter, recipe):
+    with fake_quantized(layer, adapter, recipe, quantize_weights):
         outputs = forward_windows(layer, probe.inputs, probe.kwargs)
     for out, ref in zip(outputs, probe.reference):
         total += float(((out - ref) ** 2).sum())
