@@ -19,7 +19,9 @@ from common import ROOT, machine, md_table, peak_rss_mb, write_results
 
 MODELS = ["smollm2-135m", "smollm2-8x135m", "tiny-mixtral", "tiny-mixtral+outliers"]
 METHODS = ["rtn", "smoothquant", "gptq", "haq"]
-SETTINGS = {"w8a8-token": (8, 8, "per-token"), "w8a8-tensor": (8, 8, "per-tensor"), "w8a6-token": (8, 6, "per-token")}
+SETTINGS = {"w8a8-token": (8, 8, "per-token"), "w8a8-tensor": (8, 8, "per-tensor"), "w8a6-token": (8, 6, "per-token"),
+            "w8a16": (8, 16, "per-token")}  # weight-only: how much of the W8A8 loss is the weights'
+WEIGHT_ONLY_METHODS = ("rtn", "gptq")  # smoothing has nothing to do when activations stay float
 
 
 def load(model_name: str):
@@ -92,7 +94,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--stress-models", nargs="*", default=["tiny-mixtral", "tiny-mixtral+outliers"],
-                        help="models that also run the settings beyond w8a8-token (the small ones by default: "
+                        help="models that also run the stress settings (w8a8-tensor, w8a6-token) (the small ones by default: "
                              "a full grid on the 135M models takes hours on 2 cores)")
     parser.add_argument("--max-windows", type=int, default=4, help="wiki-offline test windows of 2048 tokens")
     parser.add_argument("--nsamples", type=int, default=32)
@@ -121,7 +123,7 @@ def main() -> None:
     # Settings in the outer loop: the headline W8A8 per-token rows of every model come first.
     for setting in args.settings:
         for model in args.models:
-            if setting != "w8a8-token" and args.stress_models is not None and model not in args.stress_models:
+            if setting not in ("w8a8-token", "w8a16") and args.stress_models is not None and model not in args.stress_models:
                 continue
             if model not in fp_ppl:
                 windows_file(model, args)
@@ -130,6 +132,8 @@ def main() -> None:
                 rows.append({**fp, "setting": "fp", "wbits": 32, "abits": 32, "act": "-", "fp_ppl": fp["ppl"],
                              "delta_pct": 0.0})
             for method in args.methods:
+                if SETTINGS[setting][1] > 8 and method not in WEIGHT_ONLY_METHODS:
+                    continue
                 reuse = None if method in args.redo else done.get((model, method, setting))
                 row = reuse or run_cell(model, method, setting, args)
                 row.update(fp_ppl=fp_ppl[model], delta_pct=round(100 * (row["ppl"] / fp_ppl[model] - 1), 3))
