@@ -41,9 +41,11 @@ bench-runtime: $(STAMP)
 
 # The peers (llm-compressor, torchao, GPTQModel) in their own pinned venvs under .peers/ (git-ignored);
 # haq never imports them. Then every tool on the same models and windows: bench/results/peers.{json,md}.
+# The budget (55 min by default) counts from when make started, venv setup included.
+BENCH_START := $(shell date +%s)
 bench-peers: $(STAMP)
 	PYTHON=$(PYTHON) TORCH_SPEC=$(TORCH_SPEC) bash bench/peers/setup.sh
-	$(PY) bench/peers.py
+	$(PY) bench/peers.py --started-at $(BENCH_START) --budget-min 55
 
 clean:
 	rm -rf $(VENV) build *.egg-info

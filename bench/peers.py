@@ -174,6 +174,9 @@ def main() -> None:
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--budget-min", type=float, default=50,
                         help="wall-clock budget: a model starts only if its estimated time still fits")
+    parser.add_argument("--started-at", type=float, default=None,
+                        help="count the budget and the total from this Unix time (make bench-peers passes its own "
+                             "start, so creating the venvs counts too)")
     parser.add_argument("--work-dir", help="keep windows, checkpoints and exports here (default: a temp folder)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -189,7 +192,9 @@ def main() -> None:
         return
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="haq-bench-peers-"))
     work.mkdir(parents=True, exist_ok=True)
-    start, deadline = time.perf_counter(), time.perf_counter() + 60 * args.budget_min
+    # perf_counter is monotonic; the Unix start (if given) moves its origin back by the setup time.
+    start = time.perf_counter() - (time.time() - args.started_at if args.started_at else 0.0)
+    deadline = start + 60 * args.budget_min
     rows, exports, skipped = [], [], []
     last = None  # (bytes, seconds) of the largest finished model: scaled by size, the estimate for the next
     for model in args.models:
@@ -289,7 +294,7 @@ def write(rows, exports, skipped, args, seconds: float, done: bool) -> None:
             f"quant_s is the quantization call alone; forward_s is one forward pass over 2048 tokens on the CPU "
             f"({machine()['threads']} threads). llm-compressor runs its result as simulated int8 (fake-quantized "
             f"float), torchao and haq as real int8 GEMMs, GPTQModel as int8 weights dequantized to bfloat16 "
-            f"(its CPU kernel takes no float32). Total {seconds / 60:.1f} min.\n\n"
+            f"(its CPU kernel takes no float32). Total {seconds / 60:.1f} min{' (venv setup included)' if args.started_at else ''}.\n\n"
             + ("" if done else "**Partial: the run was still going when this was written.**\n\n")
             + table + "\n## Why haq (generated from these rows)\n\n" + why_haq(rows)
             + ("\nSkipped for time: " + ", ".join(skipped) + "\n" if skipped else "")
