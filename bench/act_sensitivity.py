@@ -1,6 +1,7 @@
 """Where W8A8 loses perplexity: the float model with only one kind of linear input fake-quantized
 to int8 per token (weights untouched), with and without each window's first token (the attention
-sink) left in float. Writes bench/results/act_sensitivity.json and .md."""
+sink) left in float, before and after the residual-stream rotation (`--rotate`, exact in float).
+Writes bench/results/act_sensitivity.json and .md."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +16,7 @@ def main() -> None:
     from haq.data.corpora import eval_windows
     from haq.eval.perplexity import perplexity
     from haq.models.loading import load_model
+    from haq.quant.rotation import rotate_residual
     from haq.quant.rtn import fake_quant_act
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -45,12 +47,17 @@ def main() -> None:
 
     fp = perplexity(model, windows, progress=False).ppl
     rows = []
-    for kind, names in kinds.items():
-        for keep_first in (False, True):
-            ppl = ppl_with(names, keep_first)
-            rows.append({"inputs quantized": kind, "first token float": keep_first, "ppl": ppl, "fp_ppl": fp,
-                         "delta_pct": round(100 * (ppl / fp - 1), 3)})
-            print(rows[-1], flush=True)
+    for rotated in (False, True):
+        if rotated:
+            rotate_residual(model)
+            fp_rotated = perplexity(model, windows, progress=False).ppl
+            assert abs(fp_rotated / fp - 1) < 1e-4, (fp_rotated, fp)  # the rotation is exact in float
+        for kind, names in kinds.items():
+            for keep_first in (False, True):
+                ppl = ppl_with(names, keep_first)
+                rows.append({"inputs quantized": kind, "residual rotated": rotated, "first token float": keep_first,
+                             "ppl": ppl, "fp_ppl": fp, "delta_pct": round(100 * (ppl / fp - 1), 3)})
+                print(rows[-1], flush=True)
     md = (f"# Activation sensitivity of {args.model} (A{args.abits} per token, weights float)\n\n"
           f"wiki-offline test, first {args.max_windows} windows of 2048 tokens; one kind of linear input "
           f"fake-quantized at a time.\n\n" + md_table(rows, list(rows[0])))

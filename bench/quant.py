@@ -18,7 +18,7 @@ from pathlib import Path
 from common import ROOT, machine, md_table, peak_rss_mb, write_results
 
 MODELS = ["smollm2-135m", "smollm2-8x135m", "tiny-mixtral", "tiny-mixtral+outliers"]
-METHODS = ["rtn", "smoothquant", "gptq", "haq"]
+METHODS = ["rtn", "smoothquant", "gptq", "haq", "rtn+rotate", "haq+rotate"]  # +rotate: residual stream rotated first
 SETTINGS = {"w8a8-token": (8, 8, "per-token"), "w8a8-tensor": (8, 8, "per-tensor"), "w8a6-token": (8, 6, "per-token"),
             "w8a16": (8, 16, "per-token")}  # weight-only: how much of the W8A8 loss is the weights'
 WEIGHT_ONLY_METHODS = ("rtn", "gptq")  # smoothing has nothing to do when activations stay float
@@ -66,8 +66,9 @@ def one_cell(args) -> dict:
     wbits, abits, act = SETTINGS[args.setting]
     start = time.perf_counter()
     if args.method != "fp":
-        quantize_model(model, Recipe(method=args.method, wbits=wbits, abits=abits, act=act), windows["calib"],
-                       progress=False)
+        method, _, variant = args.method.partition("+")
+        recipe = Recipe(method=method, wbits=wbits, abits=abits, act=act, rotate=variant == "rotate")
+        quantize_model(model, recipe, windows["calib"], progress=False)
     quant_s = time.perf_counter() - start
     result = perplexity(model, windows["eval"], progress=False)
     peak_mb = peak_rss_mb()

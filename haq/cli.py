@@ -49,7 +49,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from haq.quant.recipe import Recipe
 
     recipe = Recipe(method=args.method, wbits=args.wbits, abits=args.abits, act=args.act, alpha=args.alpha,
-                    alpha_search=args.alpha_search, calibrate_all_experts=args.calibrate_all_experts)
+                    alpha_search=args.alpha_search, calibrate_all_experts=args.calibrate_all_experts,
+                    rotate=args.rotate)
     out = quantize(args.model, recipe, args.output, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                    seed=args.seed)
     print(f"wrote {out}")
@@ -202,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibrate-all-experts", action="store_true",
                    help="expert Hessians from all tokens (outputs still combine routed experts only)")
+    p.add_argument("--rotate", action="store_true",
+                   help="rotate the residual stream first (exact; unties a tied lm_head): flattens outlier tokens")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.set_defaults(func=cmd_quantize)
 

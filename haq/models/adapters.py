@@ -47,6 +47,17 @@ class MoeSpec:
 
 
 @dataclass(frozen=True)
+class Residual:
+    """Model-level paths of the residual stream (for its rotation): the embedding, the final norm,
+    the lm_head, and per layer the modules that write into the stream (fused experts: their down)."""
+
+    writers: tuple[str, ...]
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+
+
+@dataclass(frozen=True)
 class ArchAdapter:
     model_types: tuple[str, ...]
     layers: str
@@ -54,6 +65,7 @@ class ArchAdapter:
     groups: tuple[SmoothGroup, ...]
     moe: MoeSpec | None = None
     high_precision: tuple[str, ...] = field(default=())  # read but never quantized
+    residual: Residual | None = None  # None: the residual stream cannot be rotated (LayerNorm)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -72,6 +84,7 @@ LLAMA = ArchAdapter(
         SmoothGroup("norm->mlp", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         SmoothGroup("up->down", "mlp.up_proj", ("mlp.down_proj",), kind="linear"),
     ),
+    residual=Residual(writers=("self_attn.o_proj", "mlp.down_proj")),
 )
 def _routed_experts_only(model_types: tuple[str, ...], num_experts_attr: str) -> ArchAdapter:
     """Mixtral-style blocks: attention, then a router and fused experts (no shared expert)."""
@@ -88,6 +101,7 @@ def _routed_experts_only(model_types: tuple[str, ...], num_experts_attr: str) ->
         moe=MoeSpec(block="mlp", router="mlp.gate", experts="mlp.experts",
                     top_k_attr="num_experts_per_tok", num_experts_attr=num_experts_attr),
         high_precision=("mlp.gate",),
+        residual=Residual(writers=("self_attn.o_proj", "mlp.experts")),
     )
 
 
@@ -111,6 +125,7 @@ QWEN2_MOE = ArchAdapter(
                 num_experts_attr="num_experts", shared_expert="mlp.shared_expert",
                 shared_expert_gate="mlp.shared_expert_gate"),
     high_precision=("mlp.gate", "mlp.shared_expert_gate"),
+    residual=Residual(writers=("self_attn.o_proj", "mlp.experts", "mlp.shared_expert.down_proj")),
 )
 QWEN3_MOE = _routed_experts_only(("qwen3_moe",), "num_experts")
 # OPT: LayerNorms with bias; ReLU between fc1 and fc2 is positively homogeneous, so fc1 -> fc2

@@ -30,6 +30,7 @@ from haq.quant.calibration import LayerStats, forward_windows, observe_layer
 from haq.quant.gptq import gptq_quantize
 from haq.quant.qmodules import install_specs, spec_of
 from haq.quant.recipe import Recipe
+from haq.quant.rotation import rotate_residual
 from haq.quant.rtn import dequantize_weight, qmax_for, quantize_weight, weight_scales
 from haq.quant.smoothing import Probe, block_error, smooth_layer
 
@@ -269,6 +270,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
     if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
         raise HaqError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(calib.shape)}")
     tokens = calib.numel()
+    if recipe.rotate:  # deterministic (seeded), so a resumed run rotates the same way
+        rotate_residual(model)
     probe_windows = max(1, math.ceil(recipe.search_tokens / calib.shape[1]))  # haq's block-error probe
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,106 @@
+"""Residual-stream rotation (QuaRot / SpinQuant style, offline part only): an orthogonal Q turns the
+residual stream h into h Q. RMSNorm commutes with it once its weight is folded into the linears
+that read it, so the rewrite is exact and the model keeps its architecture and its int8 kernels.
+
+Why: per-token int8 activations lose most on tokens whose normalized activations are dominated by
+a few huge channels (the attention-sink token of every window). Q spreads such a channel over all
+channels, so the token's per-token scale drops by up to sqrt(hidden) and its other channels keep
+their bits. The MLP's inner activations (down_proj inputs) are not rotated: that needs an online
+transform in the kernel; smoothing still treats them.
+
+Rewrite, with row vectors (y = x W^T): readers of a norm W <- (W diag(g)) Q and g <- 1; writers into
+the residual (o_proj, down_proj, every expert's down) W <- Q^T W, bias b <- b Q; embedding E <- E Q;
+lm_head (after the final norm) like a reader. A tied lm_head is untied first.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from haq.errors import HaqError
+from haq.models.adapters import ADAPTERS, adapter_for
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """Sylvester Hadamard matrix of order n (a power of two), orthonormal, float64."""
+    if n & (n - 1):
+        raise ValueError(f"Sylvester Hadamard needs a power of two, got {n}")
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < n:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H / math.sqrt(n)
+
+
+def rotation_matrix(n: int, seed: int = 0) -> torch.Tensor:
+    """A random orthogonal n x n matrix, float64: random signs times H_(2^k) (x) O_m, n = 2^k m.
+
+    A pure randomized Hadamard when n is a power of two (the most even spread of any one channel,
+    QuaRot's choice); otherwise the odd factor comes from a seeded random orthogonal O_m (QR).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    k = n & -n  # largest power of two dividing n
+    m = n // k
+    Q = hadamard(k)
+    if m > 1:
+        O, R = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+        Q = torch.kron(Q, (O * torch.sign(torch.diagonal(R))).contiguous())
+    signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
+    return signs[:, None] * Q
+
+
+def _weight(module: nn.Module) -> nn.Parameter:
+    """The tensor whose last dimension reads the residual: fused experts' gate_up, else weight."""
+    return module.gate_up_proj if hasattr(module, "gate_up_proj") else module.weight
+
+
+def _rotate_reader(module: nn.Module, gain: torch.Tensor, Q: torch.Tensor) -> None:
+    weight = _weight(module)
+    weight.data = ((weight.data.double() * gain) @ Q).to(weight.dtype)
+
+
+def _rotate_writer(module: nn.Module, Q: torch.Tensor) -> None:
+    if hasattr(module, "down_proj") and isinstance(module.down_proj, nn.Parameter):  # fused experts [E, H, I]
+        down = module.down_proj
+        down.data = torch.einsum("hk,ehi->eki", Q, down.data.double()).to(down.dtype)
+        return
+    module.weight.data = (Q.T @ module.weight.data.double()).to(module.weight.dtype)
+    if getattr(module, "bias", None) is not None:
+        module.bias.data = (module.bias.data.double() @ Q).to(module.bias.dtype)
+
+
+def _fold_norm(norm: nn.Module, where: str) -> torch.Tensor:
+    """The norm's gain, which its readers absorb; the norm keeps a weight of ones."""
+    if getattr(norm, "bias", None) is not None:
+        raise HaqError(f"{where}: a norm with a bias (LayerNorm) does not commute with a rotation")
+    gain = norm.weight.data.double().clone()
+    norm.weight.data.fill_(1.0)
+    return gain
+
+
+@torch.no_grad()
+def rotate_residual(model: nn.Module, seed: int = 0) -> None:
+    """Rotate `model`'s residual stream in place; its float function is unchanged."""
+    adapter = adapter_for(model.config)
+    spec = adapter.residual
+    if spec is None:
+        supported = ", ".join(t for a in ADAPTERS if a.residual is not None for t in a.model_types)
+        raise HaqError(f"--rotate is not supported for {model.config.model_type!r} (its norms subtract the mean); "
+                       f"supported: {supported}")
+    embed, lm_head = model.get_submodule(spec.embed), model.get_submodule(spec.lm_head)
+    if lm_head.weight is embed.weight or lm_head.weight.data_ptr() == embed.weight.data_ptr():
+        lm_head.weight = nn.Parameter(embed.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    Q = rotation_matrix(embed.weight.shape[1], seed)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for group in adapter.groups:
+            if group.kind != "norm":
+                continue
+            gain = _fold_norm(layer.get_submodule(group.prev), f"layer {index} {group.prev}")
+            for name in group.consumers + group.rescale:
+                _rotate_reader(layer.get_submodule(name), gain, Q)
+        for name in spec.writers:
+            _rotate_writer(layer.get_submodule(name), Q)
+    _rotate_reader(lm_head, _fold_norm(model.get_submodule(spec.final_norm), spec.final_norm), Q)
+    embed.weight.data = (embed.weight.data.double() @ Q).to(embed.weight.dtype)
