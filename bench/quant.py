@@ -104,7 +104,8 @@ def main() -> None:
                         help="reuse the cells of these result files (default quant.json) measured with the "
                              "same windows")
     parser.add_argument("--redo", nargs="*", default=[], metavar="METHOD",
-                        help="measure these methods again even where --resume has their cells (after a change)")
+                        help="measure these methods (or MODEL:METHOD cells) again even where --resume has their "
+                             "cells (after a change)")
     parser.add_argument("--name", default="quant", help="results file stem under bench/results")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -135,7 +136,8 @@ def main() -> None:
             for method in args.methods:
                 if SETTINGS[setting][1] > 8 and method not in WEIGHT_ONLY_METHODS:
                     continue
-                reuse = None if method in args.redo else done.get((model, method, setting))
+                redo = method in args.redo or f"{model}:{method}" in args.redo
+                reuse = None if redo else done.get((model, method, setting))
                 row = reuse or run_cell(model, method, setting, args)
                 row.update(fp_ppl=fp_ppl[model], delta_pct=round(100 * (row["ppl"] / fp_ppl[model] - 1), 3))
                 rows.append(row)

@@ -134,6 +134,9 @@ def to_compressed_tensors(state: dict[str, torch.Tensor], specs: dict[str, dict]
 
     for path, spec in specs.items():
         disk = names.to_disk(path)
+        if spec.get("rotation"):
+            raise HaqError(f"module {path} rotates its input at run time (--rotate): compressed-tensors has no "
+                           "such transform; export a checkpoint quantized without --rotate")
         if spec["type"] == "int8_linear":
             put(disk, state[f"{path}.qweight"], state[f"{path}.w_scale"], state.get(f"{path}.input_scale"))
             if f"{path}.bias" in state:

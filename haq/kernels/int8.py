@@ -289,6 +289,8 @@ class Int8Linear(nn.Module):
         self.register_buffer(
             "input_scale", torch.ones((), dtype=torch.float32, device=device) if static_input_scale else None
         )
+        # x -> x R before quantizing (haq.quant.rotation.OnlineRotation; qweight then holds W R)
+        self.online_rotation: nn.Module | None = None
 
     @classmethod
     def from_float(
@@ -333,6 +335,8 @@ class Int8Linear(nn.Module):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.online_rotation is not None:
+            x = self.online_rotation(x)
         return int8_linear(
             x, self.qweight.t(), self.w_scale, self.bias, self.act_bits, self.act_mode, self.input_scale, self.impl
         )

@@ -52,6 +52,7 @@ class Residual:
     the lm_head, and per layer the modules that write into the stream (fused experts: their down)."""
 
     writers: tuple[str, ...]
+    online: tuple[str, ...] = ()  # dense linears whose inputs are rotated at run time (down_proj)
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
@@ -84,7 +85,7 @@ LLAMA = ArchAdapter(
         SmoothGroup("norm->mlp", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         SmoothGroup("up->down", "mlp.up_proj", ("mlp.down_proj",), kind="linear"),
     ),
-    residual=Residual(writers=("self_attn.o_proj", "mlp.down_proj")),
+    residual=Residual(writers=("self_attn.o_proj", "mlp.down_proj"), online=("mlp.down_proj",)),
 )
 def _routed_experts_only(model_types: tuple[str, ...], num_experts_attr: str) -> ArchAdapter:
     """Mixtral-style blocks: attention, then a router and fused experts (no shared expert)."""

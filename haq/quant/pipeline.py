@@ -30,7 +30,7 @@ from haq.quant.calibration import LayerStats, forward_windows, observe_layer
 from haq.quant.gptq import gptq_quantize
 from haq.quant.qmodules import install_specs, spec_of
 from haq.quant.recipe import Recipe
-from haq.quant.rotation import rotate_residual
+from haq.quant.rotation import rotate_online_inputs, rotate_residual
 from haq.quant.rtn import dequantize_weight, qmax_for, quantize_weight, weight_scales
 from haq.quant.smoothing import Probe, block_error, smooth_layer
 
@@ -127,8 +127,10 @@ def _quantized_linear(linear: nn.Linear, qweight, scale, recipe: Recipe, input_s
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach())
         return module
-    return Int8Linear.from_float(linear, bits=recipe.wbits, scale=scale, qweight=qweight,
-                                 act_bits=recipe.abits, act_mode=recipe.act, input_scale=input_scale)
+    module = Int8Linear.from_float(linear, bits=recipe.wbits, scale=scale, qweight=qweight,
+                                   act_bits=recipe.abits, act_mode=recipe.act, input_scale=input_scale)
+    module.online_rotation = getattr(linear, "online_rotation", None)
+    return module
 
 
 Solution = tuple[torch.Tensor, torch.Tensor]  # (qweight int8, scale)
@@ -272,6 +274,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
     tokens = calib.numel()
     if recipe.rotate:  # deterministic (seeded), so a resumed run rotates the same way
         rotate_residual(model)
+        if recipe.quant_acts:
+            rotate_online_inputs(model)
     probe_windows = max(1, math.ceil(recipe.search_tokens / calib.shape[1]))  # haq's block-error probe
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)

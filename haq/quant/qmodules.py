@@ -8,13 +8,15 @@ from haq.errors import HaqError
 from haq.kernels.experts import Int8Experts
 from haq.kernels.int8 import Int8Linear
 from haq.kernels.weight_only import WeightOnlyInt8Linear
+from haq.quant.rotation import OnlineRotation
 
 
 def spec_of(module: nn.Module) -> dict:
     if isinstance(module, Int8Linear):
         return {"type": "int8_linear", "in": module.in_features, "out": module.out_features,
                 "bias": module.bias is not None, "act_bits": module.act_bits, "act_mode": module.act_mode,
-                "static": module.input_scale is not None}
+                "static": module.input_scale is not None,
+                **({"rotation": list(module.online_rotation.sizes)} if module.online_rotation is not None else {})}
     if isinstance(module, WeightOnlyInt8Linear):
         return {"type": "w8a16_linear", "in": module.in_features, "out": module.out_features,
                 "bias": module.bias is not None}
@@ -29,8 +31,11 @@ def module_from_spec(spec: dict, original: nn.Module) -> nn.Module:
     (the experts' activation function)."""
     kind = spec.get("type")
     if kind == "int8_linear":
-        return Int8Linear(spec["in"], spec["out"], bias=spec["bias"], act_bits=spec["act_bits"],
-                          act_mode=spec["act_mode"], static_input_scale=spec["static"])
+        module = Int8Linear(spec["in"], spec["out"], bias=spec["bias"], act_bits=spec["act_bits"],
+                            act_mode=spec["act_mode"], static_input_scale=spec["static"])
+        if spec.get("rotation"):
+            module.online_rotation = OnlineRotation(*spec["rotation"])
+        return module
     if kind == "w8a16_linear":
         return WeightOnlyInt8Linear(spec["in"], spec["out"], bias=spec["bias"])
     if kind == "int8_experts":

@@ -5,8 +5,12 @@ that read it, so the rewrite is exact and the model keeps its architecture and i
 Why: per-token int8 activations lose most on tokens whose normalized activations are dominated by
 a few huge channels (the attention-sink token of every window). Q spreads such a channel over all
 channels, so the token's per-token scale drops by up to sqrt(hidden) and its other channels keep
-their bits. The MLP's inner activations (down_proj inputs) are not rotated: that needs an online
-transform in the kernel; smoothing still treats them.
+their bits.
+
+The MLP's inner activations (dense down_proj inputs) sit behind a nonlinearity, so no offline
+rewrite reaches them: `OnlineRotation` turns them into x R at run time (R = A kron B, n(a+b)
+multiply-adds per token rather than n^2) with the weight stored as W R; the int8 linear applies it
+before quantizing. Experts' down inputs are not rotated yet.
 
 Rewrite, with row vectors (y = x W^T): readers of a norm W <- (W diag(g)) Q and g <- 1; writers into
 the residual (o_proj, down_proj, every expert's down) W <- Q^T W, bias b <- b Q; embedding E <- E Q;
@@ -104,3 +108,58 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> None:
             _rotate_writer(layer.get_submodule(name), Q)
     _rotate_reader(lm_head, _fold_norm(model.get_submodule(spec.final_norm), spec.final_norm), Q)
     embed.weight.data = (embed.weight.data.double() @ Q).to(embed.weight.dtype)
+
+
+def _kron_sizes(n: int) -> tuple[int, int]:
+    """(a, b), a * b = n, a the largest power of two with a^2 <= n that divides n."""
+    a = 1
+    while n % (2 * a) == 0 and (2 * a) ** 2 <= n:
+        a *= 2
+    return a, n // a
+
+
+class OnlineRotation(nn.Module):
+    """x -> x (A kron B) over the last dimension: A a randomized Hadamard [a, a], B [b, b]."""
+
+    def __init__(self, a: int, b: int):
+        super().__init__()
+        self.register_buffer("A", torch.eye(a))
+        self.register_buffer("B", torch.eye(b))
+
+    @classmethod
+    def seeded(cls, n: int, seed: int = 0) -> OnlineRotation:
+        a, b = _kron_sizes(n)
+        module = cls(a, b)
+        module.A.copy_(rotation_matrix(a, seed))
+        module.B.copy_(rotation_matrix(b, seed + 1))
+        return module
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return self.A.shape[0], self.B.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.sizes
+        y = x.reshape(-1, a, b) @ self.B.to(x.dtype)  # rows: sum_j x_ij B_jl
+        y = (y.transpose(1, 2) @ self.A.to(x.dtype)).transpose(1, 2)  # sum_i A_ik y_il
+        return y.reshape(x.shape)
+
+
+def _rotate_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.online_rotation(args[0]), *args[1:])
+
+
+@torch.no_grad()
+def rotate_online_inputs(model: nn.Module, seed: int = 0) -> None:
+    """Rotate the inputs of the adapter's online-rotated linears (dense down_proj): W <- W R and a
+    pre-hook x -> x R, exact in float. Quantization carries `online_rotation` into the int8 module."""
+    adapter = adapter_for(model.config)
+    if adapter.residual is None:
+        return
+    for layer in adapter.decoder_layers(model):
+        for name in adapter.residual.online:
+            linear = layer.get_submodule(name)
+            rotation = OnlineRotation.seeded(linear.in_features, seed).to(linear.weight.device)
+            linear.weight.data = rotation(linear.weight.data.float()).to(linear.weight.dtype)
+            linear.online_rotation = rotation
+            linear.register_forward_pre_hook(_rotate_input)

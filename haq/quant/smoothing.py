@@ -48,7 +48,10 @@ def _divide_prev(prev: nn.Module, s: torch.Tensor) -> None:
 
 
 def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats) -> GroupPlan | None:
-    """None when the group saw no activations (e.g. experts that were never routed)."""
+    """None when the group saw no activations (e.g. experts that were never routed), or when its
+    consumers' inputs are rotated online (the rotation already spreads their outliers)."""
+    if any(getattr(layer.get_submodule(name), "online_rotation", None) is not None for name in group.consumers):
+        return None
     if group.kind == "experts-up":
         return _plan_experts_up(layer, group, stats)
     weights, act_maxes = [], []
