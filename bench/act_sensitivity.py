@@ -1,6 +1,7 @@
 """Where W8A8 loses perplexity: the float model with only one kind of linear input fake-quantized
 to int8 per token (weights untouched), with and without each window's first token (the attention
-sink) left in float, before and after the residual-stream rotation (`--rotate`, exact in float).
+sink) left in float, before and after the rotations of `--rotate` (residual stream offline, dense
+down_proj inputs online; exact in float).
 Writes bench/results/act_sensitivity.json and .md."""
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def main() -> None:
     from haq.data.corpora import eval_windows
     from haq.eval.perplexity import perplexity
     from haq.models.loading import load_model
-    from haq.quant.rotation import rotate_residual
+    from haq.quant.rotation import rotate_online_inputs, rotate_residual
     from haq.quant.rtn import fake_quant_act
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -50,12 +51,13 @@ def main() -> None:
     for rotated in (False, True):
         if rotated:
             rotate_residual(model)
+            rotate_online_inputs(model)  # its pre-hooks run before the fake-quant hooks registered later
             fp_rotated = perplexity(model, windows, progress=False).ppl
             assert abs(fp_rotated / fp - 1) < 1e-4, (fp_rotated, fp)  # the rotation is exact in float
         for kind, names in kinds.items():
             for keep_first in (False, True):
                 ppl = ppl_with(names, keep_first)
-                rows.append({"inputs quantized": kind, "residual rotated": rotated, "first token float": keep_first,
+                rows.append({"inputs quantized": kind, "rotated (--rotate)": rotated, "first token float": keep_first,
                              "ppl": ppl, "fp_ppl": fp, "delta_pct": round(100 * (ppl / fp - 1), 3)})
                 print(rows[-1], flush=True)
     md = (f"# Activation sensitivity of {args.model} (A{args.abits} per token, weights float)\n\n"
