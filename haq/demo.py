@@ -49,21 +49,23 @@ def main(argv: list[str] | None = None) -> None:
     from haq.quant.recipe import Recipe
 
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("rtn", "haq"):
-            print(f"== quantizing smollm2-8x135m with {method} W8A8", flush=True)
+        for method, rotate in (("rtn", False), ("haq", False), ("haq", True)):
+            label = f"{method} W8A8" + (" --rotate" if rotate else "")
+            print(f"== quantizing smollm2-8x135m with {label}", flush=True)
             # A coarser alpha grid and a smaller probe than the defaults keep the demo to minutes.
-            recipe = Recipe(method=method, alpha_step=0.25, search_tokens=512)
-            out = quantize("smollm2-8x135m", recipe, Path(tmp) / method, nsamples=args.nsamples, seqlen=512)
+            recipe = Recipe(method=method, alpha_step=0.25, search_tokens=512, rotate=rotate)
+            out = quantize("smollm2-8x135m", recipe, Path(tmp) / label.replace(" ", "_"), nsamples=args.nsamples,
+                           seqlen=512)
             model, tokenizer, _ = load_model(out)
             ppl, tokens = ppl_of(model, tokenizer, args.seqlen, args.windows)
-            rows.append(("smollm2-8x135m", f"{method} W8A8", ppl, tokens))
+            rows.append(("smollm2-8x135m", label, ppl, tokens))
             del model
         print(f"\nwiki-offline test perplexity (first {args.windows} windows of {args.seqlen} tokens)\n")
-        print(f"| {'model':16s} | {'weights':11s} | {'ppl':>8s} | {'tokens':>6s} |")
-        print(f"|{'-' * 18}|{'-' * 13}|{'-' * 10}|{'-' * 8}|")
+        print(f"| {'model':16s} | {'weights':20s} | {'ppl':>8s} | {'tokens':>6s} |")
+        print(f"|{'-' * 18}|{'-' * 22}|{'-' * 10}|{'-' * 8}|")
         for name, kind, ppl, tokens in rows:
-            print(f"| {name:16s} | {kind:11s} | {ppl:8.3f} | {tokens:6d} |")
-        run_offloaded(Path(tmp) / "haq", args.prompt, args.new_tokens)
+            print(f"| {name:16s} | {kind:20s} | {ppl:8.3f} | {tokens:6d} |")
+        run_offloaded(Path(tmp) / "haq_W8A8_--rotate", args.prompt, args.new_tokens)
     simulate_mixtral()
     print(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
 
@@ -73,7 +75,7 @@ def run_offloaded(checkpoint: Path, prompt: str, new_tokens: int) -> None:
     from haq.runtime.api import default_device, open_engine
 
     device = default_device()
-    print(f"\n== running the haq W8A8 smollm2-8x135m offloaded: 25% of expert bytes on {device}", flush=True)
+    print(f"\n== running the haq W8A8 --rotate smollm2-8x135m offloaded: 25% of expert bytes on {device}", flush=True)
     engine, tokenizer = open_engine(checkpoint, "25%", device=device)
     try:
         tokens, metrics = engine.generate(tokenizer(prompt, return_tensors="pt").input_ids, new_tokens)
