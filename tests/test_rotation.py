@@ -18,6 +18,15 @@ def tokens(n, length, seed):
     return torch.randint(0, 4096, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
+def assert_rewrite_keeps_logits(model, rewrite) -> None:
+    ids = tokens(2, 16, 0)
+    with torch.no_grad():
+        before = model(ids).logits
+        rewrite(model)
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("n", [64, 576, 96, 7])
 def test_rotation_matrix_is_orthogonal_and_spreads_every_channel(n):
     Q = rotation_matrix(n, seed=3)
@@ -33,12 +42,7 @@ def test_rotation_matrix_is_orthogonal_and_spreads_every_channel(n):
 def test_rotation_keeps_the_float_function(tiny_dir, name):
     model = load(tiny_dir, name)
     model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2: must be untied
-    ids = tokens(2, 16, 0)
-    with torch.no_grad():
-        before = model(ids).logits
-        rotate_residual(model)
-        after = model(ids).logits
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert_rewrite_keeps_logits(model, rotate_residual)
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     assert model.config.tie_word_embeddings is False
     assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
@@ -73,12 +77,7 @@ def test_online_rotation_is_its_kronecker_matrix(n):
 
 def test_online_rotation_keeps_the_float_function(tiny_dir):
     model = load(tiny_dir, "tiny-llama")
-    ids = tokens(2, 16, 0)
-    with torch.no_grad():
-        before = model(ids).logits
-        rotate_online_inputs(model)
-        after = model(ids).logits
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    assert_rewrite_keeps_logits(model, rotate_online_inputs)
     assert all(layer.mlp.down_proj.online_rotation is not None for layer in model.model.layers)
 
 
