@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-all-experts", action="store_true",
                    help="expert Hessians from all tokens (outputs still combine routed experts only)")
     p.add_argument("--rotate", action="store_true",
-                   help="rotate the residual stream first (exact; unties a tied lm_head): flattens outlier tokens")
+                   help="rotate the residual stream (exact; unties a tied lm_head) and, in dense MLPs, the "
+                        "down_proj inputs at run time: flattens outlier tokens; online-rotated checkpoints do not "
+                        "export to compressed-tensors")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.set_defaults(func=cmd_quantize)
 
