@@ -71,6 +71,16 @@ class ArchAdapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
+    @property
+    def norm_groups(self) -> tuple[SmoothGroup, ...]:
+        """Groups fed by a norm: the places where the residual stream is read."""
+        return tuple(g for g in self.groups if g.kind == "norm")
+
+
+def input_weight(module: nn.Module) -> nn.Parameter:
+    """The parameter whose last dimension is `module`'s input: fused experts' gate_up, else weight."""
+    return module.gate_up_proj if hasattr(module, "gate_up_proj") else module.weight
+
 
 ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 V_TO_O = SmoothGroup("v->o", "self_attn.v_proj", ("self_attn.o_proj",), kind="linear",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from haq.models.adapters import adapter_for
+from haq.models.adapters import adapter_for, input_weight
 
 
 @torch.no_grad()
@@ -17,15 +17,11 @@ def inject_outliers(model: nn.Module, channels: int = 4, factor: float = 50.0, s
     hidden = model.config.hidden_size
     picked = torch.randperm(hidden, generator=torch.Generator().manual_seed(seed))[:channels]
     for layer in adapter.decoder_layers(model):
-        for group in adapter.groups:
-            if group.kind != "norm":
-                continue
+        for group in adapter.norm_groups:
             norm = layer.get_submodule(group.prev)
             norm.weight[picked] *= factor
             if getattr(norm, "bias", None) is not None:
                 norm.bias[picked] *= factor
             for name in group.consumers + group.rescale:
-                module = layer.get_submodule(name)
-                weight = module.gate_up_proj if hasattr(module, "gate_up_proj") else module.weight
-                weight[..., picked] /= factor
+                input_weight(layer.get_submodule(name))[..., picked] /= factor
     return picked.tolist()

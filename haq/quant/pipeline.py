@@ -108,8 +108,12 @@ def _solve(W: torch.Tensor, H: torch.Tensor | None, tokens: int, recipe: Recipe,
         log.warning("%s saw %d calibration tokens (< %d): quantized with RTN instead of GPTQ",
                     name, tokens, min_tokens)
         report.fallbacks.append(name)
-    scale = weight_scales(W.float(), recipe.wbits)
-    return quantize_weight(W.float(), scale, recipe.wbits), scale
+    return _rtn(W, recipe.wbits)
+
+
+def _rtn(W: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = weight_scales(W.float(), bits)
+    return quantize_weight(W.float(), scale, bits), scale
 
 
 def _static_scale(act_max: torch.Tensor | None, recipe: Recipe) -> torch.Tensor | None:
@@ -164,15 +168,13 @@ def quantize_layer(layer: nn.Module, adapter: ArchAdapter, stats: LayerStats, re
 
 
 def _rtn_solutions(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe):
-    def rtn(W: torch.Tensor) -> Solution:
-        scale = weight_scales(W.float(), recipe.wbits)
-        return quantize_weight(W.float(), scale, recipe.wbits), scale
-
-    linears = {name: rtn(layer.get_submodule(name).weight.data) for name in adapter.linears}
+    bits = recipe.wbits
+    linears = {name: _rtn(layer.get_submodule(name).weight.data, bits) for name in adapter.linears}
     if adapter.moe is None:
         return linears, None
     ex = layer.get_submodule(adapter.moe.experts)
-    return linears, [(rtn(ex.gate_up_proj.data[e]), rtn(ex.down_proj.data[e])) for e in range(ex.gate_up_proj.shape[0])]
+    return linears, [(_rtn(ex.gate_up_proj.data[e], bits), _rtn(ex.down_proj.data[e], bits))
+                     for e in range(ex.gate_up_proj.shape[0])]
 
 
 @torch.no_grad()

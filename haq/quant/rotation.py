@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from haq.errors import HaqError
-from haq.models.adapters import ADAPTERS, adapter_for
+from haq.models.adapters import ADAPTERS, adapter_for, input_weight
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -54,13 +54,8 @@ def rotation_matrix(n: int, seed: int = 0) -> torch.Tensor:
     return signs[:, None] * Q
 
 
-def _weight(module: nn.Module) -> nn.Parameter:
-    """The tensor whose last dimension reads the residual: fused experts' gate_up, else weight."""
-    return module.gate_up_proj if hasattr(module, "gate_up_proj") else module.weight
-
-
 def _rotate_reader(module: nn.Module, gain: torch.Tensor, Q: torch.Tensor) -> None:
-    weight = _weight(module)
+    weight = input_weight(module)
     weight.data = ((weight.data.double() * gain) @ Q).to(weight.dtype)
 
 
@@ -93,14 +88,12 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> None:
         raise HaqError(f"--rotate is not supported for {model.config.model_type!r} (its norms subtract the mean); "
                        f"supported: {supported}")
     embed, lm_head = model.get_submodule(spec.embed), model.get_submodule(spec.lm_head)
-    if lm_head.weight is embed.weight or lm_head.weight.data_ptr() == embed.weight.data_ptr():
+    if lm_head.weight.data_ptr() == embed.weight.data_ptr():  # tied
         lm_head.weight = nn.Parameter(embed.weight.detach().clone())
         model.config.tie_word_embeddings = False
     Q = rotation_matrix(embed.weight.shape[1], seed)
     for index, layer in enumerate(adapter.decoder_layers(model)):
-        for group in adapter.groups:
-            if group.kind != "norm":
-                continue
+        for group in adapter.norm_groups:
             gain = _fold_norm(layer.get_submodule(group.prev), f"layer {index} {group.prev}")
             for name in group.consumers + group.rescale:
                 _rotate_reader(layer.get_submodule(name), gain, Q)
