@@ -2,9 +2,9 @@
 
 The int8 linear is the whole W8A8 path: per-token activation quantization, the int8 x int8 ->
 int32 GEMM, and the float rescale. Every int8 GEMM backend this machine has is timed:
-`torch._int_mm` (what "auto" runs with VNNI/AMX or on CUDA), FBGEMM with the activation split
-(what "auto" runs on x86 CPUs without them) and the exact float GEMM of the int8 values (the
-fallback). Medians of repeats, all in one run, reported as ratios to fp32. Writes bench/results/kernels.json and .md.
+`torch._int_mm` (what "auto" runs on CUDA, and on CPUs with VNNI/AMX above 32 rows), FBGEMM with
+the activation split (what "auto" runs on x86 CPUs up to 32 rows, and beyond without VNNI when K
+is long) and the exact float GEMM of the int8 values (the fallback). Medians of repeats, all in one run, reported as ratios to fp32. Writes bench/results/kernels.json and .md.
 """
 from __future__ import annotations
 

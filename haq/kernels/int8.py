@@ -31,7 +31,9 @@ with float GEMMs. ms per call on this project's 2-core AVX-512 Xeon (no VNNI), t
     512 x 576 x 1536             -            6.6          8.5
 
 FBGEMM wins at decode-sized M and, while the float path needs several K chunks, up to a few
-hundred rows; the float path wins for large M (prefill, calibration).
+hundred rows; the float path wins for large M (prefill, calibration). With VNNI, FBGEMM still
+beats ``torch._int_mm`` up to 32 rows (M=16, 4096 x 4096: 0.98 vs 1.78 ms on a 2-core EPYC,
+bench/results/kernels-epyc-vnni.md), and ``torch._int_mm`` runs above.
 
 ``torch._int_mm(a [M, K] int8, b [K, N] int8) -> int32 [M, N]`` constraints (torch 2.13):
 - CPU: any M, K, N (including 0 and odd sizes), any strides.
@@ -74,7 +76,7 @@ _warned_shapes: set[tuple[str, int, int]] = set()  # (device type, K, N) already
 def cpu_has_int8_dot() -> bool:
     """Whether this CPU has int8 dot-product instructions (VNNI or AMX). Without them
     ``torch._int_mm`` on CPU is 50-80x slower than an fp32 GEMM (measured above), so "auto" then
-    runs the exact float GEMM of the same int8 values instead."""
+    never uses it (:func:`cpu_auto_impl`)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -91,9 +93,9 @@ def has_fbgemm() -> bool:
 
 
 FBGEMM_MAX_M = 32
-"""On CPUs without VNNI/AMX "auto" runs FBGEMM up to this many rows (measured above) ..."""
+"""On CPUs "auto" runs FBGEMM up to this many rows (measured above, with and without VNNI) ..."""
 FBGEMM_MAX_M_LONG_K = 256
-"""... and up to this many when K is long enough for the float path to need several chunks."""
+"""... and, without VNNI, up to this many when K is long enough for the float path to need several chunks."""
 
 
 def cpu_auto_impl(M: int = 1, K: int = 0) -> MatmulImpl:
@@ -178,7 +180,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, impl: MatmulImpl = "auto") -> 
     ``impl``: "int_mm" uses ``torch._int_mm`` (error if the shape is unsupported), "float" the
     exact float GEMM, "auto" ``torch._int_mm`` where supported and the float GEMM otherwise (with a
     one-time warning per shape), "fbgemm" FBGEMM's int8 GEMM (x86 CPUs).
-    On a CPU without VNNI/AMX, "auto" picks "fbgemm" or "float" by shape (:func:`cpu_auto_impl`).
+    On a CPU, "auto" picks by shape and instruction set (:func:`cpu_auto_impl`).
     Float32 output is exact up to |value| 2^24, and within 1 ulp beyond.
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:

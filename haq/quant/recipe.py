@@ -27,7 +27,7 @@ class Recipe:
     actorder: bool = True
     calibrate_all_experts: bool = False  # expert Hessians from all tokens (outputs still use routed ones)
     min_expert_tokens: int = 16  # fewer routed calibration tokens than this: RTN for that expert, with a warning
-    rotate: bool = False  # rotate the residual stream first (haq.quant.rotation): flattens the sink token
+    rotate: bool = False  # residual stream offline, dense down_proj inputs online (haq.quant.rotation)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -1,4 +1,4 @@
-"""Residual-stream rotation (QuaRot / SpinQuant style, offline part only): an orthogonal Q turns the
+"""Rotations before quantization (QuaRot / SpinQuant style). Offline: an orthogonal Q turns the
 residual stream h into h Q. RMSNorm commutes with it once its weight is folded into the linears
 that read it, so the rewrite is exact and the model keeps its architecture and its int8 kernels.
 
