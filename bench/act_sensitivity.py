@@ -14,11 +14,11 @@ from common import machine, md_table, write_results
 
 def main() -> None:
     from haq import zoo
-    from haq.data.corpora import eval_windows
+    from haq.data.windows import eval_windows
     from haq.eval.perplexity import perplexity
-    from haq.models.loading import load_model
+    from haq.loading import load_model
     from haq.quant.rotation import rotate_online_inputs, rotate_residual
-    from haq.quant.rtn import fake_quant_act
+    from haq.kernels.grid import fake_quant_act
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")

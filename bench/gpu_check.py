@@ -35,11 +35,11 @@ def run(args) -> dict:
 
     from haq.quant.pipeline import quantize_model
     from haq.quant.recipe import Recipe
-    from haq.runtime.engine import Engine
+    from haq.api import build_engine
     from haq.runtime.profile_hw import profile_hardware
     from haq.runtime.record import record_trace
     from haq.runtime.store import extract_experts
-    from haq.sim.simulator import simulate
+    from haq.sim.tuning import simulate
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     text = Path(args.text).read_text() if args.text else " ".join(["The history of science and art."] * 2000)
@@ -58,12 +58,12 @@ def run(args) -> dict:
         results[f"profile_{variant}"] = hardware.to_dict()
         print(f"{variant}: profiled in {time.perf_counter() - start:.1f}s", flush=True)
         total = weights[0].nbytes * len(weights) * model.config.num_hidden_layers
-        cpu_engine = Engine(copy.deepcopy(model), budget_bytes=0, hardware=hardware, policy="all-cpu",
+        cpu_engine = build_engine(copy.deepcopy(model), budget_bytes=0, hardware=hardware, policy="all-cpu",
                             profile=profile, device="cpu")
         cpu_tokens, _ = cpu_engine.generate(prompt, args.new_tokens)
         cpu_engine.close()
         for pct in args.budgets:
-            engine = Engine(copy.deepcopy(model), budget_bytes=total * pct // 100, hardware=hardware, policy="haq",
+            engine = build_engine(copy.deepcopy(model), budget_bytes=total * pct // 100, hardware=hardware, policy="haq",
                             profile=profile, device=args.device)
             engine.generate(prompt, 4)  # warm-up: CUDA context, kernels, caches
             overhead_s = engine.measure_overhead_s_per_layer(prompt)  # non-expert work + dispatch

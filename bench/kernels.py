@@ -63,7 +63,7 @@ def linear_rows(size: int, ms: list[int], repeats: int, device: torch.device) ->
 def tokens_for(tokenizer, seqlen: int) -> tuple[torch.Tensor, str]:
     """A wiki-offline test window, or seeded random ids where the corpus is not installed (the
     speed of a dense forward does not depend on which tokens it sees)."""
-    from haq.data.corpora import eval_windows
+    from haq.data.windows import eval_windows
     from haq.errors import HaqError
 
     try:
@@ -77,7 +77,7 @@ def tokens_for(tokenizer, seqlen: int) -> tuple[torch.Tensor, str]:
 def end_to_end(model_name: str, seqlens: list[int], repeats: int, device: torch.device) -> list[dict]:
     """fp32 vs W8A8 RTN (auto backend) forward of the whole model, one row per sequence length."""
     from haq import zoo
-    from haq.models.loading import load_model
+    from haq.loading import load_model
     from haq.quant.pipeline import quantize_model
     from haq.quant.recipe import Recipe
 

@@ -51,7 +51,7 @@ def windows_file(model: str, args, work: Path) -> Path:
     from transformers import AutoTokenizer
 
     from haq import zoo
-    from haq.data.corpora import calib_windows, eval_windows
+    from haq.data.windows import calib_windows, eval_windows
 
     path = work / f"{model}.windows.pt"
     if not path.exists():
@@ -68,7 +68,7 @@ def haq_cell(args) -> dict:
     import torch
 
     from haq.eval.perplexity import window_nll
-    from haq.models.loading import load_model
+    from haq.loading import load_model
     from haq.quant.pipeline import quantize_model
     from haq.quant.recipe import Recipe
 
@@ -80,7 +80,7 @@ def haq_cell(args) -> dict:
     report = quantize_model(model, recipe, windows["calib"], progress=False)
     quant_s = time.perf_counter() - start
     if args.save:
-        from haq.checkpoint import save_quantized
+        from haq.checkpoint.native import save_quantized
 
         save_quantized(model, tokenizer, Path(args.save), report,
                        {"name": "wiki-offline", "split": "train", "seed": 0, "model": str(path),
@@ -143,7 +143,7 @@ def run_peer(tool: str, model: str, windows: Path, work: Path, timeout: float) -
 def check_export(model: str, ckpt: Path, windows: Path, work: Path, timeout: float, ppl_ours: float) -> dict:
     """`haq export` the W8A8 checkpoint and reload it with compressed-tensors in .peers/llmc."""
     from haq.errors import HaqError
-    from haq.export import export_checkpoint
+    from haq.checkpoint.compressed_tensors import export_checkpoint
 
     try:
         ct = export_checkpoint(ckpt, work / f"{model}.compressed-tensors")

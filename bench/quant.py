@@ -26,7 +26,7 @@ WEIGHT_ONLY_METHODS = ("rtn", "gptq")  # smoothing has nothing to do when activa
 
 def load(model_name: str):
     from haq import zoo
-    from haq.models.loading import load_model
+    from haq.loading import load_model
     from haq.models.outliers import inject_outliers
 
     base = model_name.removesuffix("+outliers")
@@ -41,7 +41,7 @@ def windows_file(model: str, args) -> Path:
     """Calibration and eval windows of a model, tokenized once and shared by all its cells."""
     import torch
 
-    from haq.data.corpora import calib_windows, eval_windows
+    from haq.data.windows import calib_windows, eval_windows
 
     path = Path(args.windows_dir) / f"{model.removesuffix('+outliers')}.pt"
     if not path.exists():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 
-import numpy as np
 import torch
 
 from common import machine, md_table, write_results
@@ -51,15 +50,15 @@ def sim_row(r, trace_name: str, synthetic: bool, hardware: str) -> dict:
 
 def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[int]) -> tuple[list, list, list]:
     from haq import zoo
-    from haq.data.corpora import eval_windows
-    from haq.models.loading import load_model
-    from haq.runtime.api import profile_trace_for
-    from haq.runtime.engine import Engine
+    from haq.data.windows import eval_windows
+    from haq.loading import load_model
+    from haq.api import profile_trace_for
+    from haq.api import build_engine
     from haq.runtime.hardware import load_profile
     from haq.runtime.profile_hw import profile_hardware
     from haq.runtime.record import record_trace
     from haq.runtime.store import extract_experts
-    from haq.sim.simulator import simulate
+    from haq.sim.tuning import simulate
 
     zoo.build(name)
     model, tokenizer, _ = load_model(name)
@@ -72,7 +71,7 @@ def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[
     total = weights[0].nbytes * len(weights) * model.config.num_hidden_layers
     engine_rows, compare_rows = [], []
     for pct in budgets:
-        engine = Engine(copy.deepcopy(model), budget_bytes=total * pct // 100, hardware=measured, policy="haq",
+        engine = build_engine(copy.deepcopy(model), budget_bytes=total * pct // 100, hardware=measured, policy="haq",
                         profile=profile)
         engine.generate(prompt, max_new_tokens=4)  # warm-up: first-touch page faults, allocator, caches
         overhead_s = engine.measure_overhead_s_per_layer(prompt)  # non-expert work + the engine's dispatch
@@ -108,7 +107,7 @@ def synthetic_rows(sim_budgets: list[int]) -> list[dict]:
     from haq.runtime.hardware import load_profile
     from haq.runtime.synthetic import (MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS, MIXTRAL_NONEXPERT_BYTES_PER_LAYER,
                                        generate_synthetic_trace, load_fiddler_ranking)
-    from haq.sim.simulator import simulate
+    from haq.sim.tuning import simulate
 
     trace = generate_synthetic_trace(num_sequences=16, seq_len=256, seed=0)
     total = MIXTRAL_EXPERT_BYTES * trace.meta.layers * trace.meta.num_experts

@@ -11,11 +11,11 @@ MODELS = ["smollm2-135m", "smollm2-8x135m", "tiny-mixtral"]
 
 def evaluate(name: str, seqlen: int, max_windows: int | None) -> dict:
     from haq import zoo
-    from haq.data.corpora import eval_windows
+    from haq.data.windows import eval_windows
     from haq.eval.perplexity import perplexity
     from haq.eval.routing import frequency_skew, routing_counter
     from haq.models.adapters import is_moe
-    from haq.models.loading import load_model
+    from haq.loading import load_model
 
     zoo.build(name)
     model, tokenizer, _ = load_model(name)

@@ -30,9 +30,10 @@ def cmd_zoo(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from haq.data.corpora import eval_windows, resolve
+    from haq.data.sources import resolve
+    from haq.data.windows import eval_windows
     from haq.eval.perplexity import perplexity
-    from haq.models.loading import load_model
+    from haq.loading import load_model
 
     resolve(args.dataset)  # a bad dataset fails before the model loads
     model, tokenizer, path = load_model(args.model)
@@ -57,14 +58,14 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from haq.export import export_checkpoint
+    from haq.checkpoint.compressed_tensors import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output, fmt=args.format)
     print(f"wrote {out} ({args.format}); serve it with: vllm serve {out} --dtype bfloat16")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from haq.runtime.api import open_engine
+    from haq.api import open_engine
 
     engine, tokenizer = open_engine(args.model, args.gpu_budget, device=args.device, policy=args.policy,
                                     hardware=args.hardware, profile=args.profile)
@@ -86,8 +87,9 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def _record_trace(args: argparse.Namespace):
     """Routing of MODEL on --dataset windows, saved to --output; shared by `trace` and `profile`."""
-    from haq.data.corpora import eval_windows, resolve
-    from haq.models.loading import load_model
+    from haq.data.sources import resolve
+    from haq.data.windows import eval_windows
+    from haq.loading import load_model
     from haq.runtime.record import record_trace
     from haq.runtime.trace import save_trace
 
@@ -106,7 +108,7 @@ def cmd_trace(args: argparse.Namespace) -> None:
 
 def cmd_profile_hw(args: argparse.Namespace) -> None:
     from haq.models.adapters import adapter_for
-    from haq.models.loading import load_model
+    from haq.loading import load_model
     from haq.runtime.profile_hw import profile_hardware
     from haq.runtime.store import extract_experts
 
@@ -142,12 +144,12 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> None:
-    from haq.runtime.api import parse_budget
+    from haq.api import parse_budget
     from haq.runtime.hardware import load_profile
     from haq.runtime.synthetic import (MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS, MIXTRAL_NONEXPERT_BYTES_PER_LAYER,
                                        generate_synthetic_trace, load_fiddler_ranking)
     from haq.runtime.trace import load_trace
-    from haq.sim.simulator import format_table, simulate
+    from haq.sim.tuning import format_table, simulate
 
     mixtral = args.trace == "synthetic-mixtral"
     trace = generate_synthetic_trace(num_sequences=16, seq_len=256, seed=0) if mixtral else load_trace(args.trace)
@@ -288,7 +290,7 @@ def _quiet_transformers() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "device", "unset") is None:
-        from haq.runtime.api import default_device
+        from haq.api import default_device
 
         args.device = default_device()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from haq import zoo
-from haq.data.corpora import eval_windows
+from haq.data.windows import eval_windows
 from haq.eval.perplexity import perplexity
-from haq.models.loading import load_model
+from haq.loading import load_model
 
 
 def ppl_of(model, tokenizer, seqlen: int, windows: int) -> tuple[float, int]:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_offloaded(checkpoint: Path, prompt: str, new_tokens: int) -> None:
     """The int8 MoE with 25% of its expert bytes on the device (this CPU stands in for it)."""
-    from haq.runtime.api import default_device, open_engine
+    from haq.api import default_device, open_engine
 
     device = default_device()
     print(f"\n== running the haq W8A8 --rotate smollm2-8x135m offloaded: 25% of expert bytes on {device}", flush=True)
@@ -90,7 +90,7 @@ def simulate_mixtral() -> None:
     from haq.runtime.hardware import load_profile
     from haq.runtime.synthetic import (MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS, MIXTRAL_NONEXPERT_BYTES_PER_LAYER,
                                        generate_synthetic_trace)
-    from haq.sim.simulator import format_table, simulate
+    from haq.sim.tuning import format_table, simulate
 
     trace = generate_synthetic_trace(num_sequences=8, seq_len=128, seed=0)
     total = MIXTRAL_EXPERT_BYTES * trace.meta.layers * trace.meta.num_experts

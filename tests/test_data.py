@@ -13,8 +13,10 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from haq.data import corpora, wiki_offline
-from haq.data.corpora import calib_windows, dataset_identity, eval_windows
+from haq.data import wiki_offline
+from haq.data import windows as windows_module
+from haq.data.sources import dataset_identity
+from haq.data.windows import calib_windows, eval_windows
 from haq.errors import HaqError
 
 HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
@@ -170,10 +172,10 @@ def test_wiki_offline_eval_windows_are_the_test_stream_cut(tok):
 @pytest.fixture
 def fake_wiki_offline(monkeypatch):
     """Tiny split texts: tokenizing the real 4.4 MB train split takes longer than this test file may."""
-    corpora._stream.cache_clear()
+    windows_module._stream.cache_clear()
     monkeypatch.setattr(wiki_offline, "text", lambda split: {"train": "t" * 300, "test": "e" * 300}[split])
     yield
-    corpora._stream.cache_clear()
+    windows_module._stream.cache_clear()
 
 
 def test_wiki_offline_calib_uses_train_and_eval_uses_test(tok, fake_wiki_offline):
@@ -343,8 +345,8 @@ def test_dataset_identity_hashes_the_files(tmp_path, c4_dir):
 
 def test_streams_are_tokenized_once_and_reread_when_the_file_changes(tmp_path, tok, monkeypatch):
     calls = []
-    encode = corpora._encode
-    monkeypatch.setattr(corpora, "_encode", lambda t, text: calls.append(len(text)) or encode(t, text))
+    encode = windows_module._encode
+    monkeypatch.setattr(windows_module, "_encode", lambda t, text: calls.append(len(text)) or encode(t, text))
     path = tmp_path / "c.txt"
     path.write_text("a" * 100, encoding="utf-8")
     first = eval_windows(str(path), tok, seqlen=10)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from haq.errors import HaqError
-from haq.runtime.engine import Engine
+from haq.api import build_engine
 from haq.runtime.hardware import load_profile
 from haq.runtime.record import record_trace
 
@@ -38,7 +38,8 @@ def test_engine_generates_exactly_the_plain_models_tokens(moe, policy, budget_pc
     expected = greedy(model, prompt, 8)
     offloaded = copy.deepcopy(model)
     experts_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "experts" in n)
-    engine = Engine(offloaded, budget_bytes=experts_bytes * budget_pct // 100, hardware=load_profile("rtx4090-pcie4"),
+    engine = build_engine(offloaded, budget_bytes=experts_bytes * budget_pct // 100,
+                          hardware=load_profile("rtx4090-pcie4"),
                     policy=policy, profile=trace)
     tokens, metrics = engine.generate(prompt, max_new_tokens=8)
     engine.close()
@@ -54,7 +55,7 @@ def test_overhead_measurement_leaves_the_engine_as_it_was(moe):
     model, trace = moe
     prompt = torch.randint(0, 4096, (1, 12), generator=torch.Generator().manual_seed(5))
     expected = greedy(model, prompt, 4)
-    engine = Engine(copy.deepcopy(model), budget_bytes=0, hardware=load_profile("laptop"), policy="haq",
+    engine = build_engine(copy.deepcopy(model), budget_bytes=0, hardware=load_profile("laptop"), policy="haq",
                     profile=trace)
     math, policy = engine.store.math, engine.policy
     assert engine.measure_overhead_s_per_layer(prompt, steps=2) > 0
@@ -65,7 +66,7 @@ def test_overhead_measurement_leaves_the_engine_as_it_was(moe):
 
 
 def test_a_quantized_checkpoint_runs_offloaded_with_identical_tokens(moe, tmp_path):
-    from haq.checkpoint import load_quantized, save_quantized
+    from haq.checkpoint.native import load_quantized, save_quantized
     from haq.quant.pipeline import quantize_model
     from haq.quant.recipe import Recipe
 
@@ -76,7 +77,7 @@ def test_a_quantized_checkpoint_runs_offloaded_with_identical_tokens(moe, tmp_pa
     plain = load_quantized(tmp_path / "q")
     prompt = torch.randint(0, 4096, (1, 10), generator=torch.Generator().manual_seed(2))
     expected = greedy(plain, prompt, 6)
-    engine = Engine(load_quantized(tmp_path / "q"), budget_bytes=10**9 // 1000, hardware=load_profile("laptop"),
+    engine = build_engine(load_quantized(tmp_path / "q"), budget_bytes=10**9 // 1000, hardware=load_profile("laptop"),
                     policy="haq", profile=trace)
     tokens, metrics = engine.generate(prompt, max_new_tokens=6)
     engine.close()
@@ -90,16 +91,16 @@ def test_impossible_budgets_and_dense_models_are_clear_errors(moe, tiny_dir):
     model, trace = moe
     hardware = load_profile("rtx4090-pcie4")
     with pytest.raises(HaqError, match="below one expert"):
-        Engine(copy.deepcopy(model), budget_bytes=10, hardware=hardware, profile=trace)
+        build_engine(copy.deepcopy(model), budget_bytes=10, hardware=hardware, profile=trace)
     with pytest.raises(HaqError, match="exceeds the device memory"):
-        Engine(copy.deepcopy(model), budget_bytes=2**60, hardware=hardware, profile=trace)
+        build_engine(copy.deepcopy(model), budget_bytes=2**60, hardware=hardware, profile=trace)
     dense = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-llama"))
     with pytest.raises(HaqError, match="dense model"):
-        Engine(dense, budget_bytes=0, hardware=hardware, profile=trace)
+        build_engine(dense, budget_bytes=0, hardware=hardware, profile=trace)
 
 
 def test_budget_parsing():
-    from haq.runtime.api import parse_budget
+    from haq.api import parse_budget
 
     assert parse_budget("25%", 1000) == 250
     assert parse_budget("2MiB", 0) == 2 * 2**20

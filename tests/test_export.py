@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from haq.checkpoint import load_quantized, save_quantized
+from haq.checkpoint.native import load_quantized, save_quantized
 from haq.errors import HaqError
-from haq.export import PROVENANCE_NAME, export_checkpoint, load_compressed_tensors
+from haq.checkpoint.compressed_tensors import PROVENANCE_NAME, export_checkpoint, load_compressed_tensors
 from haq.quant.pipeline import quantize_model
 from haq.quant.recipe import Recipe
 

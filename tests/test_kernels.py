@@ -12,7 +12,7 @@ from torch import nn
 from haq.errors import HaqError
 from haq.kernels.int8 import Int8Linear, has_fbgemm, int8_expert_mlp, int8_linear, int8_matmul
 from haq.quant.gptq import accumulate_hessian, gptq_quantize
-from haq.quant.rtn import fake_quant_act, quantize_weight, weight_scales
+from haq.kernels.grid import fake_quant_act, quantize_weight, weight_scales
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ import torch
 
 from haq.errors import HaqError
 from haq.quant.gptq import accumulate_hessian, gptq_quantize
-from haq.quant.rtn import (
+from haq.kernels.grid import (
     dequantize_weight,
     fake_quant_act,
     fake_quant_weight,
@@ -18,7 +18,7 @@ from haq.quant.rtn import (
     quantize_weight,
     weight_scales,
 )
-from haq.quant.smooth import (
+from haq.quant.smooth_scales import (
     alpha_grid,
     best_alpha,
     coarse_to_fine_alpha,

@@ -14,8 +14,9 @@ from haq.quant import pipeline
 from haq.quant.calibration import observe_layer
 from haq.quant.pipeline import capture_layer_inputs, quantize_model, run_layer
 from haq.quant.recipe import Recipe
-from haq.quant.rtn import dequantize_weight, fake_quant_act
-from haq.quant.smoothing import Probe, block_error, smooth_layer
+from haq.kernels.grid import dequantize_weight, fake_quant_act
+from haq.quant.fake_quant import Probe, block_error
+from haq.quant.smooth_layer import smooth_layer
 
 ARCHS = ["tiny-llama", "tiny-mixtral-random", "tiny-opt", "tiny-qwen2-moe", "tiny-qwen3-moe"]
 
@@ -229,7 +230,7 @@ def test_outlier_injection_preserves_the_float_function(tiny_dir, name):
 
 
 def test_checkpoint_round_trip_and_tampering(tiny_dir, tmp_path):
-    from haq.checkpoint import load_quantized, save_quantized
+    from haq.checkpoint.native import load_quantized, save_quantized
 
     model = load(tiny_dir, "tiny-qwen2-moe")
     report = quantize_model(model, Recipe(method="rtn"), tokens(2, 16, 0), progress=False)

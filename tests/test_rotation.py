@@ -5,7 +5,8 @@ import torch
 from haq.errors import HaqError
 from haq.quant.pipeline import quantize_model
 from haq.quant.recipe import Recipe
-from haq.quant.rotation import OnlineRotation, hadamard, rotate_online_inputs, rotate_residual, rotation_matrix
+from haq.kernels.rotation import OnlineRotation, hadamard, rotation_matrix
+from haq.quant.rotation import rotate_online_inputs, rotate_residual
 
 
 def load(tiny_dir, name):
@@ -83,7 +84,7 @@ def test_online_rotation_keeps_the_float_function(tiny_dir):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral-random"])
 def test_rotated_checkpoint_round_trip(tiny_dir, tmp_path, name):
-    from haq.checkpoint import load_quantized, save_quantized
+    from haq.checkpoint.native import load_quantized, save_quantized
     from haq.kernels.int8 import Int8Linear
 
     model = load(tiny_dir, name)
@@ -103,8 +104,8 @@ def test_rotated_checkpoint_round_trip(tiny_dir, tmp_path, name):
 
 
 def test_export_refuses_online_rotation(tiny_dir, tmp_path):
-    from haq.checkpoint import save_quantized
-    from haq.export import export_checkpoint
+    from haq.checkpoint.native import save_quantized
+    from haq.checkpoint.compressed_tensors import export_checkpoint
 
     model = load(tiny_dir, "tiny-llama")
     report = quantize_model(model, Recipe(method="rtn", rotate=True), tokens(2, 16, 0), progress=False)

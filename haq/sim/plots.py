@@ -18,7 +18,7 @@ from haq.errors import HaqError
 from haq.io import atomic_write_bytes
 from haq.runtime.placement import expert_frequencies
 from haq.runtime.trace import Trace
-from haq.sim.simulator import SimResult
+from haq.sim.timeline import SimResult
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

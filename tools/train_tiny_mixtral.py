@@ -4,7 +4,7 @@ from scratch on the wiki-offline train split, with its own 4096-token byte-level
 The trained weights ship in `haq/zoo/assets/tiny-mixtral/` (fp16 safetensors, tokenizer,
 `training.json`), so nobody has to retrain; this module is the reproducible recipe:
 
-    python -m haq.zoo.tiny_mixtral --out haq/zoo/assets/tiny-mixtral --steps N
+    python tools/train_tiny_mixtral.py --out haq/zoo/assets/tiny-mixtral --steps N
 
 Everything is seeded and runs on one CPU thread (`torch.set_num_threads(1)`), so a rerun with the
 same arguments and library versions retraces the same run (bit-exactness across machines/BLAS
@@ -33,7 +33,7 @@ import torch
 
 ENDOFTEXT = "<|endoftext|>"
 VOCAB_SIZE = 4096
-ASSET_DIR = Path(__file__).resolve().parent / "assets" / "tiny-mixtral"
+ASSET_DIR = Path(__file__).resolve().parents[1] / "haq" / "zoo" / "assets" / "tiny-mixtral"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def train(
         model.save_pretrained(str(tmp), safe_serialization=True)
         info = {
             "model": "tiny-mixtral",
-            "reproduce": (f"python -m haq.zoo.tiny_mixtral --out OUT --steps {steps} --seed {seed} --seqlen {seqlen}"
+            "reproduce": (f"python tools/train_tiny_mixtral.py --out OUT --steps {steps} --seed {seed} --seqlen {seqlen}"
                           f" --batch {batch} --lr {lr} --long-every {long_every} --eval-seqlen {eval_seqlen}"
                           + (f" --warmup {warmup}" if warmup != max(1, steps // 20) else "")),
             "architecture": "MixtralForCausalLM",
@@ -345,7 +345,7 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m haq.zoo.tiny_mixtral", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/train_tiny_mixtral.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ASSET_DIR))
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)

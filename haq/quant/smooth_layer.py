@@ -10,18 +10,16 @@ score sees the interactions the block really has (attention softmax, gating, rou
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from haq.models.adapters import ArchAdapter, SmoothGroup
-from haq.quant.calibration import LayerStats, forward_windows
+from haq.quant.calibration import LayerStats
+from haq.quant.fake_quant import Probe, block_error
 from haq.quant.recipe import Recipe
-from haq.quant.rtn import fake_quant_act, fake_quant_weight
-from haq.quant.smooth import (alpha_grid, best_alpha, coarse_to_fine_alpha, divide_producer, scale_weight_columns,
+from haq.quant.smooth_scales import (alpha_grid, best_alpha, coarse_to_fine_alpha, divide_producer, scale_weight_columns,
                               smooth_scales)
 
 Scales = torch.Tensor | dict[int, torch.Tensor]  # one s per group, or one per expert (experts-up)
@@ -125,80 +123,6 @@ def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) ->
         experts.gate_up_proj.data, experts.down_proj.data = gate_up, down
 
     return GroupPlan(scales, apply)
-
-
-class FakeQuantExperts(nn.Module):
-    """Fused experts computed with fake-quant weights and activations (same forward signature)."""
-
-    def __init__(self, experts: nn.Module, recipe: Recipe, quantize_weights: bool = True):
-        super().__init__()
-        self.recipe = recipe
-        self.act_fn = experts.act_fn
-        wq = (lambda w: fake_quant_weight(w, recipe.wbits)) if quantize_weights else (lambda w: w)
-        self.gate_up = [wq(w) for w in experts.gate_up_proj.data]
-        self.down = [wq(w) for w in experts.down_proj.data]
-
-    def _act(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.recipe
-        return fake_quant_act(x, r.abits, r.act) if r.quant_acts else x
-
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for e in torch.unique(top_k_index).tolist():
-            token_idx, k_pos = torch.where(top_k_index == e)
-            gate, up = F.linear(self._act(hidden_states[token_idx]), self.gate_up[e]).chunk(2, dim=-1)
-            y = F.linear(self._act(self.act_fn(gate) * up), self.down[e])
-            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
-        return out
-
-
-@contextmanager
-def fake_quantized(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, quantize_weights: bool = True):
-    """The layer with every quantized linear and expert fake-quantized, restored on exit
-    (`quantize_weights=False`: the weights already hold quantized values; activations only)."""
-    saved, handles = {}, []
-    for name in adapter.linears:
-        linear = layer.get_submodule(name)
-        saved[name] = linear.weight.data
-        if quantize_weights:
-            linear.weight.data = fake_quant_weight(linear.weight.data, recipe.wbits)
-        if recipe.quant_acts:
-            handles.append(linear.register_forward_pre_hook(
-                lambda _m, args: (fake_quant_act(args[0], recipe.abits, recipe.act),) + tuple(args[1:])))
-    experts = layer.get_submodule(adapter.moe.experts) if adapter.moe is not None else None
-    if experts is not None:
-        layer.set_submodule(adapter.moe.experts, FakeQuantExperts(experts, recipe, quantize_weights))
-    try:
-        yield layer
-    finally:
-        for h in handles:
-            h.remove()
-        for name, weight in saved.items():
-            layer.get_submodule(name).weight.data = weight
-        if experts is not None:
-            layer.set_submodule(adapter.moe.experts, experts)
-
-
-@dataclass
-class Probe:
-    """Calibration windows the block error is measured on, with the float layer's outputs."""
-
-    inputs: list[torch.Tensor]
-    kwargs: dict
-    reference: list[torch.Tensor]
-
-
-@torch.no_grad()
-def block_error(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, probe: Probe,
-                quantize_weights: bool = True) -> float:
-    """Mean squared error of the fake-quantized layer's outputs against the float outputs."""
-    total, count = 0.0, 0
-    with fake_quantized(layer, adapter, recipe, quantize_weights):
-        outputs = forward_windows(layer, probe.inputs, probe.kwargs)
-    for out, ref in zip(outputs, probe.reference):
-        total += float(((out - ref) ** 2).sum())
-        count += ref.numel()
-    return total / max(count, 1)
 
 
 def smooth_layer(layer: nn.Module, adapter: ArchAdapter, stats: LayerStats, recipe: Recipe,

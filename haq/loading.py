@@ -48,7 +48,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
     path = resolve_model_path(name_or_path)
     read_config(path)
     if (path / QUANT_CONFIG).is_file():
-        from haq.checkpoint import load_quantized
+        from haq.checkpoint.native import load_quantized
 
         model = load_quantized(path)
     else:

@@ -182,7 +182,8 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: ExportFormat = "com
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from haq.checkpoint import WEIGHTS_NAME as HAQ_WEIGHTS, read_quant_config, sha256_file
+    from haq.checkpoint.native import WEIGHTS_NAME as HAQ_WEIGHTS, read_quant_config
+    from haq.checkpoint.weights import sha256_file
 
     if fmt not in FORMATS:
         raise HaqError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -228,9 +229,9 @@ def load_compressed_tensors(path: str | Path):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from haq.checkpoint import load_state_checked
+    from haq.checkpoint.weights import load_state_checked
     from haq.models.adapters import adapter_for
-    from haq.quant.qmodules import install_specs
+    from haq.kernels.specs import install_specs
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)

@@ -8,7 +8,7 @@ from haq.errors import HaqError
 from haq.kernels.experts import Int8Experts
 from haq.kernels.int8 import Int8Linear
 from haq.kernels.weight_only import WeightOnlyInt8Linear
-from haq.quant.rotation import OnlineRotation
+from haq.kernels.rotation import OnlineRotation
 
 
 def spec_of(module: nn.Module) -> dict:

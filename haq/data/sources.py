@@ -1,8 +1,5 @@
-"""Corpora to token windows: resolve a dataset name or path, tokenize it, and cut evaluation and
-calibration windows the way GPTQ (IST-DASLab/gptq `datautils.py`) does, so perplexities compare with
-published numbers.
-
-Boundary: this module turns text into LongTensor windows of token ids; it knows nothing about models.
+"""Corpora as text: resolve a dataset name or path to its files, read them, and record the exact
+bytes a result came from (`dataset_identity`). Tokenizing and windows are `haq.data.windows`.
 
 Datasets (`dataset` argument):
   wiki-offline   bundled corpus; eval = test split, calib = train split, each one token stream.
@@ -19,19 +16,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import random
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-import torch
+from typing import Literal
 
 from haq.data import wiki_offline
 from haq.errors import HaqError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 Kind = Literal["wiki-offline", "wikitext2", "c4", "c4-new", "text", "jsonl"]
 Role = Literal["eval", "calib"]
@@ -150,7 +141,7 @@ def _files(src: Source) -> list[Path]:
     return [src.path]
 
 
-def _stamp(src: Source) -> tuple[tuple[str, int, int], ...]:
+def stamp(src: Source) -> tuple[tuple[str, int, int], ...]:
     """(path, mtime, size) of every file: part of each cache key, so an edited file is re-read."""
     return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in _files(src))
 
@@ -207,7 +198,7 @@ def _parse_jsonl(path: Path) -> list[str]:
 
 
 @lru_cache(maxsize=2)
-def _c4_docs(path: Path, stamp: tuple) -> tuple[str, ...]:
+def c4_docs(path: Path, stamp: tuple) -> tuple[str, ...]:
     docs = tuple(_read_jsonl(path))
     if not docs:
         raise HaqError(f'{path}: no documents; expected JSON lines with a "text" field')
@@ -266,7 +257,7 @@ def _read_saved_dataset(folder: Path, split: str) -> list[str]:
     return list(data[split]["text"])
 
 
-def _text(src: Source, role: Role) -> str:
+def source_text(src: Source, role: Role) -> str:
     """The text one token stream is made of; GPTQ's joins for Wikitext2 and c4-new."""
     if src.kind == "wiki-offline":
         text = wiki_offline.text("test" if role == "eval" else "train")
@@ -275,7 +266,7 @@ def _text(src: Source, role: Role) -> str:
         rows = _wikitext2_rows(src, "test" if role == "eval" else "train")
         text = ("\n\n" if role == "eval" else " ").join(rows)
     elif src.kind == "c4-new":
-        text = " ".join(_c4_docs(_c4_shard_or_fail(src, "validation"), _stamp(src))[:C4_NEW_DOCS])
+        text = " ".join(c4_docs(c4_shard_for(src, "validation"), stamp(src))[:C4_NEW_DOCS])
     elif src.kind == "jsonl":
         text = "\n\n".join(_read_jsonl(src.path))
     else:
@@ -285,131 +276,11 @@ def _text(src: Source, role: Role) -> str:
     return text
 
 
-def _c4_shard_or_fail(src: Source, split: str) -> Path:
+def c4_shard_for(src: Source, split: str) -> Path:
     shard = _c4_shard(src.path, split)
     if shard is None:
         raise HaqError(f"{src.path}: C4 {split} shard not found; expected {C4_SHARDS[split]}.gz")
     return shard
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizing (cached)
-
-
-@dataclass(frozen=True)
-class _TokenizerKey:
-    """Hashable stand-in for a tokenizer: the same name and vocabulary share cached streams."""
-
-    name: str
-    vocab_size: int
-    tokenizer: Any = field(compare=False, hash=False, repr=False)
-
-
-def _tokenizer_key(tokenizer: PreTrainedTokenizerBase) -> _TokenizerKey:
-    # A tokenizer built in memory has no name: key it by identity. The key holds the tokenizer, so
-    # the id cannot be reused by another object while the entry is cached.
-    name = getattr(tokenizer, "name_or_path", "") or f"<tokenizer object {id(tokenizer)}>"
-    return _TokenizerKey(str(name), len(tokenizer), tokenizer)
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    # Special tokens as GPTQ gets them (tokenizer defaults). verbose=False: streams are longer than
-    # model_max_length on purpose; windows are cut afterwards.
-    return tokenizer(text, verbose=False)["input_ids"]
-
-
-@lru_cache(maxsize=4)
-def _stream(src: Source, role: Role, tok: _TokenizerKey, stamp: tuple) -> torch.Tensor:
-    """The whole eval or calib text tokenized once: 1-D LongTensor. Cached: 4.6 MB takes seconds."""
-    return torch.tensor(_encode(tok.tokenizer, _text(src, role)), dtype=torch.long)
-
-
-@lru_cache(maxsize=4)
-def _c4_windows(
-    src: Source, split: str, tok: _TokenizerKey, stamp: tuple, count: int, seqlen: int, seed: int
-) -> torch.Tensor:
-    """GPTQ's C4 sampler: per window, draw random docs until one has more than seqlen tokens, then a
-    random window of it. Same random.Random calls as GPTQ's random.seed + random.randint.
-
-    Deviation: GPTQ accepts docs with `>= seqlen` tokens, then draws randint(0, n - seqlen - 1),
-    which raises when n == seqlen. We require `> seqlen`: identical draws on every run where GPTQ
-    does not crash. GPTQ loops forever when no doc is long enough; we raise instead."""
-    shard = _c4_shard_or_fail(src, split)
-    docs = _c4_docs(shard, stamp)
-    rng = random.Random(seed)
-    long_docs: dict[int, list[int]] = {}
-    short_docs: set[int] = set()
-    windows = []
-    for _ in range(count):
-        while True:
-            i = rng.randint(0, len(docs) - 1)
-            if i not in long_docs and i not in short_docs:  # tokenize each drawn doc once
-                ids = _encode(tok.tokenizer, docs[i])
-                if len(ids) > seqlen:
-                    long_docs[i] = ids
-                else:
-                    short_docs.add(i)
-            if i in long_docs:
-                break
-            if len(short_docs) == len(docs):
-                raise HaqError(f"{shard}: no document has more than seqlen={seqlen} tokens; use a smaller seqlen")
-        ids = long_docs[i]
-        start = rng.randint(0, len(ids) - seqlen - 1)
-        windows.append(ids[start : start + seqlen])
-    return torch.tensor(windows, dtype=torch.long)
-
-
-# ---------------------------------------------------------------------------------------------
-# Public API
-
-
-def eval_windows(
-    dataset: str, tokenizer: PreTrainedTokenizerBase, seqlen: int = 2048, max_windows: int | None = None
-) -> torch.Tensor:
-    """Evaluation windows, LongTensor [n, seqlen], GPTQ protocol: the eval text as one token stream
-    cut into non-overlapping windows, tail dropped (c4: 256 sampled windows; c4-new: the first
-    256 * seqlen tokens). max_windows keeps the first windows, for quick runs."""
-    _check_positive(seqlen=seqlen)
-    if max_windows is not None:
-        _check_positive(max_windows=max_windows)
-    src = resolve(dataset)
-    tok = _tokenizer_key(tokenizer)
-    if src.kind == "c4":
-        # The sampler is sequential, so the first k of GPTQ's 256 windows need only k draws.
-        count = C4_EVAL_WINDOWS if max_windows is None else min(max_windows, C4_EVAL_WINDOWS)
-        return _c4_windows(src, "validation", tok, _stamp(src), count, seqlen, 0).clone()
-    stream = _stream(src, "eval", tok, _stamp(src))
-    if src.kind == "c4-new":
-        stream = stream[: C4_EVAL_WINDOWS * seqlen]
-    n = stream.numel() // seqlen
-    if n == 0:
-        raise HaqError(f"{src.path}: {stream.numel()} tokens, fewer than one window of seqlen={seqlen}")
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return stream[: n * seqlen].view(n, seqlen).clone()
-
-
-def calib_windows(
-    dataset: str, tokenizer: PreTrainedTokenizerBase, nsamples: int, seqlen: int, seed: int = 0
-) -> torch.Tensor:
-    """Calibration windows, LongTensor [nsamples, seqlen], deterministic in seed: start offsets drawn
-    with random.Random(seed).randint(0, n - seqlen - 1) from the calib token stream as GPTQ draws
-    them (windows may overlap; the window ending at the last token is never drawn, as in GPTQ).
-    c4 and c4-new: GPTQ's C4 sampler over the train shard."""
-    _check_positive(nsamples=nsamples, seqlen=seqlen)
-    src = resolve(dataset)
-    tok = _tokenizer_key(tokenizer)
-    if src.kind in ("c4", "c4-new"):
-        return _c4_windows(src, "train", tok, _stamp(src), nsamples, seqlen, seed).clone()
-    # A .txt or .jsonl file is one stream for both roles: tokenize it once.
-    role: Role = "calib" if src.kind in ("wiki-offline", "wikitext2") else "eval"
-    stream = _stream(src, role, tok, _stamp(src))
-    n = stream.numel()
-    if n <= seqlen:
-        raise HaqError(f"{src.path}: {n} calibration tokens; windows of seqlen={seqlen} need more than {seqlen}")
-    rng = random.Random(seed)
-    starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
-    return torch.stack([stream[s : s + seqlen] for s in starts])
 
 
 def dataset_identity(dataset: str) -> dict:
@@ -445,9 +316,3 @@ def _sha256(path: Path, mtime_ns: int, size: int) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int) or value < 1:
-            raise HaqError(f"{name}={value!r}: expected a positive integer")

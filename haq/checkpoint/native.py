@@ -1,0 +1,105 @@
+"""Quantized checkpoints: a folder with `model.safetensors` (int8 weights, scales, float rest),
+`config.json`, the tokenizer and `haq_config.json` (recipe, module specs, per-layer alphas and
+damping, calibration identity, versions, the weights' sha256). Written into a temp folder and
+renamed into place; verified on load so a truncated or altered file is refused clearly."""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from haq.errors import HaqError
+from haq.io import atomic_dir
+from haq.checkpoint.weights import load_state_checked, sha256_file
+from haq.kernels.specs import install_specs
+from haq.quant.report import QuantReport
+
+FORMAT = "haq-int8-v1"
+CONFIG_NAME = "haq_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _versions() -> dict:
+    import transformers
+
+    from haq import __version__
+
+    return {"haq": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict without tied duplicates (safetensors refuses shared storage)."""
+    state, seen = {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen[key] = name
+        state[name] = tensor.detach().contiguous()
+    return state
+
+
+def save_quantized(model: nn.Module, tokenizer, out: Path, report: QuantReport, calibration: dict) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not (out / CONFIG_NAME).is_file() and any(out.iterdir()):
+        raise HaqError(f"{out} exists and is not a haq checkpoint: refusing to overwrite it")
+    with atomic_dir(out) as tmp:
+        save_file(_state_to_save(model), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        meta = {
+            "format": FORMAT,
+            "recipe": report.recipe,
+            "modules": report.modules,
+            "layers": [asdict(layer) for layer in report.layers],
+            "quant_seconds": report.seconds,
+            "calibration": {**calibration, "tokens": report.calib_tokens},
+            "versions": _versions(),
+            "files": {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)},
+        }
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def read_quant_config(path: Path) -> dict:
+    try:
+        meta = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HaqError(f"{path / CONFIG_NAME} is unreadable or not JSON ({exc}); re-run `haq quantize`") from None
+    if meta.get("format") != FORMAT:
+        raise HaqError(f"{path / CONFIG_NAME}: unknown format {meta.get('format')!r}, expected {FORMAT}")
+    return meta
+
+
+def load_quantized(path: Path, verify: bool = True) -> nn.Module:
+    """Rebuild the architecture, install the int8 modules named in haq_config.json, load tensors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    meta = read_quant_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise HaqError(f"{weights} is missing")
+    if verify and sha256_file(weights) != meta["files"][WEIGHTS_NAME]:
+        raise HaqError(f"{weights} does not match the checksum in {CONFIG_NAME}: truncated or modified file")
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    install_specs(model, meta["modules"])
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as exc:
+        raise HaqError(f"{weights} is not a readable safetensors file: {exc}") from None
+    load_state_checked(model, state, config, weights)
+    model.haq_config = meta
+    return model.eval()
