@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from haq.errors import HaqError
-from haq.kernels.int8 import Int8Linear, has_fbgemm, int8_expert_mlp, int8_linear, int8_matmul
+from haq.kernels.int8 import Int8Linear, has_fbgemm, int8_linear, int8_matmul
+from haq.kernels.moe import gated_mlp
 from haq.quant.gptq import accumulate_hessian, gptq_quantize
 from haq.kernels.grid import fake_quant_act, quantize_weight, weight_scales
 
@@ -197,10 +198,15 @@ def test_mixtral_expert_layout_matches_transformers() -> None:
         hf = experts(x, torch.full((T, 1), e), torch.ones(T, 1))
     gu, dn = experts.gate_up_proj[e].detach(), experts.down_proj[e].detach()
     gu_s, dn_s = weight_scales(gu), weight_scales(dn)
-    y = int8_expert_mlp(x, quantize_weight(gu, gu_s), gu_s, quantize_weight(dn, dn_s), dn_s, F.silu)
+    y = int8_expert_mlp(x, quantize_weight(gu, gu_s), gu_s, quantize_weight(dn, dn_s), dn_s)
     assert y.shape == (T, 32)
     rel = (y - hf).norm() / hf.norm()
     assert rel < 0.03, rel
+
+
+def int8_expert_mlp(x, gu_q, gu_s, dn_q, dn_s):
+    """One SiLU-gated expert, both GEMMs int8 (the engine's and Int8Experts' expert math)."""
+    return gated_mlp(x, lambda v: int8_linear(v, gu_q.t(), gu_s), lambda h: int8_linear(h, dn_q.t(), dn_s), F.silu)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -213,7 +219,7 @@ def test_int8_expert_mlp_matches_fake_quant_reference(device: str, T: int) -> No
     dn = (torch.randn(H, I, generator=g) * 0.2).to(device)
     gu_s, dn_s = weight_scales(gu), weight_scales(dn)
     gu_q, dn_q = quantize_weight(gu, gu_s), quantize_weight(dn, dn_s)
-    y = int8_expert_mlp(x, gu_q, gu_s, dn_q, dn_s, F.silu)
+    y = int8_expert_mlp(x, gu_q, gu_s, dn_q, dn_s)
     # reference: the same quantization steps, float64 matmuls of dequantized values
     gate_up = reference_linear(x, gu_q, gu_s).float()
     h = F.silu(gate_up[:, :I]) * gate_up[:, I:]
@@ -222,3 +228,30 @@ def test_int8_expert_mlp_matches_fake_quant_reference(device: str, T: int) -> No
     # and close to the unquantized expert
     fp = F.linear(F.silu(x @ gu[:I].T) * (x @ gu[I:].T), dn)
     assert ((y - fp).norm() / fp.norm()).item() < 0.03
+
+
+def test_dispatch_reproduces_transformers_fused_experts() -> None:
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    from haq.kernels.moe import dispatch, per_expert, route
+
+    experts = MixtralExperts(MixtralConfig(hidden_size=16, intermediate_size=12, num_local_experts=5))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.3)
+        experts.down_proj.normal_(0, 0.3)
+    x = torch.randn(9, 16)
+    index = torch.stack([torch.randperm(5)[:2] for _ in range(9)])  # expert 0..4, some unused
+    weights = torch.rand(9, 2)
+
+    def expert(e: int, v: torch.Tensor) -> torch.Tensor:
+        return gated_mlp(v, lambda a: F.linear(a, experts.gate_up_proj[e]),
+                         lambda h: F.linear(h, experts.down_proj[e]), experts.act_fn)
+
+    with torch.no_grad():
+        torch.testing.assert_close(dispatch(x, index, weights, per_expert(expert)), experts(x, index, weights),
+                                   rtol=0, atol=1e-6)
+    calls = route(index, num_experts=6)
+    assert [c.expert for c in calls] == list(range(6)) and calls[5].tokens == 0
+    assert sum(c.tokens for c in calls) == index.numel()

@@ -67,3 +67,9 @@ def test_no_import_runs_back_up():
 def test_files_stay_small():
     sizes = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
     assert max(sizes.values()) <= 420, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_the_routed_expert_loop_is_written_once():
+    """unique -> where -> index_add_ lives in haq.kernels.moe; everything else plugs into it."""
+    writers = sorted(name for name, path in _modules().items() if "index_add_" in path.read_text())
+    assert writers == ["haq.kernels.moe"]

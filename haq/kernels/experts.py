@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from haq.kernels.int8 import int8_linear
+from haq.kernels.moe import dispatch, gated_mlp, per_expert
 
 
 class Int8Experts(nn.Module):
@@ -38,21 +39,17 @@ class Int8Experts(nn.Module):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on its tokens x [T, H] -> [T, H]."""
         static = self.gate_up_in_scale is not None
-        gate_up = self._linear(x, self.gate_up_q[e], self.gate_up_scale[e],
-                               self.gate_up_in_scale[e] if static else None)
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = self.act_fn(gate) * up
-        return self._linear(h, self.down_q[e], self.down_scale[e], self.down_in_scale[e] if static else None)
+        return gated_mlp(
+            x,
+            lambda v: self._linear(v, self.gate_up_q[e], self.gate_up_scale[e],
+                                   self.gate_up_in_scale[e] if static else None),
+            lambda h: self._linear(h, self.down_q[e], self.down_scale[e], self.down_in_scale[e] if static else None),
+            self.act_fn)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states [T, H]; top_k_index, top_k_weights [T, K]
-        out = torch.zeros_like(hidden_states)
-        for e in torch.unique(top_k_index).tolist():
-            token_idx, k_pos = torch.where(top_k_index == e)
-            y = self.expert_forward(e, hidden_states[token_idx])
-            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
-        return out
+        return dispatch(hidden_states, top_k_index, top_k_weights, per_expert(self.expert_forward))
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "

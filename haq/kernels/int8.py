@@ -48,7 +48,6 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -349,29 +348,3 @@ class Int8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"act_bits={self.act_bits}, act_mode={self.act_mode}{static}, impl={self.impl}"
         )
-
-
-def int8_expert_mlp(
-    x: torch.Tensor,
-    gate_up_q: torch.Tensor,
-    gate_up_scale: torch.Tensor,
-    down_q: torch.Tensor,
-    down_scale: torch.Tensor,
-    act_fn: Callable[[torch.Tensor], torch.Tensor],
-    act_bits: int = 8,
-    impl: MatmulImpl = "auto",
-) -> torch.Tensor:
-    """One gated expert, both GEMMs int8: ``down(act(gate(x)) * up(x))``.
-
-    Layout as transformers 5.x ``MixtralExperts`` (one expert's slice):
-    T = tokens, H = hidden, I = expert intermediate size.
-    - ``gate_up_q`` int8 [2I, H], rows 0..I-1 = gate, I..2I-1 = up (``F.linear(x, gate_up_proj[e])
-      .chunk(2, dim=-1)`` gives gate first); ``gate_up_scale`` [2I].
-    - ``down_q`` int8 [H, I]; ``down_scale`` [H].
-    - ``x`` [T, H] (any leading dims) -> [T, H] in ``x``'s dtype. The intermediate is
-      re-quantized per token before the down GEMM.
-    """
-    gate_up = int8_linear(x, gate_up_q.t(), gate_up_scale, act_bits=act_bits, impl=impl)  # [T, 2I]
-    gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
-    h = act_fn(gate) * up  # [T, I]
-    return int8_linear(h, down_q.t(), down_scale, act_bits=act_bits, impl=impl)  # [T, H]

@@ -3,6 +3,7 @@ stand-in for fused experts that records per-expert inputs (routed tokens, or all
 `all_experts`) while computing exactly what the original experts compute."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from haq.kernels.moe import ExpertCall, dispatch, gated_mlp
 from haq.models.adapters import ArchAdapter
 from haq.quant.observers import InputStats
 
@@ -30,25 +32,27 @@ class ObservedExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        experts = self.inner
         self.moe_input.update(hidden_states)
-        out = torch.zeros_like(hidden_states)
-        for e in range(experts.gate_up_proj.shape[0]):
-            token_idx, k_pos = torch.where(top_k_index == e)
-            self.routed_tokens[e] += len(token_idx)
-            x = hidden_states if self.all_experts else hidden_states[token_idx]
+        return dispatch(hidden_states, top_k_index, top_k_weights, self._run, num_experts=len(self.down))
+
+    def _run(self, hidden_states: torch.Tensor, calls: Sequence[ExpertCall]) -> list[torch.Tensor | None]:
+        experts, results = self.inner, []
+        for call in calls:
+            e = call.expert
+            self.routed_tokens[e] += call.tokens
+            x = hidden_states if self.all_experts else hidden_states[call.token_idx]
             if x.shape[0] == 0:
+                results.append(None)
                 continue
-            gate, up = F.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-            h = experts.act_fn(gate) * up
             if not self.all_experts:
                 self.gate_up[e].update(x)
-            self.down[e].update(h)
-            if self.all_experts:
-                h = h[token_idx]
-            y = F.linear(h, experts.down_proj[e]) * top_k_weights[token_idx, k_pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+
+            def down(h: torch.Tensor, e: int = e, call: ExpertCall = call) -> torch.Tensor:
+                self.down[e].update(h)
+                return F.linear(h[call.token_idx] if self.all_experts else h, experts.down_proj[e])
+
+            results.append(gated_mlp(x, lambda v, e=e: F.linear(v, experts.gate_up_proj[e]), down, experts.act_fn))
+        return results
 
     def gate_up_hessian(self, e: int) -> tuple[torch.Tensor | None, int]:
         if self.all_experts:

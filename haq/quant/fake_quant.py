@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from haq.kernels.grid import fake_quant_act, fake_quant_weight
+from haq.kernels.moe import dispatch, gated_mlp, per_expert
 from haq.models.adapters import ArchAdapter
 from haq.quant.calibration import forward_windows
 from haq.quant.recipe import Recipe
@@ -32,14 +33,12 @@ class FakeQuantExperts(nn.Module):
         r = self.recipe
         return fake_quant_act(x, r.abits, r.act) if r.quant_acts else x
 
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return gated_mlp(self._act(x), lambda v: F.linear(v, self.gate_up[e]),
+                         lambda h: F.linear(self._act(h), self.down[e]), self.act_fn)
+
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for e in torch.unique(top_k_index).tolist():
-            token_idx, k_pos = torch.where(top_k_index == e)
-            gate, up = F.linear(self._act(hidden_states[token_idx]), self.gate_up[e]).chunk(2, dim=-1)
-            y = F.linear(self._act(self.act_fn(gate) * up), self.down[e])
-            out.index_add_(0, token_idx, (y * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
-        return out
+        return dispatch(hidden_states, top_k_index, top_k_weights, per_expert(self.expert_forward))
 
 
 @contextmanager

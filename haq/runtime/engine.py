@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from haq.errors import HaqError
+from haq.kernels.moe import ExpertCall, dispatch
 from haq.models.adapters import adapter_for
 from haq.runtime.hardware import HardwareProfile
 from haq.runtime.policies import PolicyContext, make_policy
@@ -193,21 +195,22 @@ class Engine:
                     top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H]; top_k_index, top_k_weights [T, K]. Same result as the model's experts."""
         self.routing[layer].append(top_k_index.to("cpu", torch.int16))
-        calls = []
-        for e in torch.unique(top_k_index).tolist():
-            token_idx, k_pos = torch.where(top_k_index == e)
-            calls.append((e, token_idx, k_pos))
+        return dispatch(hidden, top_k_index, top_k_weights, lambda h, calls: self._run_calls(layer, h, calls))
+
+    def _run_calls(self, layer: int, hidden: torch.Tensor, calls: Sequence[ExpertCall]) -> list[torch.Tensor]:
+        """The policy decides every call of the layer, largest first; CPU calls go to the worker."""
         self.cpu_assigned_s = 0.0
         results: dict[int, torch.Tensor] = {}
         futures: dict[int, Future] = {}
-        for e, token_idx, _ in sorted(calls, key=lambda c: -len(c[1])):  # largest calls first
-            key, n = (layer, e), len(token_idx)
+        for call in sorted(calls, key=lambda c: -c.tokens):  # largest calls first
+            e, n = call.expert, call.tokens
+            key = (layer, e)
             decision = self.policy.decide(key, n, self.view)
             for old in decision.evicted:
                 self.cache.pop(old, None)
                 self.pending.pop(old, None)
             self.calls[layer] += 1
-            x = hidden[token_idx]
+            x = hidden[call.token_idx]
             if decision.where == "cpu":
                 self.cpu_calls += 1
                 self.cpu_assigned_s += self.predictor.t_cpu(n)
@@ -234,10 +237,7 @@ class Engine:
             self._check_resident()
         for e, future in futures.items():
             results[e] = future.result().to(hidden.device)
-        out = torch.zeros_like(hidden)
-        for e, token_idx, k_pos in calls:  # ascending expert order, as the model's own experts
-            out.index_add_(0, token_idx, (results[e] * top_k_weights[token_idx, k_pos, None]).to(out.dtype))
-        return out
+        return [results[call.expert] for call in calls]
 
     # -- generation and metrics ----------------------------------------------------------------
     def _reset_counters(self) -> None:

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from haq.errors import HaqError
 from haq.kernels.experts import Int8Experts
 from haq.kernels.int8 import int8_linear
+from haq.kernels.moe import gated_mlp
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -73,8 +74,8 @@ class ExpertMath:
 
     def forward(self, w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H] on w's device (as `Int8Experts.expert_forward` / HF experts)."""
-        gate, up = self._linear(x, w.gate_up, w.gate_up_scale, w.gate_up_in_scale).chunk(2, dim=-1)
-        return self._linear(self.act_fn(gate) * up, w.down, w.down_scale, w.down_in_scale)
+        return gated_mlp(x, lambda v: self._linear(v, w.gate_up, w.gate_up_scale, w.gate_up_in_scale),
+                         lambda h: self._linear(h, w.down, w.down_scale, w.down_in_scale), self.act_fn)
 
     def _linear(self, x, weight, scale, in_scale):
         if scale is None:
