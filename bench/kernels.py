@@ -17,7 +17,8 @@ from torch import nn
 
 from common import machine, md_table, write_results
 
-from haq.kernels.int8 import cpu_has_int8_dot, has_fbgemm
+from haq.kernels.backends.auto import cpu_has_int8_dot
+from haq.kernels.backends.fbgemm import has_fbgemm
 
 
 def median_ms(fn, repeats: int, sync=lambda: None) -> float:

@@ -74,7 +74,7 @@ def profile_trace_for(model, tokenizer, model_name: str, dataset: str = "wiki-of
 
 
 def open_engine(model_ref: str | Path, budget: str, device: str = "cpu", policy: str = "haq",
-                hardware: str | None = None, profile: str | Path | None = None):
+                hardware: str | None = None, profile: str | Path | None = None, int8_backend: str | None = None):
     """(engine, tokenizer): load the model, measure or load the hardware profile, place, serve."""
     from haq.loading import load_model
     from haq.models.adapters import adapter_for
@@ -83,7 +83,7 @@ def open_engine(model_ref: str | Path, budget: str, device: str = "cpu", policy:
     from haq.runtime.store import extract_experts
     from haq.runtime.trace import load_trace
 
-    model, tokenizer, path = load_model(model_ref)
+    model, tokenizer, path = load_model(model_ref, int8_backend=int8_backend)
     adapter = adapter_for(model.config)
     if adapter.moe is None:
         raise HaqError(f"{path} is a dense {model.config.model_type} model: the MoE runtime needs experts")

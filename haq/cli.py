@@ -36,7 +36,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from haq.loading import load_model
 
     resolve(args.dataset)  # a bad dataset fails before the model loads
-    model, tokenizer, path = load_model(args.model)
+    model, tokenizer, path = load_model(args.model, int8_backend=args.int8_backend)
     windows = eval_windows(args.dataset, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows)
     result = perplexity(model, windows)
     print(f"{path.name}  {args.dataset}  seqlen {result.seqlen}  windows {result.windows}  "
@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from haq.api import open_engine
 
     engine, tokenizer = open_engine(args.model, args.gpu_budget, device=args.device, policy=args.policy,
-                                    hardware=args.hardware, profile=args.profile)
+                                    hardware=args.hardware, profile=args.profile, int8_backend=args.int8_backend)
     try:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         tokens, metrics = engine.generate(ids, max_new_tokens=args.max_new_tokens)
@@ -176,6 +176,13 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
 
 
+def _int8_backend_option(p: argparse.ArgumentParser) -> None:
+    from haq.kernels.backends import backend_names
+
+    p.add_argument("--int8-backend", choices=backend_names(), default=None,
+                   help="int8 GEMM backend of a quantized checkpoint (default: the one it records, normally auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haq", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
@@ -228,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="haq")
     p.add_argument("--hardware", help="hardware preset or profile JSON (default: measure this machine)")
     p.add_argument("--profile", help="routing trace (.npz) for placement (default: recorded on wiki-offline train)")
+    _int8_backend_option(p)
     p.add_argument("--json", help="write the metrics as JSON")
     p.add_argument("--plot", help="folder for PNG plots")
     p.set_defaults(func=cmd_run)
@@ -274,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | c4-new | PATH")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--max-windows", type=int, default=None)
+    _int8_backend_option(p)
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_eval)
     return parser

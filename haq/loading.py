@@ -41,8 +41,9 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer, path); a haq quantized checkpoint loads with its int8 modules."""
+def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int8_backend: str | None = None):
+    """(model, tokenizer, path); a haq quantized checkpoint loads with its int8 modules (on
+    `int8_backend`, default the one its specs record)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -50,7 +51,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32):
     if (path / QUANT_CONFIG).is_file():
         from haq.checkpoint.native import load_quantized
 
-        model = load_quantized(path)
+        model = load_quantized(path, backend=int8_backend)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

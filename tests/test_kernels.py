@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from haq.errors import HaqError
-from haq.kernels.int8 import Int8Linear, has_fbgemm, int8_linear, int8_matmul
+from haq.kernels.backends import backend_names, get_backend
+from haq.kernels.backends.fbgemm import has_fbgemm
+from haq.kernels.backends.int_mm import int_mm_supports
+from haq.kernels.int8 import Int8Linear, int8_linear, int8_matmul
 from haq.kernels.moe import gated_mlp
 from haq.quant.gptq import accumulate_hessian, gptq_quantize
 from haq.kernels.grid import fake_quant_act, quantize_weight, weight_scales
@@ -34,14 +37,23 @@ def reference_linear(x, qweight, w_scale, bias=None, act_bits=8, mode="per-token
     return y if bias is None else y + bias.double()
 
 
+BACKENDS = ["auto", "float", "fbgemm", "int_mm"]  # a new int8 backend adds its name here
+
+
+def test_every_registered_backend_is_tested() -> None:
+    assert sorted(BACKENDS) == backend_names()
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["auto", "float"] + (["fbgemm"] if has_fbgemm() else []))
+@pytest.mark.parametrize("impl", BACKENDS)
 def test_int8_matmul_is_exact(device: str, impl: str) -> None:
-    if impl == "fbgemm" and device != "cpu":
-        pytest.skip("FBGEMM is a CPU library")
+    if not get_backend(impl).available(torch.device(device)):
+        pytest.skip(f"backend {impl} does not run on {device} here")
     g = torch.Generator().manual_seed(0)
     for M in MS:
         for K, N in KNS:
+            if impl == "int_mm" and not int_mm_supports(torch.device(device), K, N):
+                continue
             a = random_int8(M, K, gen=g, device=device)
             w = random_int8(N, K, gen=g, device=device)
             with warnings.catch_warnings():
@@ -49,10 +61,10 @@ def test_int8_matmul_is_exact(device: str, impl: str) -> None:
                 out = int8_matmul(a, w.t(), impl)
             assert out.dtype == torch.float32 and out.shape == (M, N)
             assert torch.equal(out.cpu().double(), (a.cpu().long() @ w.cpu().long().t()).double()), (M, K, N)
-    # worst case beyond float32's exact range: the float path switches to float64
+    # worst case beyond float32's exact range (1 ulp of float32)
     K = 1100
     a = torch.full((2, K), 127, dtype=torch.int8, device=device)
-    b = torch.full((K, 3), -127, dtype=torch.int8, device=device)
+    b = torch.full((K, 8), -127, dtype=torch.int8, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # N=3 is not a CUDA _int_mm shape
         out = int8_matmul(a, b, impl)
@@ -80,7 +92,7 @@ def test_int8_matmul_rejects_bad_operands() -> None:
         int8_matmul(torch.zeros(2, 3), torch.zeros(3, 2, dtype=torch.int8))
     with pytest.raises(HaqError, match="int8"):
         int8_matmul(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(4, 2, dtype=torch.int8))
-    with pytest.raises(HaqError, match="impl"):
+    with pytest.raises(HaqError, match="unknown int8 backend 'fast'"):
         int8_matmul(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(3, 2, dtype=torch.int8), "fast")
 
 

@@ -238,6 +238,12 @@ def test_checkpoint_round_trip_and_tampering(tiny_dir, tmp_path):
     ids = tokens(1, 12, 1)
     with torch.no_grad():
         assert torch.equal(load_quantized(out)(ids).logits, model(ids).logits)
+    # the int8 backend is part of every spec; another backend computes the same integers
+    assert {spec["backend"] for spec in report.modules.values() if spec["type"] != "w8a16_linear"} == {"auto"}
+    on_float = load_quantized(out, backend="float")
+    assert {m.impl for m in on_float.modules() if isinstance(m, (Int8Linear, Int8Experts))} == {"float"}
+    with torch.no_grad():
+        torch.testing.assert_close(on_float(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
     weights = out / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
     with pytest.raises(HaqError, match="checksum"):

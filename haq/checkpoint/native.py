@@ -80,8 +80,9 @@ def read_quant_config(path: Path) -> dict:
     return meta
 
 
-def load_quantized(path: Path, verify: bool = True) -> nn.Module:
-    """Rebuild the architecture, install the int8 modules named in haq_config.json, load tensors."""
+def load_quantized(path: Path, verify: bool = True, backend: str | None = None) -> nn.Module:
+    """Rebuild the architecture, install the int8 modules named in haq_config.json, load tensors;
+    `backend` overrides the int8 backend the module specs record."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -95,7 +96,7 @@ def load_quantized(path: Path, verify: bool = True) -> nn.Module:
         raise HaqError(f"{weights} does not match the checksum in {CONFIG_NAME}: truncated or modified file")
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    install_specs(model, meta["modules"])
+    install_specs(model, meta["modules"], backend)
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as exc:

@@ -11,14 +11,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from haq.kernels.backends import get_backend
 from haq.kernels.int8 import int8_linear
 from haq.kernels.moe import dispatch, gated_mlp, per_expert
 
 
 class Int8Experts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act_fn, act_bits: int = 8,
-                 act_mode: str = "per-token") -> None:
+                 act_mode: str = "per-token", impl: str = "auto") -> None:
         super().__init__()
+        get_backend(impl)  # validates
+        self.impl = impl  # the int8 backend (haq.kernels.backends)
         self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden, intermediate
         self.act_fn = act_fn
         self.act_bits, self.act_mode = act_bits, act_mode
@@ -34,7 +37,7 @@ class Int8Experts(nn.Module):
         if self.act_bits > 8:
             return F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None])
         return int8_linear(x, q.t(), scale, act_bits=self.act_bits, act_mode=self.act_mode,
-                           static_act_scale=in_scale)
+                           static_act_scale=in_scale, impl=self.impl)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on its tokens x [T, H] -> [T, H]."""
@@ -53,4 +56,4 @@ class Int8Experts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
-                f"act_bits={self.act_bits}, act_mode={self.act_mode}")
+                f"act_bits={self.act_bits}, act_mode={self.act_mode}, impl={self.impl}")

@@ -71,6 +71,7 @@ class ExpertMath:
     act_fn: nn.Module
     act_bits: int = 16  # > 8: float experts, or weight-only int8
     act_mode: str = "per-token"
+    impl: str = "auto"  # the int8 backend (haq.kernels.backends)
 
     def forward(self, w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H] on w's device (as `Int8Experts.expert_forward` / HF experts)."""
@@ -83,7 +84,7 @@ class ExpertMath:
         if self.act_bits > 8:
             return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None])
         return int8_linear(x, weight.t(), scale, act_bits=self.act_bits, act_mode=self.act_mode,
-                           static_act_scale=in_scale)
+                           static_act_scale=in_scale, impl=self.impl)
 
 
 def extract_experts(experts: nn.Module) -> tuple[list[ExpertWeights], ExpertMath]:
@@ -95,7 +96,7 @@ def extract_experts(experts: nn.Module) -> tuple[list[ExpertWeights], ExpertMath
                                  experts.gate_up_in_scale[e].clone() if static else None,
                                  experts.down_in_scale[e].clone() if static else None)
                    for e in range(experts.num_experts)]
-        return weights, ExpertMath(experts.act_fn, experts.act_bits, experts.act_mode)
+        return weights, ExpertMath(experts.act_fn, experts.act_bits, experts.act_mode, experts.impl)
     weights = [ExpertWeights(experts.gate_up_proj.data[e].clone(), experts.down_proj.data[e].clone())
                for e in range(experts.gate_up_proj.shape[0])]
     return weights, ExpertMath(experts.act_fn)

@@ -1,0 +1,87 @@
+"""Per call, the fastest exact backend for the device, the instruction set and the shape.
+
+CUDA: ``int_mm`` where its K/N constraints hold, else ``float`` with a one-time warning per shape.
+CPU, ms per call on this project's 2-core AVX-512 Xeon without VNNI, torch 2.13:
+
+    M x K x N              fp32 nn.Linear   float path   fbgemm
+    1 x 4096 x 14336           19.5           172          4.0
+    16 x 4096 x 14336          57.1           210         22.2
+    1 x 576 x 3072              0.39          1.78         0.33
+    16 x 576 x 3072             2.94          3.53         1.05
+    128 x 4096 x 4096            -            100          35
+    512 x 4096 x 4096            -            185         198
+    512 x 576 x 1536             -            6.6          8.5
+
+FBGEMM wins at decode-sized M and, while the float path needs several K chunks, up to a few
+hundred rows; the float path wins for large M. With VNNI, FBGEMM still beats ``torch._int_mm`` up
+to 32 rows (M=16, 4096 x 4096: 0.98 vs 1.78 ms on a 2-core EPYC, bench/results/kernels-epyc-vnni.md)
+and ``torch._int_mm`` runs above.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import torch
+
+from haq.kernels.backends import get_backend, prepared, register
+from haq.kernels.backends.fbgemm import has_fbgemm
+from haq.kernels.backends.float_exact import FLOAT_CHUNK
+from haq.kernels.backends.int_mm import int_mm_supports
+
+FBGEMM_MAX_M = 32
+"""On CPUs "auto" runs FBGEMM up to this many rows (measured above, with and without VNNI) ..."""
+FBGEMM_MAX_M_LONG_K = 256
+"""... and, without VNNI, up to this many when K is long enough for the float path to need several chunks."""
+
+_warned_shapes: set[tuple[str, int, int]] = set()  # (device type, K, N) already warned about
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (VNNI or AMX). Without them
+    ``torch._int_mm`` on CPU is 50-80x slower than an fp32 GEMM, so "auto" then never uses it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def cpu_auto_impl(M: int = 1, K: int = 0) -> str:
+    """The backend "auto" runs on this CPU for an [M, K] @ [K, N] product."""
+    if cpu_has_int8_dot():  # FBGEMM's packed GEMM still wins at decode-sized M (2x at M=16 on an EPYC)
+        return "fbgemm" if has_fbgemm() and M <= FBGEMM_MAX_M else "int_mm"
+    small = M <= FBGEMM_MAX_M or (K > FLOAT_CHUNK and M <= FBGEMM_MAX_M_LONG_K)
+    return "fbgemm" if has_fbgemm() and small else "float"
+
+
+def choose(a: torch.Tensor, b: torch.Tensor) -> str:
+    """The backend "auto" uses for a [M, K] @ b [K, N] on a's device."""
+    if a.device.type == "cpu":
+        return cpu_auto_impl(*a.shape)
+    K, N = b.shape
+    if int_mm_supports(a.device, K, N):
+        return "int_mm"
+    key = (a.device.type, K, N)
+    if key not in _warned_shapes:
+        _warned_shapes.add(key)
+        warnings.warn(f"torch._int_mm cannot run K={K}, N={N} on {a.device.type}; "
+                      "using an exact float GEMM of the int8 values instead (slower)", stacklevel=4)
+    return "float"
+
+
+@register("auto")
+class Auto:
+    packs = False  # the chosen backend prepares (and caches) its own layout
+
+    def available(self, device: torch.device) -> bool:
+        return True
+
+    def prepare(self, b: torch.Tensor) -> torch.Tensor:
+        return b
+
+    def matmul(self, a: torch.Tensor, packed: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        backend = get_backend(choose(a, b))
+        return backend.matmul(a, prepared(backend, b), b)
