@@ -87,9 +87,10 @@ def open_engine(model_ref: str | Path, budget: str, device: str = "cpu", policy:
     adapter = adapter_for(model.config)
     if adapter.moe is None:
         raise HaqError(f"{path} is a dense {model.config.model_type} model: the MoE runtime needs experts")
-    first = adapter.decoder_layers(model)[0].get_submodule(adapter.moe.experts)
+    moe_layers = adapter.moe_layers(model.config)
+    first = adapter.decoder_layers(model)[moe_layers[0]].get_submodule(adapter.moe.experts)
     weights, math = extract_experts(first)
-    total = weights[0].nbytes * len(weights) * len(adapter.decoder_layers(model))
+    total = weights[0].nbytes * len(weights) * len(moe_layers)
     budget_bytes = parse_budget(budget, total)
     hw = load_profile(hardware) if hardware else profile_hardware(weights[0], math, device=device)
     trace = load_trace(profile) if profile else profile_trace_for(model, tokenizer, path.name)

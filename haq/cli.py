@@ -116,7 +116,8 @@ def cmd_profile_hw(args: argparse.Namespace) -> None:
     adapter = adapter_for(model.config)
     if adapter.moe is None:
         raise HaqError(f"{path} is a dense model: profile-hw measures expert calls of an MoE model")
-    weights, math = extract_experts(adapter.decoder_layers(model)[0].get_submodule(adapter.moe.experts))
+    first = adapter.decoder_layers(model)[adapter.moe_layers(model.config)[0]]
+    weights, math = extract_experts(first.get_submodule(adapter.moe.experts))
     profile = profile_hardware(weights[0], math, device=args.device, repeats=args.repeats)
     profile.save(args.output)
     print(json.dumps(profile.to_dict(), indent=1))

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from haq.errors import HaqError
+from haq.models.adapters import SUPPORTED
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "opt", "qwen2_moe", "qwen3_moe")
 QUANT_CONFIG = "haq_config.json"
 
 
@@ -34,10 +34,8 @@ def read_config(path: Path) -> dict:
     except json.JSONDecodeError as exc:
         raise HaqError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise HaqError(
-            f"unsupported architecture {model_type!r} in {path}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    if model_type not in SUPPORTED:
+        raise HaqError(f"unsupported architecture {model_type!r} in {path}; supported: {', '.join(SUPPORTED)}")
     return config
 
 

@@ -34,24 +34,27 @@ def tokens(n, length, seed):
 @pytest.mark.parametrize("name", ARCHS)
 @pytest.mark.parametrize("method", ["smoothquant", "haq"])
 def test_smoothing_leaves_the_float_layer_unchanged(tiny_dir, name, method):
+    """Every layer (dense and MoE ones where a family has both), each with its own keyword arguments."""
     model = load(tiny_dir, name)
     adapter = adapter_for(model.config)
-    inputs, kwargs = capture_layer_inputs(model, adapter, tokens(2, 32, 0))
-    layer = adapter.decoder_layers(model)[0]
-    with observe_layer(layer, adapter, False) as stats:
-        before = run_layer(layer, inputs, kwargs, 0)
-    probe = Probe(inputs[:1], kwargs, before[:1])
+    inputs, layer_kwargs = capture_layer_inputs(model, adapter, tokens(2, 32, 0))
     recipe = Recipe(method=method, alpha=0.8, alpha_step=0.25)
-    unsmoothed_error = block_error(layer, adapter, recipe, probe)
-    alphas = smooth_layer(layer, adapter, stats, recipe, probe)
-    after = run_layer(layer, inputs, kwargs, 0)
-    assert set(alphas) == {g.name for g in adapter.groups}
-    if method == "smoothquant":
-        assert all(a == 0.8 for a in alphas.values())
-    else:  # "no smoothing" is a candidate of every group, so the search never makes the block worse
-        assert block_error(layer, adapter, recipe, probe) <= unsmoothed_error * (1 + 1e-6)
-    for b, a in zip(before, after):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        spec, kwargs = adapter.layer_spec(model.config, index), layer_kwargs[index]
+        with observe_layer(layer, spec, False) as stats:
+            before = run_layer(layer, inputs, kwargs, index)
+        probe = Probe(inputs[:1], kwargs, before[:1])
+        unsmoothed_error = block_error(layer, spec, recipe, probe)
+        alphas = smooth_layer(layer, spec, stats, recipe, probe)
+        after = run_layer(layer, inputs, kwargs, index)
+        assert set(alphas) == {g.name for g in spec.groups}
+        if method == "smoothquant":
+            assert all(a == 0.8 for a in alphas.values() if a is not None)
+        else:  # "no smoothing" is a candidate of every group, so the search never makes the block worse
+            assert block_error(layer, spec, recipe, probe) <= unsmoothed_error * (1 + 1e-6)
+        for b, a in zip(before, after):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        inputs = after
 
 
 class FakeQuantLinear(nn.Module):
@@ -120,7 +123,7 @@ def test_methods_stay_close_to_float(tiny_dir, method):
     assert (out - ref).abs().max() < 0.05
     assert len(report.layers) == 2 and report.calib_tokens == 128
     if method == "haq":
-        assert set(report.layers[0].alphas) == {g.name for g in adapter_for(model.config).groups}
+        assert set(report.layers[0].alphas) == {g.name for g in adapter_for(model.config).layer_spec(model.config, 0).groups}
 
 
 def test_gptq_lowers_the_output_error_of_a_real_layer(tiny_dir):
@@ -129,8 +132,8 @@ def test_gptq_lowers_the_output_error_of_a_real_layer(tiny_dir):
     for method in ("rtn", "gptq"):
         model = load(tiny_dir, "tiny-llama")
         ids = tokens(8, 64, 0)
-        inputs, kwargs = capture_layer_inputs(model, adapter_for(model.config), ids)
-        layer = adapter_for(model.config).decoder_layers(model)[0]
+        inputs, layer_kwargs = capture_layer_inputs(model, adapter_for(model.config), ids)
+        layer, kwargs = adapter_for(model.config).decoder_layers(model)[0], layer_kwargs[0]
         ref = run_layer(layer, inputs, kwargs, 0)
         quantize_model(model, Recipe(method=method, abits=16), ids, progress=False)
         out = run_layer(layer, inputs, kwargs, 0)

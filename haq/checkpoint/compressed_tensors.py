@@ -168,10 +168,11 @@ def _ignored(config: dict, specs: dict[str, dict], names: CheckpointNames) -> li
 
     from haq.models.adapters import adapter_for
 
-    adapter = adapter_for(SimpleNamespace(model_type=config["model_type"]))
+    layout = SimpleNamespace(**config)
+    adapter = adapter_for(layout)
     ignore = ["lm_head"]
     for index in range(config["num_hidden_layers"]):
-        for module in adapter.high_precision:
+        for module in adapter.layer_spec(layout, index).high_precision:
             ignore.append(names.to_disk(f"{adapter.layers}.{index}.{module}"))
     return ignore
 
@@ -249,7 +250,7 @@ def load_compressed_tensors(path: str | Path):
     del config.quantization_config  # build the plain float architecture
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state, specs, used = {}, {}, set()
-    experts = ([f"{adapter.layers}.{i}.{adapter.moe.experts}" for i in range(config.num_hidden_layers)]
+    experts = ([f"{adapter.layers}.{i}.{adapter.moe.experts}" for i in adapter.moe_layers(config)]
                if adapter.moe is not None else [])
     gate, up, down = names.expert_proj
     for ours in experts:

@@ -12,17 +12,17 @@ from haq.models.adapters import adapter_for
 
 @contextmanager
 def routing_counter(model: nn.Module):
-    """Yields counts [layers, experts] (int64) filled in by every forward inside the block."""
+    """Yields counts [MoE layers, experts] (int64) filled in by every forward inside the block."""
     adapter = adapter_for(model.config)
     if adapter.moe is None:
         raise HaqError(f"{model.config.model_type} is a dense model: routing statistics need an MoE model")
-    layers = adapter.decoder_layers(model)
+    layers = [adapter.decoder_layers(model)[i] for i in adapter.moe_layers(model.config)]
     num_experts = getattr(model.config, adapter.moe.num_experts_attr)
     counts = torch.zeros(len(layers), num_experts, dtype=torch.int64)
 
     def hook(index):
         def record(_module, _inputs, output):
-            indices = output[2]  # routers return (logits, top-k weights, top-k indices)
+            indices, _ = adapter.moe.choices(output)
             counts[index] += torch.bincount(indices.reshape(-1).cpu(), minlength=num_experts)
         return record
 

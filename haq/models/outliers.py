@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from haq.models.adapters import adapter_for, input_weight
+from haq.models.norms import norm_gain, set_norm_gain
 
 
 @torch.no_grad()
@@ -16,10 +17,13 @@ def inject_outliers(model: nn.Module, channels: int = 4, factor: float = 50.0, s
     adapter = adapter_for(model.config)
     hidden = model.config.hidden_size
     picked = torch.randperm(hidden, generator=torch.Generator().manual_seed(seed))[:channels]
-    for layer in adapter.decoder_layers(model):
-        for group in adapter.norm_groups:
+    adapter.check_norms(model)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for group in adapter.layer_spec(model.config, index).residual_groups:
             norm = layer.get_submodule(group.prev)
-            norm.weight[picked] *= factor
+            gain = norm_gain(norm, adapter.norm_kind).clone()
+            gain[picked] *= factor
+            set_norm_gain(norm, adapter.norm_kind, gain)
             if getattr(norm, "bias", None) is not None:
                 norm.bias[picked] *= factor
             for name in group.consumers + group.rescale:

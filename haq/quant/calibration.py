@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from haq.kernels.moe import ExpertCall, dispatch, gated_mlp
-from haq.models.adapters import ArchAdapter
+from haq.models.adapters import LayerSpec
 from haq.quant.observers import InputStats
 
 
@@ -98,24 +98,24 @@ class LayerStats:
 
 
 @contextmanager
-def observe_layer(layer: nn.Module, adapter: ArchAdapter, all_experts: bool, hessian: bool = True):
+def observe_layer(layer: nn.Module, spec: LayerSpec, all_experts: bool, hessian: bool = True):
     """Hooks on the layer's linears and, for MoE, experts swapped for `ObservedExperts`;
     `hessian=False` (RTN recipes) records activation ranges only."""
     stats = LayerStats()
     handles = []
-    for name in adapter.linears:
+    for name in spec.linears:
         stats.linears[name] = InputStats(name, hessian=hessian)
         handles.append(layer.get_submodule(name).register_forward_pre_hook(
             lambda _m, args, st=stats.linears[name]: st.update(args[0])))
     original = None
-    if adapter.moe is not None:
-        original = layer.get_submodule(adapter.moe.experts)
+    if spec.moe is not None:
+        original = layer.get_submodule(spec.moe.experts)
         stats.experts = ObservedExperts(original, all_experts, hessian)
-        layer.set_submodule(adapter.moe.experts, stats.experts)
+        layer.set_submodule(spec.moe.experts, stats.experts)
     try:
         yield stats
     finally:
         for h in handles:
             h.remove()
         if original is not None:
-            layer.set_submodule(adapter.moe.experts, original)
+            layer.set_submodule(spec.moe.experts, original)

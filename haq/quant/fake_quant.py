@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from haq.kernels.grid import fake_quant_act, fake_quant_weight
 from haq.kernels.moe import dispatch, gated_mlp, per_expert
-from haq.models.adapters import ArchAdapter
+from haq.models.adapters import LayerSpec
 from haq.quant.calibration import forward_windows
 from haq.quant.recipe import Recipe
 
@@ -42,11 +42,11 @@ class FakeQuantExperts(nn.Module):
 
 
 @contextmanager
-def fake_quantized(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, quantize_weights: bool = True):
+def fake_quantized(layer: nn.Module, spec: LayerSpec, recipe: Recipe, quantize_weights: bool = True):
     """The layer with every quantized linear and expert fake-quantized, restored on exit
     (`quantize_weights=False`: the weights already hold quantized values; activations only)."""
     saved, handles = {}, []
-    for name in adapter.linears:
+    for name in spec.linears:
         linear = layer.get_submodule(name)
         saved[name] = linear.weight.data
         if quantize_weights:
@@ -54,9 +54,9 @@ def fake_quantized(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, quant
         if recipe.quant_acts:
             handles.append(linear.register_forward_pre_hook(
                 lambda _m, args: (fake_quant_act(args[0], recipe.abits, recipe.act),) + tuple(args[1:])))
-    experts = layer.get_submodule(adapter.moe.experts) if adapter.moe is not None else None
+    experts = layer.get_submodule(spec.moe.experts) if spec.moe is not None else None
     if experts is not None:
-        layer.set_submodule(adapter.moe.experts, FakeQuantExperts(experts, recipe, quantize_weights))
+        layer.set_submodule(spec.moe.experts, FakeQuantExperts(experts, recipe, quantize_weights))
     try:
         yield layer
     finally:
@@ -65,7 +65,7 @@ def fake_quantized(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, quant
         for name, weight in saved.items():
             layer.get_submodule(name).weight.data = weight
         if experts is not None:
-            layer.set_submodule(adapter.moe.experts, experts)
+            layer.set_submodule(spec.moe.experts, experts)
 
 
 @dataclass
@@ -78,11 +78,11 @@ class Probe:
 
 
 @torch.no_grad()
-def block_error(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, probe: Probe,
+def block_error(layer: nn.Module, spec: LayerSpec, recipe: Recipe, probe: Probe,
                 quantize_weights: bool = True) -> float:
     """Mean squared error of the fake-quantized layer's outputs against the float outputs."""
     total, count = 0.0, 0
-    with fake_quantized(layer, adapter, recipe, quantize_weights):
+    with fake_quantized(layer, spec, recipe, quantize_weights):
         outputs = forward_windows(layer, probe.inputs, probe.kwargs)
     for out, ref in zip(outputs, probe.reference):
         total += float(((out - ref) ** 2).sum())

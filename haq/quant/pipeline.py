@@ -24,7 +24,7 @@ from haq.io import atomic_write_bytes, atomic_write_text
 from haq.kernels.experts import Int8Experts
 from haq.kernels.int8 import Int8Linear
 from haq.kernels.weight_only import WeightOnlyInt8Linear
-from haq.models.adapters import ArchAdapter, adapter_for
+from haq.models.adapters import ArchAdapter, LayerSpec, adapter_for
 from haq.quant.calibration import LayerStats, forward_windows, observe_layer
 from haq.quant.gptq import gptq_quantize
 from haq.kernels.specs import install_specs, spec_of
@@ -42,19 +42,34 @@ class _StopForward(Exception):
     pass
 
 
+class _LayerInputs(nn.Module):
+    """Stands in for decoder layer `index` during capture: records the keyword arguments the model
+    passes it (masks and rotary embeddings can differ per layer type, e.g. Gemma3's sliding and
+    global layers) and, for the first layer, its input; the last one stops the forward."""
+
+    def __init__(self, index: int, last: bool, captured: dict):
+        super().__init__()
+        self.index, self.last, self.captured = index, last, captured
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.index == 0:
+            self.captured["x"] = hidden_states
+        self.captured["kwargs"][self.index] = kwargs
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, calib: torch.Tensor):
-    """Inputs of the first decoder layer for every calibration row, and the keyword arguments the
-    model passes to its layers (rotary embeddings, masks: identical for equal-length rows)."""
+    """Inputs of the first decoder layer for every calibration row, and per layer the keyword
+    arguments the model passes it (identical for equal-length rows). Only the embeddings and the
+    model's mask and rotary set-up run: every layer is a recorder while capturing."""
     layers = adapter.decoder_layers(model)
-    captured: dict = {}
-
-    def grab(_module, args, kwargs):
-        captured["x"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    captured: dict = {"kwargs": {}}
+    originals = list(layers)
+    for index in range(len(layers)):
+        layers[index] = _LayerInputs(index, index == len(layers) - 1, captured)
     inputs = []
     try:
         for row in calib:
@@ -64,8 +79,9 @@ def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, calib: torch.Te
                 pass
             inputs.append(captured["x"])
     finally:
-        handle.remove()
-    return inputs, captured["kwargs"]
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+    return inputs, [captured["kwargs"][i] for i in range(len(layers))]
 
 
 def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, index: int) -> list[torch.Tensor]:
@@ -122,21 +138,21 @@ def _quantized_linear(linear: nn.Linear, qweight, scale, recipe: Recipe, input_s
 Solution = tuple[torch.Tensor, torch.Tensor]  # (qweight int8, scale)
 
 
-def quantize_layer(layer: nn.Module, adapter: ArchAdapter, stats: LayerStats, recipe: Recipe,
+def quantize_layer(layer: nn.Module, spec: LayerSpec, stats: LayerStats, recipe: Recipe,
                    report: LayerReport, prefix: str, probe: Probe | None = None) -> dict[str, dict]:
     """Smooth, then quantize every linear and expert of one layer in place; returns the specs."""
     if recipe.smooths:
-        report.alphas = smooth_layer(layer, adapter, stats, recipe, probe)
+        report.alphas = smooth_layer(layer, spec, stats, recipe, probe)
         log.debug("layer %d alphas %s", report.index, report.alphas)
     linears = {name: _solve(layer.get_submodule(name).weight.data, stats.linears[name].H,
                             stats.linears[name].tokens, recipe, f"{prefix}.{name}", report)
-               for name in adapter.linears}
-    experts = _solve_experts(layer, adapter, stats, recipe, report, prefix) if adapter.moe is not None else None
+               for name in spec.linears}
+    experts = _solve_experts(layer, spec, stats, recipe, report, prefix) if spec.moe is not None else None
     if recipe.method == "haq" and probe is not None:
         report.weights = "gptq"
-        rtn_linears, rtn_experts = _rtn_solutions(layer, adapter, recipe)
-        if (_block_error_with(layer, adapter, recipe, probe, rtn_linears, rtn_experts)
-                < _block_error_with(layer, adapter, recipe, probe, linears, experts)):
+        rtn_linears, rtn_experts = _rtn_solutions(layer, spec, recipe)
+        if (_block_error_with(layer, spec, recipe, probe, rtn_linears, rtn_experts)
+                < _block_error_with(layer, spec, recipe, probe, linears, experts)):
             linears, experts, report.weights = rtn_linears, rtn_experts, "rtn"
     specs = {}
     for name, (qweight, scale) in linears.items():
@@ -145,34 +161,34 @@ def quantize_layer(layer: nn.Module, adapter: ArchAdapter, stats: LayerStats, re
                                                     _static_scale(stats.linears[name].act_max, recipe)))
         specs[name] = spec_of(layer.get_submodule(name))
     if experts is not None:
-        specs[adapter.moe.experts] = _install_experts(layer, adapter, stats, recipe, experts)
+        specs[spec.moe.experts] = _install_experts(layer, spec, stats, recipe, experts)
     return specs
 
 
-def _rtn_solutions(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe):
+def _rtn_solutions(layer: nn.Module, spec: LayerSpec, recipe: Recipe):
     bits = recipe.wbits
-    linears = {name: _rtn(layer.get_submodule(name).weight.data, bits) for name in adapter.linears}
-    if adapter.moe is None:
+    linears = {name: _rtn(layer.get_submodule(name).weight.data, bits) for name in spec.linears}
+    if spec.moe is None:
         return linears, None
-    ex = layer.get_submodule(adapter.moe.experts)
+    ex = layer.get_submodule(spec.moe.experts)
     return linears, [(_rtn(ex.gate_up_proj.data[e], bits), _rtn(ex.down_proj.data[e], bits))
                      for e in range(ex.gate_up_proj.shape[0])]
 
 
 @torch.no_grad()
-def _block_error_with(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, probe: Probe,
+def _block_error_with(layer: nn.Module, spec: LayerSpec, recipe: Recipe, probe: Probe,
                       linears: dict[str, Solution], experts: list[tuple[Solution, Solution]] | None) -> float:
     """The block error of the layer with these quantized weights (activations fake-quantized)."""
     saved = {name: layer.get_submodule(name).weight.data for name in linears}
     for name, (q, scale) in linears.items():
         layer.get_submodule(name).weight.data = dequantize_weight(q, scale, saved[name].dtype)
-    ex = layer.get_submodule(adapter.moe.experts) if experts is not None else None
+    ex = layer.get_submodule(spec.moe.experts) if experts is not None else None
     if ex is not None:
         saved_experts = ex.gate_up_proj.data, ex.down_proj.data
         ex.gate_up_proj.data = torch.stack([dequantize_weight(*gu, saved_experts[0].dtype) for gu, _ in experts])
         ex.down_proj.data = torch.stack([dequantize_weight(*d, saved_experts[1].dtype) for _, d in experts])
     try:
-        return block_error(layer, adapter, recipe, probe, quantize_weights=False)
+        return block_error(layer, spec, recipe, probe, quantize_weights=False)
     finally:
         for name, weight in saved.items():
             layer.get_submodule(name).weight.data = weight
@@ -180,12 +196,12 @@ def _block_error_with(layer: nn.Module, adapter: ArchAdapter, recipe: Recipe, pr
             ex.gate_up_proj.data, ex.down_proj.data = saved_experts
 
 
-def _solve_experts(layer, adapter, stats, recipe, report, prefix) -> list[tuple[Solution, Solution]]:
-    experts = layer.get_submodule(adapter.moe.experts)
+def _solve_experts(layer, spec: LayerSpec, stats, recipe, report, prefix) -> list[tuple[Solution, Solution]]:
+    experts = layer.get_submodule(spec.moe.experts)
     ex = stats.experts
     solutions = []
     for e in range(experts.gate_up_proj.shape[0]):
-        name = f"{prefix}.{adapter.moe.experts}[{e}]"
+        name = f"{prefix}.{spec.moe.experts}[{e}]"
         if ex.routed_tokens[e] < recipe.min_expert_tokens and not recipe.calibrate_all_experts:
             log.warning("%s was routed %d calibration tokens (< %d): its weights use RTN",
                         name, ex.routed_tokens[e], recipe.min_expert_tokens)
@@ -198,8 +214,8 @@ def _solve_experts(layer, adapter, stats, recipe, report, prefix) -> list[tuple[
     return solutions
 
 
-def _install_experts(layer, adapter, stats, recipe, solutions: list[tuple[Solution, Solution]]) -> dict:
-    experts = layer.get_submodule(adapter.moe.experts)
+def _install_experts(layer, spec: LayerSpec, stats, recipe, solutions: list[tuple[Solution, Solution]]) -> dict:
+    experts = layer.get_submodule(spec.moe.experts)
     ex = stats.experts
     E, two_i, hidden = experts.gate_up_proj.shape
     module = Int8Experts(E, hidden, two_i // 2, experts.act_fn,
@@ -211,7 +227,7 @@ def _install_experts(layer, adapter, stats, recipe, solutions: list[tuple[Soluti
             gate_up_max = ex.moe_input.act_max if recipe.calibrate_all_experts else ex.gate_up[e].act_max
             module.gate_up_in_scale[e] = _static_scale(gate_up_max, recipe)
             module.down_in_scale[e] = _static_scale(ex.down[e].act_max, recipe)
-    layer.set_submodule(adapter.moe.experts, module)
+    layer.set_submodule(spec.moe.experts, module)
     return spec_of(module)
 
 
@@ -256,6 +272,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
     if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
         raise HaqError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(calib.shape)}")
     tokens = calib.numel()
+    adapter.check_norms(model)
     if recipe.rotate:  # deterministic (seeded), so a resumed run rotates the same way
         rotate_residual(model)
         if recipe.quant_acts:
@@ -263,22 +280,23 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
     probe_windows = max(1, math.ceil(recipe.search_tokens / calib.shape[1]))  # haq's block-error probe
     if work_dir is not None:
         work_dir.mkdir(parents=True, exist_ok=True)
-    inputs, kwargs = capture_layer_inputs(model, adapter, calib)
+    inputs, layer_kwargs = capture_layer_inputs(model, adapter, calib)
     layers = adapter.decoder_layers(model)
     reports, specs = [], {}
     bar = tqdm(range(len(layers)), desc=f"quantize {recipe.method}", disable=not progress)
     for index in bar:
         layer, prefix = layers[index], f"{adapter.layers}.{index}"
+        spec, kwargs = adapter.layer_spec(model.config, index), layer_kwargs[index]
         layer_start = time.perf_counter()
         resumed = _load_partial(work_dir, index, layer) if work_dir is not None else None
         if resumed is not None:
             layer_specs, report = resumed
         else:
             report = LayerReport(index)
-            with observe_layer(layer, adapter, recipe.calibrate_all_experts, recipe.uses_gptq) as stats:
+            with observe_layer(layer, spec, recipe.calibrate_all_experts, recipe.uses_gptq) as stats:
                 outputs = run_layer(layer, inputs, kwargs, index)
             probe = Probe(inputs[:probe_windows], kwargs, outputs[:probe_windows])
-            layer_specs = quantize_layer(layer, adapter, stats, recipe, report, prefix, probe)
+            layer_specs = quantize_layer(layer, spec, stats, recipe, report, prefix, probe)
             del stats
             report.seconds = time.perf_counter() - layer_start
             if work_dir is not None:

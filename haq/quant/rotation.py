@@ -24,6 +24,7 @@ from torch import nn
 from haq.errors import HaqError
 from haq.kernels.rotation import OnlineRotation, rotation_matrix
 from haq.models.adapters import ADAPTERS, adapter_for, input_weight
+from haq.models.norms import NormKind, norm_gain, set_norm_gain
 
 
 def _rotate_reader(module: nn.Module, gain: torch.Tensor, Q: torch.Tensor) -> None:
@@ -41,12 +42,12 @@ def _rotate_writer(module: nn.Module, Q: torch.Tensor) -> None:
         module.bias.data = (module.bias.data.double() @ Q).to(module.bias.dtype)
 
 
-def _fold_norm(norm: nn.Module, where: str) -> torch.Tensor:
-    """The norm's gain, which its readers absorb; the norm keeps a weight of ones."""
+def _fold_norm(norm: nn.Module, kind: NormKind, where: str) -> torch.Tensor:
+    """The norm's gain, which its readers absorb; the norm keeps a gain of ones."""
     if getattr(norm, "bias", None) is not None:
         raise HaqError(f"{where}: a norm with a bias (LayerNorm) does not commute with a rotation")
-    gain = norm.weight.data.double().clone()
-    norm.weight.data.fill_(1.0)
+    gain = norm_gain(norm, kind).double().clone()
+    set_norm_gain(norm, kind, torch.ones_like(gain))
     return gain
 
 
@@ -57,21 +58,24 @@ def rotate_residual(model: nn.Module, seed: int = 0) -> None:
     spec = adapter.residual
     if spec is None:
         supported = ", ".join(t for a in ADAPTERS if a.residual is not None for t in a.model_types)
-        raise HaqError(f"--rotate is not supported for {model.config.model_type!r} (its norms subtract the mean); "
-                       f"supported: {supported}")
+        raise HaqError(f"--rotate is not supported for {model.config.model_type!r} (its norms subtract the mean "
+                       f"or sit on the residual writers); supported: {supported}")
+    adapter.check_norms(model)
     embed, lm_head = model.get_submodule(spec.embed), model.get_submodule(spec.lm_head)
     if lm_head.weight.data_ptr() == embed.weight.data_ptr():  # tied
         lm_head.weight = nn.Parameter(embed.weight.detach().clone())
         model.config.tie_word_embeddings = False
     Q = rotation_matrix(embed.weight.shape[1], seed)
+    kind = adapter.norm_kind
     for index, layer in enumerate(adapter.decoder_layers(model)):
-        for group in adapter.norm_groups:
-            gain = _fold_norm(layer.get_submodule(group.prev), f"layer {index} {group.prev}")
+        layer_spec = adapter.layer_spec(model.config, index)
+        for group in layer_spec.residual_groups:
+            gain = _fold_norm(layer.get_submodule(group.prev), kind, f"layer {index} {group.prev}")
             for name in group.consumers + group.rescale:
                 _rotate_reader(layer.get_submodule(name), gain, Q)
-        for name in spec.writers:
+        for name in layer_spec.writers:
             _rotate_writer(layer.get_submodule(name), Q)
-    _rotate_reader(lm_head, _fold_norm(model.get_submodule(spec.final_norm), spec.final_norm), Q)
+    _rotate_reader(lm_head, _fold_norm(model.get_submodule(spec.final_norm), kind, spec.final_norm), Q)
     embed.weight.data = (embed.weight.data.double() @ Q).to(embed.weight.dtype)
 
 
@@ -86,8 +90,8 @@ def rotate_online_inputs(model: nn.Module, seed: int = 0) -> None:
     adapter = adapter_for(model.config)
     if adapter.residual is None:
         return
-    for layer in adapter.decoder_layers(model):
-        for name in adapter.residual.online:
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for name in adapter.layer_spec(model.config, index).online:
             linear = layer.get_submodule(name)
             rotation = OnlineRotation.seeded(linear.in_features, seed).to(linear.weight.device)
             linear.weight.data = rotation(linear.weight.data.float()).to(linear.weight.dtype)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from haq.models.adapters import ArchAdapter, SmoothGroup
+from haq.models.adapters import LayerSpec, SmoothGroup
+from haq.models.norms import NormKind, norm_gain, set_norm_gain
 from haq.quant.calibration import LayerStats
 from haq.quant.fake_quant import Probe, block_error
 from haq.quant.recipe import Recipe
@@ -37,15 +38,20 @@ def _column_max(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([w.abs().amax(0).float() for w in weights]).amax(0)
 
 
-def _divide_prev(prev: nn.Module, s: torch.Tensor) -> None:
+def _divide_prev(prev: nn.Module, s: torch.Tensor, group: SmoothGroup, norm_kind: NormKind) -> None:
+    """prev's outputs / s: a norm's gain (w, or 1 + w for offset norms) and bias, or a linear's rows."""
     bias = getattr(prev, "bias", None)
-    new_w, new_b = divide_producer(prev.weight.data, s, None if bias is None else bias.data)
-    prev.weight.data = new_w
+    weight = norm_gain(prev, norm_kind) if group.kind == "norm" else prev.weight.data
+    new_w, new_b = divide_producer(weight, s, None if bias is None else bias.data)
+    if group.kind == "norm":
+        set_norm_gain(prev, norm_kind, new_w)
+    else:
+        prev.weight.data = new_w
     if bias is not None:
         prev.bias.data = new_b
 
 
-def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats) -> GroupPlan | None:
+def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats, norm_kind: NormKind) -> GroupPlan | None:
     """None when the group saw no activations (e.g. experts that were never routed), or when its
     consumers' inputs are rotated online (the rotation already spreads their outliers)."""
     if any(getattr(layer.get_submodule(name), "online_rotation", None) is not None for name in group.consumers):
@@ -80,7 +86,7 @@ def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats) -> Group
         act_max, w_max = fold(act_max), fold(w_max)
 
     def apply(s: torch.Tensor, update_stats: bool) -> None:
-        _divide_prev(layer.get_submodule(group.prev), s)
+        _divide_prev(layer.get_submodule(group.prev), s, group, norm_kind)
         cols = expand(s)
         for name in group.consumers:
             module = layer.get_submodule(name)
@@ -125,12 +131,12 @@ def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) ->
     return GroupPlan(scales, apply)
 
 
-def smooth_layer(layer: nn.Module, adapter: ArchAdapter, stats: LayerStats, recipe: Recipe,
+def smooth_layer(layer: nn.Module, spec: LayerSpec, stats: LayerStats, recipe: Recipe,
                  probe: Probe | None) -> dict[str, float | None]:
     """Smooth every group of the layer in place; returns the alpha of each (None = unsmoothed)."""
     alphas: dict[str, float | None] = {}
-    for group in adapter.groups:
-        plan = plan_group(layer, group, stats)
+    for group in spec.groups:
+        plan = plan_group(layer, group, stats, spec.norm_kind)
         if plan is None:
             alphas[group.name] = None
             continue
@@ -142,7 +148,7 @@ def smooth_layer(layer: nn.Module, adapter: ArchAdapter, stats: LayerStats, reci
             def score(candidate: float | None) -> float:
                 if candidate is not None:
                     plan.apply(plan.scales(candidate), False)
-                error = block_error(layer, adapter, recipe, probe)
+                error = block_error(layer, spec, recipe, probe)
                 layer.load_state_dict(saved)
                 return error
 

@@ -111,7 +111,9 @@ class Engine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise HaqError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
         self.model = model.eval()
-        layers = adapter.decoder_layers(model)
+        # the routed experts of the MoE layers (dense layers and shared experts stay on the device);
+        # store and trace index them by MoE layer, 0..L-1
+        layers = [adapter.decoder_layers(model)[i] for i in adapter.moe_layers(model.config)]
         per_layer, maths = [], []
         for layer in layers:
             weights, math = extract_experts(layer.get_submodule(adapter.moe.experts))

@@ -19,12 +19,13 @@ def record_trace(model: nn.Module, windows: torch.Tensor, model_name: str, sourc
     adapter = adapter_for(model.config)
     if adapter.moe is None:
         raise HaqError(f"{model.config.model_type} is a dense model: it has no routing to trace")
-    layers = adapter.decoder_layers(model)
+    layers = [adapter.decoder_layers(model)[i] for i in adapter.moe_layers(model.config)]
     current: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
 
     def hook(index):
         def grab(_module, _inputs, output):
-            current[index] = (output[2].cpu(), output[1].float().cpu())  # top-k indices, top-k weights
+            indices, weights = adapter.moe.choices(output)
+            current[index] = (indices.cpu(), weights.float().cpu())
         return grab
 
     handles = [layer.get_submodule(adapter.moe.router).register_forward_hook(hook(i))
