@@ -48,3 +48,14 @@ def test_help_and_listing_work(capsys, args):
     except SystemExit as exc:  # argparse exits 0 after --help
         assert exc.code == 0
     assert capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["eval", "quantize"])
+def test_an_unsupported_architecture_is_one_line_listing_the_supported_ones(capsys, tmp_path, command):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    extra = ["-o", str(tmp_path / "out")] if command == "quantize" else []
+    code, err = run(capsys, command, str(tmp_path), *extra)
+    assert code == 2 and "\n" not in err
+    assert err.startswith("haq: error: unsupported architecture 'gpt2'") and "deepseek_v2" in err and "gemma3_text" in err

@@ -107,3 +107,53 @@ def test_budget_parsing():
     assert parse_budget("1.5GB", 0) == 1_500_000_000
     with pytest.raises(HaqError, match="--gpu-budget"):
         parse_budget("lots", 1000)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-deepseek-v2", "tiny-deepseek-v3"])
+@pytest.mark.parametrize("budget_pct", [0, 50, 100])
+def test_every_moe_family_runs_offloaded_with_the_plain_models_tokens(tiny_dir, name, budget_pct):
+    """Shared experts and dense layers (DeepSeek's first layer) stay on the device; only the routed
+    experts of the MoE layers are offloaded, indexed by MoE layer in the store and the trace."""
+    from transformers import AutoModelForCausalLM
+
+    from haq.models.adapters import adapter_for
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir(name)).eval()
+    adapter = adapter_for(model.config)
+    trace = record_trace(model, torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(0)), name,
+                         progress=False)
+    assert trace.meta.layers == len(adapter.moe_layers(model.config))
+    prompt = torch.randint(0, 4096, (1, 12), generator=torch.Generator().manual_seed(5))
+    expected = greedy(model, prompt, 6)
+    experts_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n)
+    engine = build_engine(copy.deepcopy(model), budget_bytes=experts_bytes * budget_pct // 100,
+                          hardware=load_profile("rtx4090-pcie4"), policy="haq", profile=trace)
+    tokens, metrics = engine.generate(prompt, max_new_tokens=6)
+    engine.close()
+    assert tokens == expected
+    assert engine.store.num_layers == trace.meta.layers and metrics.calls > 0
+    assert metrics.device_bytes["experts_peak"] <= engine.budget_bytes
+    if budget_pct == 0:
+        assert metrics.hit_rate == 0.0
+
+
+def test_a_quantized_deepseek_checkpoint_runs_offloaded_with_identical_tokens(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from haq.checkpoint.native import load_quantized, save_quantized
+    from haq.quant.pipeline import quantize_model
+    from haq.quant.recipe import Recipe
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-deepseek-v2")).eval()
+    report = quantize_model(model, Recipe(method="haq", alpha_step=0.5), torch.randint(0, 4096, (2, 32)),
+                            progress=False)
+    save_quantized(model, None, tmp_path / "q", report, {"name": "random"})
+    plain = load_quantized(tmp_path / "q")
+    trace = record_trace(plain, torch.randint(0, 4096, (2, 32)), "q", progress=False)
+    prompt = torch.randint(0, 4096, (1, 10), generator=torch.Generator().manual_seed(2))
+    expected = greedy(plain, prompt, 6)
+    engine = build_engine(load_quantized(tmp_path / "q"), budget_bytes=0, hardware=load_profile("laptop"),
+                          policy="haq", profile=trace)
+    tokens, _ = engine.generate(prompt, max_new_tokens=6)
+    engine.close()
+    assert tokens == expected

@@ -18,7 +18,8 @@ from haq.kernels.grid import dequantize_weight, fake_quant_act
 from haq.quant.fake_quant import Probe, block_error
 from haq.quant.smooth_layer import smooth_layer
 
-ARCHS = ["tiny-llama", "tiny-mixtral-random", "tiny-opt", "tiny-qwen2-moe", "tiny-qwen3-moe"]
+ARCHS = ["tiny-llama", "tiny-mixtral-random", "tiny-opt", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-deepseek-v2",
+         "tiny-deepseek-v3", "tiny-gemma3"]
 
 
 def load(tiny_dir, name):
@@ -215,11 +216,39 @@ def test_unknown_recipe_keys_and_architectures_are_rejected():
     class Config:
         model_type = "gpt2"
 
-    with pytest.raises(HaqError, match="supported: llama"):
+    with pytest.raises(HaqError, match="unsupported architecture 'gpt2'; supported: llama.*deepseek_v2.*gemma3_text"):
         adapter_for(Config())
 
 
-@pytest.mark.parametrize("name", ["tiny-mixtral-random", "tiny-opt", "tiny-qwen2-moe"])
+class OffsetNorm(nn.Module):
+    """A Gemma-style norm, x * (1 + w), where the adapter expects x * w."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = nn.Parameter(norm.weight.detach() - 1)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
+
+
+@pytest.mark.parametrize("fold", ["quantize", "rotate", "outliers"])
+def test_a_norm_the_adapter_does_not_know_is_a_clear_error(tiny_dir, fold):
+    """The function is unchanged (x * (1 + (w - 1)) = x * w), but folding into it as into x * w
+    would be wrong: every fold refuses it, before any weight is touched."""
+    from haq.models.outliers import inject_outliers
+    from haq.quant.rotation import rotate_residual
+
+    model = load(tiny_dir, "tiny-llama")
+    model.model.layers[1].post_attention_layernorm = OffsetNorm(model.model.layers[1].post_attention_layernorm)
+    run = {"quantize": lambda: quantize_model(model, Recipe(method="smoothquant"), tokens(2, 16, 0), progress=False),
+           "rotate": lambda: rotate_residual(model), "outliers": lambda: inject_outliers(model)}[fold]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(HaqError, match=r"layer 1 post_attention_layernorm: OffsetNorm does not compute x / rms\(x\) \* w"):
+        run()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ARCHS)
 def test_outlier_injection_preserves_the_float_function(tiny_dir, name):
     from haq.models.outliers import inject_outliers
 

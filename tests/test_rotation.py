@@ -39,7 +39,8 @@ def test_rotation_matrix_is_orthogonal_and_spreads_every_channel(n):
     assert set(H.unique().tolist()) == {-1.0, 1.0}
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral-random", "tiny-qwen2-moe", "tiny-qwen3-moe"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral-random", "tiny-qwen2-moe", "tiny-qwen3-moe",
+                                  "tiny-deepseek-v2", "tiny-deepseek-v3"])
 def test_rotation_keeps_the_float_function(tiny_dir, name):
     model = load(tiny_dir, name)
     model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2: must be untied
@@ -60,9 +61,12 @@ def test_rotation_flattens_an_outlier_channel(tiny_dir):
     assert row.abs().max() < 0.25 * row.norm()
 
 
-def test_rotation_of_layernorm_models_is_a_clear_error(tiny_dir):
-    with pytest.raises(HaqError, match="not supported for 'opt'.*supported: llama"):
-        rotate_residual(load(tiny_dir, "tiny-opt"))
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-gemma3"])
+def test_rotation_of_unrotatable_models_is_a_clear_error(tiny_dir, name):
+    """OPT's LayerNorms subtract the mean; Gemma3 normalizes each block's output before the residual add."""
+    model = load(tiny_dir, name)
+    with pytest.raises(HaqError, match=f"not supported for '{model.config.model_type}'.*supported: llama"):
+        rotate_residual(model)
 
 
 @pytest.mark.parametrize("n", [1536, 96])
@@ -76,10 +80,13 @@ def test_online_rotation_is_its_kronecker_matrix(n):
     torch.testing.assert_close(rotation.double()(x), x @ R)
 
 
-def test_online_rotation_keeps_the_float_function(tiny_dir):
-    model = load(tiny_dir, "tiny-llama")
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-deepseek-v2"])
+def test_online_rotation_keeps_the_float_function(tiny_dir, name):
+    """Dense down_proj inputs (every Llama layer; DeepSeek's dense first layer)."""
+    model = load(tiny_dir, name)
     assert_rewrite_keeps_logits(model, rotate_online_inputs)
-    assert all(layer.mlp.down_proj.online_rotation is not None for layer in model.model.layers)
+    dense = [layer for layer in model.model.layers if hasattr(layer.mlp, "down_proj")]
+    assert dense and all(layer.mlp.down_proj.online_rotation is not None for layer in dense)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral-random"])

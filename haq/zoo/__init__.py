@@ -69,7 +69,8 @@ def _entries() -> dict[str, ZooEntry]:
         ZooEntry("tiny-mixtral", "15M-parameter Mixtral trained on wiki-offline (bundled weights)", _tiny_mixtral,
                  version=_tiny_mixtral_version),
     ]
-    entries += [ZooEntry(n, f"random {cfg} for unit tests", _tiny(n)) for n, (cfg, _) in TINY_CONFIGS.items()]
+    entries += [ZooEntry(n, f"random {cfg} for unit tests", _tiny(n), version=lambda: "2-perturbed-norms")
+                for n, (cfg, _) in TINY_CONFIGS.items()]
     return {e.name: e for e in entries}
 
 

@@ -23,6 +23,30 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                               head_dim=16, num_experts=4, num_experts_per_tok=2,
                                               decoder_sparse_step=1)),
+    # DeepSeek-V2: MLA with a low-rank query, one dense first layer, 2 shared + 4 routed experts
+    "tiny-deepseek-v2": ("DeepseekV2Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                                  first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=2,
+                                                  num_experts_per_tok=2, q_lora_rank=32, kv_lora_rank=16,
+                                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                                  max_position_embeddings=2048)),
+    # DeepSeek-V3: sigmoid router with a correction bias and group-limited top-k; full-rank query
+    "tiny-deepseek-v3": ("DeepseekV3Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                                                  first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
+                                                  num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=None,
+                                                  kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                                  v_head_dim=16, max_position_embeddings=2048)),
+    # Gemma3 (text): x * (1 + w) norms, sliding-window and global layers with their own masks and rotary
+    "tiny-gemma3": ("Gemma3TextConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                             query_pre_attn_scalar=16, sliding_window=8,
+                                             layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                                             max_position_embeddings=2048,
+                                             # Gemma normalizes each block's output before the residual
+                                             # add: at the default init (0.02) that output is ~1e-3 and the
+                                             # post-norm magnifies rounding ~500x; 0.1 gives it unit scale
+                                             initializer_range=0.1)),
 }
 
 
@@ -34,6 +58,10 @@ def build_tiny(name: str, out: Path, tokenizer_dir: Path | None = None, seed: in
     config = getattr(transformers, config_cls_name)(vocab_size=VOCAB, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.float32)
+    with torch.no_grad():  # Gemma-style norms start at w = 0 (gain 1): perturb every norm, so a fold that
+        for name, param in model.named_parameters():  # treats the kind wrongly changes the function
+            if param.dim() == 1 and "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
     model.config.name_or_path = name
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer_dir is not None:
