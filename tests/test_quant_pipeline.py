@@ -58,6 +58,21 @@ def test_smoothing_leaves_the_float_layer_unchanged(tiny_dir, name, method):
         inputs = after
 
 
+@pytest.mark.parametrize("name", ARCHS)
+def test_captured_layer_inputs_replay_the_models_own_forward(tiny_dir, name):
+    """Each layer gets the keyword arguments the model gives it (Gemma3: its sliding or global mask
+    and rotary embedding; windows longer than the sliding window tell them apart)."""
+    model = load(tiny_dir, name)
+    adapter = adapter_for(model.config)
+    ids = tokens(2, 40, 0)
+    inputs, layer_kwargs = capture_layer_inputs(model, adapter, ids)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states  # embeddings, then after each layer
+        for index, layer in enumerate(adapter.decoder_layers(model)[:-1]):  # the last output is normed
+            inputs = run_layer(layer, inputs, layer_kwargs[index], index)
+            torch.testing.assert_close(torch.cat(inputs), hidden[index + 1], rtol=1e-5, atol=1e-5)
+
+
 class FakeQuantLinear(nn.Module):
     """Reference for Int8Linear: dequantized weights, fake-quant activations, float matmul."""
 

@@ -41,7 +41,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "tiny-gemma3": ("Gemma3TextConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                              query_pre_attn_scalar=16, sliding_window=8,
-                                             layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                                             layer_types=["sliding_attention", "full_attention"] * 2,
                                              max_position_embeddings=2048,
                                              # Gemma normalizes each block's output before the residual
                                              # add: at the default init (0.02) that output is ~1e-3 and the
