@@ -98,6 +98,22 @@ def quantize_act_per_tensor(
     return q, scale
 
 
+def quantize_act(
+    x: torch.Tensor,
+    bits: int = 8,
+    mode: ActMode = "per-token",
+    static_scale: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation levels and scale as the recipe's mode says: per token [..., 1], or per tensor."""
+    if mode == "per-token":
+        if static_scale is not None:
+            raise HaqError("a static activation scale is only meaningful with act_mode='per-tensor'")
+        return quantize_act_per_token(x, bits)
+    if mode == "per-tensor":
+        return quantize_act_per_tensor(x, bits, static_scale)
+    raise HaqError(f"act_mode must be 'per-token' or 'per-tensor', got {mode!r}")
+
+
 def fake_quant_act(
     x: torch.Tensor,
     bits: int = 8,
@@ -105,12 +121,5 @@ def fake_quant_act(
     static_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Activation quantize-dequantize in ``x``'s dtype, as the int8 kernel would see ``x``."""
-    if mode == "per-token":
-        if static_scale is not None:
-            raise HaqError("static_scale is only meaningful with act_mode='per-tensor'")
-        q, scale = quantize_act_per_token(x, bits)
-    elif mode == "per-tensor":
-        q, scale = quantize_act_per_tensor(x, bits, static_scale)
-    else:
-        raise HaqError(f"act_mode must be 'per-token' or 'per-tensor', got {mode!r}")
+    q, scale = quantize_act(x, bits, mode, static_scale)
     return (q.float() * scale).to(x.dtype)

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from haq.errors import HaqError
-from haq.kernels.backends import get_backend, prepared
-from haq.kernels.grid import ActMode, qmax_for, quantize_act_per_tensor, quantize_act_per_token, quantize_weight, weight_scales
+from haq.kernels.backends import ActQuant, get_backend, prepared
+from haq.kernels.grid import ActMode, qmax_for, quantize_weight, weight_scales
 
 MatmulImpl = str
 """The name of a registered int8 backend (`haq.kernels.backends.backend_names()`)."""
@@ -63,21 +63,10 @@ def int8_linear(
     K, N = qweight_t.shape
     if x.shape[-1] != K:
         raise HaqError(f"input has {x.shape[-1]} features, int8 weight expects {K}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if act_mode == "per-token":
-        if static_act_scale is not None:
-            raise HaqError("static_act_scale needs act_mode='per-tensor'")
-        xq, x_scale = quantize_act_per_token(x2, act_bits)  # [M, 1]
-    elif act_mode == "per-tensor":
-        xq, x_scale = quantize_act_per_tensor(x2, act_bits, static_act_scale)  # scalar
-    else:
-        raise HaqError(f"act_mode must be 'per-token' or 'per-tensor', got {act_mode!r}")
-    acc = int8_matmul(xq, qweight_t, impl)  # [M, N], exact integers
-    y = acc * x_scale * w_scale.float().reshape(1, N)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, N)
+    backend = get_backend(impl)
+    y = backend.linear(x.reshape(-1, K), prepared(backend, qweight_t), qweight_t, w_scale, bias,
+                       ActQuant(act_bits, act_mode, static_act_scale))
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
 class Int8Linear(nn.Module):

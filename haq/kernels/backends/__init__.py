@@ -9,18 +9,22 @@ the name is part of every int8 module's checkpoint spec.
   auto     per call, the fastest exact one for the device, instruction set and shape
 
 A new backend is one module in this package that defines a class decorated with
-`@register("name")`, plus its name in the tests' backend parameter (tests/test_kernels.py).
+`@register("name")`, plus its name in the tests' backend parameter (tests/test_kernels.py). An
+exact int8 GEMM subclasses `GemmBackend` and writes `prepare` and `matmul`; a fused kernel
+(quantize, GEMM and rescale in one) overrides `linear` too.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 import weakref
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from haq.errors import HaqError
+from haq.kernels.grid import ActMode, quantize_act
 
 
 class Int8Backend(Protocol):
@@ -38,6 +42,33 @@ class Int8Backend(Protocol):
     def matmul(self, a: torch.Tensor, packed: Any, b: torch.Tensor) -> torch.Tensor:
         """Exact a [M, K] int8 @ b [K, N] int8 as float32 [M, N]; `packed` is `prepare(b)`."""
         ...
+
+    def linear(self, x: torch.Tensor, packed: Any, b: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, act: ActQuant) -> torch.Tensor:
+        """x [M, K] float -> float32 [M, N]: x quantized as `act` says, times the int8 weight b
+        [K, N] with per-output-channel scales w_scale [N], plus bias."""
+        ...
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """How a linear quantizes its input: bits, per-token (dynamic) or per-tensor (static scale, or dynamic)."""
+
+    bits: int = 8
+    mode: ActMode = "per-token"
+    static_scale: torch.Tensor | float | None = None
+
+
+class GemmBackend:
+    """An exact int8 GEMM: the input quantized once, ``y = (xq @ wq) * x_scale * w_scale + b``."""
+
+    packs = False
+
+    def linear(self, x: torch.Tensor, packed: Any, b: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, act: ActQuant) -> torch.Tensor:
+        xq, x_scale = quantize_act(x, act.bits, act.mode, act.static_scale)  # x_scale [M, 1] or scalar
+        y = self.matmul(xq, packed, b) * x_scale * w_scale.float().reshape(1, -1)  # exact int32 acc, rescaled
+        return y if bias is None else y + bias.float()
 
 
 _REGISTRY: dict[str, Int8Backend] = {}

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from haq.kernels.backends import get_backend, prepared, register
+from haq.kernels.backends import ActQuant, get_backend, prepared, register
 from haq.kernels.backends.fbgemm import has_fbgemm
 from haq.kernels.backends.float_exact import FLOAT_CHUNK
 from haq.kernels.backends.int_mm import int_mm_supports
@@ -85,3 +85,8 @@ class Auto:
     def matmul(self, a: torch.Tensor, packed: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         backend = get_backend(choose(a, b))
         return backend.matmul(a, prepared(backend, b), b)
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, b: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None, act: ActQuant) -> torch.Tensor:
+        backend = get_backend(choose(x, b))  # the chosen backend's own linear, fused or not
+        return backend.linear(x, prepared(backend, b), b, w_scale, bias, act)

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from haq.errors import HaqError
-from haq.kernels.backends import register
+from haq.kernels.backends import GemmBackend, register
 
 
 @functools.lru_cache(maxsize=1)
@@ -28,7 +28,7 @@ def has_fbgemm() -> bool:
 
 
 @register("fbgemm")
-class Fbgemm:
+class Fbgemm(GemmBackend):
     packs = True
 
     def available(self, device: torch.device) -> bool:

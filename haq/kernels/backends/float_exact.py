@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from haq.kernels.backends import register
+from haq.kernels.backends import GemmBackend, register
 
 FP32_EXACT = 2**24
 """Integers up to 2^24 are exact in float32; larger int8 dot products need float64."""
@@ -16,9 +16,7 @@ FLOAT_CHUNK = (FP32_EXACT - 1) // (127 * 127)
 
 
 @register("float")
-class FloatExact:
-    packs = False
-
+class FloatExact(GemmBackend):
     def available(self, device: torch.device) -> bool:
         return True
 

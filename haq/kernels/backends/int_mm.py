@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from haq.errors import HaqError
-from haq.kernels.backends import register
+from haq.kernels.backends import GemmBackend, register
 
 CUDA_MIN_M = 17
 """cuBLASLt int8 GEMM in torch._int_mm needs M > 16; smaller batches are zero-padded to this."""
@@ -27,9 +27,7 @@ def int_mm_supports(device: torch.device, K: int, N: int) -> bool:
 
 
 @register("int_mm")
-class IntMM:
-    packs = False
-
+class IntMM(GemmBackend):
     def available(self, device: torch.device) -> bool:
         return device.type in ("cpu", "cuda")
 
