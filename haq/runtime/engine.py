@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -25,7 +26,9 @@ from haq.kernels.moe import ExpertCall, dispatch
 from haq.models.adapters import adapter_for
 from haq.runtime.hardware import HardwareProfile
 from haq.runtime.policies import PolicyContext, make_policy
+from haq.runtime.generation import BatchGenerator, TokenEvent
 from haq.runtime.predictor import CostPredictor
+from haq.runtime.sampling import SamplingParams
 from haq.runtime.store import ExpertStore, ExpertWeights, Key, extract_experts
 from haq.runtime.trace import Trace
 
@@ -254,36 +257,56 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32) -> tuple[list[int], EngineMetrics]:
-        """Greedy decoding of one sequence; returns the new token ids and the run's metrics."""
+        """Greedy decoding of one sequence (no EOS stop); the new token ids and the run's metrics."""
+        outputs, metrics = self.generate_batch([input_ids.reshape(-1).tolist()], SamplingParams(max_tokens=max_new_tokens))
+        return outputs[0], metrics
+
+    def generator(self, max_batch: int = 8, eos_token_ids: tuple[int, ...] = (), batch_invariant: bool = False,
+                  prefill_chunk: int = 512) -> BatchGenerator:
+        """A continuous-batching generator over this engine's model (the server keeps one)."""
+        return BatchGenerator(self.model, max_batch=max_batch, eos_token_ids=eos_token_ids,
+                              batch_invariant=batch_invariant, prefill_chunk=prefill_chunk)
+
+    @torch.no_grad()
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams, max_batch: int = 8,
+                       eos_token_ids: tuple[int, ...] = (), on_token: Callable[[TokenEvent], None] | None = None,
+                       batch_invariant: bool = False) -> tuple[list[list[int]], EngineMetrics]:
+        """Decode `prompts` together (continuous batching, `max_batch` at a time); `on_token` sees
+        every token as it is sampled. Latency statistics are per decode step."""
         self._reset_counters()
-        ids = input_ids.reshape(1, -1).to(self.device)
+        gen = self.generator(max_batch, eos_token_ids, batch_invariant)
+        ids = [gen.add(prompt, params) for prompt in prompts]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        latencies, cum_hits, kv_peak, decoded = [], [], 0, 0
         self._sync()
         start = time.perf_counter()
-        out = self.model(ids, use_cache=True)
-        past = out.past_key_values
-        token = out.logits[0, -1].argmax()
-        self._sync()
-        ttft = time.perf_counter() - start
-        tokens, latencies, cum_hits = [int(token)], [], []
-        for _ in range(max_new_tokens - 1):
-            t0 = time.perf_counter()
-            out = self.model(token.reshape(1, 1), past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            token = out.logits[0, -1].argmax()
+        ttft = None
+        while gen.has_work:
+            events = gen.step()
             self._sync()
-            latencies.append(time.perf_counter() - t0)
-            tokens.append(int(token))
-            cum_hits.append(sum(self.hits) / max(sum(self.calls), 1))
-        metrics = self._metrics(np.array(latencies), ttft, len(tokens) + ids.shape[1], past)
+            if ttft is None and events:
+                ttft = time.perf_counter() - start
+            if gen.last_step.decode_rows and not gen.last_step.prefill_tokens:
+                latencies.append(gen.last_step.seconds)
+                decoded += gen.last_step.decode_rows
+                cum_hits.append(sum(self.hits) / max(sum(self.calls), 1))
+            kv_peak = max(kv_peak, _cache_bytes(gen.cache))
+            for event in events:
+                out[event.seq_id].append(event.token)
+                if on_token is not None:
+                    on_token(event)
+        lat = np.array(latencies)
+        metrics = self._metrics(lat, ttft or 0.0, sum(len(p) for p in prompts) + sum(map(len, out.values())), kv_peak)
+        if len(lat):
+            metrics.tokens_per_s = decoded / float(lat.sum())
         metrics.cum_hit_rate = [round(x, 5) for x in cum_hits]
-        return tokens, metrics
+        return [out[i] for i in ids], metrics
 
-    def _metrics(self, lat: np.ndarray, ttft: float, tokens: int, past) -> EngineMetrics:
+    def _metrics(self, lat: np.ndarray, ttft: float, tokens: int, kv: int) -> EngineMetrics:
         calls = sum(self.calls)
         layer_rates = [h / c if c else 0.0 for h, c in zip(self.hits, self.calls)]
         non_expert = sum(t.numel() * t.element_size() for t in
                          list(self.model.parameters()) + list(self.model.buffers()))
-        kv = sum(t.numel() * t.element_size() for t in _tensors(past))
         lat_ms = lat * 1000 if len(lat) else np.zeros(1)
         return EngineMetrics(
             policy=self.policy_name, budget_bytes=self.budget_bytes, expert_bytes=self.expert_bytes,
@@ -348,14 +371,9 @@ class _ZeroMath:
         return torch.zeros_like(x)
 
 
-def _tensors(obj) -> list[torch.Tensor]:
-    """Every tensor inside a KV cache object (DynamicCache or nested tuples)."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)):
-        return [t for item in obj for t in _tensors(item)]
-    layers = getattr(obj, "layers", None)
-    if layers is not None:
-        return [t for layer in layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                if isinstance(t, torch.Tensor)]
-    return []
+def _cache_bytes(cache) -> int:
+    """Bytes of a KV cache object (its layers' keys and values); 0 for none."""
+    if cache is None:
+        return 0
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, torch.Tensor))

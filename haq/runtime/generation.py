@@ -1,0 +1,252 @@
+"""Continuous batching over a causal LM (a plain HF model or the engine's offloaded one).
+
+Sequences join and leave between steps. A step runs at most one prefill chunk of a joining
+sequence (batch 1, its own cache; chunked so a long prompt does not stall running decodes), then
+one decode forward for every running sequence together: the MoE blocks see all of the step's
+tokens, so expert calls carry n >= 1 and the policy decides on the real n.
+
+The running sequences share one left-padded KV cache: row b holds `pad[b]` masked columns, then
+its tokens; each row gets its own position ids. A joining sequence's prefilled cache is padded to
+the common length and stacked in; a finished row is dropped, and columns that are padding in every
+row are trimmed.
+
+Boundary: token ids in, token ids out; no tokenizer here (stop strings are the caller's: it can
+`abort` a sequence between steps).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from haq.errors import HaqError
+from haq.runtime.sampling import SamplingParams, next_token
+
+
+@dataclass
+class Sequence:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens already in its cache
+    cache: object = None  # its own cache while prefilling
+    finish_reason: str | None = None
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache once the last sampled token is fed: prompt + generated - 1."""
+        return len(self.prompt) + len(self.tokens) - 1
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    seq_id: int
+    token: int
+    index: int  # 0 for the first generated token
+    finish_reason: str | None  # "stop" (EOS or stop token), "length", or None while running
+
+
+@dataclass
+class StepStats:
+    decode_rows: int = 0
+    prefill_tokens: int = 0
+    seconds: float = 0.0
+
+
+class BatchGenerator:
+    def __init__(self, model: nn.Module, *, max_batch: int = 8, prefill_chunk: int = 512,
+                 eos_token_ids: tuple[int, ...] = (), max_context: int | None = None,
+                 batch_invariant: bool = False) -> None:
+        if max_batch < 1:
+            raise HaqError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise HaqError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.eos = set(eos_token_ids)
+        self.max_context = max_context or getattr(model.config, "max_position_embeddings", None)
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            from haq.runtime.invariant import register
+
+            model.config._attn_implementation = register()
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: Sequence | None = None
+        self.running: list[Sequence] = []
+        self.pads: list[int] = []
+        self.cache = None  # the running rows' shared cache
+        self._ids = itertools.count()
+        self.last_step = StepStats()
+
+    # -- requests ---------------------------------------------------------------------------
+    def add(self, prompt: list[int], params: SamplingParams) -> int:
+        if not prompt:
+            raise HaqError("the prompt is empty: give at least one token")
+        if self.max_context is not None and len(prompt) + params.max_tokens > self.max_context:
+            raise HaqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                           f"context of {self.max_context} tokens")
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        if generator is None and not params.greedy:
+            generator = torch.Generator().manual_seed(torch.seed())
+        seq = Sequence(next(self._ids), list(prompt), params, generator)
+        self.waiting.append(seq)
+        return seq.id
+
+    def abort(self, seq_id: int) -> None:
+        """Drop a sequence wherever it is (waiting, prefilling or running), freeing its slot now."""
+        self.waiting = deque(s for s in self.waiting if s.id != seq_id)
+        if self.prefilling is not None and self.prefilling.id == seq_id:
+            self.prefilling = None
+        rows = [i for i, s in enumerate(self.running) if s.id == seq_id]
+        if rows:
+            self._drop_rows(rows)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    @property
+    def active(self) -> int:
+        return len(self.running) + (self.prefilling is not None)
+
+    # -- one step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        start = time.perf_counter()
+        events: list[TokenEvent] = []
+        self.last_step = StepStats()
+        decoding = bool(self.running)  # a sequence that joins in this step decodes with them, or next step
+        if self.prefilling is None and self.waiting and self.active < self.max_batch:
+            self.prefilling = self.waiting.popleft()
+        if self.prefilling is not None:
+            events += self._prefill_chunk(self.prefilling)
+        if decoding:
+            events += self._decode()
+        self.last_step.seconds = time.perf_counter() - start
+        return events
+
+    def _prefill_chunk(self, seq: Sequence) -> list[TokenEvent]:
+        from transformers import DynamicCache
+
+        if seq.cache is None:
+            seq.cache = DynamicCache(config=self.model.config)
+        chunk = seq.prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
+        ids = torch.tensor([chunk], device=self.device)
+        positions = torch.arange(seq.prefilled, seq.prefilled + len(chunk), device=self.device)[None]
+        out = self.model(ids, past_key_values=seq.cache, position_ids=positions, use_cache=True)
+        seq.prefilled += len(chunk)
+        self.last_step.prefill_tokens = len(chunk)
+        if seq.prefilled < len(seq.prompt):
+            return []
+        self.prefilling = None
+        event = self._sample(seq, out.logits[0, -1])
+        if event.finish_reason is None:
+            self._join(seq)
+        return [event]
+
+    def _decode(self) -> list[TokenEvent]:
+        rows = self.running
+        width = self.pads[0] + rows[0].length  # every row: pad + length == cached columns
+        ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
+        positions = torch.tensor([[s.length] for s in rows], device=self.device)
+        mask = torch.ones(len(rows), width + 1, dtype=torch.long, device=self.device)
+        for b, pad in enumerate(self.pads):
+            mask[b, :pad] = 0
+        mode = _fixed_rows() if self.batch_invariant else nullcontext()
+        with mode:
+            out = self.model(ids, past_key_values=self.cache, attention_mask=mask, position_ids=positions,
+                             use_cache=True)
+        self.last_step.decode_rows = len(rows)
+        events = [self._sample(seq, out.logits[b, -1]) for b, seq in enumerate(rows)]
+        done = [b for b, event in enumerate(events) if event.finish_reason is not None]
+        if done:
+            self._drop_rows(done)
+        return events
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
+        token = next_token(logits, seq.tokens, seq.params, seq.generator)
+        seq.tokens.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        if token in self.eos or token in seq.params.stop_token_ids:
+            seq.finish_reason = "stop"
+        elif len(seq.tokens) >= seq.params.max_tokens:
+            seq.finish_reason = "length"
+        return TokenEvent(seq.id, token, len(seq.tokens) - 1, seq.finish_reason)
+
+    # -- the shared cache ---------------------------------------------------------------------
+    def _layers(self, cache) -> list:
+        from transformers.cache_utils import DynamicLayer
+
+        layers = cache.layers
+        if any(type(layer) is not DynamicLayer for layer in layers):
+            kinds = sorted({type(layer).__name__ for layer in layers})
+            raise HaqError(f"batched decoding needs full-attention caches; this model uses {', '.join(kinds)}")
+        return layers
+
+    def _join(self, seq: Sequence) -> None:
+        cache, seq.cache = seq.cache, None
+        new = self._layers(cache)
+        length = new[0].keys.shape[-2]
+        if self.cache is None:
+            self.cache, self.pads, self.running = cache, [0], [seq]
+            return
+        width = self.pads[0] + self.running[0].length
+        target = max(width, length)
+        for own, other in zip(self._layers(self.cache), new):
+            own.keys = torch.cat([_left_pad(own.keys, target - width), _left_pad(other.keys, target - length)])
+            own.values = torch.cat([_left_pad(own.values, target - width), _left_pad(other.values, target - length)])
+        self.pads = [p + target - width for p in self.pads] + [target - length]
+        self.running.append(seq)
+
+    def _drop_rows(self, rows: list[int]) -> None:
+        keep = [b for b in range(len(self.running)) if b not in rows]
+        self.running = [self.running[b] for b in keep]
+        self.pads = [self.pads[b] for b in keep]
+        if not keep:
+            self.cache, self.pads = None, []
+            return
+        trim = min(self.pads)
+        index = torch.tensor(keep, device=self.device)
+        for layer in self._layers(self.cache):
+            layer.keys = layer.keys.index_select(0, index)[..., trim:, :]
+            layer.values = layer.values.index_select(0, index)[..., trim:, :]
+        self.pads = [p - trim for p in self.pads]
+
+    # -- convenience ----------------------------------------------------------------------------
+    def stream(self) -> Iterator[TokenEvent]:
+        """Step until nothing is left, yielding every token as it is sampled."""
+        while self.has_work:
+            yield from self.step()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """Every prompt's generated tokens, decoded together."""
+        ids = [self.add(p, params) for p in prompts]
+        out: dict[int, list[int]] = {i: [] for i in ids}
+        for event in self.stream():
+            out[event.seq_id].append(event.token)
+        return [out[i] for i in ids]
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t [B, heads, S, D] with n zero columns before its S."""
+    if n == 0:
+        return t
+    return torch.cat([t.new_zeros(*t.shape[:-2], n, t.shape[-1]), t], dim=-2)
+
+
+def _fixed_rows():
+    from haq.runtime.invariant import FixedRowLinears
+
+    return FixedRowLinears()
