@@ -64,17 +64,67 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({args.format}); serve it with: vllm serve {out} --dtype bfloat16")
 
 
+def _check_run_args(args: argparse.Namespace) -> None:
+    """Everything `run` and `serve` can check before a model is loaded or a machine profiled."""
+    from haq.runtime.policies import policy_names
+
+    if args.policy not in policy_names():
+        raise HaqError(f"--policy {args.policy!r} is unknown; choose from {', '.join(policy_names())}")
+    from haq.api import parse_budget
+
+    parse_budget(args.gpu_budget, 1)  # the syntax; the bytes it means need the model
+    if getattr(args, "max_batch", 1) < 1:
+        raise HaqError(f"--max-batch must be >= 1, got {args.max_batch}")
+
+
+def _device_line(device: str) -> str:
+    if device == "cpu":
+        return "device: cpu (no GPU: the host CPU stands in for the GPU; 'device' experts are copies in host memory)"
+    import torch
+
+    return f"device: {device} ({torch.cuda.get_device_name(device)})"
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from haq.api import open_engine
+    from haq.runtime.sampling import SamplingParams
+    from haq.serve import eos_ids
 
+    _check_run_args(args)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    prompts = args.prompt or ["The history of"]
+    print(_device_line(args.device), file=sys.stderr)
     engine, tokenizer = open_engine(args.model, args.gpu_budget, device=args.device, policy=args.policy,
                                     hardware=args.hardware, profile=args.profile, int8_backend=args.int8_backend)
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        engine.close()
+        raise HaqError(f"{args.model} has no chat template: drop --chat")
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                         return_dict=False) if args.chat else tokenizer(p)["input_ids"]
+           for p in prompts]
+    streams = {i: [] for i in range(len(prompts))}
+    shown = {i: 0 for i in range(len(prompts))}
+    single = len(prompts) == 1
+    if single:
+        print(prompts[0], end="", flush=True)
+
+    def show(event) -> None:  # one prompt: stream its text; several: print each when it ends
+        streams[event.seq_id].append(event.token)
+        text = tokenizer.decode(streams[event.seq_id], skip_special_tokens=True)
+        if single and not text.endswith("\ufffd"):
+            print(text[shown[event.seq_id]:], end="", flush=True)
+            shown[event.seq_id] = len(text)
+        elif not single and event.finish_reason is not None:
+            print(f"[{event.seq_id}] {prompts[event.seq_id]}{text}  ({event.finish_reason})")
+
     try:
-        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-        tokens, metrics = engine.generate(ids, max_new_tokens=args.max_new_tokens)
+        _, metrics = engine.generate_batch(ids, params, max_batch=args.max_batch, eos_token_ids=eos_ids(tokenizer, engine.model),
+                                           on_token=show)
     finally:
         engine.close()
-    print(args.prompt + tokenizer.decode(tokens))
+    if single:
+        print()
     print(metrics.summary())
     if args.json:
         _write_json(args.json, metrics.to_dict())
@@ -83,6 +133,29 @@ def cmd_run(args: argparse.Namespace) -> None:
 
         for path in plot_engine_run(metrics, args.plot):
             print(f"wrote {path}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import signal
+
+    import uvicorn
+
+    from haq.serve import build_server
+
+    _check_run_args(args)
+    print(_device_line(args.device), file=sys.stderr)
+    server = build_server(args.model, args.gpu_budget, device=args.device, policy=args.policy,
+                          hardware=args.hardware, profile=args.profile, max_batch=args.max_batch,
+                          max_queue=args.max_queue, request_timeout=args.request_timeout,
+                          chat_template=args.chat_template, batch_invariant=args.batch_invariant,
+                          served_name=args.served_model_name)
+    print(f"serving {server.model_name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})",
+          file=sys.stderr)
+    # uvicorn drains running requests on SIGTERM, then re-raises the signal to the handler it found:
+    # make that one a no-op, so a drained shutdown exits 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(server.app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    print("drained and stopped", file=sys.stderr)
 
 
 def _record_trace(args: argparse.Namespace):
@@ -177,6 +250,14 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
 
 
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu-budget", default="0", help="device bytes for experts: 6GiB, 512MB, 123456 or 25%%")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--policy", default="haq", help="offloading policy")
+    p.add_argument("--hardware", help="hardware preset or profile JSON (default: measure this machine)")
+    p.add_argument("--profile", help="routing trace (.npz) for placement (default: recorded on wiki-offline train)")
+
+
 def _int8_backend_option(p: argparse.ArgumentParser) -> None:
     from haq.kernels.backends import backend_names
 
@@ -227,19 +308,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder (replaced atomically)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", help="generate with experts offloaded between CPU and device, with metrics")
+    p = sub.add_parser("run", help="generate with experts offloaded between CPU and device, with metrics",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="MoE model folder, haq checkpoint or zoo name")
-    p.add_argument("--gpu-budget", required=True, help="device bytes for experts: 6GiB, 512MB, 123456 or 25%%")
-    p.add_argument("--prompt", default="The history of")
+    _engine_options(p)
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for several, decoded as one batch "
+                                                     "(default: 'The history of')")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--policy", default="haq")
-    p.add_argument("--hardware", help="hardware preset or profile JSON (default: measure this machine)")
-    p.add_argument("--profile", help="routing trace (.npz) for placement (default: recorded on wiki-offline train)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     _int8_backend_option(p)
     p.add_argument("--json", help="write the metrics as JSON")
     p.add_argument("--plot", help="folder for PNG plots")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="model folder, haq checkpoint or zoo name (MoE models are offloaded)")
+    _engine_options(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 429")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request gets 408")
+    p.add_argument("--chat-template", help="Jinja chat template file (default: the tokenizer's)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="a request's tokens never depend on its batch (fixed-size float GEMMs; slower)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("trace", help="record expert routing on a dataset into a .npz trace")
     p.add_argument("model")

@@ -15,7 +15,8 @@ FLOORS: dict[str, int] = {
     "haq.sim": 4,
     "haq.loading": 5,
     "haq.api": 6,
-    "haq.cli": 7, "haq.demo": 7,
+    "haq.serve": 7,
+    "haq.cli": 8, "haq.demo": 8,
 }
 ROOT = Path(haq.__file__).parent
 

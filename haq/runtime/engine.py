@@ -131,6 +131,7 @@ class Engine:
         self.model.to(self.device)  # everything but the experts, which now live in the store
         self.predictor = CostPredictor(hardware, self.expert_bytes, self._flops_per_token())
         self.cache: dict[Key, ExpertWeights] = {}
+        self.record_routing = True  # every forward's routing, for `last_trace`
         self.pending: dict[Key, torch.cuda.Event | None] = {}
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.pool = (ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="haq-cpu-expert")
@@ -199,7 +200,8 @@ class Engine:
     def run_experts(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H]; top_k_index, top_k_weights [T, K]. Same result as the model's experts."""
-        self.routing[layer].append(top_k_index.to("cpu", torch.int16))
+        if self.record_routing:
+            self.routing[layer].append(top_k_index.to("cpu", torch.int16))
         return dispatch(hidden, top_k_index, top_k_weights, lambda h, calls: self._run_calls(layer, h, calls))
 
     def _run_calls(self, layer: int, hidden: torch.Tensor, calls: Sequence[ExpertCall]) -> list[torch.Tensor]:
