@@ -144,7 +144,7 @@ class BatchGenerator:
         chunk = seq.prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(seq.prefilled, seq.prefilled + len(chunk), device=self.device)[None]
-        out = self.model(ids, past_key_values=seq.cache, position_ids=positions, use_cache=True)
+        out = self.model(ids, past_key_values=seq.cache, position_ids=positions, use_cache=True, logits_to_keep=1)
         seq.prefilled += len(chunk)
         self.last_step.prefill_tokens = len(chunk)
         if seq.prefilled < len(seq.prompt):
@@ -166,7 +166,7 @@ class BatchGenerator:
         mode = _fixed_rows() if self.batch_invariant else nullcontext()
         with mode:
             out = self.model(ids, past_key_values=self.cache, attention_mask=mask, position_ids=positions,
-                             use_cache=True)
+                             use_cache=True, logits_to_keep=1)
         self.last_step.decode_rows = len(rows)
         events = [self._sample(seq, out.logits[b, -1]) for b, seq in enumerate(rows)]
         done = [b for b, event in enumerate(events) if event.finish_reason is not None]

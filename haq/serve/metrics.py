@@ -22,6 +22,10 @@ class ServeMetrics:
         self.cpu_share = Gauge("haq_expert_cpu_share", "expert calls computed on the CPU", registry=r)
         self.bytes_moved = Gauge("haq_expert_bytes_moved", "expert bytes copied to the device since start",
                                  registry=r)
+        self.expert_calls = Gauge("haq_expert_calls", "expert calls since start", registry=r)
+        self.expert_hits = Gauge("haq_expert_hits", "expert calls on device-resident weights since start", registry=r)
+        self.expert_cpu_calls = Gauge("haq_expert_cpu_calls", "expert calls computed on the CPU since start",
+                                      registry=r)
         self.device_bytes = Gauge("haq_device_expert_bytes", "expert bytes resident on the device (peak)",
                                   registry=r)
         self.ttft = Histogram("haq_time_to_first_token_seconds", "arrival to first token", registry=r,
@@ -36,6 +40,9 @@ class ServeMetrics:
         if rows:
             self.batch_hist.observe(rows)
         if engine is not None:
+            self.expert_calls.set(sum(engine.calls))
+            self.expert_hits.set(sum(engine.hits))
+            self.expert_cpu_calls.set(engine.cpu_calls)
             calls = max(sum(engine.calls), 1)
             self.hit_rate.set(sum(engine.hits) / calls)
             self.cpu_share.set(engine.cpu_calls / calls)
