@@ -37,13 +37,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: str, budget: str, max_batch: int, hardware: str | None):
+def start(model: str, budget: str, max_batch: int, hardware: str | None, threads: int):
     """`haq serve` in its own process; returns (process, base URL) once it answers /health."""
     import httpx
 
     port = _port()
     cmd = [sys.executable, "-m", "haq.cli", "serve", model, "--gpu-budget", budget, "--port", str(port),
-           "--max-batch", str(max_batch), "--max-queue", "1024", "--served-model-name", "m"]
+           "--max-batch", str(max_batch), "--max-queue", "1024", "--served-model-name", "m", "--threads", str(threads)]
     proc = subprocess.Popen(cmd + (["--hardware", hardware] if hardware else []))
     base = f"http://127.0.0.1:{port}"
     while proc.poll() is None:
@@ -128,8 +128,6 @@ def measure(base: str, prompts: list[str], concurrency: int, max_tokens: int) ->
 
 
 def main() -> None:
-    import torch
-
     from haq.data.windows import eval_windows
     from haq.loading import load_model
 
@@ -142,14 +140,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--soak-s", type=float, default=120.0)
     parser.add_argument("--hardware", help="hardware preset (default: measured on this machine)")
+    parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (the clients use a core)")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
     _, tokenizer, path = load_model(args.model)
     windows = eval_windows("wiki-offline", tokenizer, seqlen=48, max_windows=args.requests)
     prompts = [tokenizer.decode(w) for w in windows]
     rows, soak = [], {}
     for budget in args.budgets:
-        proc, base = start(args.model, budget, max(args.concurrency), args.hardware)
+        proc, base = start(args.model, budget, max(args.concurrency), args.hardware, args.threads)
         asyncio.run(load(base, prompts[:2], 2, 4))  # warm-up: prepacking, allocator, first-touch pages
         runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
         loads = []
@@ -180,7 +178,7 @@ def main() -> None:
         r["vs_concurrency_1"] = r["tokens_per_s"] / one_by_one[r["budget_pct"]]
     md = ("# Serving (`haq serve`, real HTTP, streaming completions)\n\n"
           f"{path.name}, {args.requests} requests of {args.max_tokens} tokens per level, greedy, "
-          f"medians of {args.rounds} interleaved rounds, {torch.get_num_threads()} threads; "
+          f"medians of {args.rounds} interleaved rounds, server threads {args.threads}; "
           "concurrency 1 = the same prompts one after another.\n\n"
           + md_table(rows, ["model", "budget_pct", "concurrency", "tokens_per_s", "vs_concurrency_1", "ttft_p50_ms",
                             "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "mean_batch", "hit_rate", "cpu_share",

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from haq.errors import HaqError
+from haq.io import check_output_dir
 from haq.quant.recipe import Recipe
 
 
@@ -20,25 +21,43 @@ def load(name_or_path: str | Path):
     return model, tokenizer
 
 
+def run_key(recipe: Recipe, model_dir: Path, windows: torch.Tensor) -> str:
+    """What a resumable run is: the recipe, the model (its config and weight files by name, size and
+    mtime) and the exact calibration tokens. A finished layer is reused only under the same key,
+    so a run of another model or calibration into the same output starts afresh."""
+    import hashlib
+
+    digest = hashlib.sha256(recipe.fingerprint().encode())
+    for file in sorted(model_dir.iterdir()):
+        if file.name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in (".safetensors", ".bin"):
+            stat = file.stat()
+            digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(windows.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "wiki-offline",
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, progress: bool = True) -> Path:
     """Quantize a model folder (or zoo name) and write a checkpoint to `out`. Finished layers are
     kept in a sibling `.OUT.partial` folder, so an interrupted run resumes where it stopped."""
     import shutil
 
-    from haq.checkpoint.native import save_quantized
+    from haq.checkpoint.native import CONFIG_NAME, OWN_FILES, save_quantized
     from haq.data.sources import dataset_identity, resolve
     from haq.data.windows import calib_windows
     from haq.models.adapters import adapter_for
     from haq.loading import load_model
     from haq.quant.pipeline import quantize_model
 
+    out = Path(out)
+    check_output_dir(out, CONFIG_NAME, "haq checkpoint", OWN_FILES)  # before hours of work, not after
     resolve(calib)  # a bad dataset fails before the model loads
     float_model, tokenizer, path = load_model(model, dtype=torch.float32)
     adapter_for(float_model.config)
     windows = calib_windows(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    out = Path(out)
-    work = out.parent / f".{out.name}.partial" / recipe.fingerprint()
+    work = out.parent / f".{out.name}.partial" / run_key(recipe, path, windows)
     report = quantize_model(float_model, recipe, windows, work_dir=work, progress=progress)
     identity = {**dataset_identity(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "model": str(path)}
     save_quantized(float_model, tokenizer, out, report, identity)

@@ -39,6 +39,24 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def _refuse_orphaned_checkpoint(path: Path) -> None:
+    """A haq int8 checkpoint without its haq_config.json (a copy that lost it, or the temp folder of
+    a killed save) must not load as a float model with random weights."""
+    from safetensors import safe_open
+
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        return
+    try:
+        with safe_open(weights, "pt") as handle:
+            fmt = (handle.metadata() or {}).get("format", "")
+    except Exception:  # unreadable: transformers' own error says it
+        return
+    if fmt.startswith("haq-int8"):
+        raise HaqError(f"{path} holds haq int8 weights but no {QUANT_CONFIG}: the checkpoint is incomplete "
+                       "(copy it whole, or re-run `haq quantize`)")
+
+
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int8_backend: str | None = None):
     """(model, tokenizer, path); a haq quantized checkpoint loads with its int8 modules (on
     `int8_backend`, default the one its specs record)."""
@@ -51,10 +69,15 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int
 
         model = load_quantized(path, backend=int8_backend)
     else:
+        _refuse_orphaned_checkpoint(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
         except (OSError, ValueError) as exc:
             raise HaqError(f"cannot load model weights from {path}: {str(exc).splitlines()[0]}") from None
+        if info["missing_keys"]:  # transformers would initialize them at random: a model that is not this one
+            missing = sorted(info["missing_keys"])
+            raise HaqError(f"{path}: {len(missing)} weights of the architecture are not in its files "
+                           f"({', '.join(missing[:3])}...): incomplete or not an HF checkpoint")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:

@@ -151,3 +151,23 @@ def test_requests_beyond_the_context_or_empty_are_refused(models):
         gen.add([1] * 60, SamplingParams(max_tokens=10))
     with pytest.raises(HaqError, match="empty"):
         gen.add([], SamplingParams())
+
+
+def test_abort_while_waiting_or_prefilling_leaves_the_batch_intact(models):
+    model = models["tiny-mixtral"]
+    ps = prompts()
+    expected = BatchGenerator(model).generate([ps[0]], SamplingParams(max_tokens=6))[0]
+    gen = BatchGenerator(model, max_batch=2, prefill_chunk=4)
+    keep = gen.add(ps[0], SamplingParams(max_tokens=6))
+    prefilling = gen.add(ps[3], SamplingParams(max_tokens=6))  # 30 tokens: several chunks
+    waiting = gen.add(ps[1], SamplingParams(max_tokens=6))
+    out = []
+    for step in range(40):
+        if step == 4:
+            assert gen.prefilling is not None and gen.prefilling.id == prefilling
+            gen.abort(prefilling)
+            gen.abort(waiting)
+        out += [e.token for e in gen.step() if e.seq_id == keep]
+        if not gen.has_work:
+            break
+    assert out == expected and not gen.has_work

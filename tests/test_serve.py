@@ -144,11 +144,11 @@ def test_bad_input_gets_an_openai_error_body(live, case, path, payload, status):
 def test_a_disconnect_mid_stream_frees_the_slot(live):
     server, base, _ = live
     with httpx.stream("POST", f"{base}/v1/completions", timeout=30,
-                      json={"model": "tiny", "prompt": "Once", "max_tokens": 500, "stream": True}) as reply:
+                      json={"model": "tiny", "prompt": "Once", "max_tokens": 2000, "stream": True}) as reply:
         for line in reply.iter_lines():
             if line.startswith("data:"):
                 break  # one chunk, then hang up
-    for _ in range(100):
+    for _ in range(60):  # 3 s; the 2000 tokens would take far longer
         if server.worker.generator.active == 0 and not server.worker.handles:
             break
         time.sleep(0.05)
@@ -217,3 +217,14 @@ def test_sigterm_drains_running_requests_and_exits_cleanly(tiny_mixtral, tmp_pat
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def test_a_disconnect_while_waiting_for_a_plain_answer_frees_the_slot(live):
+    server, base, _ = live
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 500 tokens
+        httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "Once", "max_tokens": 2000}, timeout=0.5)
+    for _ in range(60):  # 3 s; the 2000 tokens would take far longer
+        if server.worker.generator.active == 0 and not server.worker.handles:
+            break
+        time.sleep(0.05)
+    assert server.worker.generator.active == 0 and not server.worker.handles

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from haq.errors import HaqError
-from haq.io import atomic_dir
+from haq.io import atomic_dir, check_output_dir
 
 ExportFormat = Literal["compressed-tensors"]
 FORMATS: tuple[str, ...] = ("compressed-tensors",)
@@ -193,8 +193,7 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: ExportFormat = "com
         raise HaqError(f"{src} is not a haq checkpoint (no haq_config.json): run `haq quantize` first")
     if out.resolve() == src.resolve():
         raise HaqError("the export folder must differ from the checkpoint folder")
-    if out.exists() and any(out.iterdir()) and not (out / PROVENANCE_NAME).is_file():
-        raise HaqError(f"{out} exists and is not a haq export: refusing to overwrite it")
+    check_output_dir(out, PROVENANCE_NAME, "haq export", COPIED_PREFIXES + (WEIGHTS_NAME, PROVENANCE_NAME, "config.json"))
     meta = read_quant_config(src)
     strategy = _check_exportable(meta)
     weights = src / HAQ_WEIGHTS

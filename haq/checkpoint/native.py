@@ -21,6 +21,9 @@ from haq.quant.report import QuantReport
 FORMAT = "haq-int8-v1"
 CONFIG_NAME = "haq_config.json"
 WEIGHTS_NAME = "model.safetensors"
+OWN_FILES = (WEIGHTS_NAME, CONFIG_NAME, "config.json", "generation_config.json", "tokenizer", "special_tokens_map",
+             "added_tokens", "vocab", "merges", "chat_template")
+"""Names (prefixes) a checkpoint folder holds; anything else in an output folder is the user's."""
 
 
 def _versions() -> dict:

@@ -77,10 +77,12 @@ class BatchGenerator:
         self.eos = set(eos_token_ids)
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None)
         self.batch_invariant = batch_invariant
+        self._attention = None
         if batch_invariant:
             from haq.runtime.invariant import register
 
-            model.config._attn_implementation = register()
+            self._attention = register()
+        self._check_cache_kinds()
         self.waiting: deque[Sequence] = deque()
         self.prefilling: Sequence | None = None
         self.running: list[Sequence] = []
@@ -96,9 +98,13 @@ class BatchGenerator:
         if self.max_context is not None and len(prompt) + params.max_tokens > self.max_context:
             raise HaqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                            f"context of {self.max_context} tokens")
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        if generator is None and not params.greedy:
-            generator = torch.Generator().manual_seed(torch.seed())
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator()
+            if params.seed is None:
+                generator.seed()  # its own entropy; torch's global generator is left alone
+            else:
+                generator.manual_seed(params.seed)
         seq = Sequence(next(self._ids), list(prompt), params, generator)
         self.waiting.append(seq)
         return seq.id
@@ -121,8 +127,27 @@ class BatchGenerator:
         return len(self.running) + (self.prefilling is not None)
 
     # -- one step -------------------------------------------------------------------------------
+    def _check_cache_kinds(self) -> None:
+        """Refuse at start, not at the first join, a model whose cache cannot be left-padded."""
+        from transformers import DynamicCache
+
+        if self.max_batch > 1:
+            self._layers(DynamicCache(config=self.model.config))
+
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
+        """One prefill chunk and/or one decode forward (the model's attention is haq's batch-invariant
+        one for the step's duration only, in that mode)."""
+        config = self.model.config
+        saved = config._attn_implementation
+        if self._attention is not None:
+            config._attn_implementation = self._attention
+        try:
+            return self._step()
+        finally:
+            config._attn_implementation = saved
+
+    def _step(self) -> list[TokenEvent]:
         start = time.perf_counter()
         events: list[TokenEvent] = []
         self.last_step = StepStats()
@@ -190,9 +215,10 @@ class BatchGenerator:
         from transformers.cache_utils import DynamicLayer
 
         layers = cache.layers
-        if any(type(layer) is not DynamicLayer for layer in layers):
+        if any(type(layer) is not DynamicLayer for layer in layers):  # sliding-window, hybrid or quantized
             kinds = sorted({type(layer).__name__ for layer in layers})
-            raise HaqError(f"batched decoding needs full-attention caches; this model uses {', '.join(kinds)}")
+            raise HaqError(f"batched decoding needs full-attention caches; this model uses {', '.join(kinds)}: "
+                           "use --max-batch 1")
         return layers
 
     def _join(self, seq: Sequence) -> None:

@@ -70,4 +70,4 @@ def next_token(logits: torch.Tensor, generated: list[int], params: SamplingParam
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # the smallest set whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))  # the request's CPU generator, any device

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from haq.errors import HaqError
 from haq.runtime.sampling import SamplingParams
 from haq.serve.protocol import ChatCompletionRequest, CompletionRequest
-from haq.serve.worker import Handle, QueueFull, Worker
+from haq.serve.worker import Handle, QueueFull, Worker, WorkerDead
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
 
@@ -38,9 +38,14 @@ def _error(status: int, message: str, kind: str, param: str | None = None) -> JS
                         status_code=status)
 
 
-def create_app(worker: Worker, model_name: str, context: int, request_timeout: float = 600.0,
+class ClientGone(Exception):
+    """The client hung up before its answer was ready."""
+
+
+def create_app(worker: Worker, tokenizer, model_name: str, context: int, request_timeout: float = 600.0,
                chat_template: str | None = None) -> FastAPI:
-    tokenizer, metrics = worker.tokenizer, worker.metrics
+    """`tokenizer` is the HTTP side's own (the worker decodes with another instance)."""
+    metrics = worker.metrics
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -92,7 +97,6 @@ def create_app(worker: Worker, model_name: str, context: int, request_timeout: f
                                     repetition_penalty=body.repetition_penalty)
         except HaqError as exc:
             raise ApiError(400, str(exc)) from None
-        metrics.prompt_tokens.inc(len(prompt))
         return Handle(prompt, params, body.stops, asyncio.get_running_loop())
 
     async def _run(request: Request, body, prompt: list[int], kind: str):
@@ -102,6 +106,9 @@ def create_app(worker: Worker, model_name: str, context: int, request_timeout: f
         except QueueFull:
             raise ApiError(429, f"the server queue is full ({worker.max_queue} waiting); retry later",
                            "rate_limit_error") from None
+        except WorkerDead as exc:
+            raise ApiError(503, f"the model is not running: {exc}", "server_error") from None
+        metrics.prompt_tokens.inc(len(prompt))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if body.stream:
@@ -109,11 +116,14 @@ def create_app(worker: Worker, model_name: str, context: int, request_timeout: f
             return StreamingResponse(_sse(handle, body, kind, rid, created), media_type="text/event-stream")
         text, reason = [], None
         try:
-            async for kind_, value in _events(handle):
+            async for kind_, value in _events(handle, request):
                 if kind_ == "delta":
                     text.append(value)
                 else:
                     reason = value
+        except ClientGone:
+            metrics.requests.labels(request.url.path, "499").inc()
+            return JSONResponse({}, status_code=499)  # nobody reads it
         finally:
             if handle.finish_reason is None:
                 worker.abort(handle)
@@ -125,17 +135,25 @@ def create_app(worker: Worker, model_name: str, context: int, request_timeout: f
         return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
                 "model": model_name, "choices": [choice], "usage": usage}
 
-    async def _events(handle: Handle) -> AsyncIterator[tuple[str, str]]:
+    async def _events(handle: Handle, request: Request | None = None) -> AsyncIterator[tuple[str, str]]:
+        """The request's events until done; a timeout, a hang-up (polled while waiting) or an error ends it."""
         deadline = handle.arrived + request_timeout
         while True:
             remaining = deadline - time.perf_counter()
-            try:
-                kind, value = await asyncio.wait_for(handle.events.get(), timeout=max(remaining, 0.001))
-            except asyncio.TimeoutError:
+            if remaining <= 0:
                 worker.abort(handle)
-                raise ApiError(408, f"the request took longer than {request_timeout:g} s", "timeout_error") from None
+                raise ApiError(408, f"the request took longer than {request_timeout:g} s", "timeout_error")
+            try:
+                kind, value = await asyncio.wait_for(handle.events.get(), timeout=min(remaining, 0.5))
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    worker.abort(handle)
+                    raise ClientGone from None
+                continue
             if kind == "error":
                 raise ApiError(400, value)
+            if kind == "server_error":
+                raise ApiError(500, value, "server_error")
             yield kind, value
             if kind == "done":
                 return
@@ -174,7 +192,7 @@ def create_app(worker: Worker, model_name: str, context: int, request_timeout: f
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        prompt = tokenizer(body.prompt)["input_ids"]
+        prompt = (await asyncio.to_thread(tokenizer, body.prompt))["input_ids"]  # long prompts: off the loop
         return await _run(request, body, prompt, "completion")
 
     @app.post("/v1/chat/completions")
@@ -185,8 +203,8 @@ def create_app(worker: Worker, model_name: str, context: int, request_timeout: f
                                 "or use /v1/completions", param="messages")
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         try:
-            prompt = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)
+            prompt = await asyncio.to_thread(tokenizer.apply_chat_template, messages, chat_template=template,
+                                             add_generation_prompt=True, tokenize=True, return_dict=False)
         except Exception as exc:  # a template that rejects these messages (e.g. roles out of order)
             raise ApiError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
         if isinstance(prompt, dict):

@@ -39,7 +39,6 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str = Field(min_length=1)
-    echo: bool = False
 
 
 class ChatMessage(BaseModel):

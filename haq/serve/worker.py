@@ -20,6 +20,15 @@ class QueueFull(Exception):
     """More requests are waiting than --max-queue allows."""
 
 
+class WorkerDead(Exception):
+    """The model thread has stopped; no request can be served."""
+
+
+PREFIX_TOKENS = 4
+"""Prompt tokens decoded with each request's text, then cut off: a first token's leading space
+(SentencePiece's '▁Paris') survives only when decoded after something."""
+
+
 @dataclass
 class Handle:
     """One request as the worker sees it; `events` receives ("delta", text), then ("done", reason)
@@ -32,6 +41,7 @@ class Handle:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     seq_id: int | None = None
     tokens: list[int] = field(default_factory=list)
+    prefix_text: str | None = None  # the decoded prompt tail the text is cut from
     sent: int = 0  # characters of text already sent
     arrived: float = field(default_factory=time.perf_counter)
     last_token_at: float | None = None
@@ -56,6 +66,8 @@ class Worker(threading.Thread):
 
     # -- called from the HTTP side ------------------------------------------------------------------
     def submit(self, handle: Handle) -> None:
+        if not self.is_alive() or self.error is not None:
+            raise WorkerDead(self.error or "the model thread is not running")
         with self.lock:
             if self.pending >= self.max_queue:
                 raise QueueFull
@@ -72,16 +84,16 @@ class Worker(threading.Thread):
     # -- the model thread -----------------------------------------------------------------------------
     def run(self) -> None:
         while not self.stopping.is_set():
-            self._drain(block=not self.generator.has_work)
-            if self.generator.has_work:
-                try:
-                    events = self.generator.step()
-                except Exception as exc:  # a failed step fails its requests, not the server
-                    self._fail_all(f"generation failed: {exc}")
-                    continue
-                for event in events:
-                    self._deliver(event)
-                self.metrics.observe_step(self.generator, self.engine, self.waiting)
+            try:
+                self._drain(block=not self.generator.has_work)
+                if self.generator.has_work:
+                    for event in self.generator.step():
+                        self._deliver(event)
+                    self.metrics.observe_step(self.generator, self.engine, self.waiting)
+            except Exception as exc:  # a failed step fails its requests, not the server
+                self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
+        for handle in list(self.handles.values()):  # stopped: nobody waits for ever
+            handle.put("error", "the server is shutting down")
 
     @property
     def waiting(self) -> int:
@@ -123,21 +135,25 @@ class Worker(threading.Thread):
             with self.lock:
                 self.pending -= 1
             self.metrics.ttft.observe(now - handle.arrived)
-        elif handle.last_token_at is not None:
+        elif handle.last_token_at is not None and now > handle.last_token_at:  # not its token 0 of this step
             self.metrics.itl.observe(now - handle.last_token_at)
         handle.last_token_at = now
         self.metrics.generated.inc()
         handle.tokens.append(event.token)
-        text = self.tokenizer.decode(handle.tokens, skip_special_tokens=True)
+        prefix = handle.prompt[-PREFIX_TOKENS:]
+        if handle.prefix_text is None:
+            handle.prefix_text = self.tokenizer.decode(prefix, skip_special_tokens=True)
+        full = self.tokenizer.decode(prefix + handle.tokens, skip_special_tokens=True)
+        text = full[len(handle.prefix_text):] if full.startswith(handle.prefix_text) else \
+            self.tokenizer.decode(handle.tokens, skip_special_tokens=True)
         reason = event.finish_reason
         cut = min((i for i in (text.find(s) for s in handle.stops) if i >= 0), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
             if event.finish_reason is None:
                 self.generator.abort(event.seq_id)
-        hold = 0 if reason else _held_back(text, handle.stops)
-        if text.endswith("\ufffd") and not reason:  # an incomplete multi-byte character
-            hold = max(hold, 1)
+        hold = 0 if reason else max(_held_back(text, handle.stops),
+                                    len(text) - len(text.rstrip("\ufffd")))  # incomplete UTF-8 bytes
         delta = text[handle.sent:len(text) - hold]
         if delta:
             handle.put("delta", delta)
@@ -154,12 +170,13 @@ class Worker(threading.Thread):
         handle.put("done", reason or "abort")
 
     def _fail_all(self, message: str) -> None:
-        for handle in list(self.handles.values()):
+        failed = list(self.handles.values())
+        for handle in failed:
             self.generator.abort(handle.seq_id)
             self.handles.pop(handle.seq_id, None)
-            handle.put("error", message)
+            handle.put("server_error", message)
         with self.lock:
-            self.pending = 0
+            self.pending -= sum(1 for h in failed if not h.tokens)  # those still in `commands` stay counted
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -1,0 +1,6 @@
+"""`python -m haq.cli`."""
+import sys
+
+from haq.cli import main
+
+sys.exit(main())

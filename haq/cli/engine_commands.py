@@ -1,0 +1,121 @@
+"""`haq run` and `haq serve`: generation on the offloading engine, from the command line or over HTTP."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from haq.errors import HaqError
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write `payload` atomically and say so."""
+    import json
+    from pathlib import Path
+
+    from haq.io import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def _check_run_args(args: argparse.Namespace) -> None:
+    """Everything `run` and `serve` can check before a model is loaded or a machine profiled;
+    then the thread setting."""
+    import torch
+
+    from haq.runtime.policies import policy_names
+
+    if args.policy not in policy_names():
+        raise HaqError(f"--policy {args.policy!r} is unknown; choose from {', '.join(policy_names())}")
+    from haq.api import parse_budget
+
+    parse_budget(args.gpu_budget, 1)  # the syntax; the bytes it means need the model
+    if getattr(args, "max_batch", 1) < 1:
+        raise HaqError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise HaqError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def _device_line(device: str) -> str:
+    if device == "cpu":
+        return "device: cpu (no GPU: the host CPU stands in for the GPU; 'device' experts are copies in host memory)"
+    import torch
+
+    return f"device: {device} ({torch.cuda.get_device_name(device)})"
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from haq.api import open_engine
+    from haq.runtime.sampling import SamplingParams
+    from haq.serve import eos_ids
+
+    _check_run_args(args)
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    prompts = args.prompt or ["The history of"]
+    print(_device_line(args.device), file=sys.stderr)
+    engine, tokenizer = open_engine(args.model, args.gpu_budget, device=args.device, policy=args.policy,
+                                    hardware=args.hardware, profile=args.profile, int8_backend=args.int8_backend)
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        engine.close()
+        raise HaqError(f"{args.model} has no chat template: drop --chat")
+    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                         return_dict=False) if args.chat else tokenizer(p)["input_ids"]
+           for p in prompts]
+    streams = {i: [] for i in range(len(prompts))}
+    shown = {i: 0 for i in range(len(prompts))}
+    single = len(prompts) == 1
+    if single:
+        print(prompts[0], end="", flush=True)
+
+    def show(event) -> None:  # one prompt: stream its text; several: print each when it ends
+        streams[event.seq_id].append(event.token)
+        text = tokenizer.decode(streams[event.seq_id], skip_special_tokens=True)
+        if single and not text.endswith("\ufffd"):
+            print(text[shown[event.seq_id]:], end="", flush=True)
+            shown[event.seq_id] = len(text)
+        elif not single and event.finish_reason is not None:
+            print(f"[{event.seq_id}] {prompts[event.seq_id]}{text}  ({event.finish_reason})")
+
+    try:
+        _, metrics = engine.generate_batch(ids, params, max_batch=args.max_batch, eos_token_ids=eos_ids(tokenizer, engine.model),
+                                           on_token=show)
+    finally:
+        engine.close()
+    if single:
+        print(tokenizer.decode(streams[0], skip_special_tokens=True)[shown[0]:])  # what was held back, if any
+    print(metrics.summary())
+    if args.json:
+        write_json(args.json, metrics.to_dict())
+    if args.plot:
+        from haq.sim.plots import plot_engine_run
+
+        for path in plot_engine_run(metrics, args.plot):
+            print(f"wrote {path}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import signal
+
+    import uvicorn
+
+    from haq.serve import build_server
+
+    _check_run_args(args)
+    print(_device_line(args.device), file=sys.stderr)
+    server = build_server(args.model, args.gpu_budget, device=args.device, policy=args.policy,
+                          hardware=args.hardware, profile=args.profile, max_batch=args.max_batch,
+                          max_queue=args.max_queue, request_timeout=args.request_timeout,
+                          chat_template=args.chat_template, batch_invariant=args.batch_invariant,
+                          served_name=args.served_model_name, int8_backend=args.int8_backend)
+    print(f"serving {server.model_name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})",
+          file=sys.stderr)
+    # uvicorn drains running requests on SIGTERM, then re-raises the signal to the handler it found:
+    # make that one a no-op, so a drained shutdown exits 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(server.app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    print("drained and stopped", file=sys.stderr)
+
+
