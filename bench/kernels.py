@@ -17,7 +17,7 @@ from torch import nn
 
 from common import machine, md_table, write_results
 
-from haq.kernels.backends.auto import cpu_has_int8_dot
+from haq.kernels.backends.fbgemm import cpu_has_int8_dot
 from haq.kernels.backends.fbgemm import has_fbgemm
 
 

@@ -72,10 +72,17 @@ def test_int8_matmul_is_exact(device: str, impl: str) -> None:
 
 
 @pytest.mark.skipif(not has_fbgemm(), reason="this PyTorch has no FBGEMM")
-def test_fbgemm_matmul_exact_where_a_single_u8_pass_saturates() -> None:
+@pytest.mark.parametrize("vnni", [True, False])
+def test_fbgemm_matmul_exact_where_a_single_u8_pass_saturates(monkeypatch, vnni: bool) -> None:
     """Extreme int8 values in every pair of K (the int16 pair sums of vpmaddubsw would saturate
     for a zero-point-128 activation pass), and a weight rewritten in place (the packed copy must
-    follow it)."""
+    follow it). Both paths: one pass (int8 dot products) and the split one; the one pass only
+    where this CPU has VNNI/AMX."""
+    from haq.kernels.backends import fbgemm
+
+    if vnni and not fbgemm.cpu_has_int8_dot():
+        pytest.skip("this CPU has no int8 dot products")
+    monkeypatch.setattr(fbgemm, "cpu_has_int8_dot", lambda: vnni)
     g = torch.Generator().manual_seed(1)
     a = torch.randint(-128, 128, (17, 64), generator=g, dtype=torch.int8)
     a[:, ::2] = -128

@@ -1,9 +1,10 @@
 """Continuous batching over a causal LM (a plain HF model or the engine's offloaded one).
 
-Sequences join and leave between steps. A step runs at most one prefill chunk of a joining
-sequence (batch 1, its own cache; chunked so a long prompt does not stall running decodes), then
-one decode forward for every running sequence together: the MoE blocks see all of the step's
-tokens, so expert calls carry n >= 1 and the policy decides on the real n.
+Sequences join and leave between steps. A step prefills joining sequences up to `prefill_chunk`
+prompt tokens (each in its own batch-1 forward with its own cache; a long prompt is cut into
+chunks so it does not stall running decodes), then one decode forward for every running
+sequence together: the MoE blocks see all of the step's tokens, so expert calls carry n >= 1 and
+the policy decides on the real n.
 
 The running sequences share one left-padded KV cache: row b holds `pad[b]` masked columns, then
 its tokens; each row gets its own position ids. A joining sequence's prefilled cache is padded to
@@ -152,26 +153,32 @@ class BatchGenerator:
         events: list[TokenEvent] = []
         self.last_step = StepStats()
         decoding = bool(self.running)  # a sequence that joins in this step decodes with them, or next step
-        if self.prefilling is None and self.waiting and self.active < self.max_batch:
-            self.prefilling = self.waiting.popleft()
-        if self.prefilling is not None:
-            events += self._prefill_chunk(self.prefilling)
+        budget = self.prefill_chunk  # prompt tokens per step: several short prompts, or a chunk of a long one
+        while budget > 0:
+            if self.prefilling is None and self.waiting and self.active < self.max_batch:
+                self.prefilling = self.waiting.popleft()
+            if self.prefilling is None:
+                break
+            seq = self.prefilling
+            chunk = min(budget, len(seq.prompt) - seq.prefilled)
+            events += self._prefill_chunk(seq, chunk)
+            budget -= chunk
         if decoding:
             events += self._decode()
         self.last_step.seconds = time.perf_counter() - start
         return events
 
-    def _prefill_chunk(self, seq: Sequence) -> list[TokenEvent]:
+    def _prefill_chunk(self, seq: Sequence, size: int) -> list[TokenEvent]:
         from transformers import DynamicCache
 
         if seq.cache is None:
             seq.cache = DynamicCache(config=self.model.config)
-        chunk = seq.prompt[seq.prefilled:seq.prefilled + self.prefill_chunk]
+        chunk = seq.prompt[seq.prefilled:seq.prefilled + size]
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(seq.prefilled, seq.prefilled + len(chunk), device=self.device)[None]
         out = self.model(ids, past_key_values=seq.cache, position_ids=positions, use_cache=True, logits_to_keep=1)
         seq.prefilled += len(chunk)
-        self.last_step.prefill_tokens = len(chunk)
+        self.last_step.prefill_tokens += len(chunk)
         if seq.prefilled < len(seq.prompt):
             return []
         self.prefilling = None

@@ -19,14 +19,12 @@ and ``torch._int_mm`` runs above.
 """
 from __future__ import annotations
 
-import functools
 import warnings
-from pathlib import Path
 
 import torch
 
 from haq.kernels.backends import ActQuant, get_backend, prepared, register
-from haq.kernels.backends.fbgemm import has_fbgemm
+from haq.kernels.backends.fbgemm import cpu_has_int8_dot, has_fbgemm
 from haq.kernels.backends.float_exact import FLOAT_CHUNK
 from haq.kernels.backends.int_mm import int_mm_supports
 
@@ -36,17 +34,6 @@ FBGEMM_MAX_M_LONG_K = 256
 """... and, without VNNI, up to this many when K is long enough for the float path to need several chunks."""
 
 _warned_shapes: set[tuple[str, int, int]] = set()  # (device type, K, N) already warned about
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_int8_dot() -> bool:
-    """Whether this CPU has int8 dot-product instructions (VNNI or AMX). Without them
-    ``torch._int_mm`` on CPU is 50-80x slower than an fp32 GEMM, so "auto" then never uses it."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def cpu_auto_impl(M: int = 1, K: int = 0) -> str:
