@@ -228,3 +228,19 @@ def test_a_disconnect_while_waiting_for_a_plain_answer_frees_the_slot(live):
             break
         time.sleep(0.05)
     assert server.worker.generator.active == 0 and not server.worker.handles
+
+
+def test_a_request_past_its_timeout_gets_408_and_frees_its_slot(tiny_mixtral, tmp_path_factory):
+    server, uv, thread, base = _start(tiny_mixtral, tmp_path_factory, request_timeout=0.5)
+    try:
+        reply = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "Once", "max_tokens": 2000},
+                           timeout=30)
+        for _ in range(60):
+            if server.worker.generator.active == 0:
+                break
+            time.sleep(0.05)
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=20)
+    assert reply.status_code == 408 and reply.json()["error"]["type"] == "timeout_error"
+    assert server.worker.generator.active == 0
