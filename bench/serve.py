@@ -57,7 +57,8 @@ def start(model: str, budget: str, max_batch: int, hardware: str | None, threads
 
 async def one(http, base: str, prompt: str, max_tokens: int) -> dict:
     start, stamps, tokens, failed = time.perf_counter(), [], 0, False
-    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
     try:
         async with http.stream("POST", f"{base}/v1/completions", json=body) as reply:
             if reply.status_code != 200:

@@ -171,3 +171,11 @@ def test_abort_while_waiting_or_prefilling_leaves_the_batch_intact(models):
         if not gen.has_work:
             break
     assert out == expected and not gen.has_work
+
+
+def test_ignore_eos_runs_to_max_tokens(models):
+    model = models["tiny-mixtral"]
+    p = prompts()[1]
+    free = BatchGenerator(model).generate([p], SamplingParams(max_tokens=8))[0]
+    gen = BatchGenerator(model, eos_token_ids=(free[2],))
+    assert gen.generate([p], SamplingParams(max_tokens=8, ignore_eos=True))[0] == free

@@ -144,7 +144,7 @@ def test_bad_input_gets_an_openai_error_body(live, case, path, payload, status):
 def test_a_disconnect_mid_stream_frees_the_slot(live):
     server, base, _ = live
     with httpx.stream("POST", f"{base}/v1/completions", timeout=30,
-                      json={"model": "tiny", "prompt": "Once", "max_tokens": 2000, "stream": True}) as reply:
+                      json={"model": "tiny", "prompt": "Once", "max_tokens": 2000, "stream": True, "ignore_eos": True}) as reply:
         for line in reply.iter_lines():
             if line.startswith("data:"):
                 break  # one chunk, then hang up
@@ -222,7 +222,7 @@ def test_sigterm_drains_running_requests_and_exits_cleanly(tiny_mixtral, tmp_pat
 def test_a_disconnect_while_waiting_for_a_plain_answer_frees_the_slot(live):
     server, base, _ = live
     with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 500 tokens
-        httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "Once", "max_tokens": 2000}, timeout=0.5)
+        httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "Once", "max_tokens": 2000, "ignore_eos": True}, timeout=0.5)
     for _ in range(60):  # 3 s; the 2000 tokens would take far longer
         if server.worker.generator.active == 0 and not server.worker.handles:
             break
@@ -233,7 +233,7 @@ def test_a_disconnect_while_waiting_for_a_plain_answer_frees_the_slot(live):
 def test_a_request_past_its_timeout_gets_408_and_frees_its_slot(tiny_mixtral, tmp_path_factory):
     server, uv, thread, base = _start(tiny_mixtral, tmp_path_factory, request_timeout=0.5)
     try:
-        reply = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "Once", "max_tokens": 2000},
+        reply = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "Once", "max_tokens": 2000, "ignore_eos": True},
                            timeout=30)
         for _ in range(60):
             if server.worker.generator.active == 0:

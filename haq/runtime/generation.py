@@ -211,7 +211,7 @@ class BatchGenerator:
         seq.tokens.append(token)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
-        if token in self.eos or token in seq.params.stop_token_ids:
+        if (token in self.eos and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
             seq.finish_reason = "stop"
         elif len(seq.tokens) >= seq.params.max_tokens:
             seq.finish_reason = "length"

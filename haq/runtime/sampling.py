@@ -24,6 +24,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = field(default=())  # besides the model's EOS
+    ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks, tests)
 
     def __post_init__(self) -> None:
         checks = [(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),

@@ -25,6 +25,7 @@ from haq.serve.protocol import ChatCompletionRequest, CompletionRequest
 from haq.serve.worker import Handle, QueueFull, Worker, WorkerDead
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 256}
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 class ApiError(Exception):
@@ -94,7 +95,7 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                     top_k=body.top_k, seed=body.seed, presence_penalty=body.presence_penalty,
-                                    repetition_penalty=body.repetition_penalty)
+                                    repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
         except HaqError as exc:
             raise ApiError(400, str(exc)) from None
         return Handle(prompt, params, body.stops, asyncio.get_running_loop())
@@ -138,17 +139,21 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
     async def _events(handle: Handle, request: Request | None = None) -> AsyncIterator[tuple[str, str]]:
         """The request's events until done; a timeout, a hang-up (polled while waiting) or an error ends it."""
         deadline = handle.arrived + request_timeout
+        checked = time.perf_counter()
         while True:
-            remaining = deadline - time.perf_counter()
+            now = time.perf_counter()
+            remaining = deadline - now
             if remaining <= 0:
                 worker.abort(handle)
                 raise ApiError(408, f"the request took longer than {request_timeout:g} s", "timeout_error")
-            try:
-                kind, value = await asyncio.wait_for(handle.events.get(), timeout=min(remaining, 0.5))
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+            if request is not None and now - checked > DISCONNECT_POLL_S:  # tokens may flow without pause
+                checked = now
+                if await request.is_disconnected():
                     worker.abort(handle)
-                    raise ClientGone from None
+                    raise ClientGone
+            try:
+                kind, value = await asyncio.wait_for(handle.events.get(), timeout=min(remaining, DISCONNECT_POLL_S))
+            except asyncio.TimeoutError:
                 continue
             if kind == "error":
                 raise ApiError(400, value)

@@ -22,6 +22,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens tokens")
     user: str | None = None
 
     @field_validator("stop")
