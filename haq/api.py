@@ -111,14 +111,34 @@ def open_engine(model_ref: str | Path, budget: str, device: str = "cpu", policy:
     weights, math = extract_experts(first)
     total = weights[0].nbytes * len(weights) * len(moe_layers)
     budget_bytes = parse_budget(budget, total)
-    hw = load_profile(hardware) if hardware else profile_hardware(weights[0], math, device=device)
     trace = load_trace(profile) if profile else profile_trace_for(model, tokenizer, path.name)
+    check_profile(trace, model)  # before minutes of hardware profiling
+    hw = load_profile(hardware) if hardware else profile_hardware(weights[0], math, device=device)
     engine = build_engine(model, budget_bytes=budget_bytes, hardware=hw, policy=policy, profile=trace, device=device)
     return engine, tokenizer
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_profile(trace, model) -> None:
+    """A routing profile must come from this model's routing: same MoE layers, experts and top-k,
+    and at least one token; another model's trace would index experts that do not exist."""
+    from haq.models.adapters import adapter_for
+
+    adapter = adapter_for(model.config)
+    if adapter.moe is None:
+        raise HaqError(f"{model.config.model_type} is a dense model: the MoE runtime needs a model with experts")
+    ours = (len(adapter.moe_layers(model.config)), getattr(model.config, adapter.moe.num_experts_attr),
+            getattr(model.config, adapter.moe.top_k_attr))
+    theirs = (trace.meta.layers, trace.meta.num_experts, trace.meta.top_k)
+    if theirs != ours:
+        raise HaqError(f"the routing profile ({trace.meta.model}: {theirs[0]} MoE layers, {theirs[1]} experts, "
+                       f"top-{theirs[2]}) is not this model's ({ours[0]} MoE layers, {ours[1]} experts, top-{ours[2]}): "
+                       "record one with `haq profile MODEL -o T.npz`")
+    if trace.num_tokens == 0:
+        raise HaqError(f"the routing profile ({trace.meta.model}) has no tokens: record one with `haq profile MODEL`")
 
 
 def build_engine(model, *, budget_bytes: int, hardware, policy: str = "haq", profile=None, device: str = "cpu",
@@ -128,8 +148,9 @@ def build_engine(model, *, budget_bytes: int, hardware, policy: str = "haq", pro
     from haq.runtime.engine import Engine
     from haq.sim.tuning import policy_context
 
-    engine = Engine(model, budget_bytes=budget_bytes, hardware=hardware, device=device, cpu_workers=cpu_workers)
     if profile is None:
         raise HaqError("the engine needs a routing profile (a trace): record one with `haq trace`")
+    check_profile(profile, model)
+    engine = Engine(model, budget_bytes=budget_bytes, hardware=hardware, device=device, cpu_workers=cpu_workers)
     engine.use_policy(policy, policy_context(profile, engine.budget_bytes, engine.expert_bytes, engine.predictor))
     return engine

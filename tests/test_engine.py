@@ -157,3 +157,22 @@ def test_a_quantized_deepseek_checkpoint_runs_offloaded_with_identical_tokens(ti
     tokens, _ = engine.generate(prompt, max_new_tokens=6)
     engine.close()
     assert tokens == expected
+
+
+def test_a_routing_profile_of_another_model_or_empty_is_a_clear_error(moe):
+    import dataclasses
+
+    from haq.runtime.synthetic import generate_synthetic_trace
+
+    model, trace = moe
+    hardware = load_profile("laptop")
+    mixtral_8x7b = generate_synthetic_trace(num_sequences=1, seq_len=8, seed=0)  # 32 layers x 8 experts
+    with pytest.raises(HaqError, match="32 MoE layers, 8 experts, top-2.*is not this model's"):
+        build_engine(copy.deepcopy(model), budget_bytes=0, hardware=hardware, profile=mixtral_8x7b)
+    wrong_k = dataclasses.replace(trace, meta=dataclasses.replace(trace.meta, top_k=1))
+    with pytest.raises(HaqError, match="top-1.*is not this model's"):
+        build_engine(copy.deepcopy(model), budget_bytes=0, hardware=hardware, profile=wrong_k)
+    empty = dataclasses.replace(trace, experts=trace.experts[:0], seq_id=trace.seq_id[:0], pos=trace.pos[:0],
+                                weights=None)
+    with pytest.raises(HaqError, match="has no tokens"):
+        build_engine(copy.deepcopy(model), budget_bytes=0, hardware=hardware, profile=empty)
