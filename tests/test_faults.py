@@ -113,3 +113,22 @@ def test_an_output_at_a_file_fails_before_any_work(two_llamas, tmp_path, capsys,
         from haq.io import check_output_dir
 
         check_output_dir(target, "haq_config.json", "haq checkpoint")
+
+
+def test_an_edited_haq_config_is_refused(two_llamas, tmp_path, capsys):
+    import json
+
+    from haq import api
+    from haq.quant.recipe import Recipe
+
+    out = api.quantize(two_llamas[0], Recipe(method="rtn"), tmp_path / "q", nsamples=2, seqlen=32, progress=False)
+    meta = json.loads((out / "haq_config.json").read_text())
+    meta["recipe"]["act"] = "per-tensor"  # the hostile edit: a recipe the weights were not made with
+    (out / "haq_config.json").write_text(json.dumps(meta))
+    for argv in (["eval", str(out), "--max-windows", "1", "--seqlen", "64"], ["export", str(out), "-o", str(tmp_path / "ct")]):
+        code, err = run(capsys, *argv)
+        assert code == 2 and "was edited after it was written" in err and "\n" not in err
+    del meta["config_sha256"]
+    (out / "haq_config.json").write_text(json.dumps(meta))
+    code, err = run(capsys, "eval", str(out), "--max-windows", "1", "--seqlen", "64")
+    assert code == 2 and "has no checksum of its own" in err

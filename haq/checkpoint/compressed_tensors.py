@@ -112,7 +112,11 @@ def _check_exportable(meta: dict) -> Literal["token", "tensor"]:
     if recipe.get("wbits") != 8 or recipe.get("abits") != 8:
         raise HaqError(f"compressed-tensors export needs a W8A8 checkpoint (int8 kernels in vLLM); this one is "
                        f"W{recipe.get('wbits')}A{recipe.get('abits')}: re-quantize with --wbits 8 --abits 8")
-    act = recipe.get("act", "per-token")
+    modes = {spec.get("act_mode") for spec in modules.values() if spec["type"] in ("int8_linear", "int8_experts")}
+    if len(modes) != 1:  # the module specs, not the recipe, say what the weights were made for
+        raise HaqError(f"the checkpoint's int8 modules mix activation modes {sorted(map(str, modes))}: "
+                       "compressed-tensors takes one per model")
+    act = modes.pop()
     moe = any(spec["type"] == "int8_experts" for spec in modules.values())
     if act == "per-tensor" and moe:
         raise HaqError("vLLM's int8 fused-MoE takes dynamic per-token activations only; this MoE checkpoint "

@@ -4,6 +4,7 @@ damping, calibration identity, versions, the weights' sha256). Written into a te
 renamed into place; verified on load so a truncated or altered file is refused clearly."""
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from dataclasses import asdict
@@ -21,6 +22,7 @@ from haq.quant.report import QuantReport
 FORMAT = "haq-int8-v1"
 CONFIG_NAME = "haq_config.json"
 WEIGHTS_NAME = "model.safetensors"
+SELF_CHECKSUM = "config_sha256"
 OWN_FILES = (WEIGHTS_NAME, CONFIG_NAME, "config.json", "generation_config.json", "tokenizer", "special_tokens_map",
              "added_tokens", "vocab", "merges", "chat_template")
 """Names (prefixes) a checkpoint folder holds; anything else in an output folder is the user's."""
@@ -69,6 +71,7 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, report: QuantReport, 
             "versions": _versions(),
             "files": {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)},
         }
+        meta[SELF_CHECKSUM] = config_digest(meta)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -80,7 +83,20 @@ def read_quant_config(path: Path) -> dict:
         raise HaqError(f"{path / CONFIG_NAME} is unreadable or not JSON ({exc}); re-run `haq quantize`") from None
     if meta.get("format") != FORMAT:
         raise HaqError(f"{path / CONFIG_NAME}: unknown format {meta.get('format')!r}, expected {FORMAT}")
+    if SELF_CHECKSUM not in meta:
+        raise HaqError(f"{path / CONFIG_NAME} has no checksum of its own (written by an older haq, or edited): "
+                       "its recipe and specs cannot be trusted; re-run `haq quantize`")
+    if meta[SELF_CHECKSUM] != config_digest(meta):
+        raise HaqError(f"{path / CONFIG_NAME} was edited after it was written (its checksum no longer matches): "
+                       "the recipe and module specs must be the ones the weights were made with; re-run `haq quantize`")
     return meta
+
+
+def config_digest(meta: dict) -> str:
+    """sha256 of the config without its own checksum, canonical JSON: edits to the recipe or the
+    module specs are caught like edits to the weights."""
+    body = json.dumps({k: v for k, v in meta.items() if k != SELF_CHECKSUM}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def load_quantized(path: Path, verify: bool = True, backend: str | None = None) -> nn.Module:
