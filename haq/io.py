@@ -47,6 +47,17 @@ def check_output_dir(out: Path, marker: str | None, what: str, own: tuple[str, .
         raise HaqError(f"cannot write the {what} under {existing}: it is not writable")
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """Before any work: `path` can be written as a file (not a folder; its folder writable)."""
+    from haq.errors import HaqError
+
+    if path.is_dir():
+        raise HaqError(f"{option} {path} is a folder: give a file path")
+    existing = next((p for p in [path.parent, *path.parent.parents] if p.exists()), Path("/"))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise HaqError(f"{option} {path}: cannot write under {existing}")
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder beside `final`; when the block succeeds it replaces `final`, and

@@ -132,3 +132,15 @@ def test_an_edited_haq_config_is_refused(two_llamas, tmp_path, capsys):
     (out / "haq_config.json").write_text(json.dumps(meta))
     code, err = run(capsys, "eval", str(out), "--max-windows", "1", "--seqlen", "64")
     assert code == 2 and "has no checksum of its own" in err
+
+
+@pytest.mark.parametrize("argv", [["eval", "tiny-llama", "--json", "{dir}"],
+                                  ["trace", "tiny-mixtral", "-o", "{dir}"],
+                                  ["eval", "tiny-llama", "--json", "{file}/under-a-file.json"]])
+def test_result_paths_are_checked_before_the_computation(tmp_path, capsys, monkeypatch, argv):
+    from haq import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("computed before checking the output"))
+    (tmp_path / "f").write_text("x")
+    code, err = run(capsys, *[a.format(dir=tmp_path, file=tmp_path / "f") for a in argv])
+    assert code == 2 and err.startswith("haq: error:") and "\n" not in err

@@ -293,6 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FILE_OUTPUTS = {"trace": "--output", "profile": "--output", "profile-hw": "--output"}
+
+
+def _check_output_files(args: argparse.Namespace) -> None:
+    """Result files are checked before the computation, so a bad path never loses a result."""
+    from haq.io import check_output_file
+
+    if getattr(args, "json", None):
+        check_output_file(Path(args.json), "--json")
+    if args.cmd in FILE_OUTPUTS:
+        check_output_file(Path(args.output), FILE_OUTPUTS[args.cmd])
+
+
 def _quiet_transformers() -> None:
     """haq shows its own progress; transformers' per-shard bars and advice would bury it."""
     from transformers.utils import logging as hf_logging
@@ -310,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     _quiet_transformers()
     try:
+        _check_output_files(args)
         args.func(args)
     except HaqError as exc:
         if args.verbose:
