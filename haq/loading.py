@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
+from haq.checkpoint.native import CONFIG_NAME, FORMAT, WEIGHTS_NAME
 from haq.errors import HaqError
 from haq.models.adapters import SUPPORTED
-
-QUANT_CONFIG = "haq_config.json"
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
@@ -44,7 +43,7 @@ def _refuse_orphaned_checkpoint(path: Path) -> None:
     a killed save) must not load as a float model with random weights."""
     from safetensors import safe_open
 
-    weights = path / "model.safetensors"
+    weights = path / WEIGHTS_NAME
     if not weights.is_file():
         return
     try:
@@ -52,8 +51,8 @@ def _refuse_orphaned_checkpoint(path: Path) -> None:
             fmt = (handle.metadata() or {}).get("format", "")
     except Exception:  # unreadable: transformers' own error says it
         return
-    if fmt.startswith("haq-int8"):
-        raise HaqError(f"{path} holds haq int8 weights but no {QUANT_CONFIG}: the checkpoint is incomplete "
+    if fmt.startswith(FORMAT.rsplit("-", 1)[0]):  # haq-int8-v1, or any later version
+        raise HaqError(f"{path} holds haq int8 weights but no {CONFIG_NAME}: the checkpoint is incomplete "
                        "(copy it whole, or re-run `haq quantize`)")
 
 
@@ -64,7 +63,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int
 
     path = resolve_model_path(name_or_path)
     read_config(path)
-    if (path / QUANT_CONFIG).is_file():
+    if (path / CONFIG_NAME).is_file():
         from haq.checkpoint.native import load_quantized
 
         model = load_quantized(path, backend=int8_backend)

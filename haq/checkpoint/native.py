@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from haq.errors import HaqError
-from haq.io import atomic_dir
+from haq.io import atomic_dir, check_output_dir
 from haq.checkpoint.weights import load_state_checked, sha256_file
 from haq.kernels.specs import install_specs
 from haq.quant.report import QuantReport
@@ -54,8 +54,7 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, report: QuantReport, 
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not (out / CONFIG_NAME).is_file() and any(out.iterdir()):
-        raise HaqError(f"{out} exists and is not a haq checkpoint: refusing to overwrite it")
+    check_output_dir(out, CONFIG_NAME, "haq checkpoint", OWN_FILES)
     with atomic_dir(out) as tmp:
         save_file(_state_to_save(model), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         model.config.save_pretrained(tmp)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -25,8 +24,8 @@ from haq.errors import HaqError
 from haq.kernels.moe import ExpertCall, dispatch
 from haq.models.adapters import adapter_for
 from haq.runtime.hardware import HardwareProfile
-from haq.runtime.policies import PolicyContext, make_policy
 from haq.runtime.generation import BatchGenerator, TokenEvent
+from haq.runtime.policies import PolicyContext, make_policy
 from haq.runtime.predictor import CostPredictor
 from haq.runtime.sampling import SamplingParams
 from haq.runtime.store import ExpertStore, ExpertWeights, Key, extract_experts
@@ -260,7 +259,8 @@ class Engine:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32) -> tuple[list[int], EngineMetrics]:
         """Greedy decoding of one sequence (no EOS stop); the new token ids and the run's metrics."""
-        outputs, metrics = self.generate_batch([input_ids.reshape(-1).tolist()], SamplingParams(max_tokens=max_new_tokens))
+        prompt = input_ids.reshape(-1).tolist()
+        outputs, metrics = self.generate_batch([prompt], SamplingParams(max_tokens=max_new_tokens))
         return outputs[0], metrics
 
     def generator(self, max_batch: int = 8, eos_token_ids: tuple[int, ...] = (), batch_invariant: bool = False,

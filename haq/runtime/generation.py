@@ -40,8 +40,6 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in its cache
     cache: object = None  # its own cache while prefilling
     finish_reason: str | None = None
-    arrived: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
 
     @property
     def length(self) -> int:
@@ -209,8 +207,6 @@ class BatchGenerator:
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
         token = next_token(logits, seq.tokens, seq.params, seq.generator)
         seq.tokens.append(token)
-        if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
         if (token in self.eos and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
             seq.finish_reason = "stop"
         elif len(seq.tokens) >= seq.params.max_tokens:

@@ -62,12 +62,11 @@ class Worker(threading.Thread):
         self.pending = 0  # submitted, not yet picked up or waiting in the generator
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.error: str | None = None
 
     # -- called from the HTTP side ------------------------------------------------------------------
     def submit(self, handle: Handle) -> None:
-        if not self.is_alive() or self.error is not None:
-            raise WorkerDead(self.error or "the model thread is not running")
+        if not self.is_alive():
+            raise WorkerDead("the model thread is not running")
         with self.lock:
             if self.pending >= self.max_queue:
                 raise QueueFull
@@ -89,15 +88,11 @@ class Worker(threading.Thread):
                 if self.generator.has_work:
                     for event in self.generator.step():
                         self._deliver(event)
-                    self.metrics.observe_step(self.generator, self.engine, self.waiting)
+                    self.metrics.observe_step(self.generator, self.engine, self.pending)
             except Exception as exc:  # a failed step fails its requests, not the server
                 self._fail_all(f"generation failed: {type(exc).__name__}: {exc}")
         for handle in list(self.handles.values()):  # stopped: nobody waits for ever
             handle.put("error", "the server is shutting down")
-
-    @property
-    def waiting(self) -> int:
-        return self.pending
 
     def _drain(self, block: bool) -> None:
         try:

@@ -6,6 +6,11 @@ from pathlib import Path
 import torch
 
 VOCAB = 4096  # matches the bundled tiny-mixtral tokenizer, which these models reuse
+# DeepSeek-V2/V3: MLA, one dense first layer, shared + 4 routed experts (the families differ in router and query)
+DEEPSEEK = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1, n_routed_experts=4,
+                num_experts_per_tok=2, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                max_position_embeddings=2048)
 
 TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "tiny-llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -23,20 +28,11 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                               head_dim=16, num_experts=4, num_experts_per_tok=2,
                                               decoder_sparse_step=1)),
-    # DeepSeek-V2: MLA with a low-rank query, one dense first layer, 2 shared + 4 routed experts
-    "tiny-deepseek-v2": ("DeepseekV2Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                                                  first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=2,
-                                                  num_experts_per_tok=2, q_lora_rank=32, kv_lora_rank=16,
-                                                  qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
-                                                  max_position_embeddings=2048)),
+    # DeepSeek-V2: a low-rank query, 2 shared experts
+    "tiny-deepseek-v2": ("DeepseekV2Config", dict(DEEPSEEK, n_shared_experts=2, q_lora_rank=32)),
     # DeepSeek-V3: sigmoid router with a correction bias and group-limited top-k; full-rank query
-    "tiny-deepseek-v3": ("DeepseekV3Config", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                                                  first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1,
-                                                  num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=None,
-                                                  kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
-                                                  v_head_dim=16, max_position_embeddings=2048)),
+    "tiny-deepseek-v3": ("DeepseekV3Config", dict(DEEPSEEK, n_shared_experts=1, n_group=2, topk_group=1,
+                                                  q_lora_rank=None)),
     # Gemma3 (text): x * (1 + w) norms, sliding-window and global layers with their own masks and rotary
     "tiny-gemma3": ("Gemma3TextConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
