@@ -3,16 +3,20 @@ checkpoints, quantizes into a checkpoint, and builds an engine with its policy c
 `haq.api.quantize(model, recipe, out)`, `haq.api.load(path)`, `haq.api.open_engine(model, budget)`."""
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
 import torch
 
-from haq.errors import HaqError
+from haq.errors import HaqError, validated
 from haq.io import check_output_dir
 from haq.quant.recipe import Recipe
 
+log = logging.getLogger(__name__)
 
+
+@validated
 def load(name_or_path: str | Path):
     """(model, tokenizer) of a float model, zoo name or haq checkpoint."""
     from haq.loading import load_model
@@ -38,6 +42,7 @@ def run_key(recipe: Recipe, model_dir: Path, windows: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+@validated
 def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "wiki-offline",
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, progress: bool = True) -> Path:
     """Quantize a model folder (or zoo name) and write a checkpoint to `out`. Finished layers are
@@ -48,16 +53,23 @@ def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "w
     from haq.data.sources import dataset_identity, resolve
     from haq.data.windows import calib_windows
     from haq.models.adapters import adapter_for
-    from haq.loading import load_model
+    from haq.loading import check_seqlen, load_model, resolve_model_path
     from haq.quant.pipeline import quantize_model
 
     out = Path(out)
     check_output_dir(out, CONFIG_NAME, "haq checkpoint", OWN_FILES)  # before hours of work, not after
     resolve(calib)  # a bad dataset fails before the model loads
+    if (resolve_model_path(model) / CONFIG_NAME).is_file():
+        raise HaqError(f"{model} is already a haq checkpoint: quantize the float model it was made from")
     float_model, tokenizer, path = load_model(model, dtype=torch.float32)
     adapter_for(float_model.config)
+    check_seqlen(float_model, seqlen)
     windows = calib_windows(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
     work = out.parent / f".{out.name}.partial" / run_key(recipe, path, windows)
+    for other in sorted(work.parent.glob("*")) if work.parent.is_dir() else []:
+        if other != work:  # another model, recipe or calibration: never mixed in
+            log.warning("discarding the unfinished run in %s (another model, recipe or calibration)", other)
+            shutil.rmtree(other, ignore_errors=True)
     report = quantize_model(float_model, recipe, windows, work_dir=work, progress=progress)
     identity = {**dataset_identity(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "model": str(path)}
     save_quantized(float_model, tokenizer, out, report, identity)
@@ -92,6 +104,7 @@ def profile_trace_for(model, tokenizer, model_name: str, dataset: str = "wiki-of
     return record_trace(model, ids, model_name, source=f"hf-hooks on {dataset} train", progress=False)
 
 
+@validated
 def open_engine(model_ref: str | Path, budget: str, device: str = "cpu", policy: str = "haq",
                 hardware: str | None = None, profile: str | Path | None = None, int8_backend: str | None = None):
     """(engine, tokenizer): load the model, measure or load the hardware profile, place, serve."""
@@ -120,6 +133,21 @@ def open_engine(model_ref: str | Path, budget: str, device: str = "cpu", policy:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> None:
+    """cpu, or a CUDA device that exists in this torch build and machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HaqError(f"--device {device!r} is not a device: use cpu or cuda (cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HaqError(f"--device {device}: this torch build or machine has no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise HaqError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise HaqError(f"--device {device}: haq runs on cpu or cuda")
 
 
 def check_profile(trace, model) -> None:

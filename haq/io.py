@@ -1,6 +1,7 @@
 """Atomic writes: a temp file (or folder) beside the target, renamed over it when complete."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -9,17 +10,42 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_failure(target: Path, exc: OSError):
+    """A failed write as a one-line HaqError that says what to do (a full disk, a read-only place)."""
+    from haq.errors import HaqError
+
+    hint = {errno.ENOSPC: "free some space or choose another output folder",
+            errno.EDQUOT: "free some space or choose another output folder",
+            errno.EROFS: "the file system is read-only: choose a writable output folder",
+            errno.EACCES: "permission denied: choose a writable output folder",
+            errno.EPERM: "permission denied: choose a writable output folder"}.get(exc.errno, "check the output path")
+    return HaqError(f"cannot write {target}: {exc.strerror or exc}; {hint} (nothing was replaced)")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.chmod(tmp, 0o666 & ~_umask())  # a result file as readable as any other, not mkstemp's 0600
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise write_failure(path, exc) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -58,16 +84,39 @@ def check_output_file(path: Path, option: str) -> None:
         raise HaqError(f"{option} {path}: cannot write under {existing}")
 
 
+TEMP_TAG = ".tmp-"
+
+
+def _remove_stale_temps(final: Path) -> None:
+    """Temp folders of earlier writes of `final` whose process is gone (a kill -9 mid-save): they
+    are haq's own, half-written, and would otherwise stay forever."""
+    for stale in final.parent.glob(f".{final.name}{TEMP_TAG}*"):
+        try:
+            pid = int(stale.name[len(final.name) + 1 + len(TEMP_TAG):].split("-")[0])
+        except ValueError:
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:
+            pass  # another user's live process
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder beside `final`; when the block succeeds it replaces `final`, and
     when it fails it is removed, so `final` is never left half-written. A `final` holding files
-    the new folder does not (a user's notes, a sub-folder) is not replaced: that would delete them."""
+    the new folder does not (a user's notes, a sub-folder) is not replaced: that would delete them.
+    A write that fails for lack of space or permission is a HaqError; `final` is left as it was."""
     from haq.errors import HaqError
 
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_TAG}{os.getpid()}-", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # readable like any folder the user makes, not mkdtemp's 0700
         yield tmp
         if final.exists():
             foreign = sorted({p.name for p in final.iterdir()} - {p.name for p in tmp.iterdir()})
@@ -76,6 +125,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
                                f"move them or choose another output folder")
             shutil.rmtree(final)
         tmp.rename(final)
+    except OSError as exc:
+        raise write_failure(final, exc) from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

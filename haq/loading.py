@@ -32,6 +32,8 @@ def read_config(path: Path) -> dict:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise HaqError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise HaqError(f"{path / 'config.json'} is not a JSON object (got {type(config).__name__})")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED:
         raise HaqError(f"unsupported architecture {model_type!r} in {path}; supported: {', '.join(SUPPORTED)}")
@@ -56,6 +58,11 @@ def _refuse_orphaned_checkpoint(path: Path) -> None:
                        "(copy it whole, or re-run `haq quantize`)")
 
 
+def _first_line(exc: Exception) -> str:
+    """The message of a library exception on one line (some end a line at 'one of:' and list below)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:400] or type(exc).__name__
+
+
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int8_backend: str | None = None):
     """(model, tokenizer, path); a haq quantized checkpoint loads with its int8 modules (on
     `int8_backend`, default the one its specs record)."""
@@ -71,14 +78,28 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int
         _refuse_orphaned_checkpoint(path)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
-        except (OSError, ValueError) as exc:
-            raise HaqError(f"cannot load model weights from {path}: {str(exc).splitlines()[0]}") from None
+        except (OSError, ValueError, AttributeError, TypeError, KeyError, RuntimeError) as exc:
+            # transformers' own config validation raises any of these on a malformed config.json
+            raise HaqError(f"cannot load the model in {path}: {_first_line(exc)}") from None
+        extra = info.get("mismatched_keys") or info.get("unexpected_keys")
+        if extra:
+            names = sorted(map(str, extra))
+            raise HaqError(f"{path}: {len(names)} tensors in its files do not fit its config.json "
+                           f"({', '.join(names[:3])}...): the config does not describe these weights")
         if info["missing_keys"]:  # transformers would initialize them at random: a model that is not this one
             missing = sorted(info["missing_keys"])
             raise HaqError(f"{path}: {len(missing)} weights of the architecture are not in its files "
                            f"({', '.join(missing[:3])}...): incomplete or not an HF checkpoint")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise HaqError(f"no usable tokenizer in {path}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise HaqError(f"no usable tokenizer in {path}: {_first_line(exc)}") from None
     return model.eval(), tokenizer, path
+
+
+def check_seqlen(model, seqlen: int, option: str = "--seqlen") -> None:
+    """Windows longer than the model's context index past its position table (OPT) or extrapolate
+    positions it never saw (RoPE): an error, not a number that means nothing."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and seqlen > context:
+        raise HaqError(f"{option} {seqlen} exceeds the model's context of {context} tokens: use {option} {context} or less")

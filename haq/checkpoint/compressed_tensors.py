@@ -25,6 +25,7 @@ tests check); the check against compressed-tensors itself lives in ``bench/peers
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ import torch
 
 from haq.errors import HaqError
 from haq.io import atomic_dir, check_output_dir
+
+log = logging.getLogger(__name__)
 
 ExportFormat = Literal["compressed-tensors"]
 FORMATS: tuple[str, ...] = ("compressed-tensors",)
@@ -187,8 +190,7 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: ExportFormat = "com
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from haq.checkpoint.native import WEIGHTS_NAME as HAQ_WEIGHTS, read_quant_config
-    from haq.checkpoint.weights import sha256_file
+    from haq.checkpoint.native import WEIGHTS_NAME as HAQ_WEIGHTS, read_quant_config, verify_files
 
     if fmt not in FORMATS:
         raise HaqError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -200,10 +202,10 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: ExportFormat = "com
     check_output_dir(out, PROVENANCE_NAME, "haq export", COPIED_PREFIXES + (WEIGHTS_NAME, PROVENANCE_NAME, "config.json"))
     meta = read_quant_config(src)
     strategy = _check_exportable(meta)
-    weights = src / HAQ_WEIGHTS
-    digest = sha256_file(weights) if weights.is_file() else None
-    if digest != meta["files"][HAQ_WEIGHTS]:
-        raise HaqError(f"{weights} is missing or does not match the checksum in haq_config.json")
+    verify_files(src, meta)
+    weights, digest = src / HAQ_WEIGHTS, meta["files"][HAQ_WEIGHTS]
+    if not any(f.name.startswith("tokenizer") for f in src.iterdir()):
+        log.warning("%s has no tokenizer: the export cannot be served until one is copied into %s", src, out)
     try:
         state = load_file(weights)
     except (SafetensorError, OSError) as exc:

@@ -68,7 +68,7 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, report: QuantReport, 
             "quant_seconds": report.seconds,
             "calibration": {**calibration, "tokens": report.calib_tokens},
             "versions": _versions(),
-            "files": {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)},
+            "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()},
         }
         meta[SELF_CHECKSUM] = config_digest(meta)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
@@ -98,6 +98,19 @@ def config_digest(meta: dict) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+def verify_files(path: Path, meta: dict) -> None:
+    """Every file the save wrote (weights, config.json, tokenizer) must be there and unchanged."""
+    files = meta.get("files")
+    if not isinstance(files, dict) or WEIGHTS_NAME not in files:
+        raise HaqError(f"{path / CONFIG_NAME} lists no weight checksums; re-run `haq quantize`")
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            raise HaqError(f"{file} is missing: the checkpoint is incomplete (copy it whole, or re-run `haq quantize`)")
+        if sha256_file(file) != digest:
+            raise HaqError(f"{file} does not match the checksum in {CONFIG_NAME}: truncated or modified file")
+
+
 def load_quantized(path: Path, verify: bool = True, backend: str | None = None) -> nn.Module:
     """Rebuild the architecture, install the int8 modules named in haq_config.json, load tensors;
     `backend` overrides the int8 backend the module specs record."""
@@ -110,9 +123,12 @@ def load_quantized(path: Path, verify: bool = True, backend: str | None = None) 
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise HaqError(f"{weights} is missing")
-    if verify and sha256_file(weights) != meta["files"][WEIGHTS_NAME]:
-        raise HaqError(f"{weights} does not match the checksum in {CONFIG_NAME}: truncated or modified file")
-    config = AutoConfig.from_pretrained(path)
+    if verify:
+        verify_files(path, meta)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise HaqError(f"{path / 'config.json'} is not a usable model config: {exc}") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     install_specs(model, meta["modules"], backend)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,10 +29,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from haq.data.sources import resolve
     from haq.data.windows import eval_windows
     from haq.eval.perplexity import perplexity
-    from haq.loading import load_model
+    from haq.loading import check_seqlen, load_model
 
     resolve(args.dataset)  # a bad dataset fails before the model loads
     model, tokenizer, path = load_model(args.model, int8_backend=args.int8_backend)
+    check_seqlen(model, args.seqlen)
     windows = eval_windows(args.dataset, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows)
     result = perplexity(model, windows)
     print(f"{path.name}  {args.dataset}  seqlen {result.seqlen}  windows {result.windows}  "
@@ -63,12 +65,13 @@ def _record_trace(args: argparse.Namespace):
     """Routing of MODEL on --dataset windows, saved to --output; shared by `trace` and `profile`."""
     from haq.data.sources import resolve
     from haq.data.windows import eval_windows
-    from haq.loading import load_model
+    from haq.loading import check_seqlen, load_model
     from haq.runtime.record import record_trace
     from haq.runtime.trace import save_trace
 
     resolve(args.dataset)
     model, tokenizer, path = load_model(args.model)
+    check_seqlen(model, args.seqlen)
     windows = eval_windows(args.dataset, tokenizer, seqlen=args.seqlen, max_windows=args.max_windows)
     trace = record_trace(model, windows, path.name, source=f"hf-hooks on {args.dataset}")
     save_trace(args.output, trace)
@@ -86,6 +89,11 @@ def cmd_profile_hw(args: argparse.Namespace) -> None:
     from haq.runtime.profile_hw import profile_hardware
     from haq.runtime.store import extract_experts
 
+    from haq.api import check_device
+
+    if args.repeats < 1:
+        raise HaqError(f"--repeats must be >= 1, got {args.repeats}")
+    check_device(args.device)
     model, _, path = load_model(args.model)
     adapter = adapter_for(model.config)
     if adapter.moe is None:
@@ -95,7 +103,7 @@ def cmd_profile_hw(args: argparse.Namespace) -> None:
     profile = profile_hardware(weights[0], math, device=args.device, repeats=args.repeats)
     profile.save(args.output)
     print(json.dumps(profile.to_dict(), indent=1))
-    print(f"wrote {args.output}")
+    print(f"wrote {args.output}; one expert is {weights[0].nbytes} bytes (`haq simulate --expert-bytes`)")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -129,9 +137,13 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     mixtral = args.trace == "synthetic-mixtral"
     trace = generate_synthetic_trace(num_sequences=16, seq_len=256, seed=0) if mixtral else load_trace(args.trace)
     expert_bytes = args.expert_bytes or (MIXTRAL_EXPERT_BYTES if mixtral else None)
+    if expert_bytes is not None and expert_bytes < 1:
+        raise HaqError(f"--expert-bytes must be >= 1, got {expert_bytes}")
     if not expert_bytes:
-        raise HaqError("--expert-bytes is needed for a trace of another model (e.g. from `haq profile-hw` output)")
+        raise HaqError("--expert-bytes is needed for a trace of another model: `haq profile-hw MODEL` prints it")
     total = expert_bytes * trace.meta.layers * trace.meta.num_experts
+    if len(set(args.gpu_budget)) < len(args.gpu_budget):
+        raise HaqError(f"--gpu-budget lists a value twice ({' '.join(args.gpu_budget)}): give each budget once")
     budgets = [parse_budget(b, total) for b in args.gpu_budget]
     rows = simulate(trace, load_profile(args.hardware), budgets, expert_bytes, args.policies,
                     flops_per_token=MIXTRAL_EXPERT_FLOPS if mixtral else None,
@@ -307,11 +319,11 @@ def _check_output_files(args: argparse.Namespace) -> None:
 
 
 def _quiet_transformers() -> None:
-    """haq shows its own progress; transformers' per-shard bars and advice would bury it."""
+    """haq shows its own progress; transformers' per-shard bars would bury it. Its warnings stay
+    (a config it had to fix, weights it could not use): haq refuses what does not load whole."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,5 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"haq: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `haq zoo list | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 

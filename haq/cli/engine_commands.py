@@ -29,6 +29,9 @@ def _check_run_args(args: argparse.Namespace) -> None:
         raise HaqError(f"--policy {args.policy!r} is unknown; choose from {', '.join(policy_names())}")
     from haq.api import parse_budget
 
+    from haq.api import check_device
+
+    check_device(args.device)
     parse_budget(args.gpu_budget, 1)  # the syntax; the bytes it means need the model
     if getattr(args, "max_batch", 1) < 1:
         raise HaqError(f"--max-batch must be >= 1, got {args.max_batch}")

@@ -6,6 +6,7 @@ Boundary: this module turns text into LongTensor windows of token ids; it knows 
 """
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -15,6 +16,8 @@ import torch
 
 from haq.data.sources import C4_EVAL_WINDOWS, Role, Source, c4_docs, c4_shard_for, resolve, source_text, stamp
 from haq.errors import HaqError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -98,6 +101,8 @@ def eval_windows(
     cut into non-overlapping windows, tail dropped (c4: 256 sampled windows; c4-new: the first
     256 * seqlen tokens). max_windows keeps the first windows, for quick runs."""
     _check_positive(seqlen=seqlen)
+    if seqlen < 2:
+        raise HaqError(f"seqlen={seqlen}: a window must hold at least 2 tokens (the first is never predicted)")
     if max_windows is not None:
         _check_positive(max_windows=max_windows)
     src = resolve(dataset)
@@ -135,6 +140,10 @@ def calib_windows(
     n = stream.numel()
     if n <= seqlen:
         raise HaqError(f"{src.path}: {n} calibration tokens; windows of seqlen={seqlen} need more than {seqlen}")
+    if nsamples * seqlen > n:  # allowed (GPTQ draws with replacement), but it adds no information
+        log.warning("%s: %d windows of %d tokens cover its %d tokens %.1f times over: they repeat the text; a "
+                    "longer --calib or fewer --nsamples calibrates as well, faster", src.path, nsamples, seqlen, n,
+                    nsamples * seqlen / n)
     rng = random.Random(seed)
     starts = [rng.randint(0, n - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([stream[s : s + seqlen] for s in starts])

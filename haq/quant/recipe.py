@@ -12,6 +12,9 @@ Method = Literal["fp", "rtn", "smoothquant", "gptq", "haq"]
 METHODS: tuple[str, ...] = ("fp", "rtn", "smoothquant", "gptq", "haq")
 
 
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool}  # the rest are strings (Literal choices)
+
+
 @dataclass(frozen=True)
 class Recipe:
     method: Method = "haq"
@@ -30,6 +33,11 @@ class Recipe:
     rotate: bool = False  # residual stream offline, dense down_proj inputs online (haq.quant.rotation)
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), _FIELD_TYPES.get(str(f.type), str)
+            numeric_ok = kind is float and isinstance(value, int)
+            if isinstance(value, bool) != (kind is bool) or not (isinstance(value, kind) or numeric_ok):
+                raise HaqError(f"recipe {f.name}={value!r}: expected {kind.__name__}")
         if self.method not in METHODS:
             raise HaqError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if not 2 <= self.wbits <= 8:
@@ -42,6 +50,15 @@ class Recipe:
             raise HaqError(f"--alpha-search must be coarse-to-fine or grid, got {self.alpha_search!r}")
         if not 0 <= self.alpha <= 1:
             raise HaqError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if not 0 < self.alpha_step <= 1:
+            raise HaqError(f"alpha_step must be in (0, 1], got {self.alpha_step}")
+        if not 0 < self.percdamp < 1:
+            raise HaqError(f"percdamp must be in (0, 1), got {self.percdamp}")
+        for name in ("search_tokens", "blocksize"):
+            if getattr(self, name) < 1:
+                raise HaqError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_expert_tokens < 0:
+            raise HaqError(f"min_expert_tokens must be >= 0, got {self.min_expert_tokens}")
 
     @property
     def smooths(self) -> bool:

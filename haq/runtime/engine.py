@@ -258,7 +258,13 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32) -> tuple[list[int], EngineMetrics]:
-        """Greedy decoding of one sequence (no EOS stop); the new token ids and the run's metrics."""
+        """Greedy decoding of one sequence (no EOS stop); the new token ids and the run's metrics.
+        `input_ids`: [L] or [1, L]; several rows go to `generate_batch`, not joined into one."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2) or \
+                (input_ids.dim() == 2 and input_ids.shape[0] != 1):
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise HaqError(f"generate takes one sequence, a tensor [L] or [1, L] of token ids, got {shape}; "
+                           "decode several with generate_batch")
         prompt = input_ids.reshape(-1).tolist()
         outputs, metrics = self.generate_batch([prompt], SamplingParams(max_tokens=max_new_tokens))
         return outputs[0], metrics

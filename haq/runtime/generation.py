@@ -94,9 +94,15 @@ class BatchGenerator:
     def add(self, prompt: list[int], params: SamplingParams) -> int:
         if not prompt:
             raise HaqError("the prompt is empty: give at least one token")
+        vocab = getattr(self.model.config, "vocab_size", None)
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or (vocab and t >= vocab) for t in prompt):
+            raise HaqError(f"the prompt must be token ids in [0, {vocab}): got "
+                           f"{next(t for t in prompt if not isinstance(t, int) or t < 0 or (vocab and t >= vocab))!r}")
         if self.max_context is not None and len(prompt) + params.max_tokens > self.max_context:
+            room = self.max_context - len(prompt)
+            fix = f"lower max_tokens (--max-new-tokens) to {room} or less" if room > 0 else "shorten the prompt"
             raise HaqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                           f"context of {self.max_context} tokens")
+                           f"context of {self.max_context} tokens: {fix}")
         generator = None
         if not params.greedy:
             generator = torch.Generator()

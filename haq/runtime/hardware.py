@@ -106,6 +106,11 @@ class HardwareProfile:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
 
 
+# Every quantity of a profile (a latency in s, a size in B, a rate in B/s or op/s) lies in here;
+# outside it the simulator's sums overflow or divide by ~0 and print inf or NaN latencies.
+QUANTITY_RANGE = (1e-12, 1e18)
+
+
 def _build(cls, data, where: str):
     """Dataclass from a JSON object, rejecting unknown and missing keys; Quantity values must be > 0."""
     if not isinstance(data, dict):
@@ -124,8 +129,9 @@ def _build(cls, data, where: str):
         kwargs[name] = _build(sub, data[name], f"{where}.{name}") if sub else data[name]
     if cls is Quantity:
         v = kwargs["value"]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-            raise HaqError(f"{where}.value must be a positive number, got {v!r}")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not QUANTITY_RANGE[0] <= v <= QUANTITY_RANGE[1]:
+            raise HaqError(f"{where}.value must be a positive number in [{QUANTITY_RANGE[0]:g}, "
+                           f"{QUANTITY_RANGE[1]:g}] (seconds, bytes, B/s or op/s), got {v!r}")
         kwargs["value"] = float(v)
     elif cls is HardwareProfile:
         for key in ("name", "description"):

@@ -113,8 +113,14 @@ def register(name: str):
 
 
 def make_policy(name: str, ctx: PolicyContext) -> Policy:
+    """The named policy; under a budget smaller than one expert every call runs on the CPU, since
+    even a copy made for one call would hold device bytes the budget does not have."""
     if name not in _REGISTRY:
         raise HaqError(f"unknown policy {name!r}; choose from {sorted(_REGISTRY)}")
+    if ctx.budget_bytes < ctx.expert_bytes:
+        policy = AllCpu(ctx)
+        policy.name = name
+        return policy
     return _REGISTRY[name](ctx)
 
 

@@ -145,7 +145,7 @@ def format_table(rows: Sequence[SimResult]) -> str:
         name = f"{r.policy} ({r.detail})" if r.detail else r.policy
         lines.append(
             f"| {name} | {r.budget_frac:.0%} | {r.hit_rate:.3f} | {r.layer_hit_std:.3f} | {r.cpu_share:.3f} | "
-            f"{r.bytes_moved_per_token / 1e6:.0f} | {r.latency_mean_s * 1e3:.1f} | {r.latency_std_s * 1e3:.1f} | "
+            f"{r.bytes_moved_per_token / 1e6:.3g} | {r.latency_mean_s * 1e3:.1f} | {r.latency_std_s * 1e3:.1f} | "
             f"{r.latency_p50_s * 1e3:.1f} | {r.latency_p99_s * 1e3:.1f} | {r.tokens_per_s:.2f} | "
-            f"{r.device_bytes / 2**30:.1f} | {'yes' if r.fits_device else 'no'} |")
+            f"{r.device_bytes / 2**30:.3g} | {'yes' if r.fits_device else 'no'} |")
     return "\n".join(lines)
