@@ -30,7 +30,7 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
 def read_config(path: Path) -> dict:
     try:
         config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
         raise HaqError(f"{path / 'config.json'} is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise HaqError(f"{path / 'config.json'} is not a JSON object (got {type(config).__name__})")
@@ -78,9 +78,9 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int
         _refuse_orphaned_checkpoint(path)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
-        except (OSError, ValueError, AttributeError, TypeError, KeyError, RuntimeError) as exc:
-            # transformers' own config validation raises any of these on a malformed config.json
-            raise HaqError(f"cannot load the model in {path}: {_first_line(exc)}") from None
+        except Exception as exc:  # noqa: BLE001 - transformers, huggingface_hub's config validation and
+            # safetensors raise a dozen types for a malformed folder; each is the folder's fault here
+            raise HaqError(f"cannot load the model in {path} ({type(exc).__name__}): {_first_line(exc)}") from None
         extra = info.get("mismatched_keys") or info.get("unexpected_keys")
         if extra:
             names = sorted(map(str, extra))

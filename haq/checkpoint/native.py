@@ -78,8 +78,10 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, report: QuantReport, 
 def read_quant_config(path: Path) -> dict:
     try:
         meta = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
         raise HaqError(f"{path / CONFIG_NAME} is unreadable or not JSON ({exc}); re-run `haq quantize`") from None
+    if not isinstance(meta, dict):
+        raise HaqError(f"{path / CONFIG_NAME} is not a JSON object: re-run `haq quantize`")
     if meta.get("format") != FORMAT:
         raise HaqError(f"{path / CONFIG_NAME}: unknown format {meta.get('format')!r}, expected {FORMAT}")
     if SELF_CHECKSUM not in meta:
@@ -127,8 +129,8 @@ def load_quantized(path: Path, verify: bool = True, backend: str | None = None) 
         verify_files(path, meta)
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise HaqError(f"{path / 'config.json'} is not a usable model config: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - see haq.loading: any failure here is the folder's
+        raise HaqError(f"{path / 'config.json'} is not a usable model config ({type(exc).__name__})") from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     install_specs(model, meta["modules"], backend)
     try:

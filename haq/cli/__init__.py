@@ -137,6 +137,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     mixtral = args.trace == "synthetic-mixtral"
     trace = generate_synthetic_trace(num_sequences=16, seq_len=256, seed=0) if mixtral else load_trace(args.trace)
     expert_bytes = args.expert_bytes or (MIXTRAL_EXPERT_BYTES if mixtral else None)
+    if args.prefill < 0:
+        raise HaqError(f"--prefill must be >= 0 tokens, got {args.prefill}")
     if expert_bytes is not None and expert_bytes < 1:
         raise HaqError(f"--expert-bytes must be >= 1, got {expert_bytes}")
     if not expert_bytes:

@@ -117,11 +117,11 @@ def make_policy(name: str, ctx: PolicyContext) -> Policy:
     even a copy made for one call would hold device bytes the budget does not have."""
     if name not in _REGISTRY:
         raise HaqError(f"unknown policy {name!r}; choose from {sorted(_REGISTRY)}")
+    policy = _REGISTRY[name](ctx)  # built either way: its own checks (a ranking it needs) still apply
     if ctx.budget_bytes < ctx.expert_bytes:
         policy = AllCpu(ctx)
         policy.name = name
-        return policy
-    return _REGISTRY[name](ctx)
+    return policy
 
 
 def policy_names() -> list[str]:
