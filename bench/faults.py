@@ -16,7 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, md_table, write_results  # noqa: E402
+from common import RESULTS, ROOT, machine, md_table, write_results  # noqa: E402
+
+from haq.io import atomic_write_text  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -45,11 +47,19 @@ def main() -> None:
         print(f"[{len(done)}/{len(cases)}] {result.case}: {result.outcome} ({result.seconds:.1f}s){flag}", flush=True)
 
     results = run_cases(cases, fx, work / "cases", args.timeout, workers=args.workers, on_result=show)
+    if not args.only or "server" in args.only:
+        from tests.faults.server import server_cases
+
+        (work / "server").mkdir(exist_ok=True)
+        for result in server_cases(fx.mixtral, work / "server"):
+            show(result)
+            results.append(result)
     counts = collections.Counter(r.outcome for r in results)
     lost = sum(r.data_lost for r in results)
     summary = {**{o: counts.get(o, 0) for o in OUTCOMES}, "data lost": lost,
                "temp files left": sum(r.temp_left for r in results), "cases": len(results),
-               "cli": sum(c.kind == "cli" for c in cases), "api": sum(c.kind == "api" for c in cases)}
+               "cli": sum(c.kind == "cli" for c in cases), "api": sum(c.kind == "api" for c in cases),
+               "server": sum(r.area == "server" for r in results)}
     by_area = collections.defaultdict(collections.Counter)
     for r in results:
         by_area[r.area][r.outcome] += 1
@@ -60,15 +70,20 @@ def main() -> None:
              "temp left": "yes" if r.temp_left else "no",
              "message": r.message.replace("|", "\\|")[:160]} for r in results]
     load = os.getloadavg()
-    md = (f"# Fault injection: {len(results)} cases ({summary['cli']} CLI runs, {summary['api']} Python API calls)\n\n"
+    head = (f"# Fault injection: {len(results)} cases ({summary['cli']} CLI runs, {summary['api']} Python API calls, "
+          f"{summary['server']} against a live `haq serve`)\n\n"
           f"`python bench/faults.py` on {machine()['cpu']}, load average {load[0]:.1f}, "
           f"{time.perf_counter() - start:.0f} s. Each case runs in a forked process ({args.workers} at a time) with a "
           f"{args.timeout:.0f} s limit "
           "(a hang past it is killed and counted); cases are defined in `tests/faults/cases_*.py`, and the same "
-          "catalogue runs in `make test` (tests/faults/test_catalogue.py).\n\n"
+          "catalogue runs in `make test` (tests/faults/test_catalogue.py, test_server_cases.py). Outcomes: a clear "
+          "error is a non-zero exit whose last line is `haq: error: ...` (or argparse's usage error; for the server a 4xx "
+          "with an OpenAI error body); a correct result passed the case's check; data lost means a file the case "
+          "put there beforehand changed or vanished; temp left means a haq temp folder stayed behind.\n\n"
           + md_table([summary], list(summary)) + "\n\n## By area\n\n"
-          + md_table(area_rows, ["area", "cases", *OUTCOMES]) + "\n\n## Every case\n\n"
-          + md_table(rows, list(rows[0])) + "\n")
+          + md_table(area_rows, ["area", "cases", *OUTCOMES]))
+    md = head + "\n\n## Every case\n\n" + md_table(rows, list(rows[0])) + "\n"
+    atomic_write_text(RESULTS / "faults-summary.md", head)  # what the README quotes
     write_results("faults", {"machine": machine(), "load": load, "summary": summary,
                              "cases": [asdict(r) for r in results]}, md)
     sys.exit(0 if all(r.ok for r in results) else 1)

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from haq.errors import HaqError
 from haq.runtime.sampling import SamplingParams
@@ -63,6 +64,12 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         metrics.requests.labels(request.url.path, "400").inc()
         return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown path, wrong method
+        metrics.requests.labels(request.url.path, str(exc.status_code)).inc()
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -197,7 +204,14 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        prompt = (await asyncio.to_thread(tokenizer, body.prompt))["input_ids"]  # long prompts: off the loop
+        if isinstance(body.prompt, list):
+            bad = next((t for t in body.prompt if not 0 <= t < len(tokenizer)), None)
+            if bad is not None:
+                raise ApiError(400, f"prompt: token id {bad} is outside the vocabulary [0, {len(tokenizer)})",
+                               param="prompt")
+            prompt = body.prompt
+        else:
+            prompt = (await asyncio.to_thread(tokenizer, body.prompt))["input_ids"]  # long prompts: off the loop
         return await _run(request, body, prompt, "completion")
 
     @app.post("/v1/chat/completions")

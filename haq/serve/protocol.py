@@ -19,10 +19,10 @@ class _Request(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool = Field(default=False, strict=True)  # "yes" is not a boolean
     stream_options: dict | None = None
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
-    ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens tokens")
+    ignore_eos: bool = Field(default=False, strict=True, description="vLLM's extension: generate max_tokens tokens")
     user: str | None = None
 
     @field_validator("stop")
@@ -39,7 +39,7 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str = Field(min_length=1)
+    prompt: str | list[int] = Field(min_length=1, description="text, or token ids as OpenAI allows")
 
 
 class ChatMessage(BaseModel):
