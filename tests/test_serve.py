@@ -2,7 +2,6 @@
 official `openai` client and raw HTTP: completions and chat, streaming and not, batch-invariant
 concurrent requests, bad inputs with their status codes, a full queue, a disconnect, /metrics."""
 import asyncio
-import socket
 import threading
 import time
 
@@ -11,15 +10,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from tests.faults.server import TEMPLATE, free_port as _free_port  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_mixtral():

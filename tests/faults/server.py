@@ -59,7 +59,7 @@ TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% en
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -70,7 +70,7 @@ class Server:
 
     def __init__(self, model: Path, folder: Path, *extra: str) -> None:
         (folder / "chat.jinja").write_text(TEMPLATE)
-        self.port, self.log = _free_port(), folder / f"serve-{time.time_ns()}.log"
+        self.port, self.log = free_port(), folder / f"serve-{time.time_ns()}.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "haq.cli", "serve", str(model), "--hardware", "laptop", "--port", str(self.port),
              "--served-model-name", "tiny", "--threads", "1", "--chat-template", str(folder / "chat.jinja"), *extra],

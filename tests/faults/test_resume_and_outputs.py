@@ -144,3 +144,25 @@ def test_result_paths_are_checked_before_the_computation(tmp_path, capsys, monke
     (tmp_path / "f").write_text("x")
     code, err = run(capsys, *[a.format(dir=tmp_path, file=tmp_path / "f") for a in argv])
     assert code == 2 and err.startswith("haq: error:") and "\n" not in err
+
+
+def test_outputs_are_readable_by_others_and_killed_saves_are_cleaned(tmp_path):
+    """Folders and files haq writes follow the umask (not mkdtemp's 0700 / mkstemp's 0600), and the
+    temp folder a killed save left beside the output is removed by the next write."""
+    import os
+
+    from haq.io import atomic_dir, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        stale = tmp_path / ".out.tmp-999999999-abc"  # no such process
+        stale.mkdir()
+        (stale / "model.safetensors").write_bytes(b"half")
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "a.txt").write_text("x")
+        atomic_write_text(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    assert not stale.exists()
