@@ -7,7 +7,7 @@ STAMP := $(VENV)/.haq-installed
 TORCH_SPEC ?= torch==2.13.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test bench-zoo bench-quant bench-kernels bench-runtime bench-peers clean
+.PHONY: setup demo test bench-zoo bench-quant bench-kernels bench-runtime bench-peers bench-engine bench-faults clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,15 @@ bench-kernels: $(STAMP)
 
 bench-runtime: $(STAMP)
 	$(PY) bench/runtime.py
+
+# llama.cpp's llama-bench built from the llama-cpp-python sdist into .peers/llama.cpp (git-ignored),
+# then haq's engine and llama.cpp on the same models and threads: bench/results/engine.{json,md}.
+bench-engine: $(STAMP)
+	PY=$(abspath $(PY)) bash bench/llamacpp/build.sh
+	$(PY) bench/engine_peers.py
+
+bench-faults: $(STAMP)
+	$(PY) bench/faults.py
 
 # The peers (llm-compressor, torchao, GPTQModel) in their own pinned venvs under .peers/ (git-ignored);
 # haq never imports them. Then every tool on the same models and windows: bench/results/peers.{json,md}.
