@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from haq.errors import HaqError
-from haq.io import atomic_write_bytes, atomic_write_text
+from haq.io import atomic_write_bytes, atomic_write_text, write_failure
 from haq.kernels.experts import Int8Experts
 from haq.kernels.int8 import Int8Linear
 from haq.kernels.weight_only import WeightOnlyInt8Linear
@@ -279,7 +279,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
             rotate_online_inputs(model)
     probe_windows = max(1, math.ceil(recipe.search_tokens / calib.shape[1]))  # haq's block-error probe
     if work_dir is not None:
-        work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only place or a full disk: a clear error, like every other write
+            raise write_failure(work_dir, exc) from None
     inputs, layer_kwargs = capture_layer_inputs(model, adapter, calib)
     layers = adapter.decoder_layers(model)
     reports, specs = [], {}
