@@ -3,17 +3,13 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+TEMP_TAG = ".tmp-"  # temp files and folders: .NAME.tmp-PID-RANDOM beside NAME
 
 
 def write_failure(target: Path, exc: OSError):
@@ -28,24 +24,27 @@ def write_failure(target: Path, exc: OSError):
     return HaqError(f"cannot write {target}: {exc.strerror or exc}; {hint} (nothing was replaced)")
 
 
+def _temp_name(final: Path) -> Path:
+    """A fresh name beside `final` for its temp file or folder, tagged with this process's id."""
+    return final.parent / f".{final.name}{TEMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.chmod(tmp, 0o666 & ~_umask())  # a result file as readable as any other, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as handle:
+        tmp = _temp_name(path)
+        # mode 0o666 under the umask: a result file as readable as any other (mkstemp would give 0600)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise write_failure(path, exc) from None
-    except BaseException:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failure(path, exc) from None
         raise
 
 
@@ -84,9 +83,6 @@ def check_output_file(path: Path, option: str) -> None:
         raise HaqError(f"{option} {path}: cannot write under {existing}")
 
 
-TEMP_TAG = ".tmp-"
-
-
 def _remove_stale_temps(final: Path) -> None:
     """Temp folders of earlier writes of `final` whose process is gone (a kill -9 mid-save): they
     are haq's own, half-written, and would otherwise stay forever."""
@@ -115,8 +111,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_TAG}{os.getpid()}-", dir=final.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # readable like any folder the user makes, not mkdtemp's 0700
+        tmp = _temp_name(final)
+        tmp.mkdir(mode=0o777)  # under the umask: readable like any folder the user makes (mkdtemp: 0700)
         yield tmp
         if final.exists():
             foreign = sorted({p.name for p in final.iterdir()} - {p.name for p in tmp.iterdir()})

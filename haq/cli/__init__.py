@@ -84,12 +84,11 @@ def cmd_trace(args: argparse.Namespace) -> None:
 
 
 def cmd_profile_hw(args: argparse.Namespace) -> None:
+    from haq.api import check_device
     from haq.models.adapters import adapter_for
     from haq.loading import load_model
     from haq.runtime.profile_hw import profile_hardware
     from haq.runtime.store import extract_experts
-
-    from haq.api import check_device
 
     if args.repeats < 1:
         raise HaqError(f"--repeats must be >= 1, got {args.repeats}")

@@ -27,9 +27,7 @@ def _check_run_args(args: argparse.Namespace) -> None:
 
     if args.policy not in policy_names():
         raise HaqError(f"--policy {args.policy!r} is unknown; choose from {', '.join(policy_names())}")
-    from haq.api import parse_budget
-
-    from haq.api import check_device
+    from haq.api import check_device, parse_budget
 
     check_device(args.device)
     parse_budget(args.gpu_budget, 1)  # the syntax; the bytes it means need the model

@@ -62,6 +62,12 @@ class StepStats:
     seconds: float = 0.0
 
 
+def first_invalid_token(prompt: list, vocab: int | None):
+    """The first entry of `prompt` that is not a token id in [0, vocab), or None."""
+    return next((t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or t < 0
+                 or (vocab is not None and t >= vocab)), None)
+
+
 class BatchGenerator:
     def __init__(self, model: nn.Module, *, max_batch: int = 8, prefill_chunk: int = 512,
                  eos_token_ids: tuple[int, ...] = (), max_context: int | None = None,
@@ -95,9 +101,9 @@ class BatchGenerator:
         if not prompt:
             raise HaqError("the prompt is empty: give at least one token")
         vocab = getattr(self.model.config, "vocab_size", None)
-        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 or (vocab and t >= vocab) for t in prompt):
-            raise HaqError(f"the prompt must be token ids in [0, {vocab}): got "
-                           f"{next(t for t in prompt if not isinstance(t, int) or t < 0 or (vocab and t >= vocab))!r}")
+        bad = first_invalid_token(prompt, vocab)
+        if bad is not None:
+            raise HaqError(f"the prompt must be token ids in [0, {vocab}): got {bad!r}")
         if self.max_context is not None and len(prompt) + params.max_tokens > self.max_context:
             room = self.max_context - len(prompt)
             fix = f"lower max_tokens (--max-new-tokens) to {room} or less" if room > 0 else "shorten the prompt"

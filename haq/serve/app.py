@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from haq.errors import HaqError
+from haq.runtime.generation import first_invalid_token
 from haq.runtime.sampling import SamplingParams
 from haq.serve.protocol import ChatCompletionRequest, CompletionRequest
 from haq.serve.worker import Handle, QueueFull, Worker, WorkerDead
@@ -205,7 +206,7 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
         if isinstance(body.prompt, list):
-            bad = next((t for t in body.prompt if not 0 <= t < len(tokenizer)), None)
+            bad = first_invalid_token(body.prompt, len(tokenizer))
             if bad is not None:
                 raise ApiError(400, f"prompt: token id {bad} is outside the vocabulary [0, {len(tokenizer)})",
                                param="prompt")

@@ -181,13 +181,22 @@ def _enospc_fsync() -> None:
 
 
 def _read_only() -> None:
-    import tempfile
+    """Creating a file or a folder fails as on a read-only mount (an existing folder still exists)."""
+    import os
 
-    def refuse(*args, **kwargs):
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if os.path.exists(path):
+            return real_mkdir(path, *args, **kwargs)  # FileExistsError, as the kernel says first
         raise OSError(errno.EROFS, "Read-only file system")
 
-    tempfile.mkdtemp = refuse
-    tempfile.mkstemp = refuse
+    def open_(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *args, **kwargs)
+
+    os.mkdir, os.open = mkdir, open_
 
 
 def _user_files(out: str):
