@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from haq.errors import HaqError
-from haq.kernels.moe import ExpertCall, dispatch
+from haq.kernels.grouped_moe import MAX_TOKENS
+from haq.kernels.moe import ExpertCall, combine, route
 from haq.models.adapters import adapter_for
 from haq.runtime.hardware import HardwareProfile
 from haq.runtime.generation import BatchGenerator, TokenEvent
@@ -201,13 +202,23 @@ class Engine:
         """hidden [T, H]; top_k_index, top_k_weights [T, K]. Same result as the model's experts."""
         if self.record_routing:
             self.routing[layer].append(top_k_index.to("cpu", torch.int16))
-        return dispatch(hidden, top_k_index, top_k_weights, lambda h, calls: self._run_calls(layer, h, calls))
+        calls = route(top_k_index)
+        results, cpu_calls = self._run_calls(layer, hidden, calls)
+        grouped = (self.store.grouped[layer] if self.store.grouped is not None and hidden.shape[0] <= MAX_TOKENS
+                   else None)
+        if grouped is not None and len(cpu_calls) == len(calls) and hidden.device.type == "cpu":
+            return grouped.run(hidden, calls, top_k_weights)  # the whole layer in one kernel call
+        for call, y in zip(cpu_calls, self._run_cpu(layer, hidden, cpu_calls, top_k_weights, grouped)):
+            results[call.expert] = y
+        return combine(hidden, calls, [results[call.expert] for call in calls], top_k_weights)
 
-    def _run_calls(self, layer: int, hidden: torch.Tensor, calls: Sequence[ExpertCall]) -> list[torch.Tensor]:
-        """The policy decides every call of the layer, largest first; CPU calls go to the worker."""
+    def _run_calls(self, layer: int, hidden: torch.Tensor,
+                   calls: Sequence[ExpertCall]) -> tuple[dict[int, torch.Tensor], list[ExpertCall]]:
+        """The policy decides every call of the layer, largest first. Device calls run here (their
+        outputs by expert); the CPU calls are returned, in ascending expert order, for `_run_cpu`."""
         self.cpu_assigned_s = 0.0
         results: dict[int, torch.Tensor] = {}
-        futures: dict[int, Future] = {}
+        cpu_calls = []
         for call in sorted(calls, key=lambda c: -c.tokens):  # largest calls first
             e, n = call.expert, call.tokens
             key = (layer, e)
@@ -216,14 +227,10 @@ class Engine:
                 self.cache.pop(old, None)
                 self.pending.pop(old, None)
             self.calls[layer] += 1
-            x = hidden[call.token_idx]
             if decision.where == "cpu":
                 self.cpu_calls += 1
                 self.cpu_assigned_s += self.predictor.t_cpu(n)
-                if self.pool is None:
-                    results[e] = self.store.math.forward(self.store[key], x)
-                else:
-                    futures[e] = self.pool.submit(self.store.math.forward, self.store[key], x.to("cpu"))
+                cpu_calls.append(call)
                 if decision.transfer:  # a background copy, so later calls find the expert resident
                     weights = self._copy(key)
                     if decision.admit:
@@ -239,11 +246,25 @@ class Engine:
                     weights = self.cache[key]
                     self.hits[layer] += 1
                 self._ready(key)
-                results[e] = self.store.math.forward(weights, x)
+                results[e] = self.store.math.forward(weights, hidden[call.token_idx])
             self._check_resident()
-        for e, future in futures.items():
-            results[e] = future.result().to(hidden.device)
-        return [results[call.expert] for call in calls]
+        return results, sorted(cpu_calls, key=lambda c: c.expert)
+
+    def _run_cpu(self, layer: int, hidden: torch.Tensor, calls: list[ExpertCall], top_k_weights: torch.Tensor,
+                 grouped) -> list[torch.Tensor]:
+        """The CPU calls' outputs: one grouped kernel call when the store has one, else call by
+        call; on the worker thread when the device is a GPU (it overlaps the device calls)."""
+        if not calls:
+            return []
+        host = hidden.to("cpu")
+        if grouped is not None:
+            run = lambda: grouped.run(host, calls, top_k_weights.to("cpu"), combined=False)  # noqa: E731
+        else:
+            math = self.store.math
+            run = lambda: [math.forward(self.store[(layer, c.expert)], host[c.token_idx.to("cpu")])  # noqa: E731
+                           for c in calls]
+        outputs = run() if self.pool is None else self.pool.submit(run).result()
+        return [y.to(hidden.device) for y in outputs]
 
     # -- generation and metrics ----------------------------------------------------------------
     def _reset_counters(self) -> None:

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from haq.errors import HaqError
 from haq.kernels.experts import Int8Experts
+from haq.kernels.grouped_moe import GroupedExperts
 from haq.kernels.int8 import int8_linear
 from haq.kernels.moe import gated_mlp
 
@@ -111,6 +112,13 @@ class ExpertStore:
             raise HaqError(f"experts of one model must all have the same size; found {sorted(sizes)} bytes")
         self.layers = [[w.pin() if pin else w for w in experts] for experts in per_layer]
         self.math = math
+        # a layer's CPU calls in one kernel call, where the kernel supports the experts' math
+        static = per_layer[0][0].gate_up_in_scale is not None
+        grouped = (per_layer[0][0].gate_up_scale is not None and
+                   GroupedExperts.supports(math.act_fn, math.act_bits, math.act_mode, static, torch.device("cpu")))
+        self.grouped = [GroupedExperts([w.gate_up for w in experts], [w.gate_up_scale for w in experts],
+                                       [w.down for w in experts], [w.down_scale for w in experts], math.act_bits)
+                        for experts in self.layers] if grouped else None
 
     def __getitem__(self, key: Key) -> ExpertWeights:
         layer, expert = key

@@ -23,21 +23,31 @@ import warnings
 
 import torch
 
+from haq.kernels import cpu
 from haq.kernels.backends import ActQuant, get_backend, prepared, register
 from haq.kernels.backends.fbgemm import cpu_has_int8_dot, has_fbgemm
 from haq.kernels.backends.float_exact import FLOAT_CHUNK
 from haq.kernels.backends.int_mm import int_mm_supports
 
+NATIVE_MAX_M = 2
+"""haq's own fused kernel up to this many rows: 1.3-2x FBGEMM at M = 1, even at 2, behind from 4
+(1 thread, 576 x 3072 and 1536 x 576, the smollm2 expert shapes)."""
 FBGEMM_MAX_M = 32
 """On CPUs "auto" runs FBGEMM up to this many rows (measured above, with and without VNNI) ..."""
 FBGEMM_MAX_M_LONG_K = 256
 """... and, without VNNI, up to this many when K is long enough for the float path to need several chunks."""
+
+def native_available() -> bool:
+    return cpu.library() is not None
+
 
 _warned_shapes: set[tuple[str, int, int]] = set()  # (device type, K, N) already warned about
 
 
 def cpu_auto_impl(M: int = 1, K: int = 0) -> str:
     """The backend "auto" runs on this CPU for an [M, K] @ [K, N] product."""
+    if M <= NATIVE_MAX_M and native_available():
+        return "native"
     if cpu_has_int8_dot():  # FBGEMM's packed GEMM still wins at decode-sized M (2x at M=16 on an EPYC)
         return "fbgemm" if has_fbgemm() and M <= FBGEMM_MAX_M else "int_mm"
     small = M <= FBGEMM_MAX_M or (K > FLOAT_CHUNK and M <= FBGEMM_MAX_M_LONG_K)

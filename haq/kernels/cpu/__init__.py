@@ -1,0 +1,126 @@
+"""haq's own CPU int8 kernels (`int8_kernels.c`): built with the system C compiler at first use
+(`gcc -O3 -march=native -fopenmp`, about a second), cached under ``HAQ_HOME/kernels`` by a hash
+of the source, the compiler and the CPU's flags, and called through ctypes with raw pointers.
+
+Why C and not another torch op: at decode sizes (a few rows) a W8A8 linear is a read of its
+int8 weight, tens of microseconds, and the PyTorch path around the GEMM (quantize, split, cat,
+rescale: 5-8 small ops) costs as much again; here quantization, the integer product and the
+rescale are one pass, and a MoE layer's routed experts are one call. The library links the
+OpenMP runtime PyTorch has already loaded (same soname), so both share one thread pool.
+
+No compiler, a failed build or ``HAQ_NATIVE=0``: `library()` is None and the "auto" backend
+uses the PyTorch ones (`unavailable_reason()` says why).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from haq.paths import haq_home
+
+SOURCE = Path(__file__).with_name("int8_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]
+_reason: list[str] = []
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "gcc"))
+
+
+def _build(cc: str, flags: list[str], target: Path) -> None:
+    """Compile into a temporary file beside `target`, then rename: a concurrent or interrupted
+    build never leaves a half-written library under the final name."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, built first if needed; None when they cannot be (see `unavailable_reason`)."""
+    return load()
+
+
+@functools.lru_cache(maxsize=2)
+def load(portable: bool = False) -> ctypes.CDLL | None:
+    """The kernels as built for this CPU, or (`portable`, for the tests of the fallback) without
+    the VNNI instructions even where the CPU has them."""
+    if os.environ.get("HAQ_NATIVE", "1") == "0":
+        _reason.append("disabled by HAQ_NATIVE=0")
+        return None
+    cc = _compiler()
+    if cc is None:
+        _reason.append("no C compiler (gcc, or $CC) on PATH")
+        return None
+    flags = FLAGS + (["-mno-avx512vnni", "-mno-avxvnni"] if portable else [])
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    target = haq_home() / "kernels" / f"int8_kernels-{key}.so"
+    if not target.is_file():
+        try:
+            _build(cc, flags, target)
+        except (subprocess.CalledProcessError, OSError) as e:
+            detail = (getattr(e, "stderr", "") or str(e)).strip()
+            _reason.append(f"building {SOURCE.name} failed: {detail.splitlines()[-1] if detail else e}")
+            return None
+    lib = ctypes.CDLL(str(target))
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.haq_row_sums.argtypes = [p, i64, i64, p]
+    lib.haq_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i32, i32, f32, p, i32, p]
+    lib.haq_moe.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32, p, p, i32, p]
+    for fn in (lib.haq_row_sums, lib.haq_linear, lib.haq_moe):
+        fn.restype = None
+    return lib
+
+
+def unavailable_reason() -> str:
+    return _reason[-1] if _reason else ""
+
+
+def has_vnni() -> bool:
+    lib = library()
+    return bool(lib is not None and lib.haq_has_vnni())
+
+
+_scratch = threading.local()
+
+
+def scratch(nbytes: int) -> torch.Tensor:
+    """A per-thread byte buffer of at least `nbytes`, reused across calls (no allocation per step)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(nbytes, 1 << 16), dtype=torch.uint8)
+        _scratch.buf = buf
+    return buf
+
+
+def row_sums(w: torch.Tensor) -> torch.Tensor:
+    """int32 [N] row sums of a contiguous int8 [N, K] weight (the VNNI offset's compensation)."""
+    lib = library()
+    sums = torch.empty(w.shape[0], dtype=torch.int32)
+    lib.haq_row_sums(w.data_ptr(), w.shape[0], w.shape[1], sums.data_ptr())
+    return sums

@@ -1,0 +1,195 @@
+/* haq's CPU int8 kernels for decode-sized batches (a few rows): activation quantization, the
+ * int8 x int8 -> int32 product and the rescale fused in one pass, and a whole MoE layer's routed
+ * experts in one call. Built at first use by haq/kernels/cpu/__init__.py (gcc -O3 -march=native
+ * -fopenmp) and called through ctypes; the OpenMP runtime is the one PyTorch already loaded.
+ *
+ * Grid (haq/kernels/grid.py): symmetric, levels in [-qmax, qmax], scale = max(amax / qmax, 1e-8),
+ * q = round-half-even(x / scale). Weights: int8 [N, K] row-major, one float scale per row.
+ * With AVX-512 VNNI, vpdpbusd multiplies u8 x s8 into int32: the activations go in as q + 128
+ * and the exact product is acc - 128 * rowsum(w), rowsum precomputed per weight. Without it a
+ * plain int32 loop (vectorised by the compiler) gives the same integers.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define HAQ_VNNI 1
+#else
+#define HAQ_VNNI 0
+#endif
+
+#define SCALE_EPS 1e-8f
+#define ROWS 4 /* weight rows per inner block: four accumulators share each activation load */
+
+int haq_has_vnni(void) { return HAQ_VNNI; }
+
+/* Row-wise sums of an int8 [N, K] weight: the u8 offset's compensation. */
+void haq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums) {
+    for (int64_t n = 0; n < N; n++) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; k++) s += w[n * K + k];
+        sums[n] = s;
+    }
+}
+
+/* x [M, K] float -> levels [M, K] (stored as u8 = q + 128) and scales [M].
+ * mode 0: per row (dynamic); 1: one dynamic scale for all rows; 2: the given static scale. */
+static void quantize(const float *x, int64_t M, int64_t K, int qmax, int mode, float static_scale,
+                     uint8_t *xu, float *xs) {
+    float shared = static_scale;
+    if (mode == 1) {
+        float amax = 0.f;
+        for (int64_t i = 0; i < M * K; i++) amax = fmaxf(amax, fabsf(x[i]));
+        shared = amax / (float)qmax;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        float scale = shared;
+        if (mode == 0) {
+            float amax = 0.f;
+            for (int64_t k = 0; k < K; k++) amax = fmaxf(amax, fabsf(row[k]));
+            scale = amax / (float)qmax;
+        }
+        scale = fmaxf(scale, SCALE_EPS);
+        xs[m] = scale;
+        for (int64_t k = 0; k < K; k++) {
+            float q = nearbyintf(row[k] / scale);
+            q = fminf(fmaxf(q, (float)-qmax), (float)qmax);
+            xu[m * K + k] = (uint8_t)((int)q + 128);
+        }
+    }
+}
+
+/* Exact int32 dot products of one u8 activation row with ROWS consecutive weight rows. */
+static void dot_rows(const uint8_t *xu, const int8_t *w, int64_t K, int rows, const int32_t *sums, int32_t *acc) {
+#if HAQ_VNNI
+    __m512i a[ROWS];
+    for (int r = 0; r < ROWS; r++) a[r] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m512i xv = _mm512_loadu_si512((const void *)(xu + k));
+        for (int r = 0; r < rows; r++)
+            a[r] = _mm512_dpbusd_epi32(a[r], xv, _mm512_loadu_si512((const void *)(w + r * K + k)));
+    }
+    if (k < K) {
+        __mmask64 mask = _cvtu64_mask64((~0ULL) >> (64 - (K - k)));
+        __m512i xv = _mm512_maskz_loadu_epi8(mask, xu + k);
+        for (int r = 0; r < rows; r++)
+            a[r] = _mm512_dpbusd_epi32(a[r], xv, _mm512_maskz_loadu_epi8(mask, w + r * K + k));
+    }
+    /* the four accumulators' horizontal sums at once: pairwise interleaved adds, then the lanes */
+    __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
+    __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
+    __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    __m128i v = _mm_add_epi32(_mm_add_epi32(_mm512_castsi512_si128(u), _mm512_extracti32x4_epi32(u, 1)),
+                              _mm_add_epi32(_mm512_extracti32x4_epi32(u, 2), _mm512_extracti32x4_epi32(u, 3)));
+    int32_t lanes[ROWS];
+    _mm_storeu_si128((__m128i *)lanes, v);
+    for (int r = 0; r < rows; r++) acc[r] = lanes[r] - 128 * sums[r];
+#else
+    (void)sums;
+    for (int r = 0; r < rows; r++) {
+        const int8_t *wr = w + r * K;
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; k++) s += ((int32_t)xu[k] - 128) * (int32_t)wr[k];
+        acc[r] = s;
+    }
+#endif
+}
+
+/* y[m, n] = acc * x_scale[m] * w_scale[n] (+ bias[n]) for rows [n0, n1) of the weight and all M
+ * activation rows (ld: y's row stride); each block of ROWS weight rows is read once, from L1 for
+ * every activation row after the first. */
+static void gemm_rows(const uint8_t *xu, const float *xs, int64_t M, const int8_t *w, const int32_t *sums,
+                      const float *ws, const float *bias, int64_t K, int64_t n0, int64_t n1, float *y, int64_t ld) {
+    int32_t acc[ROWS];
+    for (int64_t n = n0; n < n1; n += ROWS) {
+        int rows = (int)(n1 - n < ROWS ? n1 - n : ROWS);
+        for (int64_t m = 0; m < M; m++) {
+            dot_rows(xu + m * K, w + n * K, K, rows, sums + n, acc);
+            for (int r = 0; r < rows; r++) {
+                float v = (float)acc[r] * xs[m] * ws[n + r];
+                y[m * ld + n + r] = bias ? v + bias[n + r] : v;
+            }
+        }
+    }
+}
+
+/* Blocks of output rows per OpenMP task: about 64 KiB of weights each. */
+static int64_t block_rows(int64_t K) {
+    int64_t rows = (65536 / (K > 0 ? K : 1)) / ROWS * ROWS;
+    return rows < ROWS ? ROWS : rows;
+}
+
+/* y [M, N] = quant(x [M, K]) @ w^T * scales (+ bias): the fused W8A8 linear.
+ * scratch: M * K bytes + M floats (levels and scales). */
+void haq_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const int32_t *sums, const float *ws,
+                const float *bias, int64_t N, int qmax, int mode, float static_scale, float *y, int threads,
+                uint8_t *scratch) {
+    uint8_t *xu = scratch;
+    float *xs = (float *)(scratch + ((M * K + 63) / 64) * 64);
+    quantize(x, M, K, qmax, mode, static_scale, xu, xs);
+    int64_t rows = block_rows(K), blocks = (N + rows - 1) / rows;
+    int par = threads > 1 && N * K >= 65536;
+#pragma omp parallel for schedule(static) num_threads(threads) if (par)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * rows, n1 = n0 + rows < N ? n0 + rows : N;
+        gemm_rows(xu, xs, M, w, sums, ws, bias, K, n0, n1, y, N);
+    }
+}
+
+static float silu(float v) { return v / (1.f + expf(-v)); }
+
+/* One MoE layer's routed experts in one call, for P (token, expert) pairs sorted by expert:
+ * each token quantized once and shared by its experts; gate_up [2I, H] for every pair; h = silu(gate)
+ * * up, quantized per pair; down [H, I]; then out[token] += weight * y in pair order (the
+ * ascending-expert order of haq.kernels.moe.combine), or, with out NULL, y written per pair.
+ * Pointer tables, indexed by expert, hold the layer's expert tensors (gate_up, its row sums and
+ * scales; down, likewise): the weights stay where the caller keeps them, nothing is restacked.
+ * scratch: T*H + P*I bytes, then P*(2I + H) + T + P floats. */
+void haq_moe(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const int64_t *pair_token,
+             const int64_t *pair_expert, const float *pair_weight, const int64_t *gu_w, const int64_t *gu_sums,
+             const int64_t *gu_ws, const int64_t *dn_w, const int64_t *dn_sums, const int64_t *dn_ws, int qmax,
+             float *out, float *y_pairs, int threads, uint8_t *scratch) {
+    uint8_t *xu = scratch, *hu = scratch + T * H;
+    float *g = (float *)(scratch + ((T * H + P * I + 63) / 64) * 64);
+    float *y = g + P * 2 * I, *xs = y + P * H, *hs = xs + T;
+    if (y_pairs) y = y_pairs;
+    quantize(x, T, H, qmax, 0, 0.f, xu, xs);
+    int64_t rows_gu = block_rows(H), blocks_gu = (2 * I + rows_gu - 1) / rows_gu;
+    int64_t rows_dn = block_rows(I), blocks_dn = (H + rows_dn - 1) / rows_dn;
+    int par = threads > 1 && P * I * H >= 65536;
+#pragma omp parallel num_threads(threads) if (par)
+    {
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t p = 0; p < P; p++)
+            for (int64_t b = 0; b < blocks_gu; b++) {
+                int64_t n0 = b * rows_gu, n1 = n0 + rows_gu < 2 * I ? n0 + rows_gu : 2 * I;
+                int64_t t = pair_token[p], e = pair_expert[p];
+                gemm_rows(xu + t * H, xs + t, 1, (const int8_t *)gu_w[e], (const int32_t *)gu_sums[e],
+                          (const float *)gu_ws[e], NULL, H, n0, n1, g + p * 2 * I, 2 * I);
+            }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < P; p++) {
+            float *gp = g + p * 2 * I;
+            for (int64_t i = 0; i < I; i++) gp[i] = silu(gp[i]) * gp[I + i];
+            quantize(gp, 1, I, qmax, 0, 0.f, hu + p * I, hs + p);
+        }
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t p = 0; p < P; p++)
+            for (int64_t b = 0; b < blocks_dn; b++) {
+                int64_t n0 = b * rows_dn, n1 = n0 + rows_dn < H ? n0 + rows_dn : H;
+                int64_t e = pair_expert[p];
+                gemm_rows(hu + p * I, hs + p, 1, (const int8_t *)dn_w[e], (const int32_t *)dn_sums[e],
+                          (const float *)dn_ws[e], NULL, I, n0, n1, y + p * H, H);
+            }
+    }
+    if (!out) return;
+    memset(out, 0, (size_t)(T * H) * sizeof(float));
+    for (int64_t p = 0; p < P; p++) {
+        float *o = out + pair_token[p] * H, wgt = pair_weight[p];
+        const float *yp = y + p * H;
+        for (int64_t h = 0; h < H; h++) o[h] += yp[h] * wgt;
+    }
+}

@@ -1,0 +1,80 @@
+"""A MoE layer's routed int8 experts in one kernel call (:mod:`haq.kernels.cpu`, ``haq_moe``):
+every token quantized once and shared by its experts, gate_up, SiLU(gate) * up, the down input
+quantized per (token, expert) pair, down, and the weighted sum in the ascending-expert order of
+`haq.kernels.moe.combine`. The same integers as `Int8Experts` computing call by call; float
+results equal up to the activation function's rounding (libm's expf against PyTorch's).
+
+Supported: W8A8 with dynamic per-token activations (the default recipe) and a SiLU gate, on the
+CPU. Anything else (`GroupedExperts.supports` is False) runs call by call as before.
+
+T = tokens, H = hidden, I = expert intermediate size, E = experts, P = (token, expert) pairs.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from haq.kernels import cpu
+from haq.kernels.grid import qmax_for
+from haq.kernels.moe import ExpertCall
+
+
+MAX_TOKENS = 4
+"""The grouped call runs every (token, expert) pair as its own GEMV: it wins at decode sizes;
+larger batches (prefill) go call by call to the GEMM backends, which reuse each expert's weights."""
+
+
+def is_silu(act_fn: nn.Module) -> bool:
+    """transformers' ACT2FN["silu"] is nn.SiLU (or its own SiLUActivation in older releases)."""
+    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation"
+
+
+class GroupedExperts:
+    """One layer's experts as the kernel reads them: pointer tables into the caller's int8
+    tensors (kept alive here), plus each weight's int32 row sums."""
+
+    def __init__(self, gate_up: Sequence[torch.Tensor], gate_up_scale: Sequence[torch.Tensor],
+                 down: Sequence[torch.Tensor], down_scale: Sequence[torch.Tensor], bits: int = 8) -> None:
+        self.qmax = qmax_for(bits)
+        self.tensors = [[t.contiguous() for t in group] for group in (gate_up, down)]
+        self.scales = [[s.float().contiguous() for s in group] for group in (gate_up_scale, down_scale)]
+        self.sums = [[cpu.row_sums(w) for w in group] for group in self.tensors]
+        self.intermediate, self.hidden = self.tensors[1][0].shape[1], self.tensors[1][0].shape[0]
+
+        def table(ts: list[torch.Tensor]) -> np.ndarray:
+            return np.array([t.data_ptr() for t in ts], dtype=np.int64)
+
+        self.tables = [table(ts) for ts in (self.tensors[0], self.sums[0], self.scales[0], self.tensors[1],
+                                            self.sums[1], self.scales[1])]
+
+    @staticmethod
+    def supports(act_fn: nn.Module, act_bits: int, act_mode: str, static_scales: bool, device: torch.device) -> bool:
+        return (device.type == "cpu" and act_bits <= 8 and act_mode == "per-token" and not static_scales
+                and is_silu(act_fn) and cpu.library() is not None)
+
+    def run(self, hidden: torch.Tensor, calls: Sequence[ExpertCall], top_k_weights: torch.Tensor,
+            combined: bool = True) -> torch.Tensor | list[torch.Tensor]:
+        """hidden [T, H] float; `calls` in ascending expert order. Combined: the layer's output
+        [T, H] (sum over the calls of weight * expert output); else one [n, H] output per call."""
+        x = hidden.float().contiguous()  # held here while the kernel reads it
+        T, H, I = x.shape[0], self.hidden, self.intermediate
+        token = torch.cat([c.token_idx for c in calls])
+        weight = top_k_weights[token, torch.cat([c.k_pos for c in calls])].float().contiguous()
+        expert = torch.cat([torch.full((c.tokens,), c.expert, dtype=torch.int64) for c in calls])
+        token = token.to(torch.int64).contiguous()
+        P = token.numel()
+        out = torch.empty(T, H, dtype=torch.float32) if combined else None
+        y = None if combined else torch.empty(P, H, dtype=torch.float32)
+        work = cpu.scratch(T * H + P * I + 64 + 4 * (P * (2 * I + H) + T + P))
+        t = self.tables
+        cpu.library().haq_moe(
+            x.data_ptr(), T, H, I, P, token.data_ptr(), expert.data_ptr(), weight.data_ptr(),
+            t[0].ctypes.data, t[1].ctypes.data, t[2].ctypes.data, t[3].ctypes.data, t[4].ctypes.data,
+            t[5].ctypes.data, self.qmax, None if out is None else out.data_ptr(), None if y is None else y.data_ptr(),
+            torch.get_num_threads(), work.data_ptr())
+        if combined:
+            return out.to(hidden.dtype)
+        return list(y.to(hidden.dtype).split([c.tokens for c in calls]))
