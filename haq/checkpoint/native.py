@@ -113,9 +113,10 @@ def verify_files(path: Path, meta: dict) -> None:
             raise HaqError(f"{file} does not match the checksum in {CONFIG_NAME}: truncated or modified file")
 
 
-def load_quantized(path: Path, verify: bool = True, backend: str | None = None) -> nn.Module:
+def load_quantized(path: Path, verify: bool = True, backend: str | None = None, fuse: bool = True) -> nn.Module:
     """Rebuild the architecture, install the int8 modules named in haq_config.json, load tensors;
-    `backend` overrides the int8 backend the module specs record."""
+    `backend` overrides the int8 backend the module specs record. `fuse`: linears that read one
+    input share one GEMM (`fuse_model_inputs`); off for a model whose tensors will be saved again."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -139,4 +140,22 @@ def load_quantized(path: Path, verify: bool = True, backend: str | None = None) 
         raise HaqError(f"{weights} is not a readable safetensors file: {exc}") from None
     load_state_checked(model, state, config, weights)
     model.haq_config = meta
+    if fuse:
+        fuse_model_inputs(model)
     return model.eval()
+
+
+def fuse_model_inputs(model: nn.Module) -> int:
+    """Fuse the int8 linears of every layer that read one norm's output (q/k/v; gate/up), so their
+    input is quantized once (`haq.kernels.shared_input`); the number of groups fused."""
+    from haq.kernels.shared_input import fuse_shared_inputs
+    from haq.models.adapters import adapter_for
+
+    adapter = adapter_for(model.config)
+    fused = 0
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        spec = adapter.layer_spec(model.config, index)
+        dense = set(spec.linears)
+        groups = [[c for c in g.consumers if c in dense] for g in spec.norm_groups]
+        fused += fuse_shared_inputs(layer, [g for g in groups if len(g) > 1])
+    return fused

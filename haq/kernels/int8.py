@@ -108,6 +108,8 @@ class Int8Linear(nn.Module):
         )
         # x -> x R before quantizing (haq.kernels.rotation.OnlineRotation; qweight then holds W R)
         self.online_rotation: nn.Module | None = None
+        # (group, index) when this linear shares its input with others (haq.kernels.shared_input)
+        self.shared: tuple | None = None
 
     @classmethod
     def from_float(
@@ -152,6 +154,9 @@ class Int8Linear(nn.Module):
         return mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is not None:
+            group, index = self.shared
+            return group.output(x, index)
         if self.online_rotation is not None:
             x = self.online_rotation(x)
         return int8_linear(
