@@ -1,16 +1,19 @@
 """Engine decode profile: where a decode step's time goes. Writes bench/results/engine-profile.json
-and engine-profile.md.
+and engine-profile.md (`--name` for another file; engine-profile-before.* is this profile of the
+engine before the issue-12 work, commit 611b616).
 
 `--profile` (the only mode so far): a warm engine decodes with wall-clock timers around the parts
 of a step (forward hooks on modules, wrappers around the engine's functions; CPU, so no syncs):
   attention    the decoder's self-attention modules, their projections included
   router       the MoE routers
-  expert math  the expert MLPs (`ExpertMath.forward`)
+  expert math  the expert MLPs (`ExpertMath.forward`, or a layer's grouped kernel call)
   dispatch     the rest of the engine's MoE call: routing the calls, the policy, gather and scatter
   lm_head      the output projection
   other        the rest of the step: embeddings, norms, residuals, HF glue, sampling, the KV cache
-and, overlapping them, `act quant`: per-token activation quantization (inside attention's int8
-projections and the int8 experts). Float model and int8 checkpoint, batch 1 and 8, budget 0.
+and, overlapping them, `act quant`: per-token activation quantization done by PyTorch ops (inside
+the int8 projections and experts on the FBGEMM / _int_mm / float backends; haq's native kernels
+quantize inside their own call, counted in their part). Float model and int8 checkpoint, batch 1
+and 8, budget 0.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import time
 
 import torch
 
-from common import machine, md_table, write_results
+from common import git_rev, machine, md_table, write_results
 
 PARTS = ["attention", "router", "expert math", "dispatch", "lm_head", "other", "act quant"]
 
@@ -65,6 +68,9 @@ def profile(engine, prompts: list[list[int]], new_tokens: int) -> dict:
     handles += clock.hook(engine.model.lm_head, "lm_head")
     math_forward, run_experts, quantize = engine.store.math.forward, engine.run_experts, backends.quantize_act
     object.__setattr__(engine.store.math, "forward", clock.wrap("expert math", math_forward))
+    grouped = engine.store.grouped or []
+    for layer in grouped:
+        layer.run = clock.wrap("expert math", layer.run)
     engine.run_experts = clock.wrap("dispatch", run_experts)
     backends.quantize_act = clock.wrap("act quant", quantize)
     gen = engine.generator(max_batch=len(prompts))
@@ -80,6 +86,8 @@ def profile(engine, prompts: list[list[int]], new_tokens: int) -> dict:
         total = time.perf_counter() - start
     finally:
         object.__setattr__(engine.store.math, "forward", math_forward)
+        for layer in grouped:
+            del layer.run  # back to the class's method
         engine.run_experts, backends.quantize_act = run_experts, quantize
         for handle in handles:
             handle.remove()
@@ -98,6 +106,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="engine-profile", help="results file name under bench/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from haq.api import build_engine, profile_trace_for
@@ -120,12 +129,12 @@ def main() -> None:
             print(row, flush=True)
         engine.close()
     columns = ["model", "weights", "batch", "step_ms"] + [f"{p}_ms" for p in PARTS] + ["decode_tok_s", "load"]
-    md = ("# Engine decode profile (before the issue-12 engine work)\n\n"
+    md = (f"# Engine decode profile ({machine()['cpu']}, git {git_rev()})\n\n"
           f"`python bench/engine.py --profile --int8 CKPT`: ms per decode step by part, budget 0 (every expert on the "
           f"CPU, policy all-cpu), {args.threads} thread(s), {args.new_tokens} steps after a 64-token prompt per "
           "sequence. `act quant` overlaps attention and expert math (it runs inside them).\n\n"
           + md_table(rows, columns))
-    write_results("engine-profile", {"machine": machine(), "rows": rows}, md)
+    write_results(args.name, {"machine": machine(), "git": git_rev(), "rows": rows}, md)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def reference_linear(x, qweight, w_scale, bias=None, act_bits=8, mode="per-token
     return y if bias is None else y + bias.double()
 
 
-BACKENDS = ["auto", "float", "fbgemm", "int_mm", "native"]  # a new int8 backend adds its name here
+BACKENDS = ["auto", "float", "fbgemm", "int_mm", "native", "triton"]  # a new int8 backend adds its name here
 
 
 def test_every_registered_backend_is_tested() -> None:

@@ -181,8 +181,10 @@ class BatchGenerator:
     def _prefill_chunk(self, seq: Sequence, size: int) -> list[TokenEvent]:
         from transformers import DynamicCache
 
-        if seq.cache is None:
-            seq.cache = DynamicCache(config=self.model.config)
+        from haq.runtime.kv_cache import preallocated
+
+        if seq.cache is None:  # room for the whole sequence: decoding appends without copying
+            seq.cache = preallocated(DynamicCache(config=self.model.config), len(seq.prompt) + seq.params.max_tokens)
         chunk = seq.prompt[seq.prefilled:seq.prefilled + size]
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(seq.prefilled, seq.prefilled + len(chunk), device=self.device)[None]
@@ -229,8 +231,10 @@ class BatchGenerator:
     def _layers(self, cache) -> list:
         from transformers.cache_utils import DynamicLayer
 
+        from haq.runtime.kv_cache import PreallocatedLayer
+
         layers = cache.layers
-        if any(type(layer) is not DynamicLayer for layer in layers):  # sliding-window, hybrid or quantized
+        if any(type(layer) not in (DynamicLayer, PreallocatedLayer) for layer in layers):  # sliding-window, hybrid or quantized
             kinds = sorted({type(layer).__name__ for layer in layers})
             raise HaqError(f"batched decoding needs full-attention caches; this model uses {', '.join(kinds)}: "
                            "use --max-batch 1")

@@ -1,0 +1,125 @@
+"""Triton int8 kernels for the GPU (and, under ``TRITON_INTERPRET=1``, on the CPU for the tests):
+
+  w8a8_linear        per-token activation quantization, int8 x int8 -> int32 GEMM and the
+                     per-token x per-channel rescale (+ bias) in one kernel
+  weight_only_linear int8 weights read and dequantized in the kernel, float activations (W8A16):
+                     decode-sized M, where the GEMM is a read of the weights
+  w8a8_grouped       one launch over every routed expert of a layer: rows sorted by expert, each
+                     program multiplies one block of one expert's rows (the MoE grouped GEMM)
+
+Grid (haq.kernels.grid): symmetric levels in [-qmax, qmax], scale = max(amax / qmax, 1e-8),
+round half to even. The fused kernel computes each row's amax in a first pass over K (every N-tile
+program of those rows does, so there is no second launch), then quantizes tiles as it loads them.
+`triton` is optional (`pip install triton`); `available()` says whether these can run here.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from haq.errors import HaqError
+
+SCALE_EPS = 1e-8
+
+
+@functools.lru_cache(maxsize=1)
+def _triton():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    return triton, tl
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """CUDA with triton installed, or any device's CPU tensors under the interpreter."""
+    if _triton() is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreted())
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    from haq.kernels import triton_kernels as k
+
+    return _triton()[0], k.w8a8_kernel, k.weight_only_kernel, k.grouped_kernel
+
+
+def _check(*tensors: torch.Tensor) -> None:
+    device = tensors[0].device
+    if not available(device):
+        why = ("triton is not installed (pip install triton)" if _triton() is None else
+               f"Triton runs on CUDA (or on the CPU with TRITON_INTERPRET=1), not {device.type}")
+        raise HaqError(f"the triton int8 kernels are unavailable: {why}")
+
+
+def _blocks(M: int) -> tuple[int, int, int]:
+    """Tile sizes: tl.dot needs every dimension >= 16."""
+    return (16 if M <= 16 else 64), 64, 64
+
+
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                bits: int = 8) -> torch.Tensor:
+    """x [M, K] float, qweight int8 [N, K], w_scale [N] -> float32 [M, N]."""
+    _check(x, qweight)
+    triton, kernel, _, _ = _kernels()
+    x, qweight = x.contiguous(), qweight.contiguous()
+    M, K = x.shape
+    N = qweight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    bm, bn, bk = _blocks(M)
+    ws = w_scale.float().contiguous()
+    b = bias.float().contiguous() if bias is not None else ws
+    kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](x, qweight, ws, b, y, M, N, K, float(2 ** (bits - 1) - 1), SCALE_EPS,
+                                                     x.stride(0), qweight.stride(0), y.stride(0),
+                                                     HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return y
+
+
+def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32) @ (qweight [N, K] int8 * w_scale[:, None])^T -> x's dtype [M, N]."""
+    _check(x, qweight)
+    triton, _, kernel, _ = _kernels()
+    x, qweight = x.contiguous(), qweight.contiguous()
+    M, K = x.shape
+    N = qweight.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    bm, bn, bk = _blocks(M)
+    kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](x, qweight, w_scale.float().contiguous(), y, M, N, K,
+                                                     x.stride(0), qweight.stride(0), y.stride(0),
+                                                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return y
+
+
+def w8a8_grouped(xq: torch.Tensor, x_scale: torch.Tensor, counts: list[int], weights: torch.Tensor,
+                 scales: torch.Tensor) -> torch.Tensor:
+    """Every expert's rows in one launch. xq int8 [P, K]: the rows sorted by expert, `counts[e]`
+    rows for expert e; x_scale [P]; weights int8 [E, N, K]; scales [E, N] -> float32 [P, N]."""
+    _check(xq, weights)
+    triton, _, _, kernel = _kernels()
+    P, K = xq.shape
+    E, N, _ = weights.shape
+    bm, bn, bk = _blocks(max(counts) if counts else 1)
+    experts, starts, ends, start = [], [], [], 0
+    for e, n in enumerate(counts):
+        for s in range(start, start + n, bm):
+            experts.append(e)
+            starts.append(s)
+            ends.append(start + n)
+        start += n
+    y = torch.empty(P, N, dtype=torch.float32, device=xq.device)
+    if not experts:
+        return y
+    meta = [torch.tensor(v, dtype=torch.int64, device=xq.device) for v in (experts, starts, ends)]
+    weights, scales = weights.contiguous(), scales.float().contiguous()
+    kernel[(len(experts), triton.cdiv(N, bn))](xq.contiguous(), x_scale.float().contiguous(), weights, scales, y,
+                                               *meta, N, K, weights.stride(0), weights.stride(1), scales.stride(0),
+                                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return y
