@@ -25,6 +25,8 @@ from torch import nn
 
 from haq.errors import HaqError
 from haq.kernels.backends import ActQuant, get_backend, prepared
+from haq.kernels.backends.auto import NATIVE_MAX_M, native_available
+from haq.kernels.backends.native import decode_linear
 from haq.kernels.grid import ActMode, qmax_for, quantize_weight, weight_scales
 
 MatmulImpl = str
@@ -63,6 +65,12 @@ def int8_linear(
     K, N = qweight_t.shape
     if x.shape[-1] != K:
         raise HaqError(f"input has {x.shape[-1]} features, int8 weight expects {K}")
+    if (impl in ("auto", "native") and act_mode == "per-token" and static_act_scale is None
+            and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= NATIVE_MAX_M * K
+            and w_scale.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and native_available()):  # decode: straight to the fused kernel ("auto" would choose it)
+        y = decode_linear(x.reshape(-1, K), qweight_t, w_scale.contiguous(), bias, qmax_for(act_bits))
+        return y.reshape(*x.shape[:-1], N)
     backend = get_backend(impl)
     y = backend.linear(x.reshape(-1, K), prepared(backend, qweight_t), qweight_t, w_scale, bias,
                        ActQuant(act_bits, act_mode, static_act_scale))

@@ -88,6 +88,9 @@ class BatchGenerator:
 
             self._attention = register()
         self._check_cache_kinds()
+        from haq.runtime import decode_attention
+
+        decode_attention.install(self.model)  # decode steps of llama-layout attention in one kernel call
         self.waiting: deque[Sequence] = deque()
         self.prefilling: Sequence | None = None
         self.running: list[Sequence] = []
@@ -207,6 +210,7 @@ class BatchGenerator:
         mask = torch.ones(len(rows), width + 1, dtype=torch.long, device=self.device)
         for b, pad in enumerate(self.pads):
             mask[b, :pad] = 0
+        self.cache.haq_pads = list(self.pads)  # the rows' left padding, for haq.runtime.decode_attention
         mode = _fixed_rows() if self.batch_invariant else nullcontext()
         with mode:
             out = self.model(ids, past_key_values=self.cache, attention_mask=mask, position_ids=positions,

@@ -74,6 +74,21 @@ class PreallocatedLayer(DynamicLayer):
             self._buffers[which], self._lengths[which] = buf, length + n
         return self.keys, self.values
 
+    def reserve(self, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(keys buffer, values buffer, length) with room for `n` more columns, for a kernel that
+        writes them itself; `advance(n)` then counts them in."""
+        length = self._lengths[0]
+        for which in (0, 1):
+            buf = self._buffers[which]
+            if length + n > buf.shape[-2]:
+                grown = self._allocate(buf, max(2 * buf.shape[-2], length + n + HEADROOM))
+                grown[..., :length, :].copy_(buf[..., :length, :])
+                self._buffers[which] = grown
+        return self._buffers[0], self._buffers[1], length
+
+    def advance(self, n: int) -> None:
+        self._lengths = [self._lengths[0] + n, self._lengths[1] + n]
+
 
 def preallocated(cache, capacity: int = 0):
     """`cache` (a DynamicCache) with its full-attention layers replaced by preallocated ones

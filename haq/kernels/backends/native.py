@@ -7,7 +7,7 @@ import torch
 
 from haq.errors import HaqError
 from haq.kernels import cpu
-from haq.kernels.backends import ActQuant, GemmBackend, register
+from haq.kernels.backends import ActQuant, GemmBackend, get_backend, prepared, register
 from haq.kernels.grid import qmax_for
 
 MODES = {"per-token": 0, "per-tensor": 1}
@@ -21,6 +21,25 @@ class Packed:
         self.w = b.t().contiguous()
         self.sums = cpu.row_sums(self.w)
         self.ones = torch.ones(self.w.shape[0], dtype=torch.float32)
+
+
+_BACKEND: Native | None = None
+
+
+def decode_linear(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  qmax: int) -> torch.Tensor:
+    """The per-token W8A8 linear of a few float32 CPU rows with the least Python around the kernel
+    (`int8_linear`'s path at decode sizes): x [M, K] -> float32 [M, N]."""
+    x = x if x.is_contiguous() else x.contiguous()
+    packed = prepared(_BACKEND, qweight_t)
+    M, K = x.shape
+    N = packed.w.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    work = cpu.scratch(M * K + 64 + 4 * M)
+    cpu.library().haq_linear(x.data_ptr(), M, K, packed.w.data_ptr(), packed.sums.data_ptr(), w_scale.data_ptr(),
+                             None if bias is None else bias.data_ptr(), N, qmax, 0, 0.0, y.data_ptr(),
+                             torch.get_num_threads(), work.data_ptr())
+    return y
 
 
 @register("native")
@@ -64,3 +83,6 @@ class Native(GemmBackend):
                                  None if bias is None else bias.data_ptr(), N, qmax, mode, static,
                                  y.data_ptr(), torch.get_num_threads(), work.data_ptr())
         return y
+
+
+_BACKEND = get_backend("native")

@@ -193,3 +193,59 @@ void haq_moe(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const i
         for (int64_t h = 0; h < H; h++) o[h] += yp[h] * wgt;
     }
 }
+
+/* One decode step of grouped-query attention for B rows, in float32, on a preallocated cache:
+ * RoPE (HF's rotate_half layout: x * cos + rotate_half(x) * sin) on q and k, k and v written at
+ * column `length` of the [B, kvh, cap, D] buffers, then each query head attends over its row's
+ * columns [pads[b], length] (a single pass with a running max, softmax and weighted sum). q, k, v
+ * rows are read with their own row strides (slices of one fused projection or separate ones);
+ * out is [B, nh * D]. */
+void haq_decode_attention(const float *q, const float *k, const float *v, int64_t q_stride, int64_t kv_stride,
+                          int64_t B, int64_t nh, int64_t kvh, int64_t D, const float *cos, const float *sin,
+                          float *kbuf, float *vbuf, int64_t cap, int64_t length, const int64_t *pads, float scale,
+                          float *out, int threads) {
+    int64_t half = D / 2, groups = nh / kvh;
+    for (int64_t b = 0; b < B; b++) { /* the new column: rotated keys, values */
+        const float *c = cos + b * D, *s = sin + b * D;
+        for (int64_t g = 0; g < kvh; g++) {
+            const float *kr = k + b * kv_stride + g * D, *vr = v + b * kv_stride + g * D;
+            float *kd = kbuf + ((b * kvh + g) * cap + length) * D, *vd = vbuf + ((b * kvh + g) * cap + length) * D;
+            for (int64_t d = 0; d < D; d++) {
+                float rot = d < half ? -kr[d + half] : kr[d - half];
+                kd[d] = kr[d] * c[d] + rot * s[d];
+                vd[d] = vr[d];
+            }
+        }
+    }
+    int par = threads > 1 && B * nh * (length + 1) * D >= 262144;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (par)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < nh; h++) {
+            const float *c = cos + b * D, *s = sin + b * D, *qr = q + b * q_stride + h * D;
+            float qh[512], acc[512];
+            for (int64_t d = 0; d < D; d++) {
+                float rot = d < half ? -qr[d + half] : qr[d - half];
+                qh[d] = qr[d] * c[d] + rot * s[d];
+                acc[d] = 0.f;
+            }
+            int64_t g = h / groups;
+            const float *K = kbuf + (b * kvh + g) * cap * D, *V = vbuf + (b * kvh + g) * cap * D;
+            float m = -INFINITY, l = 0.f;
+            for (int64_t t = pads[b]; t <= length; t++) {
+                float score = 0.f;
+                for (int64_t d = 0; d < D; d++) score += qh[d] * K[t * D + d];
+                score *= scale;
+                if (score > m) { /* a new running max: rescale what was accumulated */
+                    float r = expf(m - score);
+                    l *= r;
+                    for (int64_t d = 0; d < D; d++) acc[d] *= r;
+                    m = score;
+                }
+                float p = expf(score - m);
+                l += p;
+                for (int64_t d = 0; d < D; d++) acc[d] += p * V[t * D + d];
+            }
+            float *o = out + b * nh * D + h * D;
+            for (int64_t d = 0; d < D; d++) o[d] = acc[d] / l;
+        }
+}
