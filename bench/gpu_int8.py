@@ -1,0 +1,166 @@
+"""The GPU int8 check of issue 12, one short script for a lent machine (<= 5 minutes on an H200):
+
+1. kernels: a Mixtral expert's shape (K = 4096 -> N = 14336, and its down projection 14336 -> 4096)
+   at M = 1, 16, 128, 512: bf16 ``F.linear`` against haq's int8 paths: the Triton fused W8A8
+   kernel (quantize + int8 GEMM + rescale), the Triton weight-only kernel (int8 weights, bf16
+   math), and the ``int_mm`` backend (PyTorch ops around ``torch._int_mm``). Median of CUDA-event
+   timings; exactness of every int8 path checked against the float backend first.
+2. engine: the bundled tiny-mixtral, bf16 experts against int8 (RTN) at the same device bytes
+   (the budget the int8 experts need in full), decode tokens/s, on each int8 backend.
+
+Writes OUT/kernels-h200-int8.{json,md} and OUT/engine-h200-int8.{json,md} (OUT: --out, default
+bench/results). `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 to check the script.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median ms of `fn()` (CUDA events on a GPU, wall clock on the CPU)."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def kernels(device, shapes, ms, repeats: int) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from haq.kernels import triton_int8
+    from haq.kernels.grid import quantize_weight, weight_scales
+    from haq.kernels.int8 import int8_linear
+
+    rows = []
+    for K, N in shapes:
+        w = torch.randn(N, K, device=device) * 0.02
+        scale = weight_scales(w)
+        q = quantize_weight(w, scale)
+        wb = w.bfloat16()
+        for M in ms:
+            x = torch.randn(M, K, device=device)
+            xb = x.bfloat16()
+            exact = int8_linear(x, q.t(), scale, impl="float")
+            paths = {"triton w8a8": lambda: triton_int8.w8a8_linear(x, q, scale),
+                     "triton weight-only": lambda: triton_int8.weight_only_linear(xb, q, scale),
+                     "int_mm": lambda: int8_linear(x, q.t(), scale, impl="int_mm")}
+            row = {"K": K, "N": N, "M": M, "bf16_ms": round(timed(lambda: F.linear(xb, wb), device, repeats), 4)}
+            for name, fn in paths.items():
+                if name != "triton weight-only":
+                    row[f"{name} exact"] = bool(torch.equal(fn(), exact))
+                ms_ = timed(fn, device, repeats)
+                row[f"{name}_ms"] = round(ms_, 4)
+                row[f"{name} / bf16 speed"] = round(row["bf16_ms"] / ms_, 3)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def engine_runs(device, new_tokens: int) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from haq.api import build_engine
+    from haq.quant.pipeline import quantize_model
+    from haq.quant.recipe import Recipe
+    from haq.runtime.hardware import load_profile
+    from haq.runtime.record import record_trace
+    from haq.runtime.store import extract_experts
+
+    folder = ROOT / "haq" / "zoo" / "assets" / "tiny-mixtral"
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    int8 = copy.deepcopy(base)
+    quantize_model(int8, Recipe(method="rtn"), torch.randint(0, base.config.vocab_size, (2, 64)), progress=False)
+    weights, _ = extract_experts(int8.model.layers[0].mlp.experts)
+    budget = weights[0].nbytes * len(weights) * base.config.num_hidden_layers  # every int8 expert resident
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, base.config.vocab_size, (1, 32), generator=g)
+    profile = record_trace(base, torch.randint(0, base.config.vocab_size, (4, 128), generator=g), "tiny-mixtral",
+                           progress=False)
+    rows = []
+    variants = [("bf16", base, None), ("int8 int_mm", int8, "int_mm"), ("int8 triton", int8, "triton")]
+    for name, model, impl in variants[:2] if device.type == "cpu" else variants:  # Triton: CUDA only here
+        model = copy.deepcopy(model)
+        if name == "bf16":
+            model = model.to(torch.bfloat16)
+        for module in model.modules():
+            if impl is not None and hasattr(module, "impl"):
+                module.impl = impl
+        engine = build_engine(model, budget_bytes=budget, hardware=load_profile("laptop"), device=str(device),
+                              policy="lru", profile=profile)
+        engine.generate(prompt, max_new_tokens=4)
+        tokens, metrics = engine.generate(prompt, max_new_tokens=new_tokens)
+        engine.close()
+        rows.append({"experts": name, "budget_mib": round(budget / 2**20, 2), "decode_tok_s": round(metrics.tokens_per_s, 1),
+                     "p50_ms": round(metrics.latency_p50_ms, 3), "hit_rate": round(metrics.hit_rate, 3),
+                     "tokens": tokens[:8]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] +
+                     ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton's interpreter)")
+    parser.add_argument("--repeats", type=int, default=50)
+    args = parser.parse_args()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    from haq.io import atomic_write_text
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run on the GPU machine, or --smoke on the CPU")
+    shapes, ms = ([(64, 96)], [1, 16]) if args.smoke else ([(4096, 14336), (14336, 4096)], [1, 16, 128, 512])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)"
+    suffix = "smoke" if args.smoke else "h200"
+    krows = kernels(device, shapes, ms, 3 if args.smoke else args.repeats)
+    erows = engine_runs(device, 8 if args.smoke else 32)
+    for name, rows, title in [(f"kernels-{suffix}-int8", krows, "int8 kernels vs bf16 F.linear"),
+                              (f"engine-{suffix}-int8", erows, "engine decode, bf16 vs int8 experts at one budget")]:
+        if not rows:
+            continue
+        meta = {"gpu": gpu, "torch": torch.__version__, "rows": rows}
+        atomic_write_text(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
+        atomic_write_text(out / f"{name}.md", f"# {title} ({gpu}, torch {torch.__version__})\n\n"
+                          "`python bench/gpu_int8.py` (median of CUDA-event timings, ms).\n\n" + table(rows))
+        print(f"wrote {out / name}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
