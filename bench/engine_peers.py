@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, machine, md_table, write_results
+from common import ROOT, git_rev, machine, md_table, write_results
 
 LLAMA = ROOT / ".peers" / "llama.cpp"
 PROMPT, DECODE = 64, 32
@@ -42,17 +42,21 @@ def read_bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-def bytes_per_token(config: dict, weight_bytes: float) -> float:
+def bytes_per_token(config: dict, weight_bytes: float, head_bytes: float | None = None) -> float:
     """Weights a decode token reads: everything but the embedding table and the unrouted experts,
-    plus the lm_head (the tied embedding read whole); KV at this context is negligible."""
+    plus the lm_head (the tied embedding read whole, at `head_bytes` per weight when it is kept in
+    another precision: haq's int8 checkpoints keep it and the routers in fp32); KV at this context
+    is negligible."""
     h, v, layers = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
     inter = config["intermediate_size"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = h // heads
     attn = h * head_dim * (heads + 2 * kv) + heads * head_dim * h
     experts, top_k = config.get("num_local_experts", 1), config.get("num_experts_per_tok", 1)
-    mlp = 3 * h * inter * top_k + (h * experts if experts > 1 else 0)
-    return (layers * (attn + mlp) + v * h) * weight_bytes
+    mlp = 3 * h * inter * top_k
+    router = h * experts if experts > 1 else 0
+    head = head_bytes if head_bytes is not None else weight_bytes
+    return layers * ((attn + mlp) * weight_bytes + router * head) + v * h * head
 
 
 def convert(model: Path, out: Path, outtype: str) -> Path:
@@ -133,12 +137,12 @@ def main() -> None:
         tok = api.load(str(folder))[1]
         prompt_ids = tok("The history of the city begins in the early middle ages, when a small settlement "
                          "grew around the river crossing. " * 4)["input_ids"][:PROMPT]
-        variants += [("haq", name, "fp32", lambda f=folder, p=prompt_ids: haq_bench(f, args.threads, p), 4.0),
-                     ("haq", name, "int8 W8A8", lambda f=int8, p=prompt_ids: haq_bench(f, args.threads, p), 1.0),
+        variants += [("haq", name, "fp32", lambda f=folder, p=prompt_ids: haq_bench(f, args.threads, p), (4.0, None)),
+                     ("haq", name, "int8 W8A8", lambda f=int8, p=prompt_ids: haq_bench(f, args.threads, p), (1.0, 4.0)),
                      ("llama.cpp", name, "F32", lambda g=convert(folder, work / f"{name}-f32.gguf", "f32"):
-                      llama_bench(g, args.threads), 4.0),
+                      llama_bench(g, args.threads), (4.0, None)),
                      ("llama.cpp", name, "Q8_0", lambda g=convert(folder, work / f"{name}-q8_0.gguf", "q8_0"):
-                      llama_bench(g, args.threads), Q8_0_BYTES)]
+                      llama_bench(g, args.threads), (Q8_0_BYTES, None))]
     bandwidth = read_bandwidth(args.threads)
     runs: dict[tuple, list[dict]] = {}
     loads = []
@@ -156,7 +160,7 @@ def main() -> None:
         rows.append({"tool": tool, "model": model, "weights": weights, "threads": args.threads,
                      "prompt_tok_s": round(statistics.median(r["prompt_tok_s"] for r in rs), 2),
                      "decode_tok_s": round(decode, 2), "ms_per_token": round(1000 / decode, 2),
-                     "bound_tok_s": round(bandwidth / bytes_per_token(configs[model], wbytes), 1),
+                     "bound_tok_s": round(bandwidth / bytes_per_token(configs[model], *wbytes), 1),
                      "load": round(statistics.median(loads), 2), "decode_runs": [round(r["decode_tok_s"], 2) for r in rs]})
     ratios = []
     for model in args.models:
@@ -177,8 +181,9 @@ def main() -> None:
           f"{args.repeats} interleaved repetitions, medians; load average median {statistics.median(loads):.2f}. "
           f"Measured DRAM read bandwidth {bandwidth / 1e9:.1f} GB/s ({args.threads} threads, a 1 GiB sum); "
           "bound_tok_s = bandwidth / weight bytes a decode token reads (attention, router, the top-k experts, "
-          "the lm_head). haq: budget 0 (every expert on the CPU). llama.cpp 0.3.36's llama-bench on GGUF from "
-          "its own converter.\n\n" + md_table(rows, columns) + "\n" + md_table(ratios, list(ratios[0])))
+          "the lm_head; haq's int8 checkpoints keep the lm_head and routers in fp32, llama.cpp's Q8_0 quantizes the "
+          "lm_head too). haq: budget 0 (every expert on the CPU). llama.cpp 0.3.36's llama-bench on GGUF from "
+          f"its own converter. haq at git {git_rev()}.\n\n" + md_table(rows, columns) + "\n" + md_table(ratios, list(ratios[0])))
     name = "engine" if args.threads == 2 else f"engine-t{args.threads}"  # the issue's setting is 2 threads
     write_results(name, {"machine": machine(), "bandwidth_Bps": bandwidth, "rows": rows, "ratios": ratios}, md)
 
