@@ -153,6 +153,12 @@ def main() -> None:
             runs.setdefault((tool, model, weights), []).append(result)
             print(f"rep {rep + 1}: {tool} {model} {weights}: prompt {result['prompt_tok_s']:.1f} tok/s, "
                   f"decode {result['decode_tok_s']:.2f} tok/s", flush=True)
+    # the bound must bound: where a tool's decode read its weights faster than the streaming sum
+    # measured, the bandwidth is at least that (a decode token reads every byte in bytes_per_token)
+    read_rates = {(tool, model, weights): max(r["decode_tok_s"] for r in runs[(tool, model, weights)])
+                  * bytes_per_token(configs[model], *wbytes) for tool, model, weights, _, wbytes in variants}
+    fastest = max(read_rates, key=read_rates.get)
+    bandwidth_sum, bandwidth = bandwidth, max(bandwidth, read_rates[fastest])
     rows = []
     for tool, model, weights, _, wbytes in variants:
         rs = runs[(tool, model, weights)]
@@ -179,13 +185,16 @@ def main() -> None:
     md = (f"# CPU engine vs llama.cpp ({machine()['cpu']}, {args.threads} threads)\n\n"
           f"`python bench/engine_peers.py` (`make bench-engine`): prompt {PROMPT} tokens, decode {DECODE}, "
           f"{args.repeats} interleaved repetitions, medians; load average median {statistics.median(loads):.2f}. "
-          f"Measured DRAM read bandwidth {bandwidth / 1e9:.1f} GB/s ({args.threads} threads, a 1 GiB sum); "
+          f"DRAM read bandwidth {bandwidth / 1e9:.1f} GB/s: the larger of a streaming 1 GiB sum "
+          f"({bandwidth_sum / 1e9:.1f} GB/s, {args.threads} threads) and the fastest decode's weight read rate "
+          f"({read_rates[fastest] / 1e9:.1f} GB/s, {' '.join(fastest)}); "
           "bound_tok_s = bandwidth / weight bytes a decode token reads (attention, router, the top-k experts, "
           "the lm_head; haq's int8 checkpoints keep the lm_head and routers in fp32, llama.cpp's Q8_0 quantizes the "
           "lm_head too). haq: budget 0 (every expert on the CPU). llama.cpp 0.3.36's llama-bench on GGUF from "
           f"its own converter. haq at git {git_rev()}.\n\n" + md_table(rows, columns) + "\n" + md_table(ratios, list(ratios[0])))
     name = "engine" if args.threads == 2 else f"engine-t{args.threads}"  # the issue's setting is 2 threads
-    write_results(name, {"machine": machine(), "bandwidth_Bps": bandwidth, "rows": rows, "ratios": ratios}, md)
+    write_results(name, {"machine": machine(), "bandwidth_Bps": bandwidth, "bandwidth_sum_Bps": bandwidth_sum,
+                         "rows": rows, "ratios": ratios}, md)
 
 
 if __name__ == "__main__":

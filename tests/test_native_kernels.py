@@ -85,7 +85,7 @@ def random_experts(E: int, H: int, I: int, gen: torch.Generator) -> Int8Experts:
     return m
 
 
-@pytest.mark.parametrize("T,K", [(1, 2), (2, 1), (4, 3), (3, 8)])
+@pytest.mark.parametrize("T,K", [(1, 2), (2, 1), (4, 3), (3, 8), (16, 2)])
 def test_grouped_layer_equals_the_experts_call_by_call(kernels, T: int, K: int) -> None:
     g = torch.Generator().manual_seed(T * 10 + K)
     E, H, I = 8, 96, 72

@@ -92,6 +92,8 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
     lib.haq_row_sums.argtypes = [p, i64, i64, p]
     lib.haq_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i32, i32, f32, p, i32, p]
     lib.haq_moe.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32, p, p, i32, p]
+    lib.haq_moe_scratch.argtypes = [i64, i64, i64, i64]
+    lib.haq_moe_scratch.restype = i64
     lib.haq_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, p, f32, p, i32]
     for fn in (lib.haq_row_sums, lib.haq_linear, lib.haq_moe, lib.haq_decode_attention):
         fn.restype = None

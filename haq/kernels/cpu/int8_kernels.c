@@ -142,33 +142,49 @@ void haq_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const int
 static float silu(float v) { return v / (1.f + expf(-v)); }
 
 /* One MoE layer's routed experts in one call, for P (token, expert) pairs sorted by expert:
- * each token quantized once and shared by its experts; gate_up [2I, H] for every pair; h = silu(gate)
- * * up, quantized per pair; down [H, I]; then out[token] += weight * y in pair order (the
- * ascending-expert order of haq.kernels.moe.combine), or, with out NULL, y written per pair.
- * Pointer tables, indexed by expert, hold the layer's expert tensors (gate_up, its row sums and
- * scales; down, likewise): the weights stay where the caller keeps them, nothing is restacked.
- * scratch: T*H + P*I bytes, then P*(2I + H) + T + P floats. */
+ * each token quantized once and shared by its experts; the pairs of one expert form a segment
+ * whose rows go through its gate_up [2I, H] together (its weights read once for all of them);
+ * h = silu(gate) * up, quantized per pair; down [H, I] likewise; then out[token] += weight * y in
+ * pair order (the ascending-expert order of haq.kernels.moe.combine), or, with out NULL, y
+ * written per pair. Pointer tables, indexed by expert, hold the layer's expert tensors (gate_up,
+ * its row sums and scales; down, likewise): the weights stay where the caller keeps them.
+ * scratch: haq_moe_scratch(T, H, I, P) bytes. */
+static int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
+
+int64_t haq_moe_scratch(int64_t T, int64_t H, int64_t I, int64_t P) {
+    return align64(T * H) + align64(P * H) + align64(P * I) + align64(4 * (P * (2 * I + H) + T + 2 * P)) +
+           8 * (P + 1);
+}
+
 void haq_moe(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const int64_t *pair_token,
              const int64_t *pair_expert, const float *pair_weight, const int64_t *gu_w, const int64_t *gu_sums,
              const int64_t *gu_ws, const int64_t *dn_w, const int64_t *dn_sums, const int64_t *dn_ws, int qmax,
              float *out, float *y_pairs, int threads, uint8_t *scratch) {
-    uint8_t *xu = scratch, *hu = scratch + T * H;
-    float *g = (float *)(scratch + ((T * H + P * I + 63) / 64) * 64);
-    float *y = g + P * 2 * I, *xs = y + P * H, *hs = xs + T;
+    uint8_t *xu_tok = scratch, *xu = xu_tok + align64(T * H), *hu = xu + align64(P * H);
+    float *g = (float *)(hu + align64(P * I));
+    float *y = g + P * 2 * I, *xs_tok = y + P * H, *xs = xs_tok + T, *hs = xs + P;
+    int64_t *seg = (int64_t *)((uint8_t *)g + align64(4 * (P * (2 * I + H) + T + 2 * P)));
     if (y_pairs) y = y_pairs;
-    quantize(x, T, H, qmax, 0, 0.f, xu, xs);
+    quantize(x, T, H, qmax, 0, 0.f, xu_tok, xs_tok);
+    int64_t S = 0;
+    for (int64_t p = 0; p < P; p++) { /* levels in pair order; segments of one expert */
+        memcpy(xu + p * H, xu_tok + pair_token[p] * H, (size_t)H);
+        xs[p] = xs_tok[pair_token[p]];
+        if (p == 0 || pair_expert[p] != pair_expert[p - 1]) seg[S++] = p;
+    }
+    seg[S] = P;
     int64_t rows_gu = block_rows(H), blocks_gu = (2 * I + rows_gu - 1) / rows_gu;
     int64_t rows_dn = block_rows(I), blocks_dn = (H + rows_dn - 1) / rows_dn;
     int par = threads > 1 && P * I * H >= 65536;
 #pragma omp parallel num_threads(threads) if (par)
     {
 #pragma omp for collapse(2) schedule(static)
-        for (int64_t p = 0; p < P; p++)
+        for (int64_t s = 0; s < S; s++)
             for (int64_t b = 0; b < blocks_gu; b++) {
                 int64_t n0 = b * rows_gu, n1 = n0 + rows_gu < 2 * I ? n0 + rows_gu : 2 * I;
-                int64_t t = pair_token[p], e = pair_expert[p];
-                gemm_rows(xu + t * H, xs + t, 1, (const int8_t *)gu_w[e], (const int32_t *)gu_sums[e],
-                          (const float *)gu_ws[e], NULL, H, n0, n1, g + p * 2 * I, 2 * I);
+                int64_t p0 = seg[s], e = pair_expert[p0];
+                gemm_rows(xu + p0 * H, xs + p0, seg[s + 1] - p0, (const int8_t *)gu_w[e], (const int32_t *)gu_sums[e],
+                          (const float *)gu_ws[e], NULL, H, n0, n1, g + p0 * 2 * I, 2 * I);
             }
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < P; p++) {
@@ -177,12 +193,12 @@ void haq_moe(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const i
             quantize(gp, 1, I, qmax, 0, 0.f, hu + p * I, hs + p);
         }
 #pragma omp for collapse(2) schedule(static)
-        for (int64_t p = 0; p < P; p++)
+        for (int64_t s = 0; s < S; s++)
             for (int64_t b = 0; b < blocks_dn; b++) {
                 int64_t n0 = b * rows_dn, n1 = n0 + rows_dn < H ? n0 + rows_dn : H;
-                int64_t e = pair_expert[p];
-                gemm_rows(hu + p * I, hs + p, 1, (const int8_t *)dn_w[e], (const int32_t *)dn_sums[e],
-                          (const float *)dn_ws[e], NULL, I, n0, n1, y + p * H, H);
+                int64_t p0 = seg[s], e = pair_expert[p0];
+                gemm_rows(hu + p0 * I, hs + p0, seg[s + 1] - p0, (const int8_t *)dn_w[e], (const int32_t *)dn_sums[e],
+                          (const float *)dn_ws[e], NULL, I, n0, n1, y + p0 * H, H);
             }
     }
     if (!out) return;
