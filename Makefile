@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m haq.demo
+	$(PY) -m haq.demo $(DEMO_ARGS)
 
 bench-zoo: $(STAMP)
 	$(PY) bench/zoo.py
