@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     from haq.quant.recipe import Recipe
 
     labels = [("rtn", False), ("haq", False)] + ([("haq", True)] if args.rotate else [])
-    steps = Steps(3 + 2 * len(labels) + 2)
+    steps = Steps(2 + 2 * len(labels) + 2)
     steps.run(f"building {MODEL} from the bundled smollm2-135m (cached after the first run)", lambda: zoo.build(MODEL))
 
     def evaluate(ref) -> tuple[float, int]:

@@ -59,3 +59,53 @@ def test_an_unsupported_architecture_is_one_line_listing_the_supported_ones(caps
     code, err = run(capsys, command, str(tmp_path), *extra)
     assert code == 2 and "\n" not in err
     assert err.startswith("haq: error: unsupported architecture 'gpt2'") and "deepseek_v2" in err and "gemma3_text" in err
+
+
+def test_every_recipe_field_is_a_flag_with_its_default_in_the_help(capsys, monkeypatch):
+    import dataclasses
+
+    from haq.quant.recipe import Recipe
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside "coarse-to-fine"
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(Recipe):
+        assert "--" + f.name.replace("_", "-") in text and f"(default: {f.default})" in text, f.name
+
+
+def test_recipe_file_flags_win_and_the_summary_lists_the_layers(capsys, tmp_path):
+    import json
+
+    from haq import zoo
+
+    (tmp_path / "r.yaml").write_text("method: smoothquant\nalpha: 0.25\nactorder: false\n")
+    (tmp_path / "calib.txt").write_text("The river crossing grew into a town, then a city. " * 40)
+    out = tmp_path / "q"
+    code = main(["quantize", str(zoo.build("tiny-mixtral")), "--recipe", str(tmp_path / "r.yaml"), "--alpha", "0.75",
+                 "--calib", str(tmp_path / "calib.txt"), "--nsamples", "2", "--seqlen", "16", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    recipe = json.loads((out / "haq_config.json").read_text())["recipe"]
+    assert (recipe["method"], recipe["alpha"], recipe["actorder"]) == ("smoothquant", 0.75, False)
+    assert printed.startswith(f"wrote {out}: smoothquant W8A8") and "layer   0" in printed and "layer   1" in printed
+
+
+@pytest.mark.parametrize("text,suffix,needle", [
+    ("method: haq\nalpah: 0.3\n", ".yaml", "unknown fields ['alpah']"),
+    ("{\"wbits\": 9}", ".json", "--wbits must be in [2, 8]"),
+    ("- a list\n", ".yaml", "must hold a mapping"),
+    ("{bad json", ".json", "is not valid JSON"),
+    ("method: [unclosed\n", ".yaml", "is not valid YAML"),
+])
+def test_bad_recipe_files_are_one_line_errors(capsys, tmp_path, text, suffix, needle):
+    path = tmp_path / f"recipe{suffix}"
+    path.write_text(text)
+    code, err = run(capsys, "quantize", str(tmp_path), "--recipe", str(path), "-o", str(tmp_path / "out"))
+    assert code == 2 and needle in err and "\n" not in err
+
+
+def test_a_missing_recipe_file_is_a_one_line_error(capsys, tmp_path):
+    code, err = run(capsys, "quantize", str(tmp_path), "--recipe", str(tmp_path / "none.yaml"), "-o",
+                    str(tmp_path / "out"))
+    assert code == 2 and "cannot read the recipe file" in err and "\n" not in err

@@ -42,16 +42,56 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _write_json(args.json, {"model": str(path), "dataset": args.dataset, **result.to_dict()})
 
 
+def add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per recipe field, typed and with its default in the help; unset flags leave the
+    field to --recipe FILE, then to the recipe's default."""
+    import dataclasses
+    import typing
+
+    from haq.quant.recipe import FIELD_HELP, Recipe
+
+    hints = typing.get_type_hints(Recipe)
+    for f in dataclasses.fields(Recipe):
+        kind, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        extra: dict = {"type": kind} if kind in (int, float) else {}
+        if kind is bool:
+            extra = {"action": argparse.BooleanOptionalAction}
+        elif typing.get_origin(kind) is typing.Literal:
+            extra = {"choices": [c for c in typing.get_args(kind) if c != "fp"]}  # fp: nothing to quantize
+        if "type" in extra:
+            extra["metavar"] = f.name.upper()
+        p.add_argument(flag, dest=f"recipe_{f.name}", default=argparse.SUPPRESS,
+                       help=f"{FIELD_HELP[f.name]} (default: {f.default})", **extra)
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from haq.api import quantize
     from haq.quant.recipe import Recipe
 
-    recipe = Recipe(method=args.method, wbits=args.wbits, abits=args.abits, act=args.act, alpha=args.alpha,
-                    alpha_search=args.alpha_search, calibrate_all_experts=args.calibrate_all_experts,
-                    rotate=args.rotate)
+    fields = Recipe.from_file(args.recipe) if args.recipe else {}
+    fields.update({k[len("recipe_"):]: v for k, v in vars(args).items() if k.startswith("recipe_")})
+    recipe = Recipe.from_dict(fields)
     out = quantize(args.model, recipe, args.output, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                    seed=args.seed)
-    print(f"wrote {out}")
+    print_quant_summary(out)
+
+
+def print_quant_summary(out) -> None:
+    """What the run chose, from the checkpoint's own haq_config.json."""
+    from haq.checkpoint.native import read_quant_config
+
+    meta = read_quant_config(out)
+    recipe, layers = meta["recipe"], meta.get("layers", [])
+    calibration = meta.get("calibration", {})
+    print(f"wrote {out}: {recipe['method']} W{recipe['wbits']}A{recipe['abits']}, {meta.get('quant_seconds', 0):.0f}s, "
+          f"{calibration.get('tokens', 0)} calibration tokens ({calibration.get('name', '?')})")
+    for layer in layers:
+        alphas = ", ".join(f"{k} {'-' if v is None else f'{v:g}'}" for k, v in layer.get("alphas", {}).items())
+        notes = [layer["weights"]] if layer.get("weights") else []
+        if layer.get("fallbacks"):
+            notes.append(f"{len(layer['fallbacks'])} fallbacks")
+        print(f"  layer {layer['index']:3d}  {layer.get('seconds', 0):6.1f}s  alphas: {alphas or '-'}"
+              + (f"  ({', '.join(notes)})" if notes else ""))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -195,26 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if built")
     p.set_defaults(func=cmd_zoo)
 
-    p = sub.add_parser("quantize", help="post-training quantization (W8A8: adaptive smoothing + GPTQ)")
+    p = sub.add_parser("quantize", help="post-training quantization (W8A8: adaptive smoothing + GPTQ)",
+                       description="Flags set recipe fields; --recipe FILE sets them from YAML or JSON (the flags "
+                                   "given win). The defaults shown are the recipe's.")
     p.add_argument("model", help="model folder or zoo name")
-    p.add_argument("--method", default="haq", choices=["rtn", "smoothquant", "gptq", "haq"])
-    p.add_argument("--wbits", type=int, default=8)
-    p.add_argument("--abits", type=int, default=8, help="activation bits; 16 = weight-only")
-    p.add_argument("--act", default="per-token", choices=["per-token", "per-tensor"],
-                   help="activation scales: dynamic per token, or static per tensor (calibrated)")
-    p.add_argument("--alpha", type=float, default=0.5, help="smoothquant's fixed migration strength")
-    p.add_argument("--alpha-search", default="coarse-to-fine", choices=["coarse-to-fine", "grid"],
-                   help="haq: search the alpha grid hierarchically (about half the block evaluations) or whole")
-    p.add_argument("--calib", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | PATH")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--calibrate-all-experts", action="store_true",
-                   help="expert Hessians from all tokens (outputs still combine routed experts only)")
-    p.add_argument("--rotate", action="store_true",
-                   help="rotate the residual stream (exact; unties a tied lm_head) and, in dense MLPs, the "
-                        "down_proj inputs at run time: flattens outlier tokens; online-rotated checkpoints do not "
-                        "export to compressed-tensors")
+    p.add_argument("--recipe", metavar="FILE", help="recipe fields from a YAML or JSON file (unknown fields refused)")
+    add_recipe_flags(p)
+    p.add_argument("--calib", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | PATH (default: %(default)s)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: %(default)s)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="calibration window sampling seed (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.set_defaults(func=cmd_quantize)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Literal
 
 from haq.errors import HaqError
@@ -13,6 +14,26 @@ METHODS: tuple[str, ...] = ("fp", "rtn", "smoothquant", "gptq", "haq")
 
 
 _FIELD_TYPES = {"int": int, "float": float, "bool": bool}  # the rest are strings (Literal choices)
+
+FIELD_HELP = {
+    "method": "rtn: round to nearest; smoothquant: fixed-alpha smoothing + RTN; gptq: Hessian-aware weights; "
+              "haq: per-layer alpha searched on the quantized block's output error, then GPTQ",
+    "wbits": "weight bits (per output channel, symmetric)",
+    "abits": "activation bits; 16 = weight-only (activations stay float)",
+    "act": "activation scales: dynamic per token, or static per tensor (calibrated)",
+    "alpha": "smoothquant's fixed migration strength",
+    "alpha_step": "haq's alpha grid step: candidates none, 0, step, ..., 1",
+    "alpha_search": "haq: search the alpha grid hierarchically (about half the block evaluations) or whole",
+    "search_tokens": "calibration tokens (whole windows) on which haq scores alphas by block error",
+    "percdamp": "GPTQ damping, a fraction of mean diag(H); raised x10 until the Cholesky succeeds",
+    "blocksize": "GPTQ column block size",
+    "actorder": "GPTQ: quantize columns in decreasing Hessian diagonal order",
+    "calibrate_all_experts": "expert Hessians from all tokens (outputs still combine routed experts only)",
+    "min_expert_tokens": "experts routed fewer calibration tokens than this get RTN weights, with a warning",
+    "rotate": "rotate the residual stream (exact; unties a tied lm_head) and, in dense MLPs, the down_proj inputs "
+              "at run time: flattens outlier tokens; online-rotated checkpoints do not export to compressed-tensors",
+}
+"""What each field does, for `haq quantize --help` (one flag per field)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,32 @@ class Recipe:
         if unknown:
             raise HaqError(f"unknown recipe keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> dict:
+        """The recipe fields a YAML or JSON file sets (checked by `from_dict` once flags are merged in)."""
+        import yaml
+
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise HaqError(f"cannot read the recipe file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            where = f"line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "its syntax"
+            raise HaqError(f"the recipe file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
+                           f"({where}): fix it or write the fields as flags") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise HaqError(f"the recipe file {path} must hold a mapping of recipe fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(map(str, data)) - known)
+        if unknown:
+            raise HaqError(f"the recipe file {path} has unknown fields {unknown}; known: {sorted(known)}")
+        return data
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
