@@ -59,12 +59,12 @@ def peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def git_rev() -> str:
+def git_rev(repo: Path = ROOT) -> str:
     """The short commit the results came from (with '+dirty' for uncommitted changes)."""
     import subprocess
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True).stdout.strip()
 
     rev = git("rev-parse", "--short", "HEAD") or "unknown"
     return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")

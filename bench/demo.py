@@ -29,11 +29,12 @@ def main() -> None:
             times[target] = time.perf_counter() - start
             print(f"make {target}: {times[target]:.0f}s", flush=True)
         demo = json.loads(steps.read_text())
+        rev = git_rev(clone)  # what ran: the clone's commit, not this working tree
     result = {"wall_s": round(times["demo"], 1), "setup_s": round(times["setup"], 1),
-              "steps_s": demo["steps_s"], "ppl": demo["ppl"], "machine": machine(), "git": git_rev(),
+              "steps_s": demo["steps_s"], "ppl": demo["ppl"], "machine": machine(), "git": rev,
               "load": round(max(load + [demo["load"]]), 2)}
     rows = [{"step": k, "seconds": v} for k, v in demo["steps_s"].items()]
-    md = (f"# `make demo` on a fresh clone ({machine()['cpu']}, git {git_rev()})\n\n"
+    md = (f"# `make demo` on a fresh clone ({machine()['cpu']}, git {rev})\n\n"
           f"`python bench/demo.py`: an empty HOME, `make setup` {times['setup']:.0f} s, then `make demo` "
           f"**{times['demo']:.0f} s** (model builds included), load average up to {result['load']}.\n\n"
           + md_table(rows, ["step", "seconds"]) + "\n" + md_table(demo["ppl"], ["model", "weights", "ppl", "tokens"]))

@@ -155,3 +155,31 @@ def test_table_plots_and_errors(small_trace, rtx4090, tmp_path):
         simulate(small_trace, rtx4090, nbytes, nbytes, ["clairvoyant"])
     with pytest.raises(HaqError, match="needs a ranking"):
         simulate(small_trace, rtx4090, nbytes, nbytes, ["fiddler-list"])
+
+
+def test_simulate_cli_takes_expert_bytes_and_nonexpert_time_from_a_measured_profile(small_trace, tmp_path, capsys):
+    """`haq profile-hw MODEL` writes the model's costs; `haq simulate TRACE --hardware PROFILE` then
+    needs no --expert-bytes and adds the rest of each decode step to every layer."""
+    import json
+
+    from haq.cli import main
+    from haq.runtime.hardware import ModelCosts, Quantity, profile_from_dict
+    from haq.runtime.trace import save_trace
+
+    nbytes, per_layer = 32 * 2**20, 2e-3
+    trace_path = tmp_path / "t.npz"
+    save_trace(trace_path, small_trace)
+    plain = load_profile("laptop")
+    measured = dataclasses.replace(plain, model_costs=ModelCosts("toy", nbytes, 2.0 * nbytes,
+                                                                 Quantity(per_layer, "s", "test")))
+    measured.save(tmp_path / "hw.json")
+    assert profile_from_dict(json.loads((tmp_path / "hw.json").read_text())) == measured
+    plain.save(tmp_path / "plain.json")
+    common = ["simulate", str(trace_path), "--policies", "lru", "--gpu-budget", "25%"]
+    assert main([*common, "--hardware", str(tmp_path / "hw.json"), "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*common, "--hardware", str(tmp_path / "plain.json"), "--expert-bytes", str(nbytes),
+                 "--json", str(tmp_path / "b.json")]) == 0
+    assert "counts expert calls only" in capsys.readouterr().err  # said for the profile without costs
+    with_costs, without = (json.loads((tmp_path / f"{n}.json").read_text())["rows"][0] for n in "ab")
+    added = (with_costs["latency_mean_s"] - without["latency_mean_s"]) / small_trace.meta.layers
+    assert added == pytest.approx(per_layer, rel=0.05)

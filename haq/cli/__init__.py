@@ -124,25 +124,43 @@ def cmd_trace(args: argparse.Namespace) -> None:
 
 
 def cmd_profile_hw(args: argparse.Namespace) -> None:
-    from haq.api import check_device
+    import dataclasses
+
+    import torch
+
+    from haq.api import build_engine, check_device, profile_trace_for
     from haq.models.adapters import adapter_for
     from haq.loading import load_model
+    from haq.runtime.hardware import ModelCosts, Quantity
     from haq.runtime.profile_hw import profile_hardware
     from haq.runtime.store import extract_experts
 
     if args.repeats < 1:
         raise HaqError(f"--repeats must be >= 1, got {args.repeats}")
     check_device(args.device)
-    model, _, path = load_model(args.model)
+    model, tokenizer, path = load_model(args.model)
     adapter = adapter_for(model.config)
     if adapter.moe is None:
         raise HaqError(f"{path} is a dense model: profile-hw measures expert calls of an MoE model")
     first = adapter.decoder_layers(model)[adapter.moe_layers(model.config)[0]]
     weights, math = extract_experts(first.get_submodule(adapter.moe.experts))
     profile = profile_hardware(weights[0], math, device=args.device, repeats=args.repeats)
+    # the rest of a decode step, per layer, on this model: what the simulator adds to expert times
+    trace = profile_trace_for(model, tokenizer, path.name, windows=1, seqlen=64)
+    engine = build_engine(model, budget_bytes=0, hardware=profile, policy="all-cpu", profile=trace,
+                          device=args.device or "cpu")
+    prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    nonexpert = engine.measure_overhead_s_per_layer(prompt, steps=max(8, args.repeats))
+    engine.close()
+    flops = 2.0 * (weights[0].gate_up.numel() + weights[0].down.numel())
+    source = (f"measured: median decode step of {path.name} with expert math taken out (attention, norms, router, "
+              f"dispatch), per layer, on {args.device or 'cpu'}")
+    profile = dataclasses.replace(profile, model_costs=ModelCosts(path.name, weights[0].nbytes, flops,
+                                                                  Quantity(nonexpert, "s", source)))
     profile.save(args.output)
     print(json.dumps(profile.to_dict(), indent=1))
-    print(f"wrote {args.output}; one expert is {weights[0].nbytes} bytes (`haq simulate --expert-bytes`)")
+    print(f"wrote {args.output}: one expert is {weights[0].nbytes} bytes, the rest of a decode step "
+          f"{nonexpert * 1e3:.3f} ms per layer (`haq simulate TRACE --hardware {args.output}` uses both)")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -175,20 +193,27 @@ def cmd_simulate(args: argparse.Namespace) -> None:
 
     mixtral = args.trace == "synthetic-mixtral"
     trace = generate_synthetic_trace(num_sequences=16, seq_len=256, seed=0) if mixtral else load_trace(args.trace)
-    expert_bytes = args.expert_bytes or (MIXTRAL_EXPERT_BYTES if mixtral else None)
+    hardware = load_profile(args.hardware)
+    costs = None if mixtral else hardware.model_costs  # measured for the traced model by `haq profile-hw MODEL`
+    expert_bytes = args.expert_bytes or (MIXTRAL_EXPERT_BYTES if mixtral else costs.expert_bytes if costs else None)
     if args.prefill < 0:
         raise HaqError(f"--prefill must be >= 0 tokens, got {args.prefill}")
     if expert_bytes is not None and expert_bytes < 1:
         raise HaqError(f"--expert-bytes must be >= 1, got {expert_bytes}")
     if not expert_bytes:
-        raise HaqError("--expert-bytes is needed for a trace of another model: `haq profile-hw MODEL` prints it")
+        raise HaqError("--expert-bytes is needed for a trace of another model: `haq profile-hw MODEL -o PROFILE` "
+                       "measures it (with the rest of a decode step), then pass --hardware PROFILE")
+    if not mixtral and costs is None:
+        print(f"note: {args.hardware} has no measured model costs, so the prediction counts expert calls only "
+              "(no attention, norms or dispatch): `haq profile-hw MODEL -o PROFILE` measures them", file=sys.stderr)
     total = expert_bytes * trace.meta.layers * trace.meta.num_experts
     if len(set(args.gpu_budget)) < len(args.gpu_budget):
         raise HaqError(f"--gpu-budget lists a value twice ({' '.join(args.gpu_budget)}): give each budget once")
     budgets = [parse_budget(b, total) for b in args.gpu_budget]
-    rows = simulate(trace, load_profile(args.hardware), budgets, expert_bytes, args.policies,
-                    flops_per_token=MIXTRAL_EXPERT_FLOPS if mixtral else None,
+    rows = simulate(trace, hardware, budgets, expert_bytes, args.policies,
+                    flops_per_token=MIXTRAL_EXPERT_FLOPS if mixtral else costs.flops_per_token if costs else None,
                     nonexpert_bytes_per_layer=MIXTRAL_NONEXPERT_BYTES_PER_LAYER if mixtral else 0,
+                    nonexpert_s_per_layer=costs.nonexpert_s_per_layer.value if costs else None,
                     prefill_tokens=args.prefill, ranking=load_fiddler_ranking() if mixtral else None)
     print(format_table(rows))
     if args.json:

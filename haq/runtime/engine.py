@@ -365,28 +365,26 @@ class Engine:
     @torch.no_grad()
     def measure_overhead_s_per_layer(self, prompt: torch.Tensor, steps: int = 8) -> float:
         """Seconds per layer of one decode step with expert arithmetic taken out: attention, norms,
-        router and this engine's own per-call dispatch (gather, policy, scatter), which the
-        simulator's per-expert times do not include. The engine's math is swapped for one that
+        router, sampling and this engine's own per-call dispatch (gather, policy, scatter), which
+        the simulator's per-expert times do not include; measured on the generator's own decode path
+        (its KV cache and attention), as a run decodes. The engine's math is swapped for one that
         returns zeros and its policy for all-cpu (no copies), then both are restored."""
-        math, policy = self.store.math, self.policy
-        self.store.math = _ZeroMath()
+        math, policy, grouped = self.store.math, self.policy, self.store.grouped
+        self.store.math, self.store.grouped = _ZeroMath(), None  # the grouped kernel would do the expert math
         self.policy = make_policy("all-cpu", self.policy_ctx)
         try:
-            ids = prompt.reshape(1, -1).to(self.device)
-            out = self.model(ids, use_cache=True)
-            token = out.logits[0, -1].argmax()
+            gen = self.generator(max_batch=1)
+            gen.add(prompt.reshape(-1).tolist(), SamplingParams(max_tokens=steps + 2, ignore_eos=True))
             times = []
-            for _ in range(steps):
+            while gen.has_work:
+                gen.step()
                 self._sync()
-                start = time.perf_counter()
-                out = self.model(token.reshape(1, 1), past_key_values=out.past_key_values, use_cache=True)
-                token = out.logits[0, -1].argmax()
-                self._sync()
-                times.append(time.perf_counter() - start)
+                if gen.last_step.decode_rows and not gen.last_step.prefill_tokens:
+                    times.append(gen.last_step.seconds)
         finally:
-            self.store.math, self.policy = math, policy
+            self.store.math, self.policy, self.store.grouped = math, policy, grouped
             self._reset_counters()
-        return float(np.median(times)) / self.store.num_layers
+        return float(np.median(times[1:] or times)) / self.store.num_layers  # the first decode step warms up
 
     def close(self) -> None:
         if self.pool is not None:

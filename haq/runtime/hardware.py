@@ -78,6 +78,18 @@ class ExpertTimes:
 
 
 @dataclass(frozen=True)
+class ModelCosts:
+    """What `haq profile-hw MODEL` measured of the model itself, so the simulator can replay its
+    traces without being told: one expert's bytes and flops per token, and the rest of a decode
+    step per layer (attention, norms, router, the engine's dispatch), which the expert times leave out."""
+
+    model: str
+    expert_bytes: int
+    flops_per_token: float
+    nonexpert_s_per_layer: Quantity
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     name: str
     description: str
@@ -87,6 +99,7 @@ class HardwareProfile:
     host_memory_bw: Quantity  # B/s, all agents together (CPU cores + the link's DMA reads)
     device_memory: Quantity  # bytes on the device
     device_is_host: bool = False  # the "device" is the CPU itself: device and CPU work share its cores
+    model_costs: ModelCosts | None = None  # measured for one model (haq profile-hw MODEL); presets have none
 
     def __post_init__(self) -> None:
         if self.host_memory_bw.value <= self.link.bw.value:
@@ -125,14 +138,25 @@ def _build(cls, data, where: str):
     for name, f in names.items():
         if name not in data:
             continue  # optional, keeps its default
-        sub = {"Quantity": Quantity, "Processor": Processor, "Link": Link}.get(str(f.type))
-        kwargs[name] = _build(sub, data[name], f"{where}.{name}") if sub else data[name]
+        sub = {"Quantity": Quantity, "Processor": Processor, "Link": Link,
+               "ModelCosts | None": ModelCosts}.get(str(f.type))
+        kwargs[name] = _build(sub, data[name], f"{where}.{name}") if sub and data[name] is not None else data[name]
     if cls is Quantity:
         v = kwargs["value"]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not QUANTITY_RANGE[0] <= v <= QUANTITY_RANGE[1]:
             raise HaqError(f"{where}.value must be a positive number in [{QUANTITY_RANGE[0]:g}, "
                            f"{QUANTITY_RANGE[1]:g}] (seconds, bytes, B/s or op/s), got {v!r}")
         kwargs["value"] = float(v)
+    elif cls is ModelCosts:
+        if not isinstance(kwargs["model"], str):
+            raise HaqError(f"{where}.model must be a string")
+        for key in ("expert_bytes", "flops_per_token"):
+            v = kwargs[key]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not QUANTITY_RANGE[0] <= v <= QUANTITY_RANGE[1]:
+                raise HaqError(f"{where}.{key} must be a positive number, got {v!r}")
+        if not float(kwargs["expert_bytes"]).is_integer():
+            raise HaqError(f"{where}.expert_bytes must be a whole number of bytes, got {kwargs['expert_bytes']!r}")
+        kwargs["expert_bytes"] = int(kwargs["expert_bytes"])
     elif cls is HardwareProfile:
         for key in ("name", "description"):
             if not isinstance(kwargs[key], str):

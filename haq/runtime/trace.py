@@ -79,7 +79,8 @@ def split_by_sequence(trace: Trace, frac: float = 0.5) -> tuple[Trace, Trace]:
     """
     seqs = trace.sequences()
     if len(seqs) < 2:
-        raise HaqError(f"trace has {len(seqs)} sequence(s); splitting into profile and eval parts needs >= 2")
+        raise HaqError(f"trace has {len(seqs)} sequence(s); splitting into profile and eval parts needs >= 2: "
+                       "record one over several windows with `haq trace MODEL`")
     if not 0.0 < frac < 1.0:
         raise HaqError(f"split fraction must be in (0, 1), got {frac}")
     cut = min(max(1, math.ceil(frac * len(seqs))), len(seqs) - 1)

@@ -59,6 +59,14 @@ HARDWARE = {
     "absurd-latency": _hw(lambda d: _set(d, "link.latency.value", 1e-300)),
     "string-value": _hw(lambda d: _set(d, "device.int8_ops.value", "fast")),
     "nan": _hw(lambda d: _set(d, "link.bw.value", float("nan"))),
+    "model-costs-a-string": _hw(lambda d: d.update(model_costs="fast")),
+    "model-costs-missing-key": _hw(lambda d: d.update(model_costs={"model": "m", "expert_bytes": 10})),
+    "model-costs-fractional-bytes": _hw(lambda d: d.update(model_costs={
+        "model": "m", "expert_bytes": 10.5, "flops_per_token": 20,
+        "nonexpert_s_per_layer": {"value": 1e-4, "unit": "s", "source": "x"}})),
+    "model-costs-negative-time": _hw(lambda d: d.update(model_costs={
+        "model": "m", "expert_bytes": 10, "flops_per_token": 20,
+        "nonexpert_s_per_layer": {"value": -1, "unit": "s", "source": "x"}})),
 }
 TRACES = {
     "other-model": None,  # tiny-qwen2-moe's trace: other layers and experts
