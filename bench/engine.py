@@ -18,8 +18,10 @@ and 8, budget 0.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -98,17 +100,83 @@ def profile(engine, prompts: list[list[int]], new_tokens: int) -> dict:
             "decode_tokens_per_s": steps * len(prompts) / total}
 
 
+def fake_quant_tokens(model_ref: str, recipe, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of the float model with every quantized linear and expert fake-quantized
+    (quantize-dequantize weights and activations, float GEMMs): the reference an int8 checkpoint
+    of `recipe` (RTN: the same integer levels) must reproduce."""
+    from contextlib import ExitStack
+
+    from haq.loading import load_model
+    from haq.models.adapters import adapter_for
+    from haq.quant.fake_quant import fake_quantized
+
+    model, _, _ = load_model(model_ref)
+    adapter = adapter_for(model.config)
+    outs = []
+    with ExitStack() as stack, torch.no_grad():
+        for i, layer in enumerate(adapter.decoder_layers(model)):
+            stack.enter_context(fake_quantized(layer, adapter.layer_spec(model.config, i), recipe))
+        for prompt in prompts:
+            ids, out = torch.tensor([prompt]), []
+            for _ in range(new_tokens):  # whole-prefix forwards: no cache, nothing shared with the engine
+                token = int(model(ids).logits[0, -1].argmax())
+                out.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            outs.append(out)
+    return outs
+
+
+def check_tokens(args) -> None:
+    """The engine on the int8 RTN checkpoint (budget 0: the native kernels, grouped experts, fused
+    inputs, decode attention) against the fake-quant float reference, greedy, several prompts."""
+    from haq.api import build_engine, profile_trace_for
+    from haq.data.windows import eval_windows
+    from haq.loading import load_model
+    from haq.quant.recipe import Recipe
+    from haq.runtime.hardware import load_profile
+
+    meta = json.loads((Path(args.int8) / "haq_config.json").read_text())
+    recipe = Recipe.from_dict(meta["recipe"])
+    if recipe.method != "rtn":
+        raise SystemExit("--check-tokens needs an RTN checkpoint (its levels follow from the float weights alone)")
+    model, tokenizer, _ = load_model(args.int8)
+    engine = build_engine(model, budget_bytes=0, hardware=load_profile("laptop"), policy="all-cpu",
+                          profile=profile_trace_for(model, tokenizer, args.int8, windows=2, seqlen=128))
+    prompts = eval_windows("wiki-offline", tokenizer, seqlen=32, max_windows=args.prompts).tolist()
+    new_tokens = args.new_tokens or 32
+    outputs = [engine.generate(torch.tensor(prompt), max_new_tokens=new_tokens)[0] for prompt in prompts]
+    engine.close()
+    rows = []
+    for i, (tokens, reference) in enumerate(zip(outputs, fake_quant_tokens(args.model, recipe, prompts, new_tokens))):
+        first = next((j for j, (a, b) in enumerate(zip(tokens, reference)) if a != b), None)
+        rows.append({"prompt": i, "tokens": len(tokens), "identical": tokens == reference,
+                     "first_difference": "-" if first is None else first})
+        print(rows[-1], flush=True)
+    md = (f"# Engine greedy tokens vs the fake-quant reference ({machine()['cpu']}, git {git_rev()})\n\n"
+          f"`python bench/engine.py --check-tokens --int8 CKPT`: {args.model} int8 RTN W8A8 in the engine (budget 0, "
+          f"every expert on the CPU) against the float model with fake-quantized weights and activations; "
+          f"{args.prompts} wiki-offline test prompts of 32 tokens, {new_tokens} greedy tokens each.\n\n"
+          + md_table(rows, ["prompt", "tokens", "identical", "first_difference"]))
+    write_results("engine-tokens", {"machine": machine(), "git": git_rev(), "rows": rows}, md)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--profile", action="store_true", required=True, help="the decode-step breakdown")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--profile", action="store_true", help="the decode-step breakdown")
+    mode.add_argument("--check-tokens", action="store_true",
+                      help="greedy tokens of the int8 RTN checkpoint vs the fake-quant reference")
+    parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--model", default="smollm2-8x135m")
     parser.add_argument("--int8", help="the int8 haq checkpoint of --model (haq quantize ... -o DIR)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=None, help="decode steps (profile 16, check 32)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="engine-profile", help="results file name under bench/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.check_tokens:
+        return check_tokens(args)
     from haq.api import build_engine, profile_trace_for
     from haq.data.windows import eval_windows
     from haq.loading import load_model
@@ -121,7 +189,7 @@ def main() -> None:
         engine = build_engine(model, budget_bytes=0, hardware=load_profile("laptop"), policy="all-cpu", profile=trace)
         windows = eval_windows("wiki-offline", tokenizer, seqlen=64, max_windows=max(args.batches))
         for batch in args.batches:
-            result = profile(engine, windows[:batch].tolist(), args.new_tokens)
+            result = profile(engine, windows[:batch].tolist(), args.new_tokens or 16)
             row = {"model": args.model, "weights": weights, "batch": batch, "step_ms": result["step_ms"],
                    **{f"{p}_ms": v for p, v in result["ms_per_step"].items()},
                    "decode_tok_s": result["decode_tokens_per_s"], "load": round(os.getloadavg()[0], 2)}
@@ -131,7 +199,7 @@ def main() -> None:
     columns = ["model", "weights", "batch", "step_ms"] + [f"{p}_ms" for p in PARTS] + ["decode_tok_s", "load"]
     md = (f"# Engine decode profile ({machine()['cpu']}, git {git_rev()})\n\n"
           f"`python bench/engine.py --profile --int8 CKPT`: ms per decode step by part, budget 0 (every expert on the "
-          f"CPU, policy all-cpu), {args.threads} thread(s), {args.new_tokens} steps after a 64-token prompt per "
+          f"CPU, policy all-cpu), {args.threads} thread(s), {args.new_tokens or 16} steps after a 64-token prompt per "
           "sequence. `act quant` overlaps attention and expert math (it runs inside them).\n\n"
           + md_table(rows, columns))
     write_results(args.name, {"machine": machine(), "git": git_rev(), "rows": rows}, md)

@@ -4,6 +4,7 @@ wrong result; and whether a file the user had was changed or removed (data lost)
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import sys
@@ -58,6 +59,16 @@ def _child(case: Case, fx: Fixtures, folder: Path) -> int:
         os.dup2(os.open(folder / f".{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     sys.stdout = os.fdopen(1, "w", buffering=1)
     sys.stderr = os.fdopen(2, "w", buffering=1)
+    # log handlers made earlier in the parent hold the streams of their time (a test's captured
+    # stderr, pytest's capture buffers, closed since): a warning would print "--- Logging error ---"
+    # with a traceback. The child keeps none of pytest's and points the others at its own stderr.
+    logging.getLogger().handlers = []
+    for name in list(logging.root.manager.loggerDict):
+        for handler in getattr(logging.getLogger(name), "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.stream = sys.stderr  # not setStream: it would flush the closed one
+                if "flush" in vars(handler):  # transformers binds its handler's flush to the stderr of its day
+                    handler.flush = sys.stderr.flush
     try:
         if case.inject is not None:
             case.inject()
