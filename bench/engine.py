@@ -100,6 +100,20 @@ def profile(engine, prompts: list[list[int]], new_tokens: int) -> dict:
             "decode_tokens_per_s": steps * len(prompts) / total}
 
 
+def greedy_whole_prefix(model, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy tokens from whole-prefix forwards: no cache, nothing shared with the engine."""
+    outs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids, out = torch.tensor([prompt]), []
+            for _ in range(new_tokens):
+                token = int(model(ids).logits[0, -1].argmax())
+                out.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            outs.append(out)
+    return outs
+
+
 def fake_quant_tokens(model_ref: str, recipe, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
     """Greedy tokens of the float model with every quantized linear and expert fake-quantized
     (quantize-dequantize weights and activations, float GEMMs): the reference an int8 checkpoint
@@ -112,17 +126,10 @@ def fake_quant_tokens(model_ref: str, recipe, prompts: list[list[int]], new_toke
 
     model, _, _ = load_model(model_ref)
     adapter = adapter_for(model.config)
-    outs = []
     with ExitStack() as stack, torch.no_grad():
         for i, layer in enumerate(adapter.decoder_layers(model)):
             stack.enter_context(fake_quantized(layer, adapter.layer_spec(model.config, i), recipe))
-        for prompt in prompts:
-            ids, out = torch.tensor([prompt]), []
-            for _ in range(new_tokens):  # whole-prefix forwards: no cache, nothing shared with the engine
-                token = int(model(ids).logits[0, -1].argmax())
-                out.append(token)
-                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-            outs.append(out)
+        outs = greedy_whole_prefix(model, prompts, new_tokens)
     return outs
 
 
@@ -132,16 +139,7 @@ def plain_tokens(checkpoint: str, prompts: list[list[int]], new_tokens: int) -> 
     from haq.loading import load_model
 
     model, _, _ = load_model(checkpoint, int8_backend="float")
-    outs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids, out = torch.tensor([prompt]), []
-            for _ in range(new_tokens):
-                token = int(model(ids).logits[0, -1].argmax())
-                out.append(token)
-                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-            outs.append(out)
-    return outs
+    return greedy_whole_prefix(model, prompts, new_tokens)
 
 
 def hf_cached_tokens(checkpoint: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:

@@ -65,36 +65,34 @@ def _blocks(M: int) -> tuple[int, int, int]:
     return (16 if M <= 16 else 64), 64, 64
 
 
-def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                bits: int = 8) -> torch.Tensor:
-    """x [M, K] float, qweight int8 [N, K], w_scale [N] -> float32 [M, N]."""
+def _linear_launch(x: torch.Tensor, qweight: torch.Tensor, out_dtype: torch.dtype):
+    """What both linear kernels start from: contiguous operands, the output, the grid and tiles."""
     _check(x, qweight)
-    triton, kernel, _, _ = _kernels()
     x, qweight = x.contiguous(), qweight.contiguous()
     M, K = x.shape
     N = qweight.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32, device=x.device)
+    y = torch.empty(M, N, dtype=out_dtype, device=x.device)
     bm, bn, bk = _blocks(M)
+    triton = _kernels()[0]
+    return x, qweight, y, (M, N, K), (triton.cdiv(M, bm), triton.cdiv(N, bn)), dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+
+
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                bits: int = 8) -> torch.Tensor:
+    """x [M, K] float, qweight int8 [N, K], w_scale [N] -> float32 [M, N]."""
+    x, qweight, y, (M, N, K), grid, tiles = _linear_launch(x, qweight, torch.float32)
     ws = w_scale.float().contiguous()
     b = bias.float().contiguous() if bias is not None else ws
-    kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](x, qweight, ws, b, y, M, N, K, float(2 ** (bits - 1) - 1), SCALE_EPS,
-                                                     x.stride(0), qweight.stride(0), y.stride(0),
-                                                     HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    _kernels()[1][grid](x, qweight, ws, b, y, M, N, K, float(2 ** (bits - 1) - 1), SCALE_EPS, x.stride(0),
+                        qweight.stride(0), y.stride(0), HAS_BIAS=bias is not None, **tiles)
     return y
 
 
 def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) @ (qweight [N, K] int8 * w_scale[:, None])^T -> x's dtype [M, N]."""
-    _check(x, qweight)
-    triton, _, kernel, _ = _kernels()
-    x, qweight = x.contiguous(), qweight.contiguous()
-    M, K = x.shape
-    N = qweight.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    bm, bn, bk = _blocks(M)
-    kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](x, qweight, w_scale.float().contiguous(), y, M, N, K,
-                                                     x.stride(0), qweight.stride(0), y.stride(0),
-                                                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    x, qweight, y, (M, N, K), grid, tiles = _linear_launch(x, qweight, x.dtype)
+    _kernels()[2][grid](x, qweight, w_scale.float().contiguous(), y, M, N, K, x.stride(0), qweight.stride(0),
+                        y.stride(0), **tiles)
     return y
 
 
