@@ -140,7 +140,8 @@ def _build(cls, data, where: str):
             continue  # optional, keeps its default
         sub = {"Quantity": Quantity, "Processor": Processor, "Link": Link,
                "ModelCosts | None": ModelCosts}.get(str(f.type))
-        kwargs[name] = _build(sub, data[name], f"{where}.{name}") if sub and data[name] is not None else data[name]
+        optional = str(f.type).endswith("| None") and data[name] is None  # an absent section, not a bad one
+        kwargs[name] = _build(sub, data[name], f"{where}.{name}") if sub and not optional else data[name]
     if cls is Quantity:
         v = kwargs["value"]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not QUANTITY_RANGE[0] <= v <= QUANTITY_RANGE[1]:

@@ -46,7 +46,8 @@ def _profile() -> dict:
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
 @given(path=st.sampled_from(["link.bw.value", "cpu.mem_bw.value", "device.int8_ops.value", "link.latency.value",
-                             "device_memory.value", "name", "cpu", "link.bw", "device_is_host"]), value=JSON)
+                             "device_memory.value", "name", "cpu", "link.bw", "device_is_host", "model_costs"]),
+       value=JSON)
 def test_hardware_profiles_load_or_fail_clearly(path, value):
     from haq.runtime.hardware import profile_from_dict
 
