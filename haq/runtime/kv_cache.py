@@ -62,16 +62,15 @@ class PreallocatedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
         for which, new in enumerate((key_states, value_states)):
-            buf, length, n = self._buffers[which], self._lengths[which], new.shape[-2]
-            if buf is None:
-                buf = self._allocate(new, max(n + HEADROOM, self._capacity_hint))
-            elif length + n > buf.shape[-2]:  # double: amortised O(1) per appended column
-                grown = self._allocate(new, max(2 * buf.shape[-2], length + n + HEADROOM))
-                grown[..., :length, :].copy_(buf[..., :length, :])
-                buf = grown
-            buf[..., length:length + n, :].copy_(new)
-            self._buffers[which], self._lengths[which] = buf, length + n
+            if self._buffers[which] is None:  # the first columns
+                self._buffers[which] = self._allocate(new, max(n + HEADROOM, self._capacity_hint))
+                self._lengths[which] = 0
+        keys, values, length = self.reserve(n)
+        keys[..., length:length + n, :].copy_(key_states)
+        values[..., length:length + n, :].copy_(value_states)
+        self.advance(n)
         return self.keys, self.values
 
     def reserve(self, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -80,7 +79,7 @@ class PreallocatedLayer(DynamicLayer):
         length = self._lengths[0]
         for which in (0, 1):
             buf = self._buffers[which]
-            if length + n > buf.shape[-2]:
+            if length + n > buf.shape[-2]:  # double: amortised O(1) per appended column
                 grown = self._allocate(buf, max(2 * buf.shape[-2], length + n + HEADROOM))
                 grown[..., :length, :].copy_(buf[..., :length, :])
                 self._buffers[which] = grown

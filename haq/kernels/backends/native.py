@@ -26,20 +26,25 @@ class Packed:
 _BACKEND: Native | None = None
 
 
+def _call(x: torch.Tensor, packed: Packed, ws: torch.Tensor, bias: torch.Tensor | None, qmax: int, mode: int,
+          static: float) -> torch.Tensor:
+    """The kernel on contiguous float32 x [M, K], scales and bias (the caller holds them while it
+    reads their memory) -> float32 [M, N]."""
+    M, K = x.shape
+    y = torch.empty(M, packed.w.shape[0], dtype=torch.float32)
+    work = cpu.scratch(M * K + 64 + 4 * M)
+    cpu.library().haq_linear(x.data_ptr(), M, K, packed.w.data_ptr(), packed.sums.data_ptr(), ws.data_ptr(),
+                             None if bias is None else bias.data_ptr(), y.shape[1], qmax, mode, static,
+                             y.data_ptr(), torch.get_num_threads(), work.data_ptr())
+    return y
+
+
 def decode_linear(x: torch.Tensor, qweight_t: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                   qmax: int) -> torch.Tensor:
     """The per-token W8A8 linear of a few float32 CPU rows with the least Python around the kernel
     (`int8_linear`'s path at decode sizes): x [M, K] -> float32 [M, N]."""
     x = x if x.is_contiguous() else x.contiguous()
-    packed = prepared(_BACKEND, qweight_t)
-    M, K = x.shape
-    N = packed.w.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    work = cpu.scratch(M * K + 64 + 4 * M)
-    cpu.library().haq_linear(x.data_ptr(), M, K, packed.w.data_ptr(), packed.sums.data_ptr(), w_scale.data_ptr(),
-                             None if bias is None else bias.data_ptr(), N, qmax, 0, 0.0, y.data_ptr(),
-                             torch.get_num_threads(), work.data_ptr())
-    return y
+    return _call(x, prepared(_BACKEND, qweight_t), w_scale, bias, qmax, MODES["per-token"], 0.0)
 
 
 @register("native")
@@ -74,15 +79,7 @@ class Native(GemmBackend):
              mode: int, static: float) -> torch.Tensor:
         self._check(x.device)
         x, ws = x.contiguous(), ws.contiguous()  # held here: the kernel reads their memory
-        bias = None if bias is None else bias.contiguous()
-        M, K = x.shape
-        N = packed.w.shape[0]
-        y = torch.empty(M, N, dtype=torch.float32)
-        work = cpu.scratch(M * K + 64 + 4 * M)
-        cpu.library().haq_linear(x.data_ptr(), M, K, packed.w.data_ptr(), packed.sums.data_ptr(), ws.data_ptr(),
-                                 None if bias is None else bias.data_ptr(), N, qmax, mode, static,
-                                 y.data_ptr(), torch.get_num_threads(), work.data_ptr())
-        return y
+        return _call(x, packed, ws, None if bias is None else bias.contiguous(), qmax, mode, static)
 
 
 _BACKEND = get_backend("native")
