@@ -116,7 +116,8 @@ class Engine:
         self.model = model.eval()
         # the routed experts of the MoE layers (dense layers and shared experts stay on the device);
         # store and trace index them by MoE layer, 0..L-1
-        layers = [adapter.decoder_layers(model)[i] for i in adapter.moe_layers(model.config)]
+        self.moe_layer_index = adapter.moe_layers(model.config)  # decoder layer of each MoE layer
+        layers = [adapter.decoder_layers(model)[i] for i in self.moe_layer_index]
         per_layer, maths = [], []
         for layer in layers:
             weights, math = extract_experts(layer.get_submodule(adapter.moe.experts))
@@ -292,9 +293,26 @@ class Engine:
 
     def generator(self, max_batch: int = 8, eos_token_ids: tuple[int, ...] = (), batch_invariant: bool = False,
                   prefill_chunk: int = 512) -> BatchGenerator:
-        """A continuous-batching generator over this engine's model (the server keeps one)."""
+        """A continuous-batching generator over this engine's model (the server keeps one). With no
+        device budget every expert call runs on the CPU (`make_policy` gives AllCpu): there is
+        nothing to decide per call, and decode steps run whole in one kernel call
+        (`haq.runtime.native_decode`) where the model allows it, the calls counted after it."""
+        every_call_on_cpu = (self.budget_bytes < self.expert_bytes and self.device.type == "cpu"
+                             and self.store.grouped is not None)
         return BatchGenerator(self.model, max_batch=max_batch, eos_token_ids=eos_token_ids,
-                              batch_invariant=batch_invariant, prefill_chunk=prefill_chunk)
+                              batch_invariant=batch_invariant, prefill_chunk=prefill_chunk,
+                              native=every_call_on_cpu, native_experts=self.store.grouped,
+                              on_native_routing=self._count_native_step)
+
+    def _count_native_step(self, routing: np.ndarray) -> None:
+        """A native decode step's routing [decoder layers, rows, top_k]: its calls, all on the CPU."""
+        for layer, index in enumerate(self.moe_layer_index):
+            chosen = torch.from_numpy(routing[index])
+            if self.record_routing:
+                self.routing[layer].append(chosen.clone())
+            calls = len(torch.unique(chosen))
+            self.calls[layer] += calls
+            self.cpu_calls += calls
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams, max_batch: int = 8,

@@ -19,10 +19,11 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,7 +72,12 @@ def first_invalid_token(prompt: list, vocab: int | None):
 class BatchGenerator:
     def __init__(self, model: nn.Module, *, max_batch: int = 8, prefill_chunk: int = 512,
                  eos_token_ids: tuple[int, ...] = (), max_context: int | None = None,
-                 batch_invariant: bool = False) -> None:
+                 batch_invariant: bool = False, native: bool = True, native_experts=None,
+                 on_native_routing: Callable[[np.ndarray], None] | None = None) -> None:
+        """`native`: decode steps in one kernel call where the model allows it
+        (`haq.runtime.native_decode`; `native_reason` says why not); `native_experts`, the
+        experts' kernel tables when the model's own expert modules are not haq's (the engine's
+        store), and `on_native_routing` sees each such step's routing [layers, rows, top_k]."""
         if max_batch < 1:
             raise HaqError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -91,6 +97,12 @@ class BatchGenerator:
         from haq.runtime import decode_attention
 
         decode_attention.install(self.model)  # decode steps of llama-layout attention in one kernel call
+        self.native, self.native_reason = None, "disabled"
+        if native and not batch_invariant:
+            from haq.runtime.native_decode import NativeDecoder
+
+            self.native, self.native_reason = NativeDecoder.build(self.model, native_experts)
+        self.on_native_routing = on_native_routing
         self.waiting: deque[Sequence] = deque()
         self.prefilling: Sequence | None = None
         self.running: list[Sequence] = []
@@ -204,6 +216,22 @@ class BatchGenerator:
 
     def _decode(self) -> list[TokenEvent]:
         rows = self.running
+        if self.native is not None and self.native.accepts(self.cache):
+            logits, routing = self.native.step([s.tokens[-1] for s in rows], [s.length for s in rows], self.pads,
+                                               self.cache)
+            if self.on_native_routing is not None:
+                self.on_native_routing(routing)
+        else:
+            logits = self._module_decode(rows)
+        self.last_step.decode_rows = len(rows)
+        events = [self._sample(seq, logits[b]) for b, seq in enumerate(rows)]
+        done = [b for b, event in enumerate(events) if event.finish_reason is not None]
+        if done:
+            self._drop_rows(done)
+        return events
+
+    def _module_decode(self, rows: list[Sequence]) -> torch.Tensor:
+        """The decode forward through the model's modules: logits [B, vocab]."""
         width = self.pads[0] + rows[0].length  # every row: pad + length == cached columns
         ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
         positions = torch.tensor([[s.length] for s in rows], device=self.device)
@@ -215,12 +243,7 @@ class BatchGenerator:
         with mode:
             out = self.model(ids, past_key_values=self.cache, attention_mask=mask, position_ids=positions,
                              use_cache=True, logits_to_keep=1)
-        self.last_step.decode_rows = len(rows)
-        events = [self._sample(seq, out.logits[b, -1]) for b, seq in enumerate(rows)]
-        done = [b for b, event in enumerate(events) if event.finish_reason is not None]
-        if done:
-            self._drop_rows(done)
-        return events
+        return out.logits[:, -1]
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
         token = next_token(logits, seq.tokens, seq.params, seq.generator)

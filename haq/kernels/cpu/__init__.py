@@ -95,9 +95,34 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
     lib.haq_moe_scratch.argtypes = [i64, i64, i64, i64]
     lib.haq_moe_scratch.restype = i64
     lib.haq_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, p, f32, p, i32]
-    for fn in (lib.haq_row_sums, lib.haq_linear, lib.haq_moe, lib.haq_decode_attention):
+    lib.haq_decode_scratch.argtypes = [ctypes.POINTER(Step), i64]
+    lib.haq_decode_scratch.restype = i64
+    lib.haq_decode_step.argtypes = [ctypes.POINTER(Step), ctypes.POINTER(Layer), p, p, p, p]
+    for fn in (lib.haq_row_sums, lib.haq_linear, lib.haq_moe, lib.haq_decode_attention, lib.haq_decode_step):
         fn.restype = None
     return lib
+
+
+class QLinear(ctypes.Structure):
+    """`haq_qlinear`: an int8 [n, k] weight, its row sums, per-row scales and optional bias."""
+    _fields_ = [("w", ctypes.c_void_p), ("sums", ctypes.c_void_p), ("scale", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
+
+
+class Layer(ctypes.Structure):
+    """`haq_layer`: one decoder layer's weights and KV buffers for `haq_decode_step`."""
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", QLinear), ("o", QLinear),
+                ("router", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("inter", ctypes.c_int64),
+                ("kbuf", ctypes.c_void_p), ("vbuf", ctypes.c_void_p), ("cap", ctypes.c_int64)]
+
+
+class Step(ctypes.Structure):
+    """`haq_step`: the model's shapes and the step's positions for `haq_decode_step`."""
+    _fields_ = [(name, ctypes.c_int64) for name in ("layers", "B", "H", "heads", "kv_heads", "head_dim", "experts",
+                                                     "top_k", "vocab", "length")] + \
+               [("pads", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+                ("final_norm", ctypes.c_void_p), ("lm_head", ctypes.c_void_p), ("eps", ctypes.c_float),
+                ("attn_scale", ctypes.c_float), ("qmax", ctypes.c_int32), ("threads", ctypes.c_int32)]
 
 
 def unavailable_reason() -> str:

@@ -12,8 +12,10 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define HAQ_VNNI 1
 #else
 #define HAQ_VNNI 0
@@ -122,6 +124,18 @@ static int64_t block_rows(int64_t K) {
     return rows < ROWS ? ROWS : rows;
 }
 
+/* y [M, N] (row stride ld) = levels @ w^T * scales (+ bias) for one weight's blocks of output rows,
+ * shared out over the threads of the enclosing parallel region (one thread outside of one). */
+static void linear_blocks(const uint8_t *xu, const float *xs, int64_t M, const int8_t *w, const int32_t *sums,
+                          const float *ws, const float *bias, int64_t K, int64_t N, float *y, int64_t ld) {
+    int64_t rows = block_rows(K), blocks = (N + rows - 1) / rows;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * rows, n1 = n0 + rows < N ? n0 + rows : N;
+        gemm_rows(xu, xs, M, w, sums, ws, bias, K, n0, n1, y, ld);
+    }
+}
+
 /* y [M, N] = quant(x [M, K]) @ w^T * scales (+ bias): the fused W8A8 linear.
  * scratch: M * K bytes + M floats (levels and scales). */
 void haq_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const int32_t *sums, const float *ws,
@@ -130,13 +144,8 @@ void haq_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const int
     uint8_t *xu = scratch;
     float *xs = (float *)(scratch + ((M * K + 63) / 64) * 64);
     quantize(x, M, K, qmax, mode, static_scale, xu, xs);
-    int64_t rows = block_rows(K), blocks = (N + rows - 1) / rows;
-    int par = threads > 1 && N * K >= 65536;
-#pragma omp parallel for schedule(static) num_threads(threads) if (par)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * rows, n1 = n0 + rows < N ? n0 + rows : N;
-        gemm_rows(xu, xs, M, w, sums, ws, bias, K, n0, n1, y, N);
-    }
+#pragma omp parallel num_threads(threads) if (threads > 1 && N * K >= 65536)
+    linear_blocks(xu, xs, M, w, sums, ws, bias, K, N, y, N);
 }
 
 static float silu(float v) { return v / (1.f + expf(-v)); }
@@ -153,61 +162,78 @@ static int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
 int64_t haq_moe_scratch(int64_t T, int64_t H, int64_t I, int64_t P) {
     return align64(T * H) + align64(P * H) + align64(P * I) + align64(4 * (P * (2 * I + H) + T + 2 * P)) +
-           8 * (P + 1);
+           8 * (P + 2);
+}
+
+/* The MoE layer inside a parallel region: serial parts in `single`, the GEMMs shared out. What
+ * every thread must read (the segment count) lives in scratch, not in a thread's locals. */
+static void moe_body(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const int64_t *pair_token,
+                     const int64_t *pair_expert, const float *pair_weight, const int64_t *gu_w, const int64_t *gu_sums,
+                     const int64_t *gu_ws, const int64_t *dn_w, const int64_t *dn_sums, const int64_t *dn_ws,
+                     int qmax, float *out, float *y_pairs, uint8_t *scratch) {
+    uint8_t *xu_tok = scratch, *xu = xu_tok + align64(T * H), *hu = xu + align64(P * H);
+    float *g = (float *)(hu + align64(P * I));
+    float *y = g + P * 2 * I, *xs_tok = y + P * H, *xs = xs_tok + T, *hs = xs + P;
+    int64_t *seg = (int64_t *)((uint8_t *)g + align64(4 * (P * (2 * I + H) + T + 2 * P))), *nseg = seg + P + 1;
+    if (y_pairs) y = y_pairs;
+#pragma omp single
+    {
+        quantize(x, T, H, qmax, 0, 0.f, xu_tok, xs_tok);
+        int64_t S = 0;
+        for (int64_t p = 0; p < P; p++) { /* levels in pair order; segments of one expert */
+            memcpy(xu + p * H, xu_tok + pair_token[p] * H, (size_t)H);
+            xs[p] = xs_tok[pair_token[p]];
+            if (p == 0 || pair_expert[p] != pair_expert[p - 1]) seg[S++] = p;
+        }
+        seg[S] = P;
+        *nseg = S;
+    }
+    int64_t S = *nseg;
+    int64_t rows_gu = block_rows(H), blocks_gu = (2 * I + rows_gu - 1) / rows_gu;
+    int64_t rows_dn = block_rows(I), blocks_dn = (H + rows_dn - 1) / rows_dn;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t b = 0; b < blocks_gu; b++) {
+            int64_t n0 = b * rows_gu, n1 = n0 + rows_gu < 2 * I ? n0 + rows_gu : 2 * I;
+            int64_t p0 = seg[s], e = pair_expert[p0];
+            gemm_rows(xu + p0 * H, xs + p0, seg[s + 1] - p0, (const int8_t *)gu_w[e], (const int32_t *)gu_sums[e],
+                      (const float *)gu_ws[e], NULL, H, n0, n1, g + p0 * 2 * I, 2 * I);
+        }
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < P; p++) {
+        float *gp = g + p * 2 * I;
+        for (int64_t i = 0; i < I; i++) gp[i] = silu(gp[i]) * gp[I + i];
+        quantize(gp, 1, I, qmax, 0, 0.f, hu + p * I, hs + p);
+    }
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t b = 0; b < blocks_dn; b++) {
+            int64_t n0 = b * rows_dn, n1 = n0 + rows_dn < H ? n0 + rows_dn : H;
+            int64_t p0 = seg[s], e = pair_expert[p0];
+            gemm_rows(hu + p0 * I, hs + p0, seg[s + 1] - p0, (const int8_t *)dn_w[e], (const int32_t *)dn_sums[e],
+                      (const float *)dn_ws[e], NULL, I, n0, n1, y + p0 * H, H);
+        }
+    if (!out) return;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) { /* each token's pairs in pair order */
+        float *o = out + t * H;
+        memset(o, 0, (size_t)H * sizeof(float));
+        for (int64_t p = 0; p < P; p++) {
+            if (pair_token[p] != t) continue;
+            float wgt = pair_weight[p];
+            const float *yp = y + p * H;
+            for (int64_t h = 0; h < H; h++) o[h] += yp[h] * wgt;
+        }
+    }
 }
 
 void haq_moe(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const int64_t *pair_token,
              const int64_t *pair_expert, const float *pair_weight, const int64_t *gu_w, const int64_t *gu_sums,
              const int64_t *gu_ws, const int64_t *dn_w, const int64_t *dn_sums, const int64_t *dn_ws, int qmax,
              float *out, float *y_pairs, int threads, uint8_t *scratch) {
-    uint8_t *xu_tok = scratch, *xu = xu_tok + align64(T * H), *hu = xu + align64(P * H);
-    float *g = (float *)(hu + align64(P * I));
-    float *y = g + P * 2 * I, *xs_tok = y + P * H, *xs = xs_tok + T, *hs = xs + P;
-    int64_t *seg = (int64_t *)((uint8_t *)g + align64(4 * (P * (2 * I + H) + T + 2 * P)));
-    if (y_pairs) y = y_pairs;
-    quantize(x, T, H, qmax, 0, 0.f, xu_tok, xs_tok);
-    int64_t S = 0;
-    for (int64_t p = 0; p < P; p++) { /* levels in pair order; segments of one expert */
-        memcpy(xu + p * H, xu_tok + pair_token[p] * H, (size_t)H);
-        xs[p] = xs_tok[pair_token[p]];
-        if (p == 0 || pair_expert[p] != pair_expert[p - 1]) seg[S++] = p;
-    }
-    seg[S] = P;
-    int64_t rows_gu = block_rows(H), blocks_gu = (2 * I + rows_gu - 1) / rows_gu;
-    int64_t rows_dn = block_rows(I), blocks_dn = (H + rows_dn - 1) / rows_dn;
-    int par = threads > 1 && P * I * H >= 65536;
-#pragma omp parallel num_threads(threads) if (par)
-    {
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t s = 0; s < S; s++)
-            for (int64_t b = 0; b < blocks_gu; b++) {
-                int64_t n0 = b * rows_gu, n1 = n0 + rows_gu < 2 * I ? n0 + rows_gu : 2 * I;
-                int64_t p0 = seg[s], e = pair_expert[p0];
-                gemm_rows(xu + p0 * H, xs + p0, seg[s + 1] - p0, (const int8_t *)gu_w[e], (const int32_t *)gu_sums[e],
-                          (const float *)gu_ws[e], NULL, H, n0, n1, g + p0 * 2 * I, 2 * I);
-            }
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < P; p++) {
-            float *gp = g + p * 2 * I;
-            for (int64_t i = 0; i < I; i++) gp[i] = silu(gp[i]) * gp[I + i];
-            quantize(gp, 1, I, qmax, 0, 0.f, hu + p * I, hs + p);
-        }
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t s = 0; s < S; s++)
-            for (int64_t b = 0; b < blocks_dn; b++) {
-                int64_t n0 = b * rows_dn, n1 = n0 + rows_dn < H ? n0 + rows_dn : H;
-                int64_t p0 = seg[s], e = pair_expert[p0];
-                gemm_rows(hu + p0 * I, hs + p0, seg[s + 1] - p0, (const int8_t *)dn_w[e], (const int32_t *)dn_sums[e],
-                          (const float *)dn_ws[e], NULL, I, n0, n1, y + p0 * H, H);
-            }
-    }
-    if (!out) return;
-    memset(out, 0, (size_t)(T * H) * sizeof(float));
-    for (int64_t p = 0; p < P; p++) {
-        float *o = out + pair_token[p] * H, wgt = pair_weight[p];
-        const float *yp = y + p * H;
-        for (int64_t h = 0; h < H; h++) o[h] += yp[h] * wgt;
-    }
+#pragma omp parallel num_threads(threads) if (threads > 1 && P * I * H >= 65536)
+    moe_body(x, T, H, I, P, pair_token, pair_expert, pair_weight, gu_w, gu_sums, gu_ws, dn_w, dn_sums, dn_ws, qmax,
+             out, y_pairs, scratch);
 }
 
 /* One decode step of grouped-query attention for B rows, in float32, on a preallocated cache:
@@ -216,11 +242,9 @@ void haq_moe(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const i
  * columns [pads[b], length] (a single pass with a running max, softmax and weighted sum). q, k, v
  * rows are read with their own row strides (slices of one fused projection or separate ones);
  * out is [B, nh * D]. */
-void haq_decode_attention(const float *q, const float *k, const float *v, int64_t q_stride, int64_t kv_stride,
-                          int64_t B, int64_t nh, int64_t kvh, int64_t D, const float *cos, const float *sin,
-                          float *kbuf, float *vbuf, int64_t cap, int64_t length, const int64_t *pads, float scale,
-                          float *out, int threads) {
-    int64_t half = D / 2, groups = nh / kvh;
+static void write_kv(const float *k, const float *v, int64_t kv_stride, int64_t B, int64_t kvh, int64_t D,
+                     const float *cos, const float *sin, float *kbuf, float *vbuf, int64_t cap, int64_t length) {
+    int64_t half = D / 2;
     for (int64_t b = 0; b < B; b++) { /* the new column: rotated keys, values */
         const float *c = cos + b * D, *s = sin + b * D;
         for (int64_t g = 0; g < kvh; g++) {
@@ -233,35 +257,228 @@ void haq_decode_attention(const float *q, const float *k, const float *v, int64_
             }
         }
     }
+}
+
+static void attend_head(const float *q, int64_t q_stride, int64_t b, int64_t h, int64_t nh, int64_t kvh, int64_t D,
+                        const float *cos, const float *sin, const float *kbuf, const float *vbuf, int64_t cap,
+                        int64_t length, const int64_t *pads, float scale, float *out) {
+    int64_t half = D / 2;
+    const float *c = cos + b * D, *s = sin + b * D, *qr = q + b * q_stride + h * D;
+    float qh[512], acc[512];
+    for (int64_t d = 0; d < D; d++) {
+        float rot = d < half ? -qr[d + half] : qr[d - half];
+        qh[d] = qr[d] * c[d] + rot * s[d];
+        acc[d] = 0.f;
+    }
+    int64_t g = h / (nh / kvh);
+    const float *K = kbuf + (b * kvh + g) * cap * D, *V = vbuf + (b * kvh + g) * cap * D;
+    float m = -INFINITY, l = 0.f;
+    for (int64_t t = pads[b]; t <= length; t++) {
+        float score = 0.f;
+        for (int64_t d = 0; d < D; d++) score += qh[d] * K[t * D + d];
+        score *= scale;
+        if (score > m) { /* a new running max: rescale what was accumulated */
+            float r = expf(m - score);
+            l *= r;
+            for (int64_t d = 0; d < D; d++) acc[d] *= r;
+            m = score;
+        }
+        float p = expf(score - m);
+        l += p;
+        for (int64_t d = 0; d < D; d++) acc[d] += p * V[t * D + d];
+    }
+    float *o = out + b * nh * D + h * D;
+    for (int64_t d = 0; d < D; d++) o[d] = acc[d] / l;
+}
+
+void haq_decode_attention(const float *q, const float *k, const float *v, int64_t q_stride, int64_t kv_stride,
+                          int64_t B, int64_t nh, int64_t kvh, int64_t D, const float *cos, const float *sin,
+                          float *kbuf, float *vbuf, int64_t cap, int64_t length, const int64_t *pads, float scale,
+                          float *out, int threads) {
+    write_kv(k, v, kv_stride, B, kvh, D, cos, sin, kbuf, vbuf, cap, length);
     int par = threads > 1 && B * nh * (length + 1) * D >= 262144;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (par)
     for (int64_t b = 0; b < B; b++)
-        for (int64_t h = 0; h < nh; h++) {
-            const float *c = cos + b * D, *s = sin + b * D, *qr = q + b * q_stride + h * D;
-            float qh[512], acc[512];
-            for (int64_t d = 0; d < D; d++) {
-                float rot = d < half ? -qr[d + half] : qr[d - half];
-                qh[d] = qr[d] * c[d] + rot * s[d];
-                acc[d] = 0.f;
+        for (int64_t h = 0; h < nh; h++)
+            attend_head(q, q_stride, b, h, nh, kvh, D, cos, sin, kbuf, vbuf, cap, length, pads, scale, out);
+}
+
+/* ---- A whole decode step of a llama-layout W8A8 model in one call --------------------------
+ * For B rows (one new token each) through every decoder layer: RMSNorm, the fused q/k/v int8
+ * linear, RoPE, the cache write and GQA attention, o_proj, the residual, RMSNorm, the router
+ * (float32: softmax, top-k, renormalised; Mixtral's) and the routed experts (moe_body), or a
+ * dense gated MLP as one expert that every row takes with weight 1 (exact: 0 + 1 * y = y), the
+ * residual; then the final norm and the float32 lm_head. One OpenMP parallel region for the
+ * whole step: serial parts (norms, quantization, routing) in `single`, the weight reads shared
+ * out; what Python did between those (some 40 ops a layer) is gone. The same integers as the
+ * module path (the same kernels and grids); floats equal up to rounding order. */
+typedef struct {
+    const int8_t *w;
+    const int32_t *sums;
+    const float *scale, *bias; /* bias may be NULL */
+    int64_t n, k;
+} haq_qlinear;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    haq_qlinear qkv, o;
+    const float *router;   /* float32 [E, H]; NULL: a dense MLP (tables then hold one expert) */
+    const int64_t *tables; /* 6 x E pointers: gate_up levels, row sums, scales; down likewise */
+    int64_t inter;         /* the experts' (or the dense MLP's) intermediate size */
+    float *kbuf, *vbuf;    /* [B, kv_heads, cap, head_dim] */
+    int64_t cap;
+} haq_layer;
+
+typedef struct {
+    int64_t layers, B, H, heads, kv_heads, head_dim, experts, top_k, vocab, length;
+    const int64_t *pads;    /* [B] masked columns before each row's tokens */
+    const float *cos, *sin; /* [B, head_dim] */
+    const float *final_norm, *lm_head; /* lm_head float32 [vocab, H] */
+    float eps, attn_scale;
+    int32_t qmax, threads;
+} haq_step;
+
+static void rms_norm(const float *x, int64_t B, int64_t H, const float *w, float eps, float *out) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *r = x + b * H;
+        double ss = 0.0;
+        for (int64_t h = 0; h < H; h++) ss += (double)r[h] * r[h];
+        float inv = 1.f / sqrtf((float)(ss / (double)H) + eps);
+        for (int64_t h = 0; h < H; h++) out[b * H + h] = w[h] * (r[h] * inv);
+    }
+}
+
+/* y[m, n] = x[m] . w[n] for float32 rows [n0, n1) and all M rows of x (the lm_head and routers). */
+static void f32_rows(const float *x, int64_t M, const float *w, int64_t K, int64_t n0, int64_t n1, float *y,
+                     int64_t ld) {
+    for (int64_t n = n0; n < n1; n += ROWS) {
+        int rows = (int)(n1 - n < ROWS ? n1 - n : ROWS);
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = x + m * K;
+#if defined(__AVX512F__)
+            __m512 a[ROWS];
+            for (int r = 0; r < ROWS; r++) a[r] = _mm512_setzero_ps();
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16) {
+                __m512 xv = _mm512_loadu_ps(xr + k);
+                for (int r = 0; r < rows; r++) a[r] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + (n + r) * K + k), a[r]);
             }
-            int64_t g = h / groups;
-            const float *K = kbuf + (b * kvh + g) * cap * D, *V = vbuf + (b * kvh + g) * cap * D;
-            float m = -INFINITY, l = 0.f;
-            for (int64_t t = pads[b]; t <= length; t++) {
-                float score = 0.f;
-                for (int64_t d = 0; d < D; d++) score += qh[d] * K[t * D + d];
-                score *= scale;
-                if (score > m) { /* a new running max: rescale what was accumulated */
-                    float r = expf(m - score);
-                    l *= r;
-                    for (int64_t d = 0; d < D; d++) acc[d] *= r;
-                    m = score;
-                }
-                float p = expf(score - m);
-                l += p;
-                for (int64_t d = 0; d < D; d++) acc[d] += p * V[t * D + d];
+            if (k < K) {
+                __mmask16 mask = (__mmask16)((1u << (K - k)) - 1u);
+                __m512 xv = _mm512_maskz_loadu_ps(mask, xr + k);
+                for (int r = 0; r < rows; r++)
+                    a[r] = _mm512_fmadd_ps(xv, _mm512_maskz_loadu_ps(mask, w + (n + r) * K + k), a[r]);
             }
-            float *o = out + b * nh * D + h * D;
-            for (int64_t d = 0; d < D; d++) o[d] = acc[d] / l;
+            for (int r = 0; r < rows; r++) y[m * ld + n + r] = _mm512_reduce_add_ps(a[r]);
+#else
+            for (int r = 0; r < rows; r++) {
+                const float *wr = w + (n + r) * K;
+                float s = 0.f;
+                for (int64_t k = 0; k < K; k++) s += xr[k] * wr[k];
+                y[m * ld + n + r] = s;
+            }
+#endif
         }
+    }
+}
+
+/* Softmax over E router logits, the top_k largest (ties: the lower index), renormalised; the
+ * (row, expert, weight) pairs of all rows sorted by expert, rows ascending within an expert. */
+static void route_rows(float *logits, int64_t B, int64_t E, int64_t K, int16_t *chosen, int64_t *pair_token,
+                       int64_t *pair_expert, float *pair_weight) {
+    float *weights = logits; /* overwritten row by row once read */
+    float probs[1024], top[64];
+    for (int64_t b = 0; b < B; b++) {
+        const float *l = logits + b * E;
+        float mx = -INFINITY, sum = 0.f;
+        for (int64_t e = 0; e < E; e++) mx = fmaxf(mx, l[e]);
+        for (int64_t e = 0; e < E; e++) sum += (probs[e] = expf(l[e] - mx));
+        for (int64_t e = 0; e < E; e++) probs[e] /= sum;
+        float total = 0.f;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (probs[e] >= 0.f && (best < 0 || probs[e] > probs[best])) best = e;
+            chosen[b * K + k] = (int16_t)best;
+            top[k] = probs[best];
+            total += probs[best];
+            probs[best] = -1.f; /* taken */
+        }
+        for (int64_t e = 0; e < E; e++) probs[e] = -1.f; /* row b's weights: -1 where not chosen */
+        for (int64_t k = 0; k < K; k++) probs[chosen[b * K + k]] = top[k] / total;
+        memcpy(weights + b * E, probs, (size_t)E * sizeof(float));
+    }
+    int64_t p = 0;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t b = 0; b < B; b++)
+            if (weights[b * E + e] >= 0.f) {
+                pair_token[p] = b, pair_expert[p] = e, pair_weight[p] = weights[b * E + e];
+                p++;
+            }
+}
+
+int64_t haq_decode_scratch(const haq_step *st, int64_t max_inter) {
+    int64_t B = st->B, H = st->H, D = st->head_dim, nq = (st->heads + 2 * st->kv_heads) * D;
+    int64_t P = B * (st->top_k > 1 ? st->top_k : 1), widest = H > st->heads * D ? H : st->heads * D;
+    return 4 * (align64(B * H) * 2 + align64(B * nq) + align64(B * st->heads * D) + align64(B) +
+                align64(B * (st->experts > 0 ? st->experts : 1)) + align64(P)) +
+           align64(B * widest) + 16 * align64(P) + haq_moe_scratch(B, H, max_inter, P) + 64;
+}
+
+void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, float *logits, int16_t *routing,
+                     uint8_t *scratch) {
+    int64_t B = st->B, H = st->H, nh = st->heads, kvh = st->kv_heads, D = st->head_dim, E = st->experts;
+    int64_t nq = (nh + 2 * kvh) * D, P_moe = B * st->top_k, widest = H > nh * D ? H : nh * D;
+    float *xn = (float *)scratch, *tmp = xn + align64(B * H), *qkv = tmp + align64(B * H);
+    float *att = qkv + align64(B * nq), *xs = att + align64(B * nh * D), *rl = xs + align64(B);
+    float *pair_weight = rl + align64(B * (E > 0 ? E : 1));
+    int64_t *pair_token = (int64_t *)(pair_weight + align64(P_moe > B ? P_moe : B));
+    int64_t *pair_expert = pair_token + align64(P_moe > B ? P_moe : B);
+    uint8_t *xu = (uint8_t *)(pair_expert + align64(P_moe > B ? P_moe : B));
+    uint8_t *moe_scratch = xu + align64(B * widest);
+#pragma omp parallel num_threads(st->threads)
+    for (int64_t l = 0; l < st->layers; l++) {
+        const haq_layer *L = layers + l;
+        const int64_t *t = L->tables;
+        int64_t Ex = L->router ? E : 1, P = L->router ? P_moe : B;
+#pragma omp single
+        {
+            rms_norm(x, B, H, L->attn_norm, st->eps, xn);
+            quantize(xn, B, H, st->qmax, 0, 0.f, xu, xs);
+        }
+        linear_blocks(xu, xs, B, L->qkv.w, L->qkv.sums, L->qkv.scale, L->qkv.bias, H, nq, qkv, nq);
+#pragma omp single
+        write_kv(qkv + nh * D, qkv + (nh + kvh) * D, nq, B, kvh, D, st->cos, st->sin, L->kbuf, L->vbuf, L->cap,
+                 st->length);
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t h = 0; h < nh; h++)
+                attend_head(qkv, nq, b, h, nh, kvh, D, st->cos, st->sin, L->kbuf, L->vbuf, L->cap, st->length,
+                            st->pads, st->attn_scale, att);
+#pragma omp single
+        quantize(att, B, nh * D, st->qmax, 0, 0.f, xu, xs);
+        linear_blocks(xu, xs, B, L->o.w, L->o.sums, L->o.scale, L->o.bias, nh * D, H, tmp, H);
+#pragma omp single
+        {
+            for (int64_t i = 0; i < B * H; i++) x[i] += tmp[i];
+            rms_norm(x, B, H, L->mlp_norm, st->eps, xn);
+            if (L->router) {
+                f32_rows(xn, B, L->router, H, 0, E, rl, E);
+                route_rows(rl, B, E, st->top_k, routing + l * B * st->top_k, pair_token, pair_expert, pair_weight);
+            } else {
+                for (int64_t b = 0; b < B; b++) pair_token[b] = b, pair_expert[b] = 0, pair_weight[b] = 1.f;
+            }
+        }
+        moe_body(xn, B, H, L->inter, P, pair_token, pair_expert, pair_weight, t, t + Ex, t + 2 * Ex, t + 3 * Ex,
+                 t + 4 * Ex, t + 5 * Ex, st->qmax, tmp, NULL, moe_scratch);
+#pragma omp single
+        for (int64_t i = 0; i < B * H; i++) x[i] += tmp[i];
+    }
+    rms_norm(x, B, H, st->final_norm, st->eps, xn);
+    int64_t rows = block_rows(4 * H), blocks = (st->vocab + rows - 1) / rows;
+#pragma omp parallel for schedule(static) num_threads(st->threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * rows, n1 = n0 + rows < st->vocab ? n0 + rows : st->vocab;
+        f32_rows(xn, B, st->lm_head, H, n0, n1, logits, st->vocab);
+    }
 }

@@ -1,0 +1,231 @@
+"""A decode step of a whole W8A8 llama-layout model in one kernel call (`haq_decode_step` in
+haq/kernels/cpu): every decoder layer (norms, the fused q/k/v int8 linear, RoPE, the cache write,
+attention, o_proj, router, the routed experts or the dense MLP, residuals), the final norm and
+the lm_head. The module path spends more time in Python and small torch ops than in its weight
+reads at decode sizes (`bench/results/engine-profile.md`: attention, norms and dispatch about
+half of a step); here Python is left with the embedding lookup, the rotary table and sampling.
+
+What it runs: Llama, Mistral, Qwen2 (dense) and Mixtral (every layer MoE) whose linears are haq
+int8 with dynamic per-token activations (q/k/v fused, as `load_quantized` does; gate/up fused in
+dense MLPs), SiLU experts, float32 RMSNorms, router and lm_head, on the CPU, decoding float32
+preallocated caches. Anything else (`NativeDecoder.build` says why not) runs the module path.
+The same integer products as the module path; floats equal up to rounding order (the norms'
+sums, expf, the lm_head's reduction order).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from haq.kernels import cpu
+from haq.kernels.experts import Int8Experts
+from haq.kernels.grid import qmax_for
+from haq.kernels.grouped_moe import GroupedExperts, is_silu
+from haq.kernels.int8 import Int8Linear
+from haq.runtime.kv_cache import PreallocatedLayer
+
+DECODER_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "MixtralDecoderLayer"}
+NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "MixtralRMSNorm"}
+MAX_EXPERTS, MAX_TOP_K, MAX_HEAD_DIM = 1024, 64, 512  # the kernel's stack buffers
+
+
+class Unsupported(Exception):
+    """Why a model runs the module path instead (a reason, not an error)."""
+
+
+def _contiguous_f32(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        raise Unsupported(f"{what} is {t.dtype} on {t.device.type}, not float32 on the CPU")
+    return t.detach().contiguous()
+
+
+def _plain_int8(m: nn.Module, what: str) -> Int8Linear:
+    if not isinstance(m, Int8Linear):
+        raise Unsupported(f"{what} is {type(m).__name__}, not haq's Int8Linear")
+    if m.act_bits > 8 or m.act_mode != "per-token" or m.input_scale is not None or m.online_rotation is not None:
+        raise Unsupported(f"{what} is not W8A8 with dynamic per-token activations and no online rotation")
+    return m
+
+
+class _Linear:
+    """An int8 [N, K] weight as `haq_qlinear` reads it; the tensors are held here."""
+
+    def __init__(self, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.w = qweight.contiguous()
+        self.sums = cpu.row_sums(self.w)
+        self.scale = _contiguous_f32(w_scale, "a weight scale")
+        self.bias = None if bias is None else _contiguous_f32(bias, "a bias")
+
+    def struct(self) -> cpu.QLinear:
+        return cpu.QLinear(self.w.data_ptr(), self.sums.data_ptr(), self.scale.data_ptr(),
+                           None if self.bias is None else self.bias.data_ptr(), self.w.shape[0], self.w.shape[1])
+
+
+def _fused(members: Sequence[Int8Linear], what: str) -> _Linear:
+    """The shared-input group of `members` (`haq.kernels.shared_input`), in their order."""
+    group = members[0].shared[0] if members[0].shared is not None else None
+    if group is None or [m.shared for m in members] != [(group, i) for i in range(len(members))] \
+            or len(group.sizes) != len(members):
+        raise Unsupported(f"{what} are not fused into one int8 GEMM (load the checkpoint with fuse=True)")
+    return _Linear(group.qweight, group.w_scale, group.bias)
+
+
+class NativeDecoder:
+    """The model's weights as the kernel reads them (pointers into the model's own tensors, plus
+    row sums), built once; `step` runs one decode step."""
+
+    def __init__(self, model: nn.Module, experts: Sequence[GroupedExperts] | None = None) -> None:
+        lib = cpu.library()
+        if lib is None:
+            raise Unsupported(f"haq's CPU kernels are unavailable: {cpu.unavailable_reason()}")
+        config = model.config
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+        if layers is None or not isinstance(getattr(model, "lm_head", None), nn.Linear):
+            raise Unsupported(f"{type(model).__name__} is not a llama-layout causal LM")
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            raise Unsupported("sliding-window attention")
+        if getattr(model.lm_head, "bias", None) is not None:
+            raise Unsupported("the lm_head has a bias")
+        other = next((type(layer).__name__ for layer in layers if type(layer).__name__ not in DECODER_LAYERS), None)
+        if other is not None:
+            raise Unsupported(f"decoder layer {other}")
+        self.model = model
+        self.hidden, self.vocab = config.hidden_size, model.lm_head.out_features
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.top_k = getattr(config, "num_experts_per_tok", 0) or 0
+        self.experts = getattr(config, "num_local_experts", 0) or 0
+        first = layers[0].self_attn
+        self.head_dim, self.scaling = first.head_dim, float(first.scaling)
+        if self.head_dim > MAX_HEAD_DIM or self.experts > MAX_EXPERTS or self.top_k > MAX_TOP_K:
+            raise Unsupported("head dim, experts or top-k beyond the kernel's buffers")
+        self.eps = None
+        self.qmax = None
+        self._held: list = []
+        self.layers = (cpu.Layer * len(layers))()
+        self.max_inter = 0
+        moe = 0
+        for index, layer in enumerate(layers):
+            spec = self.layers[index]
+            spec.attn_norm = self._norm(layer.input_layernorm, f"layer {index} input_layernorm")
+            spec.mlp_norm = self._norm(layer.post_attention_layernorm, f"layer {index} post_attention_layernorm")
+            attn = layer.self_attn
+            qkv = [_plain_int8(getattr(attn, n), f"layer {index} {n}") for n in ("q_proj", "k_proj", "v_proj")]
+            self._qmax(qkv[0])
+            spec.qkv = self._hold(_fused(qkv, f"layer {index} q/k/v")).struct()
+            o = _plain_int8(attn.o_proj, f"layer {index} o_proj")
+            if o.bias is not None:
+                raise Unsupported("o_proj has a bias")
+            spec.o = self._hold(_Linear(o.qweight, o.w_scale, None)).struct()
+            mlp = layer.mlp
+            if hasattr(mlp, "gate") and hasattr(mlp, "experts"):
+                grouped = experts[moe] if experts is not None else self._grouped(mlp.experts, index)
+                moe += 1
+                router = self._hold(_contiguous_f32(mlp.gate.weight, f"layer {index} router"))
+                if getattr(mlp.gate, "bias", None) is not None or router.shape != (self.experts, self.hidden):
+                    raise Unsupported(f"layer {index} router is not a bias-free [experts, hidden] linear")
+                spec.router = router.data_ptr()
+            else:
+                gate_up = [_plain_int8(getattr(mlp, n, None), f"layer {index} mlp.{n}") for n in ("gate_proj", "up_proj")]
+                down = _plain_int8(getattr(mlp, "down_proj", None), f"layer {index} mlp.down_proj")
+                if not is_silu(mlp.act_fn) or down.bias is not None or any(m.bias is not None for m in gate_up):
+                    raise Unsupported(f"layer {index} MLP is not a bias-free SiLU gated MLP")
+                fused = _fused(gate_up, f"layer {index} gate/up")
+                grouped = GroupedExperts([fused.w], [fused.scale], [down.qweight], [down.w_scale])
+                spec.router = None
+            self._hold(grouped)
+            table = self._hold(np.concatenate(grouped.tables).astype(np.int64))
+            spec.tables = table.ctypes.data
+            spec.inter = grouped.intermediate
+            self.max_inter = max(self.max_inter, grouped.intermediate)
+        if experts is not None and moe != len(experts):
+            raise Unsupported(f"{len(experts)} expert groups given for {moe} MoE layers")
+        self.final_norm = self._norm(inner.norm, "model.norm")
+        self.lm_head = self._hold(_contiguous_f32(model.lm_head.weight, "the lm_head"))
+        self.num_layers = len(layers)
+
+    # -- building ---------------------------------------------------------------------------
+    def _hold(self, obj):
+        self._held.append(obj)  # the kernel reads these tensors' memory
+        return obj
+
+    def _norm(self, norm: nn.Module, what: str) -> int:
+        if type(norm).__name__ not in NORMS or getattr(norm, "weight", None) is None:
+            raise Unsupported(f"{what} is {type(norm).__name__}, not a plain RMSNorm")
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)))
+        if self.eps is not None and eps != self.eps:
+            raise Unsupported("norms with different epsilons")
+        self.eps = eps
+        return self._hold(_contiguous_f32(norm.weight, what)).data_ptr()
+
+    def _qmax(self, linear: Int8Linear) -> None:
+        qmax = qmax_for(linear.act_bits)
+        if self.qmax is not None and qmax != self.qmax:
+            raise Unsupported("linears with different activation bits")
+        self.qmax = qmax
+
+    def _grouped(self, experts: nn.Module, index: int) -> GroupedExperts:
+        if not isinstance(experts, Int8Experts):
+            raise Unsupported(f"layer {index} experts are {type(experts).__name__}, not haq's Int8Experts")
+        if not GroupedExperts.supports(experts.act_fn, experts.act_bits, experts.act_mode,
+                                       experts.gate_up_in_scale is not None, experts.gate_up_q.device):
+            raise Unsupported(f"layer {index} experts are not SiLU W8A8 per-token experts on the CPU")
+        if qmax_for(experts.act_bits) != self.qmax:
+            raise Unsupported("experts and linears with different activation bits")
+        E = experts.num_experts
+        return GroupedExperts([experts.gate_up_q[e] for e in range(E)], [experts.gate_up_scale[e] for e in range(E)],
+                              [experts.down_q[e] for e in range(E)], [experts.down_scale[e] for e in range(E)],
+                              experts.act_bits)
+
+    @classmethod
+    def build(cls, model: nn.Module, experts: Sequence[GroupedExperts] | None = None
+              ) -> tuple[NativeDecoder | None, str]:
+        """(the decoder, "") or (None, why the model runs the module path)."""
+        try:
+            return cls(model, experts), ""
+        except Unsupported as e:
+            return None, str(e)
+
+    # -- a step -----------------------------------------------------------------------------
+    def accepts(self, cache) -> bool:
+        """A cache this step can extend: every layer preallocated, float32, holding tokens."""
+        layers = getattr(cache, "layers", ())
+        return len(layers) == self.num_layers and all(
+            isinstance(layer, PreallocatedLayer) and layer.keys is not None and layer.keys.dtype == torch.float32
+            and layer.keys.device.type == "cpu" and layer.get_seq_length() > 0 for layer in layers)
+
+    @torch.no_grad()
+    def step(self, tokens: Sequence[int], positions: Sequence[int], pads: Sequence[int], cache,
+             threads: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """One new token per row (row b at position positions[b], after pads[b] masked columns of
+        the shared cache): logits [B, vocab] and the routing [layers, B, top_k] (int16; rows of
+        dense layers are -1)."""
+        B = len(tokens)
+        ids = torch.tensor(tokens, dtype=torch.long)[:, None]
+        x = self.model.model.embed_tokens(ids).reshape(B, self.hidden).float().contiguous()
+        position_ids = torch.tensor(positions, dtype=torch.long)[:, None]
+        cos, sin = (t.float().reshape(B, self.head_dim).contiguous()
+                    for t in self.model.model.rotary_emb(x[:, None], position_ids))
+        buffers = [layer.reserve(1) for layer in cache.layers]
+        length = buffers[0][2]
+        for spec, (kbuf, vbuf, n) in zip(self.layers, buffers):
+            if n != length or kbuf.shape[0] != B:
+                raise ValueError(f"cache layers disagree: length {n} vs {length}, rows {kbuf.shape[0]} vs {B}")
+            spec.kbuf, spec.vbuf, spec.cap = kbuf.data_ptr(), vbuf.data_ptr(), kbuf.shape[-2]
+        pad = torch.tensor(list(pads), dtype=torch.int64)
+        st = cpu.Step(layers=self.num_layers, B=B, H=self.hidden, heads=self.heads, kv_heads=self.kv_heads,
+                      head_dim=self.head_dim, experts=self.experts, top_k=self.top_k, vocab=self.vocab,
+                      length=length, pads=pad.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
+                      final_norm=self.final_norm, lm_head=self.lm_head.data_ptr(), eps=self.eps,
+                      attn_scale=self.scaling, qmax=self.qmax, threads=threads or torch.get_num_threads())
+        lib = cpu.library()
+        work = cpu.scratch(lib.haq_decode_scratch(st, self.max_inter))
+        logits = torch.empty(B, self.vocab, dtype=torch.float32)
+        routing = np.full((self.num_layers, B, max(self.top_k, 1)), -1, dtype=np.int16)
+        lib.haq_decode_step(st, self.layers, x.data_ptr(), logits.data_ptr(), routing.ctypes.data, work.data_ptr())
+        for layer in cache.layers:
+            layer.advance(1)
+        return logits, routing

@@ -1,0 +1,126 @@
+"""A whole decode step in one kernel call (haq.runtime.native_decode): the same logits and routing
+as the module path for left-padded batches of int8 Mixtral and Llama checkpoints (up to float
+rounding), the engine at budget 0 decodes through it and still counts and records every call,
+and every model it cannot run goes the module path with the reason said."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from haq.kernels import cpu
+from haq.runtime.generation import BatchGenerator
+from haq.runtime.native_decode import NativeDecoder
+from haq.runtime.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(cpu.library() is None, reason=f"no native kernels: {cpu.unavailable_reason()}")
+
+
+@pytest.fixture(scope="module")
+def int8_dir(tiny_dir, tmp_path_factory):
+    """An RTN W8A8 checkpoint of a tiny random model, loaded as haq loads it (q/k/v fused)."""
+    from transformers import AutoModelForCausalLM
+
+    from haq.checkpoint.native import save_quantized
+    from haq.quant.pipeline import quantize_model
+    from haq.quant.recipe import Recipe
+
+    built = {}
+
+    def make(name: str):
+        if name not in built:
+            model = AutoModelForCausalLM.from_pretrained(tiny_dir(name)).eval()
+            report = quantize_model(model, Recipe(method="rtn"), torch.randint(0, 4096, (2, 32)), progress=False)
+            out = tmp_path_factory.mktemp("int8") / name
+            save_quantized(model, None, out, report, {"name": name})
+            built[name] = out
+        return built[name]
+
+    return make
+
+
+def padded_generator(model, **kwargs) -> BatchGenerator:
+    """Three running rows of different lengths (rows 0 and 1 left-padded), four steps in."""
+    gen = BatchGenerator(model, max_batch=3, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    for n in (7, 2, 12):
+        gen.add(torch.randint(1, 200, (n,), generator=g).tolist(), SamplingParams(max_tokens=20, ignore_eos=True))
+    for _ in range(4):
+        gen.step()
+    assert len(gen.running) == 3 and max(gen.pads) > 0
+    return gen
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral-random", "tiny-llama"])
+def test_a_step_equals_the_module_path_for_a_padded_batch(int8_dir, name: str) -> None:
+    from haq.checkpoint.native import load_quantized
+
+    model = load_quantized(int8_dir(name))
+    gen = padded_generator(model)
+    assert gen.native is not None, gen.native_reason
+    rows, pads = gen.running, list(gen.pads)
+    routed = {}  # the routers' top-k indices per layer, from the module path
+    hooks = [layer.mlp.gate.register_forward_hook(lambda m, i, o, k=k: routed.__setitem__(k, o[2].clone()))
+             for k, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+    cache = copy.deepcopy(gen.cache)
+    expected = gen._module_decode(rows)
+    for h in hooks:
+        h.remove()
+    gen.cache = cache
+    logits, routing = gen.native.step([s.tokens[-1] for s in rows], [s.length for s in rows], pads, cache)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    for k, index in routed.items():  # the same experts, in the router's top-k order
+        assert routing[k].tolist() == index.tolist()
+    assert len(routed) == (len(model.model.layers) if "mixtral" in name else 0)
+    if not routed:
+        assert (routing == -1).all()  # dense layers route nothing
+    for layer in cache.layers:  # one more column, written in place
+        assert layer.get_seq_length() == pads[0] + rows[0].length + 1
+
+
+def test_the_engine_at_budget_0_decodes_natively_and_counts_every_call(int8_dir) -> None:
+    from haq.api import build_engine
+    from haq.checkpoint.native import load_quantized
+    from haq.runtime.hardware import load_profile
+    from haq.runtime.record import record_trace
+
+    path = int8_dir("tiny-mixtral-random")
+    trace = record_trace(load_quantized(path), torch.randint(0, 4096, (2, 32)), "q", progress=False)
+    prompts = [[5, 9, 200, 31, 7], [44, 3]]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    runs = []
+    for native in (True, False):
+        engine = build_engine(load_quantized(path), budget_bytes=0, hardware=load_profile("laptop"), profile=trace)
+        make = engine.generator
+        engine.generator = lambda *a, _make=make, _native=native, **k: _set_native(_make(*a, **k), _native)
+        tokens, metrics = engine.generate_batch(prompts, params)
+        runs.append((tokens, metrics, engine.last_trace("q")))
+        engine.close()
+    (tokens, metrics, trace_native), (tokens_module, metrics_module, trace_module) = runs
+    assert tokens == tokens_module
+    assert metrics.calls == metrics_module.calls and metrics.cpu_share == 1.0 and metrics.hit_rate == 0.0
+    assert (trace_native.experts == trace_module.experts).all()
+
+
+def _set_native(gen: BatchGenerator, native: bool) -> BatchGenerator:
+    assert gen.native is not None, gen.native_reason
+    if not native:
+        gen.native = None
+    return gen
+
+
+def test_models_it_cannot_run_go_the_module_path_with_a_reason(tiny_dir, int8_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from haq.checkpoint.native import load_quantized
+
+    float_model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-mixtral-random")).eval()
+    decoder, why = NativeDecoder.build(float_model)
+    assert decoder is None and "Int8Linear" in why
+    decoder, why = NativeDecoder.build(AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-deepseek-v2")))
+    assert decoder is None and "DeepseekV2DecoderLayer" in why
+    gen = BatchGenerator(load_quantized(int8_dir("tiny-llama")), batch_invariant=True)
+    assert gen.native is None  # the batch-invariant mode keeps its own fixed-order kernels
+    tokens = BatchGenerator(float_model).generate([[5, 6, 7]], SamplingParams(max_tokens=3))[0]
+    assert len(tokens) == 3
