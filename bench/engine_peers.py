@@ -69,13 +69,22 @@ def convert(model: Path, out: Path, outtype: str) -> Path:
 
 
 def llama_bench(gguf: Path, threads: int) -> dict:
-    out = subprocess.run([str(LLAMA / "build" / "bin" / "llama-bench"), "-m", str(gguf), "-t", str(threads),
-                          "-p", str(PROMPT), "-n", str(DECODE), "-r", "1", "-o", "json"],
-                         check=True, capture_output=True, text=True).stdout
-    rows = json.loads(out)
+    """llama-bench's prompt and decode rates. Its default repacks weights for the CPU's extra
+    kernels (AMX on Sapphire Rapids); where that crashes (SIGSEGV in ggml_backend_amx_mul_mat,
+    seen on a 2-core Sapphire Rapids VM), the run is repeated with `--repack 0` and says so."""
+    base = [str(LLAMA / "build" / "bin" / "llama-bench"), "-m", str(gguf), "-t", str(threads),
+            "-p", str(PROMPT), "-n", str(DECODE), "-r", "1", "-o", "json"]
+    flags: list[str] = []
+    result = subprocess.run(base, capture_output=True, text=True)
+    if result.returncode < 0:
+        flags = ["--repack", "0"]
+        result = subprocess.run(base + flags, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({result.returncode}): {result.stderr.strip()[-300:]}")
+    rows = json.loads(result.stdout)
     prompt = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
     decode = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
-    return {"prompt_tok_s": prompt["avg_ts"], "decode_tok_s": decode["avg_ts"]}
+    return {"prompt_tok_s": prompt["avg_ts"], "decode_tok_s": decode["avg_ts"], "flags": " ".join(flags)}
 
 
 def haq_bench(folder: Path, threads: int, prompt_ids: list[int]) -> dict:
@@ -167,7 +176,8 @@ def main() -> None:
                      "prompt_tok_s": round(statistics.median(r["prompt_tok_s"] for r in rs), 2),
                      "decode_tok_s": round(decode, 2), "ms_per_token": round(1000 / decode, 2),
                      "bound_tok_s": round(bandwidth / bytes_per_token(configs[model], *wbytes), 1),
-                     "load": round(statistics.median(loads), 2), "decode_runs": [round(r["decode_tok_s"], 2) for r in rs]})
+                     "load": round(statistics.median(loads), 2), "decode_runs": [round(r["decode_tok_s"], 2) for r in rs],
+                     "flags": " ".join(sorted({r.get("flags", "") for r in rs} - {""}))})
     ratios = []
     for model in args.models:
         get = {(r["tool"], r["weights"]): r for r in rows if r["model"] == model}
@@ -181,7 +191,7 @@ def main() -> None:
                        "haq int8 / its bound": round(get[("haq", "int8 W8A8")]["decode_tok_s"] /
                                                      get[("haq", "int8 W8A8")]["bound_tok_s"], 3)})
     columns = ["tool", "model", "weights", "threads", "prompt_tok_s", "decode_tok_s", "ms_per_token", "bound_tok_s",
-               "load", "decode_runs"]
+               "load", "decode_runs", "flags"]
     md = (f"# CPU engine vs llama.cpp ({machine()['cpu']}, {args.threads} threads)\n\n"
           f"`python bench/engine_peers.py` (`make bench-engine`): prompt {PROMPT} tokens, decode {DECODE}, "
           f"{args.repeats} interleaved repetitions, medians; load average median {statistics.median(loads):.2f}. "
