@@ -13,7 +13,10 @@ of a step (forward hooks on modules, wrappers around the engine's functions; CPU
 and, overlapping them, `act quant`: per-token activation quantization done by PyTorch ops (inside
 the int8 projections and experts on the FBGEMM / _int_mm / float backends; haq's native kernels
 quantize inside their own call, counted in their part). Float model and int8 checkpoint, batch 1
-and 8, budget 0.
+and 8, budget 0. An int8 checkpoint decodes in one kernel call (haq.runtime.native_decode): its
+parts are timed inside the kernel (`STEP_PARTS`: its "other" is norms, residuals and the q/k/v
+input's quantization; routing is "router"; there is no Python dispatch), and the Python around
+it (embedding, rotary table, sampling, the cache bookkeeping) is added to "other".
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import git_rev, machine, md_table, write_results
@@ -58,6 +62,7 @@ class Clock:
 
 def profile(engine, prompts: list[list[int]], new_tokens: int) -> dict:
     import haq.kernels.backends as backends
+    from haq.runtime.native_decode import STEP_PARTS
     from haq.models.adapters import adapter_for
     from haq.runtime.sampling import SamplingParams
 
@@ -76,6 +81,10 @@ def profile(engine, prompts: list[list[int]], new_tokens: int) -> dict:
     engine.run_experts = clock.wrap("dispatch", run_experts)
     backends.quantize_act = clock.wrap("act quant", quantize)
     gen = engine.generator(max_batch=len(prompts))
+    native = np.zeros(len(STEP_PARTS) + 1)
+    if gen.native is not None:
+        step = gen.native.step
+        gen.native.step = lambda *a, **k: step(*a, **k, seconds=native if clock.on else None)
     for prompt in prompts:
         gen.add(prompt, SamplingParams(max_tokens=new_tokens + 1, ignore_eos=True))
     try:
@@ -94,7 +103,9 @@ def profile(engine, prompts: list[list[int]], new_tokens: int) -> dict:
         for handle in handles:
             handle.remove()
     s = clock.seconds
-    s["dispatch"] -= s["expert math"]  # run_experts' own work around the expert calls
+    for part, seconds in zip(STEP_PARTS, native):
+        s[part] += seconds
+    s["dispatch"] -= s["expert math"] - native[STEP_PARTS.index("expert math")]  # run_experts' own work
     s["other"] = total - sum(s[p] for p in PARTS if p not in ("other", "act quant"))
     return {"ms_per_step": {p: 1e3 * s[p] / steps for p in PARTS}, "step_ms": 1e3 * total / steps,
             "decode_tokens_per_s": steps * len(prompts) / total}

@@ -140,14 +140,17 @@ def main() -> None:
     for name in args.models:
         folder = zoo.build(name)
         configs[name] = json.loads((folder / "config.json").read_text())
-        int8 = work / f"{name}-int8"
-        if not (int8 / "haq_config.json").is_file():
-            api.quantize(str(folder), Recipe(method="rtn"), int8, nsamples=2, seqlen=128, progress=False)
+        int8, int8_head = work / f"{name}-int8", work / f"{name}-int8-lm-head"
+        for out, recipe in ((int8, Recipe(method="rtn")), (int8_head, Recipe(method="rtn", quantize_lm_head=True))):
+            if not (out / "haq_config.json").is_file():
+                api.quantize(str(folder), recipe, out, nsamples=2, seqlen=128, progress=False)
         tok = api.load(str(folder))[1]
         prompt_ids = tok("The history of the city begins in the early middle ages, when a small settlement "
                          "grew around the river crossing. " * 4)["input_ids"][:PROMPT]
         variants += [("haq", name, "fp32", lambda f=folder, p=prompt_ids: haq_bench(f, args.threads, p), (4.0, None)),
                      ("haq", name, "int8 W8A8", lambda f=int8, p=prompt_ids: haq_bench(f, args.threads, p), (1.0, 4.0)),
+                     ("haq", name, "int8 W8A8, int8 lm_head", lambda f=int8_head, p=prompt_ids:
+                      haq_bench(f, args.threads, p), (1.0, 1.0)),
                      ("llama.cpp", name, "F32", lambda g=convert(folder, work / f"{name}-f32.gguf", "f32"):
                       llama_bench(g, args.threads), (4.0, None)),
                      ("llama.cpp", name, "Q8_0", lambda g=convert(folder, work / f"{name}-q8_0.gguf", "q8_0"):
@@ -189,7 +192,11 @@ def main() -> None:
                        "haq int8 / haq fp32 (decode)": round(get[("haq", "int8 W8A8")]["decode_tok_s"] /
                                                              get[("haq", "fp32")]["decode_tok_s"], 3),
                        "haq int8 / its bound": round(get[("haq", "int8 W8A8")]["decode_tok_s"] /
-                                                     get[("haq", "int8 W8A8")]["bound_tok_s"], 3)})
+                                                     get[("haq", "int8 W8A8")]["bound_tok_s"], 3),
+                       "haq int8 lm_head / llama.cpp Q8_0": round(get[("haq", "int8 W8A8, int8 lm_head")]["decode_tok_s"]
+                                                                  / get[("llama.cpp", "Q8_0")]["decode_tok_s"], 3),
+                       "haq int8 lm_head / its bound": round(get[("haq", "int8 W8A8, int8 lm_head")]["decode_tok_s"] /
+                                                             get[("haq", "int8 W8A8, int8 lm_head")]["bound_tok_s"], 3)})
     columns = ["tool", "model", "weights", "threads", "prompt_tok_s", "decode_tok_s", "ms_per_token", "bound_tok_s",
                "load", "decode_runs", "flags"]
     md = (f"# CPU engine vs llama.cpp ({machine()['cpu']}, {args.threads} threads)\n\n"
@@ -200,7 +207,8 @@ def main() -> None:
           f"({read_rates[fastest] / 1e9:.1f} GB/s, {' '.join(fastest)}); "
           "bound_tok_s = bandwidth / weight bytes a decode token reads (attention, router, the top-k experts, "
           "the lm_head; haq's int8 checkpoints keep the lm_head and routers in fp32, llama.cpp's Q8_0 quantizes the "
-          "lm_head too). haq: budget 0 (every expert on the CPU). llama.cpp 0.3.36's llama-bench on GGUF from "
+          "lm_head too, as haq's `quantize_lm_head` recipe option does). haq: budget 0 (every expert on the CPU), "
+          "decode steps in one kernel call (haq.runtime.native_decode). llama.cpp 0.3.36's llama-bench on GGUF from "
           f"its own converter. haq at git {git_rev()}.\n\n" + md_table(rows, columns) + "\n" + md_table(ratios, list(ratios[0])))
     name = "engine" if args.threads == 2 else f"engine-t{args.threads}"  # the issue's setting is 2 threads
     write_results(name, {"machine": machine(), "bandwidth_Bps": bandwidth, "bandwidth_sum_Bps": bandwidth_sum,

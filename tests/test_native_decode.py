@@ -28,14 +28,15 @@ def int8_dir(tiny_dir, tmp_path_factory):
 
     built = {}
 
-    def make(name: str):
-        if name not in built:
+    def make(name: str, lm_head: bool = False):
+        if (name, lm_head) not in built:
             model = AutoModelForCausalLM.from_pretrained(tiny_dir(name)).eval()
-            report = quantize_model(model, Recipe(method="rtn"), torch.randint(0, 4096, (2, 32)), progress=False)
+            report = quantize_model(model, Recipe(method="rtn", quantize_lm_head=lm_head),
+                                    torch.randint(0, 4096, (2, 32)), progress=False)
             out = tmp_path_factory.mktemp("int8") / name
             save_quantized(model, None, out, report, {"name": name})
-            built[name] = out
-        return built[name]
+            built[name, lm_head] = out
+        return built[name, lm_head]
 
     return make
 
@@ -52,11 +53,14 @@ def padded_generator(model, **kwargs) -> BatchGenerator:
     return gen
 
 
-@pytest.mark.parametrize("name", ["tiny-mixtral-random", "tiny-llama"])
-def test_a_step_equals_the_module_path_for_a_padded_batch(int8_dir, name: str) -> None:
+@pytest.mark.parametrize("name,lm_head", [("tiny-mixtral-random", False), ("tiny-llama", False),
+                                          ("tiny-mixtral-random", True)])
+def test_a_step_equals_the_module_path_for_a_padded_batch(int8_dir, name: str, lm_head: bool) -> None:
     from haq.checkpoint.native import load_quantized
+    from haq.kernels.int8 import Int8Linear
 
-    model = load_quantized(int8_dir(name))
+    model = load_quantized(int8_dir(name, lm_head))
+    assert isinstance(model.lm_head, Int8Linear) == lm_head
     gen = padded_generator(model)
     assert gen.native is not None, gen.native_reason
     rows, pads = gen.running, list(gen.pads)
@@ -124,3 +128,25 @@ def test_models_it_cannot_run_go_the_module_path_with_a_reason(tiny_dir, int8_di
     assert gen.native is None  # the batch-invariant mode keeps its own fixed-order kernels
     tokens = BatchGenerator(float_model).generate([[5, 6, 7]], SamplingParams(max_tokens=3))[0]
     assert len(tokens) == 3
+
+
+def test_an_int8_lm_head_saves_loads_and_refuses_export(int8_dir, tiny_dir, tmp_path) -> None:
+    """quantize_lm_head: the head is int8 in the checkpoint and after loading (the tied embedding
+    stays float and loads), its logits close to the float head's; export says why not."""
+    from transformers import AutoModelForCausalLM
+
+    from haq.checkpoint.compressed_tensors import export_checkpoint
+    from haq.checkpoint.native import load_quantized, read_quant_config
+    from haq.errors import HaqError
+
+    path = int8_dir("tiny-mixtral-random", True)
+    assert read_quant_config(path)["modules"]["lm_head"]["type"] == "int8_linear"
+    model, plain = load_quantized(path), load_quantized(int8_dir("tiny-mixtral-random"))
+    source = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-mixtral-random"))
+    torch.testing.assert_close(model.model.embed_tokens.weight, source.model.embed_tokens.weight)
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        int8_head, float_head = model(ids).logits, plain(ids).logits
+    assert (int8_head - float_head).abs().max() < 0.05 * float_head.abs().max()
+    with pytest.raises(HaqError, match="lm_head is int8"):
+        export_checkpoint(path, tmp_path / "export")

@@ -115,6 +115,9 @@ def _check_exportable(meta: dict) -> Literal["token", "tensor"]:
     if recipe.get("wbits") != 8 or recipe.get("abits") != 8:
         raise HaqError(f"compressed-tensors export needs a W8A8 checkpoint (int8 kernels in vLLM); this one is "
                        f"W{recipe.get('wbits')}A{recipe.get('abits')}: re-quantize with --wbits 8 --abits 8")
+    if "lm_head" in modules:
+        raise HaqError("the checkpoint's lm_head is int8 (quantize_lm_head): vLLM's compressed-tensors W8A8 path "
+                       "keeps the lm_head in high precision; re-quantize without --quantize-lm-head to export")
     modes = {spec.get("act_mode") for spec in modules.values() if spec["type"] in ("int8_linear", "int8_experts")}
     if len(modes) != 1:  # the module specs, not the recipe, say what the weights were made for
         raise HaqError(f"the checkpoint's int8 modules mix activation modes {sorted(map(str, modes))}: "

@@ -32,6 +32,8 @@ FIELD_HELP = {
     "min_expert_tokens": "experts routed fewer calibration tokens than this get RTN weights, with a warning",
     "rotate": "rotate the residual stream (exact; unties a tied lm_head) and, in dense MLPs, the down_proj inputs "
               "at run time: flattens outlier tokens; online-rotated checkpoints do not export to compressed-tensors",
+    "quantize_lm_head": "the lm_head too: RTN int8 per output channel, dynamic per-token activations (as llama.cpp's "
+                        "Q8_0 does); a tied lm_head is untied, the embedding stays float; does not export",
 }
 """What each field does, for `haq quantize --help` (one flag per field)."""
 
@@ -52,6 +54,7 @@ class Recipe:
     calibrate_all_experts: bool = False  # expert Hessians from all tokens (outputs still use routed ones)
     min_expert_tokens: int = 16  # fewer routed calibration tokens than this: RTN for that expert, with a warning
     rotate: bool = False  # residual stream offline, dense down_proj inputs online (haq.quant.rotation)
+    quantize_lm_head: bool = False  # a decode token's largest single read; kept float by default
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -7,8 +7,8 @@ half of a step); here Python is left with the embedding lookup, the rotary table
 
 What it runs: Llama, Mistral, Qwen2 (dense) and Mixtral (every layer MoE) whose linears are haq
 int8 with dynamic per-token activations (q/k/v fused, as `load_quantized` does; gate/up fused in
-dense MLPs), SiLU experts, float32 RMSNorms, router and lm_head, on the CPU, decoding float32
-preallocated caches. Anything else (`NativeDecoder.build` says why not) runs the module path.
+dense MLPs), SiLU experts, float32 RMSNorms and router, a float32 or int8 (`quantize_lm_head`)
+lm_head, on the CPU, decoding float32 preallocated caches. Anything else (`NativeDecoder.build` says why not) runs the module path.
 The same integer products as the module path; floats equal up to rounding order (the norms'
 sums, expf, the lm_head's reduction order).
 """
@@ -30,6 +30,10 @@ from haq.runtime.kv_cache import PreallocatedLayer
 DECODER_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "MixtralDecoderLayer"}
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "MixtralRMSNorm"}
 MAX_EXPERTS, MAX_TOP_K, MAX_HEAD_DIM = 1024, 64, 512  # the kernel's stack buffers
+STEP_PARTS = ("other", "attention", "router", "expert math", "lm_head")
+"""The kernel's timed parts, in its order (`step(seconds=...)`): other = norms, residuals and the
+quantization of the q/k/v input; attention = q/k/v, RoPE, the cache write, attention and o_proj;
+router = router and routing; expert math = the routed experts (or the dense MLP)."""
 
 
 class Unsupported(Exception):
@@ -84,12 +88,10 @@ class NativeDecoder:
         config = model.config
         inner = getattr(model, "model", None)
         layers = getattr(inner, "layers", None)
-        if layers is None or not isinstance(getattr(model, "lm_head", None), nn.Linear):
+        if layers is None or not isinstance(getattr(model, "lm_head", None), (nn.Linear, Int8Linear)):
             raise Unsupported(f"{type(model).__name__} is not a llama-layout causal LM")
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
             raise Unsupported("sliding-window attention")
-        if getattr(model.lm_head, "bias", None) is not None:
-            raise Unsupported("the lm_head has a bias")
         other = next((type(layer).__name__ for layer in layers if type(layer).__name__ not in DECODER_LAYERS), None)
         if other is not None:
             raise Unsupported(f"decoder layer {other}")
@@ -144,7 +146,14 @@ class NativeDecoder:
         if experts is not None and moe != len(experts):
             raise Unsupported(f"{len(experts)} expert groups given for {moe} MoE layers")
         self.final_norm = self._norm(inner.norm, "model.norm")
-        self.lm_head = self._hold(_contiguous_f32(model.lm_head.weight, "the lm_head"))
+        head = model.lm_head
+        if isinstance(head, Int8Linear):  # quantize_lm_head
+            self._qmax(_plain_int8(head, "the lm_head"))
+            self.lm_head, self.lm_head_q = None, self._hold(_Linear(head.qweight, head.w_scale, head.bias)).struct()
+        else:
+            if getattr(head, "bias", None) is not None:
+                raise Unsupported("the lm_head has a bias")
+            self.lm_head, self.lm_head_q = self._hold(_contiguous_f32(head.weight, "the lm_head")), cpu.QLinear()
         self.num_layers = len(layers)
 
     # -- building ---------------------------------------------------------------------------
@@ -199,10 +208,10 @@ class NativeDecoder:
 
     @torch.no_grad()
     def step(self, tokens: Sequence[int], positions: Sequence[int], pads: Sequence[int], cache,
-             threads: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+             threads: int | None = None, seconds: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """One new token per row (row b at position positions[b], after pads[b] masked columns of
         the shared cache): logits [B, vocab] and the routing [layers, B, top_k] (int16; rows of
-        dense layers are -1)."""
+        dense layers are -1). `seconds`: float64 [len(STEP_PARTS) + 1], each part's time added."""
         B = len(tokens)
         ids = torch.tensor(tokens, dtype=torch.long)[:, None]
         x = self.model.model.embed_tokens(ids).reshape(B, self.hidden).float().contiguous()
@@ -219,13 +228,17 @@ class NativeDecoder:
         st = cpu.Step(layers=self.num_layers, B=B, H=self.hidden, heads=self.heads, kv_heads=self.kv_heads,
                       head_dim=self.head_dim, experts=self.experts, top_k=self.top_k, vocab=self.vocab,
                       length=length, pads=pad.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
-                      final_norm=self.final_norm, lm_head=self.lm_head.data_ptr(), eps=self.eps,
+                      final_norm=self.final_norm, lm_head=None if self.lm_head is None else self.lm_head.data_ptr(),
+                      lm_head_q=self.lm_head_q, eps=self.eps,
                       attn_scale=self.scaling, qmax=self.qmax, threads=threads or torch.get_num_threads())
         lib = cpu.library()
         work = cpu.scratch(lib.haq_decode_scratch(st, self.max_inter))
         logits = torch.empty(B, self.vocab, dtype=torch.float32)
         routing = np.full((self.num_layers, B, max(self.top_k, 1)), -1, dtype=np.int16)
-        lib.haq_decode_step(st, self.layers, x.data_ptr(), logits.data_ptr(), routing.ctypes.data, work.data_ptr())
+        if seconds is not None and (seconds.dtype != np.float64 or seconds.shape != (len(STEP_PARTS) + 1,)):
+            raise ValueError(f"seconds must be float64 [{len(STEP_PARTS) + 1}]")
+        lib.haq_decode_step(st, self.layers, x.data_ptr(), logits.data_ptr(), routing.ctypes.data, work.data_ptr(),
+                            None if seconds is None else seconds.ctypes.data)
         for layer in cache.layers:
             layer.advance(1)
         return logits, routing

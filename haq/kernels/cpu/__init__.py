@@ -97,7 +97,7 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
     lib.haq_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, p, f32, p, i32]
     lib.haq_decode_scratch.argtypes = [ctypes.POINTER(Step), i64]
     lib.haq_decode_scratch.restype = i64
-    lib.haq_decode_step.argtypes = [ctypes.POINTER(Step), ctypes.POINTER(Layer), p, p, p, p]
+    lib.haq_decode_step.argtypes = [ctypes.POINTER(Step), ctypes.POINTER(Layer), p, p, p, p, p]
     for fn in (lib.haq_row_sums, lib.haq_linear, lib.haq_moe, lib.haq_decode_attention, lib.haq_decode_step):
         fn.restype = None
     return lib
@@ -121,7 +121,8 @@ class Step(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in ("layers", "B", "H", "heads", "kv_heads", "head_dim", "experts",
                                                      "top_k", "vocab", "length")] + \
                [("pads", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
-                ("final_norm", ctypes.c_void_p), ("lm_head", ctypes.c_void_p), ("eps", ctypes.c_float),
+                ("final_norm", ctypes.c_void_p), ("lm_head", ctypes.c_void_p), ("lm_head_q", QLinear),
+                ("eps", ctypes.c_float),
                 ("attn_scale", ctypes.c_float), ("qmax", ctypes.c_int32), ("threads", ctypes.c_int32)]
 
 

@@ -10,6 +10,7 @@
  * plain int32 loop (vectorised by the compiler) gives the same integers.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX512F__)
@@ -308,7 +309,7 @@ void haq_decode_attention(const float *q, const float *k, const float *v, int64_
  * linear, RoPE, the cache write and GQA attention, o_proj, the residual, RMSNorm, the router
  * (float32: softmax, top-k, renormalised; Mixtral's) and the routed experts (moe_body), or a
  * dense gated MLP as one expert that every row takes with weight 1 (exact: 0 + 1 * y = y), the
- * residual; then the final norm and the float32 lm_head. One OpenMP parallel region for the
+ * residual; then the final norm and the lm_head (float32, or int8 per token). One OpenMP parallel region for the
  * whole step: serial parts (norms, quantization, routing) in `single`, the weight reads shared
  * out; what Python did between those (some 40 ops a layer) is gone. The same integers as the
  * module path (the same kernels and grids); floats equal up to rounding order. */
@@ -333,7 +334,8 @@ typedef struct {
     int64_t layers, B, H, heads, kv_heads, head_dim, experts, top_k, vocab, length;
     const int64_t *pads;    /* [B] masked columns before each row's tokens */
     const float *cos, *sin; /* [B, head_dim] */
-    const float *final_norm, *lm_head; /* lm_head float32 [vocab, H] */
+    const float *final_norm, *lm_head; /* lm_head float32 [vocab, H], or NULL: */
+    haq_qlinear lm_head_q;             /* the int8 one (quantize_lm_head) */
     float eps, attn_scale;
     int32_t qmax, threads;
 } haq_step;
@@ -425,8 +427,25 @@ int64_t haq_decode_scratch(const haq_step *st, int64_t max_inter) {
            align64(B * widest) + 16 * align64(P) + haq_moe_scratch(B, H, max_inter, P) + 64;
 }
 
+/* With `seconds` (NULL: not timed), the master thread adds each phase's wall time to its part
+ * (STEP_PARTS of them; one more slot holds the last mark): a phase ends at a barrier, so its end
+ * is when the master leaves it. */
+enum { PART_OTHER, PART_ATTENTION, PART_ROUTER, PART_EXPERTS, PART_LM_HEAD, STEP_PARTS };
+#define MARK(seconds, part)                                                                      \
+    do {                                                                                         \
+        if (seconds) {                                                                           \
+            _Pragma("omp master") {                                                              \
+                double now_ = omp_get_wtime();                                                   \
+                (seconds)[part] += now_ - (seconds)[STEP_PARTS];                                 \
+                (seconds)[STEP_PARTS] = now_;                                                    \
+            }                                                                                    \
+        }                                                                                        \
+    } while (0)
+
+int haq_step_parts(void) { return STEP_PARTS; }
+
 void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, float *logits, int16_t *routing,
-                     uint8_t *scratch) {
+                     uint8_t *scratch, double *seconds) {
     int64_t B = st->B, H = st->H, nh = st->heads, kvh = st->kv_heads, D = st->head_dim, E = st->experts;
     int64_t nq = (nh + 2 * kvh) * D, P_moe = B * st->top_k, widest = H > nh * D ? H : nh * D;
     float *xn = (float *)scratch, *tmp = xn + align64(B * H), *qkv = tmp + align64(B * H);
@@ -436,6 +455,7 @@ void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, floa
     int64_t *pair_expert = pair_token + align64(P_moe > B ? P_moe : B);
     uint8_t *xu = (uint8_t *)(pair_expert + align64(P_moe > B ? P_moe : B));
     uint8_t *moe_scratch = xu + align64(B * widest);
+    if (seconds) seconds[STEP_PARTS] = omp_get_wtime();
 #pragma omp parallel num_threads(st->threads)
     for (int64_t l = 0; l < st->layers; l++) {
         const haq_layer *L = layers + l;
@@ -446,6 +466,7 @@ void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, floa
             rms_norm(x, B, H, L->attn_norm, st->eps, xn);
             quantize(xn, B, H, st->qmax, 0, 0.f, xu, xs);
         }
+        MARK(seconds, PART_OTHER);
         linear_blocks(xu, xs, B, L->qkv.w, L->qkv.sums, L->qkv.scale, L->qkv.bias, H, nq, qkv, nq);
 #pragma omp single
         write_kv(qkv + nh * D, qkv + (nh + kvh) * D, nq, B, kvh, D, st->cos, st->sin, L->kbuf, L->vbuf, L->cap,
@@ -458,10 +479,15 @@ void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, floa
 #pragma omp single
         quantize(att, B, nh * D, st->qmax, 0, 0.f, xu, xs);
         linear_blocks(xu, xs, B, L->o.w, L->o.sums, L->o.scale, L->o.bias, nh * D, H, tmp, H);
+        MARK(seconds, PART_ATTENTION);
 #pragma omp single
         {
             for (int64_t i = 0; i < B * H; i++) x[i] += tmp[i];
             rms_norm(x, B, H, L->mlp_norm, st->eps, xn);
+        }
+        MARK(seconds, PART_OTHER);
+#pragma omp single
+        {
             if (L->router) {
                 f32_rows(xn, B, L->router, H, 0, E, rl, E);
                 route_rows(rl, B, E, st->top_k, routing + l * B * st->top_k, pair_token, pair_expert, pair_weight);
@@ -469,16 +495,31 @@ void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, floa
                 for (int64_t b = 0; b < B; b++) pair_token[b] = b, pair_expert[b] = 0, pair_weight[b] = 1.f;
             }
         }
+        MARK(seconds, PART_ROUTER);
         moe_body(xn, B, H, L->inter, P, pair_token, pair_expert, pair_weight, t, t + Ex, t + 2 * Ex, t + 3 * Ex,
                  t + 4 * Ex, t + 5 * Ex, st->qmax, tmp, NULL, moe_scratch);
+        MARK(seconds, PART_EXPERTS);
 #pragma omp single
         for (int64_t i = 0; i < B * H; i++) x[i] += tmp[i];
     }
     rms_norm(x, B, H, st->final_norm, st->eps, xn);
-    int64_t rows = block_rows(4 * H), blocks = (st->vocab + rows - 1) / rows;
-#pragma omp parallel for schedule(static) num_threads(st->threads)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * rows, n1 = n0 + rows < st->vocab ? n0 + rows : st->vocab;
-        f32_rows(xn, B, st->lm_head, H, n0, n1, logits, st->vocab);
+    if (seconds) { /* the last residual and the final norm */
+        double now = omp_get_wtime();
+        seconds[PART_OTHER] += now - seconds[STEP_PARTS];
+        seconds[STEP_PARTS] = now;
     }
+    if (st->lm_head == NULL) {
+        const haq_qlinear *q = &st->lm_head_q;
+        quantize(xn, B, H, st->qmax, 0, 0.f, xu, xs);
+#pragma omp parallel num_threads(st->threads)
+        linear_blocks(xu, xs, B, q->w, q->sums, q->scale, q->bias, H, st->vocab, logits, st->vocab);
+    } else {
+        int64_t rows = block_rows(4 * H), blocks = (st->vocab + rows - 1) / rows;
+#pragma omp parallel for schedule(static) num_threads(st->threads)
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t n0 = b * rows, n1 = n0 + rows < st->vocab ? n0 + rows : st->vocab;
+            f32_rows(xn, B, st->lm_head, H, n0, n1, logits, st->vocab);
+        }
+    }
+    if (seconds) seconds[PART_LM_HEAD] += omp_get_wtime() - seconds[STEP_PARTS];
 }
