@@ -293,12 +293,9 @@ class Engine:
 
     def generator(self, max_batch: int = 8, eos_token_ids: tuple[int, ...] = (), batch_invariant: bool = False,
                   prefill_chunk: int = 512) -> BatchGenerator:
-        """A continuous-batching generator over this engine's model (the server keeps one). With no
-        device budget every expert call runs on the CPU (`make_policy` gives AllCpu): there is
-        nothing to decide per call, and decode steps run whole in one kernel call
-        (`haq.runtime.native_decode`) where the model allows it, the calls counted after it."""
-        every_call_on_cpu = (self.budget_bytes < self.expert_bytes and self.device.type == "cpu"
-                             and self.store.grouped is not None)
+        """A continuous-batching generator over this model (the server keeps one). No budget: every call
+        is a CPU call (AllCpu), so decode steps may run in one kernel call (`native_decode`)."""
+        every_call_on_cpu = self.budget_bytes < self.expert_bytes and self.device.type == "cpu" and bool(self.store.grouped)
         return BatchGenerator(self.model, max_batch=max_batch, eos_token_ids=eos_token_ids,
                               batch_invariant=batch_invariant, prefill_chunk=prefill_chunk,
                               native=every_call_on_cpu, native_experts=self.store.grouped,
@@ -310,8 +307,7 @@ class Engine:
             chosen = torch.from_numpy(routing[index])
             if self.record_routing:
                 self.routing[layer].append(chosen.clone())
-            calls = len(torch.unique(chosen))
-            self.calls[layer] += calls
+            self.calls[layer] += (calls := len(torch.unique(chosen)))
             self.cpu_calls += calls
 
     @torch.no_grad()
