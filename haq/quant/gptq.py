@@ -161,27 +161,29 @@ def gptq_quantize(
         return GPTQResult(dequantize_weight(qweight, scale, work), qweight, scale, float("nan"), damp, True)
     del H
 
-    s = scale.to(work).reshape(-1, 1)
-    Qint = torch.zeros_like(W)
-    Losses = torch.zeros_like(W)
+    # Columns of W are rows of Wt: every per-column step below reads and writes contiguous memory,
+    # and the loss is summed once per block from the scaled errors ((w - q) / d)^2 / 2.
+    s = scale.to(work)
+    Wt = W.t().contiguous()
+    Qt = torch.empty_like(Wt)
+    loss = torch.zeros((), dtype=work, device=W.device)
     for i1 in range(0, ncols, blocksize):
         i2 = min(i1 + blocksize, ncols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1, Q1 = Wt[i1:i2], Qt[i1:i2]
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            w = W1[:, i : i + 1]
-            d = Hinv1[i, i]
-            qi = torch.round(w / s).clamp(-qmax, qmax)
-            q = qi * s
-            Qint[:, i1 + i : i1 + i + 1] = qi
-            Losses[:, i1 + i : i1 + i + 1] = (w - q) ** 2 / d**2 / 2
+            w = W1[i]
+            q = torch.round(w / s).clamp_(-qmax, qmax)
+            Q1[i] = q
             # Err_i = (w_i - q_i) / d ;  W[:, i:] -= Err_i Hinv[i, i:]
-            err = (w - q) / d
-            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
-            Err1[:, i : i + 1] = err
+            err = torch.sub(w, q * s).div_(Hinv1[i, i])
+            Err1[i] = err
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
+        loss += Err1.square().sum() / 2
         # lazy batch update of the columns after this block
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+    Qint = Qt.t()
 
     if actorder:
         invperm = torch.argsort(perm)
@@ -191,7 +193,7 @@ def gptq_quantize(
         Q=dequantize_weight(qweight, scale, work),
         qweight=qweight,
         scale=scale,
-        loss=Losses.sum().item(),
+        loss=loss.item(),
         damp=damp,
         fallback=False,
     )
