@@ -177,6 +177,8 @@ def main() -> None:
     parser.add_argument("--started-at", type=float, default=None,
                         help="count the budget and the total from this Unix time (make bench-peers passes its own "
                              "start, so creating the venvs counts too)")
+    parser.add_argument("--name", default="peers", help="results file stem under bench/results/ (a partial run "
+                        "of some models or tools goes beside peers.md, not over it)")
     parser.add_argument("--work-dir", help="keep windows, checkpoints and exports here (default: a temp folder)")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -305,7 +307,7 @@ def write(rows, exports, skipped, args, seconds: float, done: bool) -> None:
             "*_ct: compressed-tensors' own CPU forward, which fake-quantizes activations with scale absmax/127.5.\n\n"
             + (export_table if exports else "(no export checked in this run)\n"))
     settings = {k: v for k, v in vars(args).items() if k not in ("one", "model", "method", "windows", "result", "save")}
-    write_results("peers", {"machine": machine(), "args": settings, "complete": done, "minutes": round(seconds / 60, 1),
+    write_results(args.name, {"machine": machine(), "args": settings, "complete": done, "minutes": round(seconds / 60, 1),
                             "skipped": skipped, "rows": rows, "export": exports}, text)
 
 

@@ -22,6 +22,7 @@ from haq.quant.smooth_scales import (
     alpha_grid,
     best_alpha,
     coarse_to_fine_alpha,
+    proxy_pruned_alpha,
     divide_producer,
     scale_weight_columns,
     smooth_scales,
@@ -348,3 +349,21 @@ def test_coarse_to_fine_alpha_small_grid_is_exhaustive_and_keeps_none() -> None:
     assert best is None and list(scores) == alpha_grid(0.25)
     with pytest.raises(HaqError, match="NaN"):
         coarse_to_fine_alpha(lambda a: float("nan"), 0.05)
+
+
+@pytest.mark.parametrize("target", [0.0, 0.35, 0.6, 1.0])
+def test_proxy_pruned_alpha_scores_only_the_proxys_best_and_none(target: float) -> None:
+    scored = []
+
+    def score(a: float | None) -> float:
+        scored.append(a)
+        return 0.5 if a is None else (a - target) ** 2 + 0.01
+
+    proxy = lambda a: 1.0 if a is None else abs(a - target - 0.05)  # noqa: E731  a proxy slightly off
+    best, scores = proxy_pruned_alpha(score, proxy, 0.05, keep=3)
+    assert scored[0] is None and len(scored) == 4 and set(scores) == set(scored)
+    assert best == pytest.approx(target)  # the decisive score corrects the proxy's offset
+    best, _ = proxy_pruned_alpha(lambda a: 0.0 if a is None else 1.0, proxy, 0.05, keep=1)
+    assert best is None  # no smoothing is always a decisive candidate
+    with pytest.raises(HaqError, match="at least one"):
+        proxy_pruned_alpha(score, proxy, 0.05, keep=0)

@@ -25,7 +25,7 @@ class ObservedExperts(nn.Module):
         self.inner = experts
         self.all_experts = all_experts
         E = experts.gate_up_proj.shape[0]
-        self.moe_input = InputStats("experts input", hessian=hessian and all_experts)
+        self.moe_input = InputStats("experts input", hessian=hessian and all_experts, sample_tokens=PROXY_TOKENS)
         self.gate_up = [InputStats(f"expert {e} gate_up", hessian=hessian and not all_experts) for e in range(E)]
         self.down = [InputStats(f"expert {e} down", hessian=hessian) for e in range(E)]
         self.routed_tokens = [0] * E
@@ -97,6 +97,20 @@ class LayerStats:
     experts: ObservedExperts | None = None
 
 
+PROXY_TOKENS = 512
+"""Input tokens kept per distinct linear input for haq's alpha proxy (the consumers' own error)."""
+
+
+def shared_input_leader(spec: LayerSpec, name: str) -> str:
+    """The first linear of `name`'s norm smoothing group (all its consumers read the norm's output),
+    or `name` itself when no other linear reads its input."""
+    for group in spec.norm_groups:
+        readers = [c for c in group.consumers if c in spec.linears]
+        if name in readers:
+            return readers[0]
+    return name
+
+
 @contextmanager
 def observe_layer(layer: nn.Module, spec: LayerSpec, all_experts: bool, hessian: bool = True):
     """Hooks on the layer's linears and, for MoE, experts swapped for `ObservedExperts`;
@@ -104,7 +118,11 @@ def observe_layer(layer: nn.Module, spec: LayerSpec, all_experts: bool, hessian:
     stats = LayerStats()
     handles = []
     for name in spec.linears:
-        stats.linears[name] = InputStats(name, hessian=hessian)
+        leader = shared_input_leader(spec, name)
+        if leader != name:  # q/k/v, gate/up: one statistic (one Hessian) for the one input they read
+            stats.linears[name] = stats.linears[leader]
+            continue
+        stats.linears[name] = InputStats(name, hessian=hessian, sample_tokens=PROXY_TOKENS)
         handles.append(layer.get_submodule(name).register_forward_pre_hook(
             lambda _m, args, st=stats.linears[name]: st.update(args[0])))
     original = None

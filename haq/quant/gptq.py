@@ -105,6 +105,15 @@ def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor | Non
     return None, damp
 
 
+def _native_loop(Wt: torch.Tensor):
+    """The C kernels when they can run this solve's column loop (float32 on the CPU), else None."""
+    if Wt.dtype != torch.float32 or Wt.device.type != "cpu":
+        return None
+    from haq.kernels.cpu import library
+
+    return library()
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -163,8 +172,9 @@ def gptq_quantize(
 
     # Columns of W are rows of Wt: every per-column step below reads and writes contiguous memory,
     # and the loss is summed once per block from the scaled errors ((w - q) / d)^2 / 2.
-    s = scale.to(work)
+    s = scale.to(work).contiguous()
     Wt = W.t().contiguous()
+    native = _native_loop(Wt)
     Qt = torch.empty_like(Wt)
     loss = torch.zeros((), dtype=work, device=W.device)
     for i1 in range(0, ncols, blocksize):
@@ -172,7 +182,11 @@ def gptq_quantize(
         W1, Q1 = Wt[i1:i2], Qt[i1:i2]
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        if native is not None:
+            Hinv1 = Hinv1.contiguous()
+            native.haq_gptq_block(W1.data_ptr(), Hinv1.data_ptr(), s.data_ptr(), i2 - i1, W1.shape[1], float(qmax),
+                                  Q1.data_ptr(), Err1.data_ptr())
+        for i in range(0 if native is None else i2 - i1, i2 - i1):
             w = W1[i]
             q = torch.round(w / s).clamp_(-qmax, qmax)
             Q1[i] = q

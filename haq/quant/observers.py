@@ -1,4 +1,5 @@
-"""Calibration statistics of one linear input: per-channel abs-max and the Hessian 2/n sum x x^T.
+"""Calibration statistics of one linear input: per-channel abs-max, the Hessian 2/n sum x x^T and a
+few input tokens.
 Smoothing by s maps both exactly (X -> X / s), so one pass over the float layer serves smoothing
 and GPTQ alike."""
 from __future__ import annotations
@@ -10,9 +11,11 @@ from haq.quant.gptq import accumulate_hessian
 
 
 class InputStats:
-    def __init__(self, name: str, hessian: bool = True):
+    def __init__(self, name: str, hessian: bool = True, sample_tokens: int = 0):
         self.name = name
         self.want_hessian = hessian
+        self.sample_tokens = sample_tokens
+        self.sample: torch.Tensor | None = None  # the first `sample_tokens` inputs [T, C]: haq's alpha proxy
         self.act_max: torch.Tensor | None = None  # [C]
         self.H: torch.Tensor | None = None  # [C, C]
         self.tokens = 0
@@ -26,6 +29,11 @@ class InputStats:
             raise HaqError(f"NaN or Inf in calibration activations entering {self.name}; "
                            "check the model weights and the calibration text")
         self.act_max = cur if self.act_max is None else torch.maximum(self.act_max, cur)
+        if self.sample_tokens:
+            kept = 0 if self.sample is None else self.sample.shape[0]
+            if kept < self.sample_tokens:
+                new = x[: self.sample_tokens - kept].clone()
+                self.sample = new if self.sample is None else torch.cat([self.sample, new])
         if self.want_hessian:
             self.H, self.tokens = accumulate_hessian(self.H, self.tokens, x)
         else:
@@ -38,3 +46,5 @@ class InputStats:
             self.act_max = self.act_max * inv
         if self.H is not None:
             self.H = self.H * inv[:, None] * inv[None, :]
+        if self.sample is not None:
+            self.sample = self.sample * inv

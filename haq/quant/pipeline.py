@@ -159,9 +159,7 @@ def quantize_layer(layer: nn.Module, spec: LayerSpec, stats: LayerStats, recipe:
     if recipe.smooths:
         report.alphas = smooth_layer(layer, spec, stats, recipe, probe)
         log.debug("layer %d alphas %s", report.index, report.alphas)
-    linears = {name: _solve(layer.get_submodule(name).weight.data, stats.linears[name].H,
-                            stats.linears[name].tokens, recipe, f"{prefix}.{name}", report)
-               for name in spec.linears}
+    linears = _solve_linears(layer, spec, stats, recipe, report, prefix)
     experts = _solve_experts(layer, spec, stats, recipe, report, prefix) if spec.moe is not None else None
     if recipe.method == "haq" and probe is not None:
         report.weights = "gptq"
@@ -178,6 +176,26 @@ def quantize_layer(layer: nn.Module, spec: LayerSpec, stats: LayerStats, recipe:
     if experts is not None:
         specs[spec.moe.experts] = _install_experts(layer, spec, stats, recipe, experts)
     return specs
+
+
+def _solve_linears(layer: nn.Module, spec: LayerSpec, stats: LayerStats, recipe: Recipe, report: LayerReport,
+                   prefix: str) -> dict[str, Solution]:
+    """One solve per distinct input: linears sharing a statistic (q/k/v, gate/up) are stacked by rows
+    and solved together, which is exactly the separate solves (GPTQ treats rows independently under
+    one H, and each row keeps its own scale), with one factorization and one column loop."""
+    readers: dict[int, list[str]] = {}
+    for name in spec.linears:
+        readers.setdefault(id(stats.linears[name]), []).append(name)
+    solutions: dict[str, Solution] = {}
+    for names in readers.values():
+        st = stats.linears[names[0]]
+        weights = [layer.get_submodule(name).weight.data for name in names]
+        label = ",".join(f"{prefix}.{name}" for name in names)
+        qweight, scale = _solve(torch.cat(weights), st.H, st.tokens, recipe, label, report)
+        rows = [w.shape[0] for w in weights]
+        for name, q, sc in zip(names, qweight.split(rows), scale.split(rows)):
+            solutions[name] = (q.contiguous(), sc.contiguous())
+    return solutions
 
 
 def _rtn_solutions(layer: nn.Module, spec: LayerSpec, recipe: Recipe):

@@ -23,7 +23,10 @@ FIELD_HELP = {
     "act": "activation scales: dynamic per token, or static per tensor (calibrated)",
     "alpha": "smoothquant's fixed migration strength",
     "alpha_step": "haq's alpha grid step: candidates none, 0, step, ..., 1",
-    "alpha_search": "haq: search the alpha grid hierarchically (about half the block evaluations) or whole",
+    "alpha_search": "haq: proxy = rank the whole grid by the consumers' own quantized output error and let the "
+                    "block error decide among the best proxy_keep (experts' internal groups search coarse-to-fine); "
+                    "coarse-to-fine = the block error on about half the grid; grid = the block error on all of it",
+    "proxy_keep": "haq's proxy search: how many of the best-ranked candidates the block error decides among",
     "search_tokens": "calibration tokens (whole windows) on which haq scores alphas by block error",
     "percdamp": "GPTQ damping, a fraction of mean diag(H); raised x10 until the Cholesky succeeds",
     "blocksize": "GPTQ column block size",
@@ -46,8 +49,9 @@ class Recipe:
     act: Literal["per-token", "per-tensor"] = "per-token"  # per-tensor = static, calibrated
     alpha: float = 0.5  # smoothquant's fixed migration strength (SmoothQuant's default)
     alpha_step: float = 0.05  # haq's grid: None (no smoothing), 0, step, ..., 1
-    alpha_search: Literal["coarse-to-fine", "grid"] = "coarse-to-fine"  # grid = score every grid point
-    search_tokens: int = 2048  # calibration tokens (whole windows) on which haq scores alphas by block error
+    alpha_search: Literal["proxy", "coarse-to-fine", "grid"] = "proxy"  # grid = block error on every point
+    proxy_keep: int = 2
+    search_tokens: int = 1024  # calibration tokens (whole windows) on which haq scores alphas by block error
     percdamp: float = 0.01  # GPTQ damping, fraction of mean diag(H); raised x10 until Cholesky succeeds
     blocksize: int = 128
     actorder: bool = True
@@ -70,15 +74,15 @@ class Recipe:
             raise HaqError(f"--abits must be in [2, 8] or 16 (no activation quantization), got {self.abits}")
         if self.act not in ("per-token", "per-tensor"):
             raise HaqError(f"--act must be per-token or per-tensor, got {self.act!r}")
-        if self.alpha_search not in ("coarse-to-fine", "grid"):
-            raise HaqError(f"--alpha-search must be coarse-to-fine or grid, got {self.alpha_search!r}")
+        if self.alpha_search not in ("proxy", "coarse-to-fine", "grid"):
+            raise HaqError(f"--alpha-search must be proxy, coarse-to-fine or grid, got {self.alpha_search!r}")
         if not 0 <= self.alpha <= 1:
             raise HaqError(f"--alpha must be in [0, 1], got {self.alpha}")
         if not 0 < self.alpha_step <= 1:
             raise HaqError(f"alpha_step must be in (0, 1], got {self.alpha_step}")
         if not 0 < self.percdamp < 1:
             raise HaqError(f"percdamp must be in (0, 1), got {self.percdamp}")
-        for name in ("search_tokens", "blocksize"):
+        for name in ("search_tokens", "blocksize", "proxy_keep"):
             if getattr(self, name) < 1:
                 raise HaqError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.min_expert_tokens < 0:

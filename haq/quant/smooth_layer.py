@@ -15,12 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from haq.kernels.grid import fake_quant_act, fake_quant_weight
 from haq.models.adapters import LayerSpec, SmoothGroup
 from haq.models.norms import NormKind, norm_gain, set_norm_gain
 from haq.quant.calibration import LayerStats
 from haq.quant.fake_quant import Probe, block_error
 from haq.quant.recipe import Recipe
-from haq.quant.smooth_scales import (alpha_grid, best_alpha, coarse_to_fine_alpha, divide_producer, scale_weight_columns,
+from haq.quant.smooth_scales import (alpha_grid, best_alpha, coarse_to_fine_alpha, divide_producer, proxy_pruned_alpha, scale_weight_columns,
                               smooth_scales)
 
 Scales = torch.Tensor | dict[int, torch.Tensor]  # one s per group, or one per expert (experts-up)
@@ -32,6 +33,7 @@ class GroupPlan:
 
     scales: Callable[[float], Scales]
     apply: Callable[[Scales, bool], None]  # (s, update the recorded statistics too)
+    proxy: Callable[[float | None, Recipe], float] | None = None  # the consumers' own error at alpha
 
 
 def _column_max(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -92,17 +94,52 @@ def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats, norm_kin
             module = layer.get_submodule(name)
             if name in stats.linears:
                 module.weight.data = scale_weight_columns(module.weight.data, cols)
-                if update_stats:
-                    stats.linears[name].smoothed(cols)
             else:
                 module.gate_up_proj.data = module.gate_up_proj.data * cols
-                if update_stats:
-                    stats.experts.smoothed_input(cols)
+        if update_stats:  # each distinct statistic once (q/k/v share one)
+            for st in {id(stats.linears[n]): stats.linears[n] for n in group.consumers if n in stats.linears}.values():
+                st.smoothed(cols)
+            if any(n not in stats.linears for n in group.consumers):
+                stats.experts.smoothed_input(cols)
         for name in group.rescale:
             module = layer.get_submodule(name)
             module.weight.data = scale_weight_columns(module.weight.data, cols)
 
-    return GroupPlan(lambda alpha: smooth_scales(act_max, w_max, alpha), apply)
+    scales = lambda alpha: smooth_scales(act_max, w_max, alpha)  # noqa: E731
+    sample = (stats.linears[group.consumers[0]].sample if group.consumers[0] in stats.linears
+              else stats.experts.moe_input.sample)
+    if sample is None:
+        return GroupPlan(scales, apply)
+    x = sample[:proxy_tokens(weights, sample.shape[0])]
+    references: list[torch.Tensor] = []  # the float outputs, computed on the first proxy call
+
+    def proxy(alpha: float | None, recipe: Recipe) -> float:
+        if not references:
+            references.extend(x @ w.t().float() for w in weights)
+        cols = torch.ones(x.shape[1]) if alpha is None else expand(scales(alpha))
+        return consumer_error(x, weights, references, cols, recipe)
+
+    return GroupPlan(scales, apply, proxy)
+
+
+PROXY_MACS = 2**27
+"""Multiply-adds one proxy evaluation may spend: fewer tokens for wide groups (all experts' gate_up)."""
+
+
+def proxy_tokens(weights: list[torch.Tensor], available: int) -> int:
+    return min(available, max(64, PROXY_MACS // sum(w.numel() for w in weights)))
+
+
+def consumer_error(x: torch.Tensor, weights: list[torch.Tensor], references: list[torch.Tensor],
+                   cols: torch.Tensor, recipe: Recipe) -> float:
+    """The proxy: squared output error of the group's consumers alone, smoothed by `cols` (consumer
+    columns x s, inputs / s), W and X fake-quantized, on the recorded input tokens `x` [T, C]."""
+    xs = x / cols
+    xq = fake_quant_act(xs, recipe.abits, recipe.act) if recipe.quant_acts else xs
+    error = 0.0
+    for w, reference in zip(weights, references):
+        error += float(((xq @ fake_quant_weight(w.float() * cols, recipe.wbits).t() - reference) ** 2).sum())
+    return error
 
 
 def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) -> GroupPlan | None:
@@ -152,7 +189,10 @@ def smooth_layer(layer: nn.Module, spec: LayerSpec, stats: LayerStats, recipe: R
                 layer.load_state_dict(saved)
                 return error
 
-            if recipe.alpha_search == "grid":
+            if recipe.alpha_search == "proxy" and plan.proxy is not None:
+                alpha, _ = proxy_pruned_alpha(score, lambda a: plan.proxy(a, recipe), recipe.alpha_step,
+                                              recipe.proxy_keep)
+            elif recipe.alpha_search == "grid":
                 alpha, _ = best_alpha(score, alpha_grid(recipe.alpha_step))
             else:
                 alpha, _ = coarse_to_fine_alpha(score, recipe.alpha_step)

@@ -136,3 +136,20 @@ def coarse_to_fine_alpha(
                 level_scores[level] = float(score_fn(grid[level + 1]))
     scores.update({grid[level + 1]: score for level, score in sorted(level_scores.items())})
     return _lowest(scores), scores
+
+
+def proxy_pruned_alpha(
+    score_fn: Callable[[float | None], float], proxy_fn: Callable[[float | None], float],
+    step: float = 0.05, keep: int = 3,
+) -> tuple[float | None, dict[float | None, float]]:
+    """Every grid candidate ranked by a cheap proxy; ``score_fn`` (the expensive score that decides)
+    evaluates only the ``keep`` best of them and None (no smoothing), so the choice is never worse
+    than not smoothing by that score. Returns the choice and the decisive scores."""
+    if keep < 1:
+        raise HaqError(f"the proxy search must keep at least one candidate, got {keep}")
+    grid = alpha_grid(step)
+    proxies = {alpha: float(proxy_fn(alpha)) for alpha in grid}
+    ranked = sorted(grid, key=lambda a: (math.isnan(proxies[a]), proxies[a]))
+    decisive = [None] + [alpha for alpha in ranked[:keep] if alpha is not None]
+    scores = {alpha: float(score_fn(alpha)) for alpha in decisive}
+    return _lowest(scores), scores

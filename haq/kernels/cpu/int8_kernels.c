@@ -523,3 +523,33 @@ void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, floa
     }
     if (seconds) seconds[PART_LM_HEAD] += omp_get_wtime() - seconds[STEP_PARTS];
 }
+
+/* GPTQ's column loop over one block of `count` columns, in the transposed layout (haq.quant.gptq):
+ * W1 [count, rows] holds the block's columns of W as rows, Hinv1 [count, count] the block of the upper
+ * Cholesky factor, s [rows] the per-channel scales. For each column i: q = clamp(round(w / s)),
+ * err = (w - q s) / Hinv1[i, i], and the later columns of the block get W1[j] -= Hinv1[i, j] err.
+ * Writes the levels into Q1 and err into Err1 (both [count, rows]); W1 is updated in place. Output
+ * channels (rows of W) never interact, so threads take disjoint row ranges and the loop has no
+ * Python step per column. */
+void haq_gptq_block(float *W1, const float *Hinv1, const float *s, int64_t count, int64_t rows, float qmax,
+                    float *Q1, float *Err1) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+        const int64_t r1 = r0 + 64 < rows ? r0 + 64 : rows;
+        for (int64_t i = 0; i < count; i++) {
+            const float d = Hinv1[i * count + i];
+            float *w = W1 + i * rows, *q = Q1 + i * rows, *err = Err1 + i * rows;
+            for (int64_t r = r0; r < r1; r++) {
+                float level = nearbyintf(w[r] / s[r]);
+                level = level > qmax ? qmax : (level < -qmax ? -qmax : level);
+                q[r] = level;
+                err[r] = (w[r] - level * s[r]) / d;
+            }
+            for (int64_t j = i + 1; j < count; j++) {
+                const float h = Hinv1[i * count + j];
+                float *wj = W1 + j * rows;
+                for (int64_t r = r0; r < r1; r++) wj[r] -= h * err[r];
+            }
+        }
+    }
+}
