@@ -27,7 +27,7 @@ class ObservedExperts(nn.Module):
         E = experts.gate_up_proj.shape[0]
         self.moe_input = InputStats("experts input", hessian=hessian and all_experts, sample_tokens=PROXY_TOKENS)
         self.gate_up = [InputStats(f"expert {e} gate_up", hessian=hessian and not all_experts) for e in range(E)]
-        self.down = [InputStats(f"expert {e} down", hessian=hessian) for e in range(E)]
+        self.down = [InputStats(f"expert {e} down", hessian=hessian, sample_tokens=PROXY_TOKENS) for e in range(E)]
         self.routed_tokens = [0] * E
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

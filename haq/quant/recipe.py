@@ -24,7 +24,7 @@ FIELD_HELP = {
     "alpha": "smoothquant's fixed migration strength",
     "alpha_step": "haq's alpha grid step: candidates none, 0, step, ..., 1",
     "alpha_search": "haq: proxy = rank the whole grid by the consumers' own quantized output error and let the "
-                    "block error decide among the best proxy_keep (experts' internal groups search coarse-to-fine); "
+                    "block error decide among the best proxy_keep and none; "
                     "coarse-to-fine = the block error on about half the grid; grid = the block error on all of it",
     "proxy_keep": "haq's proxy search: how many of the best-ranked candidates the block error decides among",
     "search_tokens": "calibration tokens (whole windows) on which haq scores alphas by block error",

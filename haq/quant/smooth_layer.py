@@ -165,7 +165,21 @@ def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) ->
                 ex.down[e].smoothed(s_e)
         experts.gate_up_proj.data, experts.down_proj.data = gate_up, down
 
-    return GroupPlan(scales, apply)
+    downs = {e: experts.down_proj.data[e] for e in live if ex.down[e].sample is not None}
+    if not downs:
+        return GroupPlan(scales, apply)
+    samples = {e: ex.down[e].sample[:proxy_tokens([w], ex.down[e].sample.shape[0])] for e, w in downs.items()}
+    references: dict[int, torch.Tensor] = {}
+
+    def proxy(alpha: float | None, recipe: Recipe) -> float:
+        """The experts' down projections alone, each on its own recorded inputs."""
+        if not references:
+            references.update({e: x @ downs[e].t().float() for e, x in samples.items()})
+        s = None if alpha is None else scales(alpha)
+        return sum(consumer_error(x, [downs[e]], [references[e]], torch.ones(x.shape[1]) if s is None else s[e],
+                                  recipe) for e, x in samples.items())
+
+    return GroupPlan(scales, apply, proxy)
 
 
 def smooth_layer(layer: nn.Module, spec: LayerSpec, stats: LayerStats, recipe: Recipe,
