@@ -21,8 +21,8 @@ from haq.models.norms import NormKind, norm_gain, set_norm_gain
 from haq.quant.calibration import LayerStats
 from haq.quant.fake_quant import Probe, block_error
 from haq.quant.recipe import Recipe
-from haq.quant.smooth_scales import (alpha_grid, best_alpha, coarse_to_fine_alpha, divide_producer, proxy_pruned_alpha, scale_weight_columns,
-                              smooth_scales)
+from haq.quant.smooth_scales import (alpha_grid, best_alpha, coarse_to_fine_alpha, divide_producer, proxy_pruned_alpha,
+                                     scale_weight_columns, smooth_scales)
 
 Scales = torch.Tensor | dict[int, torch.Tensor]  # one s per group, or one per expert (experts-up)
 
