@@ -4,6 +4,7 @@ checkpoints, quantizes into a checkpoint, and builds an engine with its policy c
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -42,27 +43,61 @@ def run_key(recipe: Recipe, model_dir: Path, windows: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+OFFLOAD_SHARE = 0.5
+"""`offload=None` offloads when the float32 model would take more than this share of available RAM."""
+
+
+def offload_needed(path: Path) -> bool:
+    """Would the float32 model crowd host memory? (its weight files, at float32, vs available RAM)"""
+    import psutil
+
+    from haq.checkpoint.layer_source import ShardedCheckpoint
+
+    try:
+        ckpt = ShardedCheckpoint(path)
+    except HaqError:  # no safetensors: only the in-memory path can load it
+        return False
+    elements = sum(math.prod(handle.get_slice(key).get_shape()) for key, handle in ckpt.where.items())
+    return 4 * elements > OFFLOAD_SHARE * psutil.virtual_memory().available
+
+
 @validated
 def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "wiki-offline",
-             nsamples: int = 128, seqlen: int = 2048, seed: int = 0, progress: bool = True) -> Path:
+             nsamples: int = 128, seqlen: int = 2048, seed: int = 0, progress: bool = True,
+             offload: bool | None = None) -> Path:
     """Quantize a model folder (or zoo name) and write a checkpoint to `out`. Finished layers are
-    kept in a sibling `.OUT.partial` folder, so an interrupted run resumes where it stopped."""
+    kept in a sibling `.OUT.partial` folder, so an interrupted run resumes where it stopped.
+    `offload`: read one decoder layer at a time from the shards instead of loading the model
+    (None: when the float32 model would take more than half of the available RAM)."""
     import shutil
 
+    from haq.checkpoint.layer_source import LayerSource
     from haq.checkpoint.native import CONFIG_NAME, OWN_FILES, save_quantized
     from haq.data.sources import dataset_identity, resolve
     from haq.data.windows import calib_windows
-    from haq.models.adapters import adapter_for
-    from haq.loading import check_seqlen, load_model, resolve_model_path
-    from haq.quant.pipeline import quantize_model
+    from haq.loading import (check_seqlen, load_model, load_tokenizer, read_config, refuse_orphaned_checkpoint,
+                              resolve_model_path)
+    from haq.quant.pipeline import partial_paths, quantize_model
 
     out = Path(out)
     check_output_dir(out, CONFIG_NAME, "haq checkpoint", OWN_FILES)  # before hours of work, not after
     resolve(calib)  # a bad dataset fails before the model loads
-    if (resolve_model_path(model) / CONFIG_NAME).is_file():
+    path = resolve_model_path(model)
+    if (path / CONFIG_NAME).is_file():
         raise HaqError(f"{model} is already a haq checkpoint: quantize the float model it was made from")
-    float_model, tokenizer, path = load_model(model, dtype=torch.float32)
-    adapter_for(float_model.config)
+    read_config(path)
+    if offload is None:
+        offload = offload_needed(path)
+    if offload and recipe.rotate:
+        raise HaqError("--rotate rewrites every layer at once and needs the whole model in memory: "
+                       "drop --rotate or quantize with --no-offload")
+    source = None
+    if offload:
+        refuse_orphaned_checkpoint(path)
+        source = LayerSource.open(path)
+        float_model, tokenizer = source.model, load_tokenizer(path)
+    else:
+        float_model, tokenizer, path = load_model(path, dtype=torch.float32)
     check_seqlen(float_model, seqlen)
     windows = calib_windows(calib, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed)
     work = out.parent / f".{out.name}.partial" / run_key(recipe, path, windows)
@@ -70,9 +105,12 @@ def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "w
         if other != work:  # another model, recipe or calibration: never mixed in
             log.warning("discarding the unfinished run in %s (another model, recipe or calibration)", other)
             shutil.rmtree(other, ignore_errors=True)
-    report = quantize_model(float_model, recipe, windows, work_dir=work, progress=progress)
+    report = quantize_model(float_model, recipe, windows, work_dir=work, progress=progress, source=source)
     identity = {**dataset_identity(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "model": str(path)}
-    save_quantized(float_model, tokenizer, out, report, identity)
+    layer_files = []
+    if source is not None:
+        layer_files = [(f"{source.adapter.layers}.{i}.", partial_paths(work, i)[0]) for i in range(len(source.layers))]
+    save_quantized(float_model, tokenizer, out, report, identity, layer_files)
     shutil.rmtree(work.parent, ignore_errors=True)
     return out
 

@@ -40,7 +40,7 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def _refuse_orphaned_checkpoint(path: Path) -> None:
+def refuse_orphaned_checkpoint(path: Path) -> None:
     """A haq int8 checkpoint without its haq_config.json (a copy that lost it, or the temp folder of
     a killed save) must not load as a float model with random weights."""
     from safetensors import safe_open
@@ -66,7 +66,7 @@ def _first_line(exc: Exception) -> str:
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int8_backend: str | None = None):
     """(model, tokenizer, path); a haq quantized checkpoint loads with its int8 modules (on
     `int8_backend`, default the one its specs record)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
     read_config(path)
@@ -75,7 +75,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int
 
         model = load_quantized(path, backend=int8_backend)
     else:
-        _refuse_orphaned_checkpoint(path)
+        refuse_orphaned_checkpoint(path)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
         except Exception as exc:  # noqa: BLE001 - transformers, huggingface_hub's config validation and
@@ -90,11 +90,16 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int
             missing = sorted(info["missing_keys"])
             raise HaqError(f"{path}: {len(missing)} weights of the architecture are not in its files "
                            f"({', '.join(missing[:3])}...): incomplete or not an HF checkpoint")
+    return model.eval(), load_tokenizer(path), path
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise HaqError(f"no usable tokenizer in {path}: {_first_line(exc)}") from None
-    return model.eval(), tokenizer, path
 
 
 def check_seqlen(model, seqlen: int, option: str = "--seqlen") -> None:

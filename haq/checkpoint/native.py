@@ -50,13 +50,21 @@ def _state_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_quantized(model: nn.Module, tokenizer, out: Path, report: QuantReport, calibration: dict) -> Path:
+def save_quantized(model: nn.Module, tokenizer, out: Path, report: QuantReport, calibration: dict,
+                   layer_files: list[tuple[str, Path]] = ()) -> Path:
+    """`layer_files`: (key prefix, safetensors file) of layers that are on disk, not in `model`
+    (an offloaded quantization); their tensors are streamed into the weights file one at a time."""
     from safetensors.torch import save_file
+
+    from haq.checkpoint.streamed import save_streamed
 
     out = Path(out)
     check_output_dir(out, CONFIG_NAME, "haq checkpoint", OWN_FILES)
     with atomic_dir(out) as tmp:
-        save_file(_state_to_save(model), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
+        if layer_files:
+            save_streamed(tmp / WEIGHTS_NAME, _state_to_save(model), list(layer_files), {"format": FORMAT})
+        else:
+            save_file(_state_to_save(model), tmp / WEIGHTS_NAME, metadata={"format": FORMAT})
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -72,7 +72,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     fields.update({k[len("recipe_"):]: v for k, v in vars(args).items() if k.startswith("recipe_")})
     recipe = Recipe.from_dict(fields)
     out = quantize(args.model, recipe, args.output, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                   seed=args.seed)
+                   seed=args.seed, offload=args.offload)
     print_quant_summary(out)
 
 
@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: %(default)s)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="calibration window sampling seed (default: %(default)s)")
+    p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="read one decoder layer at a time from the safetensors shards, so host memory holds one "
+                        "layer, not the model (default: when the float32 model would fill over half the free RAM)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.set_defaults(func=cmd_quantize)
 

@@ -118,13 +118,17 @@ class ArchAdapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
-    def check_norms(self, model: nn.Module) -> None:
-        """Every norm a fold may touch computes what `norm_kind` says, or a clear error."""
-        for index, layer in enumerate(self.decoder_layers(model)):
-            for group in self.layer_spec(model.config, index).norm_groups:
-                check_norm(layer.get_submodule(group.prev), self.norm_kind, f"layer {index} {group.prev}")
+    def check_norms(self, model: nn.Module, layers: bool = True) -> None:
+        """Every norm a fold may touch computes what `norm_kind` says, or a clear error
+        (`layers=False`: the final norm only; offloaded layers are checked as they load)."""
+        for index, layer in enumerate(self.decoder_layers(model)) if layers else ():
+            self.check_layer_norms(model.config, index, layer)
         if self.residual is not None:
             check_norm(model.get_submodule(self.residual.final_norm), self.norm_kind, self.residual.final_norm)
+
+    def check_layer_norms(self, config, index: int, layer: nn.Module) -> None:
+        for group in self.layer_spec(config, index).norm_groups:
+            check_norm(layer.get_submodule(group.prev), self.norm_kind, f"layer {index} {group.prev}")
 
 
 def input_weight(module: nn.Module) -> nn.Parameter:

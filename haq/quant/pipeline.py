@@ -15,6 +15,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -264,14 +265,14 @@ def _install_experts(layer, spec: LayerSpec, stats, recipe, solutions: list[tupl
     return spec_of(module)
 
 
-def _partial_paths(work_dir: Path, index: int) -> tuple[Path, Path]:
+def partial_paths(work_dir: Path, index: int) -> tuple[Path, Path]:
     return work_dir / f"layer_{index:03d}.safetensors", work_dir / f"layer_{index:03d}.json"
 
 
 def _save_partial(work_dir: Path, index: int, layer: nn.Module, specs: dict, report: LayerReport) -> None:
     from safetensors.torch import save as save_bytes
 
-    tensors, meta = _partial_paths(work_dir, index)
+    tensors, meta = partial_paths(work_dir, index)
     state = {k: v.contiguous() for k, v in layer.state_dict().items()}
     atomic_write_bytes(tensors, save_bytes(state))
     # The JSON goes last: a layer counts as done only when both files exist.
@@ -281,7 +282,7 @@ def _save_partial(work_dir: Path, index: int, layer: nn.Module, specs: dict, rep
 def _load_partial(work_dir: Path, index: int, layer: nn.Module) -> tuple[dict, LayerReport] | None:
     from safetensors.torch import load_file
 
-    tensors, meta = _partial_paths(work_dir, index)
+    tensors, meta = partial_paths(work_dir, index)
     if not (tensors.is_file() and meta.is_file()):
         return None
     try:
@@ -295,9 +296,20 @@ def _load_partial(work_dir: Path, index: int, layer: nn.Module) -> tuple[dict, L
     return info["specs"], LayerReport(**info["report"])
 
 
+class LayerSource(Protocol):
+    """Decoder layers brought into memory one at a time (`haq.checkpoint.layer_source`)."""
+
+    def load(self, index: int) -> nn.Module: ...
+
+    def release(self, index: int) -> None: ...
+
+
 def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_dir: Path | None = None,
-                   progress: bool = True) -> QuantReport:
-    """Quantize `model` in place with `recipe` on calibration token windows `calib` [n, seqlen]."""
+                   progress: bool = True, source: LayerSource | None = None) -> QuantReport:
+    """Quantize `model` in place with `recipe` on calibration token windows `calib` [n, seqlen].
+    With `source`, the decoder layers are not in memory: each is loaded, quantized, saved into
+    `work_dir` and released, so memory holds one layer (the checkpoint is then assembled from
+    `work_dir`)."""
     start = time.perf_counter()
     adapter = adapter_for(model.config)
     if recipe.method == "fp":
@@ -305,7 +317,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
     if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
         raise HaqError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(calib.shape)}")
     tokens = calib.numel()
-    adapter.check_norms(model)
+    if source is not None and (recipe.rotate or work_dir is None):
+        raise HaqError("offloaded quantization needs a work folder and cannot rotate (rotation rewrites every "
+                       "layer at once): drop --rotate or quantize without --offload")
+    adapter.check_norms(model, layers=source is None)
     if recipe.rotate:  # deterministic (seeded), so a resumed run rotates the same way
         rotate_residual(model)
         if recipe.quant_acts:
@@ -321,6 +336,9 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
     reports, specs = [], {}
     bar = tqdm(range(len(layers)), desc=f"quantize {recipe.method}", disable=not progress)
     for index in bar:
+        if source is not None:
+            source.load(index)
+            adapter.check_layer_norms(model.config, index, layers[index])
         layer, prefix = layers[index], f"{adapter.layers}.{index}"
         spec, kwargs = adapter.layer_spec(model.config, index), layer_kwargs[index]
         layer_start = time.perf_counter()
@@ -340,6 +358,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
         specs.update({f"{prefix}.{k}": v for k, v in layer_specs.items()})
         reports.append(report)
         inputs = run_layer(layer, inputs, kwargs, index)
+        if source is not None:
+            source.release(index)
         bar.set_postfix_str(f"layer {index} {report.seconds:.1f}s")
     if recipe.quantize_lm_head:
         specs.update(_quantize_lm_head(model, recipe))
