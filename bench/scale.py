@@ -1,0 +1,188 @@
+"""The quantizer at Mixtral-8x7B width: peak memory and seconds per layer of `haq quantize --offload`.
+
+Builds (once, into a git-ignored folder; nothing is committed) a 2-layer slice of Mixtral-8x7B's
+shape: hidden 4096, 8 experts of intermediate 14336 (top-2), 32 query / 8 KV heads, vocab 49152
+(SmolLM2's tokenizer, for real calibration text), random bf16 weights written in Mixtral's own
+checkpoint layout (one shard per layer, an index), loadable by transformers' MixtralForCausalLM.
+Activation outliers are injected the way they appear in trained models: a few channels of every
+RMSNorm weight are 20-40x the rest, so those channels of every norm output are large.
+
+Each method runs in its own process (`haq.api.quantize(..., offload=True)`), which reports its
+peak RSS (VmHWM); seconds per layer come from the checkpoint's haq_config.json. A reference cell
+quantizes without offload (the whole float32 model in memory) to show the difference. The bound
+(README, "Quantizing large models") is evaluated for the slice and compared with the peaks.
+
+Writes bench/results/scale.json ({"rows": [{"method","offload","peak_rss_gb","bound_gb","s_per_layer",
+"total_s","extrapolated_32_layers_h"}], ...}) and scale.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, git_rev, machine, md_table, peak_rss_mb, write_results
+
+SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
+             num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+             rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False)
+FULL_LAYERS = 32  # Mixtral-8x7B
+OUTLIERS = 8  # channels per norm scaled up
+GiB = 2**30
+
+
+def build_slice(out: Path, seed: int = 0) -> Path:
+    """The Mixtral-width slice, shard by shard (memory: one tensor at a time)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, MixtralConfig
+
+    from haq import zoo
+
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(zoo.build("smollm2-135m"))
+    config = MixtralConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, **SHAPE)
+    gen = torch.Generator().manual_seed(seed)
+    H, I = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    kv = SHAPE["num_key_value_heads"] * H // SHAPE["num_attention_heads"]
+
+    def normal(*shape, fan_in):
+        return (torch.randn(*shape, generator=gen) / fan_in ** 0.5).to(torch.bfloat16)
+
+    def norm_weight():
+        weight = torch.ones(H)
+        channels = torch.randperm(H, generator=gen)[:OUTLIERS]
+        weight[channels] = 20 + 20 * torch.rand(OUTLIERS, generator=gen)
+        return weight.to(torch.bfloat16)
+
+    shards = {"model-rest.safetensors": {"model.embed_tokens.weight": normal(config.vocab_size, H, fan_in=1),
+                                         "model.norm.weight": norm_weight(),
+                                         "lm_head.weight": normal(config.vocab_size, H, fan_in=H)}}
+    for layer in range(SHAPE["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        tensors = {p + "input_layernorm.weight": norm_weight(), p + "post_attention_layernorm.weight": norm_weight(),
+                   p + "self_attn.q_proj.weight": normal(H, H, fan_in=H),
+                   p + "self_attn.k_proj.weight": normal(kv, H, fan_in=H),
+                   p + "self_attn.v_proj.weight": normal(kv, H, fan_in=H),
+                   p + "self_attn.o_proj.weight": normal(H, H, fan_in=H),
+                   p + "block_sparse_moe.gate.weight": normal(SHAPE["num_local_experts"], H, fan_in=H)}
+        for e in range(SHAPE["num_local_experts"]):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            tensors |= {q + "w1.weight": normal(I, H, fan_in=H), q + "w3.weight": normal(I, H, fan_in=H),
+                        q + "w2.weight": normal(H, I, fan_in=I)}
+        shards[f"model-layer{layer:02d}.safetensors"] = tensors
+    weight_map = {}
+    for name, tensors in shards.items():
+        save_file(tensors, out / name, metadata={"format": "pt"})
+        weight_map |= {key: name for key in tensors}
+    shards.clear()
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def memory_bound_gb(nsamples: int, seqlen: int) -> float:
+    """The README's bound for this slice (bytes -> GiB): see `bound_terms`."""
+    return sum(bound_terms(nsamples, seqlen).values()) / GiB
+
+
+def bound_terms(nsamples: int, seqlen: int) -> dict[str, int]:
+    """Peak host memory of an offloaded run, by part (bytes):
+    rest   = 4 * (embedding + lm_head + final norm parameters)          the float32 model outside the layers
+    layer  = 4 * P_layer + 1 * P_layer                                  one float32 layer and its int8 copy
+    stats  = 4 * sum over distinct inputs of d^2 (Hessians) + 2 * 4 * E * (H^2 or I^2) for the largest solve
+    acts   = 2 * 4 * n * seqlen * H                                     the layer's inputs and outputs
+    (plus the interpreter and libraries, measured as the rtn run's peak minus its rest + layer)."""
+    H, I, E = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["num_local_experts"]
+    kv = SHAPE["num_key_value_heads"] * H // SHAPE["num_attention_heads"]
+    vocab = 49152
+    attn = H * H * 2 + 2 * kv * H
+    p_layer = attn + E * 3 * H * I + E * H + 2 * H
+    hessians = (2 * H * H) + E * (H * H + I * I)  # qkv + o, each expert's gate_up and down inputs
+    return {"rest": 4 * (2 * vocab * H + H), "layer": 5 * p_layer, "stats": 4 * hessians + 4 * I * I * 2,
+            "acts": 2 * 4 * nsamples * seqlen * H}
+
+
+def run_cell(method: str, slice_dir: Path, out: Path, offload: bool, nsamples: int, seqlen: int) -> dict:
+    result = out.with_suffix(".json")
+    cmd = [sys.executable, __file__, "--cell", method, "--slice", str(slice_dir), "--out", str(out),
+           "--nsamples", str(nsamples), "--seqlen", str(seqlen)] + ([] if offload else ["--no-offload"])
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        return {"method": method, "offload": offload, "error": f"exit {proc.returncode}"}
+    cell = json.loads(result.read_text())
+    cell["wall_s"] = round(time.perf_counter() - start, 1)
+    return cell
+
+
+def cell_main(args) -> None:
+    import torch
+
+    from haq import api
+    from haq.quant.recipe import Recipe
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    start = time.perf_counter()
+    out = api.quantize(args.slice, Recipe(method=args.cell), args.out, nsamples=args.nsamples, seqlen=args.seqlen,
+                       offload=args.offload)
+    meta = json.loads((Path(out) / "haq_config.json").read_text())
+    seconds = [layer["seconds"] for layer in meta["layers"]]
+    Path(args.out).with_suffix(".json").write_text(json.dumps({
+        "method": args.cell, "offload": args.offload, "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
+        "s_per_layer": round(sum(seconds) / len(seconds), 1), "layer_s": [round(s, 1) for s in seconds],
+        "total_s": round(time.perf_counter() - start, 1)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, default=ROOT / ".scale", help="slice and outputs (git-ignored)")
+    ap.add_argument("--methods", nargs="+", default=["rtn", "smoothquant", "gptq", "haq"])
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--no-reference", action="store_true", help="skip the in-memory (no offload) rtn cell")
+    ap.add_argument("--cell", help=argparse.SUPPRESS)
+    ap.add_argument("--slice", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.cell:
+        return cell_main(args)
+    slice_dir = build_slice(args.work / "mixtral-width-2l")
+    cells = [(m, True) for m in args.methods] + ([] if args.no_reference else [("rtn", False)])
+    rows = []
+    for method, offload in cells:
+        out = args.work / f"q-{method}-{'offload' if offload else 'memory'}"
+        subprocess.run(["rm", "-rf", str(out)])
+        load = os.getloadavg()[0]
+        row = run_cell(method, slice_dir, out, offload, args.nsamples, args.seqlen)
+        row["load"] = round(load, 1)
+        if "s_per_layer" in row:
+            row["extrapolated_32_layers_h"] = round(row["s_per_layer"] * FULL_LAYERS / 3600, 2)
+        row["bound_gb"] = round(memory_bound_gb(args.nsamples, args.seqlen), 2) if offload else None
+        rows.append(row)
+        print(row, flush=True)
+        subprocess.run(["rm", "-rf", str(out)])
+    terms = {k: round(v / GiB, 2) for k, v in bound_terms(args.nsamples, args.seqlen).items()}
+    payload = {"machine": machine(), "commit": git_rev(), "shape": SHAPE, "calibration":
+               {"nsamples": args.nsamples, "seqlen": args.seqlen, "dataset": "wiki-offline"},
+               "bound_terms_gb": terms, "rows": rows}
+    columns = ["method", "offload", "peak_rss_gb", "bound_gb", "s_per_layer", "layer_s", "total_s",
+               "extrapolated_32_layers_h", "load"]
+    md = ("# Quantizer at Mixtral-8x7B width (2-layer slice, `bench/scale.py`)\n\n"
+          f"Calibration: {args.nsamples} x {args.seqlen} wiki-offline tokens; commit {payload['commit']}; "
+          f"{payload['machine']['cpu']}, {payload['machine']['threads']} threads.\n"
+          f"Bound terms (GiB): {terms}; peak RSS is the cell process's VmHWM.\n\n" + md_table(rows, columns))
+    write_results("scale", payload, md)
+
+
+if __name__ == "__main__":
+    main()
