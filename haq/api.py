@@ -57,7 +57,7 @@ def offload_needed(path: Path) -> bool:
         ckpt = ShardedCheckpoint(path)
     except HaqError:  # no safetensors: only the in-memory path can load it
         return False
-    elements = sum(math.prod(handle.get_slice(key).get_shape()) for key, handle in ckpt.where.items())
+    elements = sum(math.prod(shape) for shape in ckpt.shapes.values())
     return 4 * elements > OFFLOAD_SHARE * psutil.virtual_memory().available
 
 

@@ -5,9 +5,10 @@ import errno
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 TEMP_TAG = ".tmp-"  # temp files and folders: .NAME.tmp-PID-RANDOM beside NAME
 
@@ -30,13 +31,19 @@ def _temp_name(final: Path) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_with(path, lambda handle: handle.write(data))
+
+
+def atomic_write_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(handle)` into a temp file beside `path`, synced, then renamed over it (a large
+    payload is streamed by `write`, never held whole in memory)."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _temp_name(path)
         # mode 0o666 under the umask: a result file as readable as any other (mkstemp would give 0600)
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as handle:
-            handle.write(data)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import haq
 
 FLOORS: dict[str, int] = {
-    "haq": 0, "haq.errors": 0, "haq.io": 0.5, "haq.paths": 0.5,
+    "haq": 0, "haq.errors": 0, "haq.io": 0.5, "haq.paths": 0.5, "haq.tensorfile": 0.5,
     "haq.models": 1, "haq.kernels": 1, "haq.data": 1,
     "haq.quant": 2, "haq.runtime": 2, "haq.eval": 2, "haq.zoo": 2,
     "haq.checkpoint": 3,

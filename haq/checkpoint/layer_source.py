@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,7 +38,8 @@ class _Released(nn.Module):
 
 
 class ShardedCheckpoint:
-    """Tensor names -> safetensors files of a model folder, opened lazily (memory-mapped)."""
+    """Tensor names -> safetensors files of a model folder. Files are opened per read and closed
+    after: a memory-mapped shard's pages count as resident while it is open."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open
@@ -53,20 +55,31 @@ class ShardedCheckpoint:
         if not files:
             raise HaqError(f"{path} has no .safetensors weights: offloaded quantization reads safetensors shards "
                            "(convert the checkpoint with save_pretrained(safe_serialization=True))")
-        self.handles, self.where = [], {}
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, list[int]] = {}
         for name in files:
             try:
-                handle = safe_open(path / name, "pt")
+                with safe_open(path / name, "pt") as handle:
+                    for key in handle.keys():
+                        self.where[key] = path / name
+                        self.shapes[key] = list(handle.get_slice(key).get_shape())
             except Exception as exc:  # noqa: BLE001 - a missing or corrupt shard, whatever safetensors raises
                 raise HaqError(f"cannot open the weight shard {path / name}: {exc}") from None
-            self.handles.append(handle)
-            self.where.update({key: handle for key in handle.keys()})
 
     def keys_under(self, prefix: str) -> list[str]:
         return [key for key in self.where if key.startswith(prefix)]
 
-    def get(self, key: str) -> torch.Tensor:
-        return self.where[key].get_tensor(key)
+    def read(self, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(key, tensor) for `keys`, one file open at a time."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.where[key], []).append(key)
+        for file, names in by_file.items():
+            with safe_open(file, "pt") as handle:
+                for key in names:
+                    yield key, handle.get_tensor(key)
 
 
 def _module_key(key: str) -> str:
@@ -80,7 +93,7 @@ def _fill(params: dict[str, torch.Tensor], ckpt: ShardedCheckpoint, source_keys:
     fusing per-expert tensors; each parameter must be written exactly once."""
     written: dict[str, int] = {}
     layouts = {name: (slot, layout) for layout in EXPERT_LAYOUTS for slot, name in enumerate(layout)}
-    for key in source_keys:
+    for key, tensor in ckpt.read(source_keys):
         target = _module_key(key)
         match = _EXPERT_KEY.match(target)
         if target in params:
@@ -96,7 +109,6 @@ def _fill(params: dict[str, torch.Tensor], ckpt: ShardedCheckpoint, source_keys:
         else:
             raise HaqError(f"{where}: checkpoint tensor {key} has no place in the model: the config does not "
                            "describe these weights")
-        tensor = ckpt.get(key)
         if tensor.shape != part.shape:
             raise HaqError(f"{where}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(part.shape)}")
         part.copy_(tensor)

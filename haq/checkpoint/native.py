@@ -56,7 +56,7 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, report: QuantReport, 
     (an offloaded quantization); their tensors are streamed into the weights file one at a time."""
     from safetensors.torch import save_file
 
-    from haq.checkpoint.streamed import save_streamed
+    from haq.tensorfile import save_streamed
 
     out = Path(out)
     check_output_dir(out, CONFIG_NAME, "haq checkpoint", OWN_FILES)

@@ -4,6 +4,7 @@ quantize-dequantized weights and activations, and the block error that the alpha
 GPTQ check score candidates by."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -18,33 +19,42 @@ from haq.quant.calibration import forward_windows
 from haq.quant.recipe import Recipe
 
 
-class FakeQuantExperts(nn.Module):
-    """Fused experts computed with fake-quant weights and activations (same forward signature)."""
+ExpertWeights = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # expert -> (gate_up, down) as computed
 
-    def __init__(self, experts: nn.Module, recipe: Recipe, quantize_weights: bool = True):
+
+class FakeQuantExperts(nn.Module):
+    """Fused experts computed with fake-quant weights and activations (same forward signature).
+    Each expert's weights are made when it runs, so memory holds one expert's copy, not all of them
+    (all of a Mixtral layer's experts are 5.6 GB in float32). `weights` overrides where they come from."""
+
+    def __init__(self, experts: nn.Module, recipe: Recipe, quantize_weights: bool = True,
+                 weights: ExpertWeights | None = None):
         super().__init__()
         self.recipe = recipe
         self.act_fn = experts.act_fn
+        gate_up, down = experts.gate_up_proj.data, experts.down_proj.data
         wq = (lambda w: fake_quant_weight(w, recipe.wbits)) if quantize_weights else (lambda w: w)
-        self.gate_up = [wq(w) for w in experts.gate_up_proj.data]
-        self.down = [wq(w) for w in experts.down_proj.data]
+        self.weights = weights or (lambda e: (wq(gate_up[e]), wq(down[e])))
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         r = self.recipe
         return fake_quant_act(x, r.abits, r.act) if r.quant_acts else x
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return gated_mlp(self._act(x), lambda v: F.linear(v, self.gate_up[e]),
-                         lambda h: F.linear(self._act(h), self.down[e]), self.act_fn)
+        gate_up, down = self.weights(e)
+        return gated_mlp(self._act(x), lambda v: F.linear(v, gate_up),
+                         lambda h: F.linear(self._act(h), down), self.act_fn)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return dispatch(hidden_states, top_k_index, top_k_weights, per_expert(self.expert_forward))
 
 
 @contextmanager
-def fake_quantized(layer: nn.Module, spec: LayerSpec, recipe: Recipe, quantize_weights: bool = True):
+def fake_quantized(layer: nn.Module, spec: LayerSpec, recipe: Recipe, quantize_weights: bool = True,
+                   expert_weights: ExpertWeights | None = None):
     """The layer with every quantized linear and expert fake-quantized, restored on exit
-    (`quantize_weights=False`: the weights already hold quantized values; activations only)."""
+    (`quantize_weights=False`: the weights already hold quantized values; activations only;
+    `expert_weights`: the experts' weights as given, e.g. dequantized solutions)."""
     saved, handles = {}, []
     for name in spec.linears:
         linear = layer.get_submodule(name)
@@ -56,7 +66,7 @@ def fake_quantized(layer: nn.Module, spec: LayerSpec, recipe: Recipe, quantize_w
                 lambda _m, args: (fake_quant_act(args[0], recipe.abits, recipe.act),) + tuple(args[1:])))
     experts = layer.get_submodule(spec.moe.experts) if spec.moe is not None else None
     if experts is not None:
-        layer.set_submodule(spec.moe.experts, FakeQuantExperts(experts, recipe, quantize_weights))
+        layer.set_submodule(spec.moe.experts, FakeQuantExperts(experts, recipe, quantize_weights, expert_weights))
     try:
         yield layer
     finally:
@@ -79,10 +89,10 @@ class Probe:
 
 @torch.no_grad()
 def block_error(layer: nn.Module, spec: LayerSpec, recipe: Recipe, probe: Probe,
-                quantize_weights: bool = True) -> float:
+                quantize_weights: bool = True, expert_weights: ExpertWeights | None = None) -> float:
     """Mean squared error of the fake-quantized layer's outputs against the float outputs."""
     total, count = 0.0, 0
-    with fake_quantized(layer, spec, recipe, quantize_weights):
+    with fake_quantized(layer, spec, recipe, quantize_weights, expert_weights):
         outputs = forward_windows(layer, probe.inputs, probe.kwargs)
     for out, ref in zip(outputs, probe.reference):
         total += float(((out - ref) ** 2).sum())

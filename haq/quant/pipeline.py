@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from haq.errors import HaqError
-from haq.io import atomic_write_bytes, atomic_write_text, write_failure
+from haq.io import atomic_write_text, atomic_write_with, write_failure
 from haq.kernels.experts import Int8Experts
 from haq.kernels.int8 import Int8Linear
 from haq.kernels.weight_only import WeightOnlyInt8Linear
@@ -216,18 +216,14 @@ def _block_error_with(layer: nn.Module, spec: LayerSpec, recipe: Recipe, probe: 
     saved = {name: layer.get_submodule(name).weight.data for name in linears}
     for name, (q, scale) in linears.items():
         layer.get_submodule(name).weight.data = dequantize_weight(q, scale, saved[name].dtype)
-    ex = layer.get_submodule(spec.moe.experts) if experts is not None else None
-    if ex is not None:
-        saved_experts = ex.gate_up_proj.data, ex.down_proj.data
-        ex.gate_up_proj.data = torch.stack([dequantize_weight(*gu, saved_experts[0].dtype) for gu, _ in experts])
-        ex.down_proj.data = torch.stack([dequantize_weight(*d, saved_experts[1].dtype) for _, d in experts])
+    dtype = layer.get_submodule(spec.moe.experts).gate_up_proj.dtype if experts is not None else None
+    dequantized = None if experts is None else (  # one expert at a time, as it runs
+        lambda e: (dequantize_weight(*experts[e][0], dtype), dequantize_weight(*experts[e][1], dtype)))
     try:
-        return block_error(layer, spec, recipe, probe, quantize_weights=False)
+        return block_error(layer, spec, recipe, probe, quantize_weights=False, expert_weights=dequantized)
     finally:
         for name, weight in saved.items():
             layer.get_submodule(name).weight.data = weight
-        if ex is not None:
-            ex.gate_up_proj.data, ex.down_proj.data = saved_experts
 
 
 def _solve_experts(layer, spec: LayerSpec, stats, recipe, report, prefix) -> list[tuple[Solution, Solution]]:
@@ -270,11 +266,11 @@ def partial_paths(work_dir: Path, index: int) -> tuple[Path, Path]:
 
 
 def _save_partial(work_dir: Path, index: int, layer: nn.Module, specs: dict, report: LayerReport) -> None:
-    from safetensors.torch import save as save_bytes
+    from haq.tensorfile import write_safetensors
 
     tensors, meta = partial_paths(work_dir, index)
     state = {k: v.contiguous() for k, v in layer.state_dict().items()}
-    atomic_write_bytes(tensors, save_bytes(state))
+    atomic_write_with(tensors, lambda handle: write_safetensors(handle, state))
     # The JSON goes last: a layer counts as done only when both files exist.
     atomic_write_text(meta, json.dumps({"specs": specs, "report": report.__dict__}))
 
@@ -351,16 +347,17 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
                 outputs = run_layer(layer, inputs, kwargs, index)
             probe = Probe(inputs[:probe_windows], kwargs, outputs[:probe_windows])
             layer_specs = quantize_layer(layer, spec, stats, recipe, report, prefix, probe)
-            del stats
+            del stats, probe, outputs
             report.seconds = time.perf_counter() - layer_start
             if work_dir is not None:
                 _save_partial(work_dir, index, layer, layer_specs, report)
         specs.update({f"{prefix}.{k}": v for k, v in layer_specs.items()})
         reports.append(report)
         inputs = run_layer(layer, inputs, kwargs, index)
-        if source is not None:
-            source.release(index)
         bar.set_postfix_str(f"layer {index} {report.seconds:.1f}s")
+        if source is not None:
+            del layer  # the last reference here: its memory goes before the next layer loads
+            source.release(index)
     if recipe.quantize_lm_head:
         specs.update(_quantize_lm_head(model, recipe))
     return QuantReport(recipe.to_dict(), reports, specs, time.perf_counter() - start, tokens)

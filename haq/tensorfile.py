@@ -1,4 +1,4 @@
-"""One safetensors file written tensor by tensor, from memory and from other safetensors files,
+"""A safetensors file written tensor by tensor, from memory and from other safetensors files,
 so an offloaded quantization assembles its checkpoint holding one tensor at a time, not the model.
 The layout is the format's own (an 8-byte little-endian header length, a JSON header with dtype,
 shape and byte offsets per tensor, then the bytes), tensors ordered as safetensors orders them
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -20,6 +21,13 @@ SIZES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, 
 def save_streamed(path: Path, tensors: dict[str, torch.Tensor], parts: list[tuple[str, Path]],
                   metadata: dict[str, str]) -> None:
     """Write `tensors` plus every tensor of each safetensors file in `parts` (its keys prefixed)."""
+    with open(path, "wb") as out:
+        write_safetensors(out, tensors, parts, metadata)
+
+
+def write_safetensors(out: BinaryIO, tensors: dict[str, torch.Tensor], parts: list[tuple[str, Path]] = (),
+                      metadata: dict[str, str] | None = None) -> None:
+    """The file's bytes into `out`, one tensor at a time."""
     from safetensors import safe_open
 
     handles = [(prefix, safe_open(file, "pt")) for prefix, file in parts]
@@ -31,7 +39,7 @@ def save_streamed(path: Path, tensors: dict[str, torch.Tensor], parts: list[tupl
             piece = handle.get_slice(key)
             entries[prefix + key] = (piece.get_dtype(), list(piece.get_shape()), (handle, key))
     order = sorted(entries, key=lambda k: (-SIZES[entries[k][0]], k))
-    header: dict[str, object] = {"__metadata__": metadata}
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name in order:
         dtype, shape, _ = entries[name]
@@ -40,13 +48,12 @@ def save_streamed(path: Path, tensors: dict[str, torch.Tensor], parts: list[tupl
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(blob)))
-        out.write(blob)
-        for name in order:
-            source = entries[name][2]
-            tensor = source if isinstance(source, torch.Tensor) else source[0].get_tensor(source[1])
-            out.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    out.write(struct.pack("<Q", len(blob)))
+    out.write(blob)
+    for name in order:
+        source = entries[name][2]
+        tensor = source if isinstance(source, torch.Tensor) else source[0].get_tensor(source[1])
+        out.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _numel(shape: list[int]) -> int:
