@@ -7,7 +7,7 @@ STAMP := $(VENV)/.haq-installed
 TORCH_SPEC ?= torch==2.13.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test bench-zoo bench-quant bench-kernels bench-runtime bench-peers bench-engine bench-faults clean
+.PHONY: setup demo test bench-zoo bench-quant bench-kernels bench-runtime bench-peers bench-engine bench-faults bench-scale clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ bench-engine: $(STAMP)
 
 bench-faults: $(STAMP)
 	$(PY) bench/faults.py
+
+# A 2-layer Mixtral-8x7B-width slice (built into .scale/, git-ignored; ~6 GB), quantized offloaded
+# by every method: peak RSS and s/layer in bench/results/scale.{json,md} (about 40 min on 2 cores).
+bench-scale: $(STAMP)
+	$(PY) bench/scale.py
 
 # The peers (llm-compressor, torchao, GPTQModel) in their own pinned venvs under .peers/ (git-ignored);
 # haq never imports them. Then every tool on the same models and windows: bench/results/peers.{json,md}.

@@ -128,3 +128,24 @@ def test_a_missing_compiler_leaves_the_pytorch_backends(monkeypatch, tmp_path) -
                                                                             torch.device("cpu"))
     finally:
         cpu.load.cache_clear()
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 64), cols=st.integers(1, 700), bits=st.sampled_from([2, 4, 8]),
+       spread=st.floats(1e-6, 1e4), seed=st.integers(0, 2**16))
+def test_native_fake_quant_is_the_torch_fake_quant(rows: int, cols: int, bits: int, spread: float, seed: int) -> None:
+    """The C row quantize-dequantize gives torch's values bit for bit (zero rows and outliers too)."""
+    from haq.kernels import grid
+
+    if cpu.library() is None:
+        pytest.skip(cpu.unavailable_reason())
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen) * spread * torch.rand(cols, generator=gen) ** 4
+    x[0] = 0.0
+    wide = x.repeat(1, grid.NATIVE_MIN_ELEMENTS // x.numel() + 1)  # large enough for the C path
+    native = grid._native_fake_quant(wide, bits)
+    assert native is not None
+    scale = grid.weight_scales(wide, bits)
+    assert torch.equal(native, grid.dequantize_weight(grid.quantize_weight(wide, scale, bits), scale))
+    q, s = grid.quantize_act_per_token(wide, bits)
+    assert torch.equal(native, q.float() * s)

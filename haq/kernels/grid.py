@@ -61,8 +61,32 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.d
     return (qweight.to(acc) * scale.to(acc).reshape(-1, 1)).to(dtype)
 
 
+NATIVE_MIN_ELEMENTS = 1 << 14
+"""Below this a torch call costs less than crossing into C."""
+
+
+def _native_fake_quant(x: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """Row-wise quantize-dequantize by the C kernel (float32 on the CPU), the same values as the
+    torch path; None where it cannot run."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() < NATIVE_MIN_ELEMENTS or x.dim() < 1:
+        return None
+    from haq.kernels.cpu import library
+
+    native = library()
+    if native is None:
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    native.haq_fake_quant_rows(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], float(qmax_for(bits)),
+                               SCALE_EPS, out.data_ptr())
+    return out
+
+
 def fake_quant_weight(W: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """RTN per-channel quantize-dequantize of ``W``, in ``W``'s dtype (for error measurement)."""
+    native = _native_fake_quant(W.detach(), bits) if W.dim() == 2 else None
+    if native is not None:
+        return native
     scale = weight_scales(W, bits)
     return dequantize_weight(quantize_weight(W, scale, bits), scale, W.dtype)
 
@@ -121,5 +145,9 @@ def fake_quant_act(
     static_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Activation quantize-dequantize in ``x``'s dtype, as the int8 kernel would see ``x``."""
+    if mode == "per-token" and static_scale is None:
+        native = _native_fake_quant(x.detach(), bits)
+        if native is not None:
+            return native
     q, scale = quantize_act(x, bits, mode, static_scale)
     return (q.float() * scale).to(x.dtype)

@@ -99,8 +99,9 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
     lib.haq_decode_scratch.restype = i64
     lib.haq_decode_step.argtypes = [ctypes.POINTER(Step), ctypes.POINTER(Layer), p, p, p, p, p]
     lib.haq_gptq_block.argtypes = [p, p, p, i64, i64, f32, p, p]
+    lib.haq_fake_quant_rows.argtypes = [p, i64, i64, f32, f32, p]
     for fn in (lib.haq_row_sums, lib.haq_linear, lib.haq_moe, lib.haq_decode_attention, lib.haq_decode_step,
-               lib.haq_gptq_block):
+               lib.haq_gptq_block, lib.haq_fake_quant_rows):
         fn.restype = None
     return lib
 

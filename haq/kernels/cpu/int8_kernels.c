@@ -553,3 +553,28 @@ void haq_gptq_block(float *W1, const float *Hinv1, const float *s, int64_t count
         }
     }
 }
+
+/* Round-to-nearest symmetric quantize-dequantize of each row of x [rows, cols] (float32), as
+ * haq.kernels.grid computes it in torch: s = max(max_j |x_j| / qmax, eps), q = clamp(rint(x / s)),
+ * out = q * s. One pass per row instead of torch's six whole-tensor passes; a NaN in a row makes
+ * its scale NaN, as torch's amax does. The fake-quant of calibration (the alpha search, the block
+ * error) is mostly this. */
+void haq_fake_quant_rows(const float *x, int64_t rows, int64_t cols, float qmax, float eps, float *out) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols;
+        float *o = out + r * cols;
+        float m = 0.0f;
+        for (int64_t j = 0; j < cols; j++) {
+            const float a = fabsf(xr[j]);
+            m = (a > m || a != a) ? a : m;
+        }
+        float s = m / qmax;
+        s = s < eps ? eps : s;
+        for (int64_t j = 0; j < cols; j++) {
+            float level = nearbyintf(xr[j] / s);
+            level = level > qmax ? qmax : (level < -qmax ? -qmax : level);
+            o[j] = level * s;
+        }
+    }
+}
