@@ -111,3 +111,26 @@ def test_streamed_safetensors_reads_back_as_written(tmp_path):
     expected = {**memory, **{f"layers.0.{k}": v for k, v in part.items()}}
     assert back.keys() == expected.keys()
     assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in expected.items())
+
+
+def test_an_interrupted_offloaded_run_resumes_to_the_same_checkpoint(tmp_path, monkeypatch):
+    from haq.quant import pipeline
+
+    recipe = Recipe(method="gptq")
+    straight = api.quantize("tiny-mixtral", recipe, tmp_path / "straight", nsamples=4, seqlen=64, progress=False,
+                            offload=True)
+    real, calls = pipeline.quantize_layer, []
+
+    def crash_on_second_layer(layer, spec, stats, recipe, report, prefix, probe):
+        calls.append(report.index)
+        if report.index == 1 and len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(layer, spec, stats, recipe, report, prefix, probe)
+
+    monkeypatch.setattr(pipeline, "quantize_layer", crash_on_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        api.quantize("tiny-mixtral", recipe, tmp_path / "q", nsamples=4, seqlen=64, progress=False, offload=True)
+    resumed = api.quantize("tiny-mixtral", recipe, tmp_path / "q", nsamples=4, seqlen=64, progress=False, offload=True)
+    assert calls == [0, 1, 1, 2, 3]  # layer 0 came from the resume folder
+    ours, theirs = load_file(resumed / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
