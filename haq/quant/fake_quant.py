@@ -25,7 +25,8 @@ ExpertWeights = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # expert -> 
 class FakeQuantExperts(nn.Module):
     """Fused experts computed with fake-quant weights and activations (same forward signature).
     Each expert's weights are made when it runs, so memory holds one expert's copy, not all of them
-    (all of a Mixtral layer's experts are 5.6 GB in float32). `weights` overrides where they come from."""
+    (all of a Mixtral layer's experts are 5.6 GB in float32). `weights` overrides where the float
+    weights come from (a smoothing candidate, dequantized solutions); they are fake-quantized as usual."""
 
     def __init__(self, experts: nn.Module, recipe: Recipe, quantize_weights: bool = True,
                  weights: ExpertWeights | None = None):
@@ -33,8 +34,9 @@ class FakeQuantExperts(nn.Module):
         self.recipe = recipe
         self.act_fn = experts.act_fn
         gate_up, down = experts.gate_up_proj.data, experts.down_proj.data
+        source = weights or (lambda e: (gate_up[e], down[e]))
         wq = (lambda w: fake_quant_weight(w, recipe.wbits)) if quantize_weights else (lambda w: w)
-        self.weights = weights or (lambda e: (wq(gate_up[e]), wq(down[e])))
+        self.weights = lambda e: tuple(wq(w) for w in source(e))
 
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         r = self.recipe
@@ -54,7 +56,7 @@ def fake_quantized(layer: nn.Module, spec: LayerSpec, recipe: Recipe, quantize_w
                    expert_weights: ExpertWeights | None = None):
     """The layer with every quantized linear and expert fake-quantized, restored on exit
     (`quantize_weights=False`: the weights already hold quantized values; activations only;
-    `expert_weights`: the experts' weights as given, e.g. dequantized solutions)."""
+    `expert_weights`: where the experts' float weights come from, e.g. a smoothing candidate)."""
     saved, handles = {}, []
     for name in spec.linears:
         linear = layer.get_submodule(name)

@@ -19,7 +19,7 @@ from haq.kernels.grid import fake_quant_act, fake_quant_weight
 from haq.models.adapters import LayerSpec, SmoothGroup
 from haq.models.norms import NormKind, norm_gain, set_norm_gain
 from haq.quant.calibration import LayerStats
-from haq.quant.fake_quant import Probe, block_error
+from haq.quant.fake_quant import ExpertWeights, Probe, block_error
 from haq.quant.recipe import Recipe
 from haq.quant.smooth_scales import (alpha_grid, best_alpha, coarse_to_fine_alpha, divide_producer, proxy_pruned_alpha,
                                      scale_weight_columns, smooth_scales)
@@ -32,8 +32,9 @@ class GroupPlan:
     """A group ready to smooth: the scales for any alpha, and how to fold them in."""
 
     scales: Callable[[float], Scales]
-    apply: Callable[[Scales, bool], None]  # (s, update the recorded statistics too)
+    apply: Callable[..., None]  # (s, update the recorded statistics too, fold_experts=True: the fused experts too)
     proxy: Callable[[float | None, Recipe], float] | None = None  # the consumers' own error at alpha
+    experts: Callable[[Scales], ExpertWeights] | None = None  # the fused experts smoothed by s, made per expert
 
 
 def _column_max(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -87,14 +88,14 @@ def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats, norm_kin
 
         act_max, w_max = fold(act_max), fold(w_max)
 
-    def apply(s: torch.Tensor, update_stats: bool) -> None:
+    def apply(s: torch.Tensor, update_stats: bool, fold_experts: bool = True) -> None:
         _divide_prev(layer.get_submodule(group.prev), s, group, norm_kind)
         cols = expand(s)
         for name in group.consumers:
             module = layer.get_submodule(name)
             if name in stats.linears:
                 module.weight.data = scale_weight_columns(module.weight.data, cols)
-            else:
+            elif fold_experts:
                 module.gate_up_proj.data = module.gate_up_proj.data * cols
         if update_stats:  # each distinct statistic once (q/k/v share one)
             for st in {id(stats.linears[n]): stats.linears[n] for n in group.consumers if n in stats.linears}.values():
@@ -106,10 +107,19 @@ def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats, norm_kin
             module.weight.data = scale_weight_columns(module.weight.data, cols)
 
     scales = lambda alpha: smooth_scales(act_max, w_max, alpha)  # noqa: E731
+    fused = [layer.get_submodule(n) for n in group.consumers if n not in stats.linears]
+    view = None
+    if len(fused) == 1:
+        gate_up, down = fused[0].gate_up_proj.data, fused[0].down_proj.data
+
+        def view(s: torch.Tensor) -> ExpertWeights:
+            cols = expand(s)
+            return lambda e: (gate_up[e] * cols, down[e])
+
     sample = (stats.linears[group.consumers[0]].sample if group.consumers[0] in stats.linears
               else stats.experts.moe_input.sample)
     if sample is None:
-        return GroupPlan(scales, apply)
+        return GroupPlan(scales, apply, experts=view)
     x = sample[:proxy_tokens(weights, sample.shape[0])]
     references: list[torch.Tensor] = []  # the float outputs, computed on the first proxy call
 
@@ -119,7 +129,7 @@ def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats, norm_kin
         cols = torch.ones(x.shape[1]) if alpha is None else expand(scales(alpha))
         return consumer_error(x, weights, references, cols, recipe)
 
-    return GroupPlan(scales, apply, proxy)
+    return GroupPlan(scales, apply, proxy, view)
 
 
 PROXY_MACS = 2**27
@@ -156,7 +166,19 @@ def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) ->
     def scales(alpha: float) -> dict[int, torch.Tensor]:
         return {e: smooth_scales(ex.down[e].act_max, w_max[e], alpha) for e in live}
 
-    def apply(s: dict[int, torch.Tensor], update_stats: bool) -> None:
+    def view(s: dict[int, torch.Tensor]) -> ExpertWeights:
+        gate_up, down = experts.gate_up_proj.data, experts.down_proj.data
+
+        def weights(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if e not in s:
+                return gate_up[e], down[e]
+            return torch.cat([gate_up[e, :inter], gate_up[e, inter:] / s[e][:, None]]), down[e] * s[e]
+
+        return weights
+
+    def apply(s: dict[int, torch.Tensor], update_stats: bool, fold_experts: bool = True) -> None:
+        if not fold_experts:
+            return
         gate_up, down = experts.gate_up_proj.data.clone(), experts.down_proj.data.clone()
         for e, s_e in s.items():
             gate_up[e, inter:] = gate_up[e, inter:] / s_e[:, None]
@@ -167,7 +189,7 @@ def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) ->
 
     downs = {e: experts.down_proj.data[e] for e in live if ex.down[e].sample is not None}
     if not downs:
-        return GroupPlan(scales, apply)
+        return GroupPlan(scales, apply, experts=view)
     samples = {e: ex.down[e].sample[:proxy_tokens([w], ex.down[e].sample.shape[0])] for e, w in downs.items()}
     references: dict[int, torch.Tensor] = {}
 
@@ -179,7 +201,7 @@ def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) ->
         return sum(consumer_error(x, [downs[e]], [references[e]], torch.ones(x.shape[1]) if s is None else s[e],
                                   recipe) for e, x in samples.items())
 
-    return GroupPlan(scales, apply, proxy)
+    return GroupPlan(scales, apply, proxy, view)
 
 
 def smooth_layer(layer: nn.Module, spec: LayerSpec, stats: LayerStats, recipe: Recipe,
@@ -199,9 +221,12 @@ def smooth_layer(layer: nn.Module, spec: LayerSpec, stats: LayerStats, recipe: R
             originals = [(p, p.data) for p in layer.parameters()]
 
             def score(candidate: float | None) -> float:
-                if candidate is not None:
-                    plan.apply(plan.scales(candidate), False)
-                error = block_error(layer, spec, recipe, probe)
+                view = None
+                if candidate is not None:  # the fused experts' candidate is made expert by expert, never whole
+                    s = plan.scales(candidate)
+                    plan.apply(s, False, plan.experts is None)
+                    view = plan.experts(s) if plan.experts is not None else None
+                error = block_error(layer, spec, recipe, probe, expert_weights=view)
                 for param, data in originals:
                     param.data = data
                 return error
