@@ -10,7 +10,7 @@ RMSNorm weight are 20-40x the rest, so those channels of every norm output are l
 Each method runs in its own process (`haq.api.quantize(..., offload=True)`), which reports its
 peak RSS (VmHWM); seconds per layer come from the checkpoint's haq_config.json. A reference cell
 quantizes without offload (the whole float32 model in memory) to show the difference. The bound
-(README, "Quantizing large models") is evaluated for the slice and compared with the peaks.
+(README, "Quantizing large models"; `bound_terms`) is evaluated for the slice and compared with the peaks.
 
 Writes bench/results/scale.json ({"rows": [{"method","offload","peak_rss_gb","bound_gb","s_per_layer",
 "total_s","extrapolated_32_layers_h"}], ...}) and scale.md.
@@ -31,6 +31,7 @@ SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num
              num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
              rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False)
 FULL_LAYERS = 32  # Mixtral-8x7B
+VOCAB = 49152  # SmolLM2's tokenizer
 OUTLIERS = 8  # channels per norm scaled up
 GiB = 2**30
 
@@ -47,7 +48,7 @@ def build_slice(out: Path, seed: int = 0) -> Path:
         return out
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(zoo.build("smollm2-135m"))
-    config = MixtralConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    config = MixtralConfig(vocab_size=VOCAB, bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id, **SHAPE)
     gen = torch.Generator().manual_seed(seed)
     H, I = SHAPE["hidden_size"], SHAPE["intermediate_size"]
@@ -89,26 +90,32 @@ def build_slice(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def memory_bound_gb(nsamples: int, seqlen: int) -> float:
-    """The README's bound for this slice (bytes -> GiB): see `bound_terms`."""
-    return sum(bound_terms(nsamples, seqlen).values()) / GiB
-
-
-def bound_terms(nsamples: int, seqlen: int) -> dict[str, int]:
-    """Peak host memory of an offloaded run, by part (bytes):
-    rest   = 4 * (embedding + lm_head + final norm parameters)          the float32 model outside the layers
-    layer  = 4 * P_layer + 1 * P_layer                                  one float32 layer and its int8 copy
-    stats  = 4 * sum over distinct inputs of d^2 (Hessians) + 2 * 4 * E * (H^2 or I^2) for the largest solve
-    acts   = 2 * 4 * n * seqlen * H                                     the layer's inputs and outputs
-    (plus the interpreter and libraries, measured as the rtn run's peak minus its rest + layer)."""
+def bound_terms(nsamples: int, seqlen: int, base: int) -> dict[str, int]:
+    """The README's bound on the peak host memory of an offloaded run, by part (bytes):
+    base   = the interpreter, torch, transformers, the tokenizer and calibration text (measured)
+    rest   = 4 * P_rest                          the float32 model outside the decoder layers
+    layer  = 7 * P_layer                         one float32 layer (4), and three int8 copies: the GPTQ and
+                                                 RTN solutions haq compares, and the int8 modules
+    stats  = 4 * sum_d d^2 + 8 * I^2             a float32 Hessian per distinct input d (q/k/v, o, each
+                                                 expert's gate/up and down), the factorization of the widest
+    acts   = 8 * n * S * H                       the layer's float32 inputs and outputs"""
     H, I, E = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["num_local_experts"]
     kv = SHAPE["num_key_value_heads"] * H // SHAPE["num_attention_heads"]
-    vocab = 49152
-    attn = H * H * 2 + 2 * kv * H
-    p_layer = attn + E * 3 * H * I + E * H + 2 * H
-    hessians = (2 * H * H) + E * (H * H + I * I)  # qkv + o, each expert's gate_up and down inputs
-    return {"rest": 4 * (2 * vocab * H + H), "layer": 5 * p_layer, "stats": 4 * hessians + 4 * I * I * 2,
-            "acts": 2 * 4 * nsamples * seqlen * H}
+    p_rest = 2 * VOCAB * H + H
+    p_layer = 2 * H * H + 2 * kv * H + E * 3 * H * I + E * H + 2 * H
+    hessians = 2 * H * H + E * (H * H + I * I)
+    return {"base": base, "rest": 4 * p_rest, "layer": 7 * p_layer, "stats": 4 * hessians + 8 * I * I,
+            "acts": 8 * nsamples * seqlen * H}
+
+
+def measure_base(slice_dir: Path, nsamples: int, seqlen: int) -> int:
+    """Peak RSS (bytes) of a process that imports haq and tokenizes the calibration windows."""
+    code = ("import sys; sys.path.insert(0, 'bench'); from common import peak_rss_mb; import torch, transformers; "
+            "from haq import api; from haq.loading import load_tokenizer; from haq.data.windows import calib_windows; "
+            f"calib_windows('wiki-offline', load_tokenizer(__import__('pathlib').Path({str(slice_dir)!r})), "
+            f"nsamples={nsamples}, seqlen={seqlen}, seed=0); print(peak_rss_mb())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) * 2**20
 
 
 def run_cell(method: str, slice_dir: Path, out: Path, offload: bool, nsamples: int, seqlen: int) -> dict:
@@ -157,6 +164,8 @@ def main() -> None:
     if args.cell:
         return cell_main(args)
     slice_dir = build_slice(args.work / "mixtral-width-2l")
+    base = measure_base(slice_dir, args.nsamples, args.seqlen)
+    terms = bound_terms(args.nsamples, args.seqlen, base)
     cells = [(m, True) for m in args.methods] + ([] if args.no_reference else [("rtn", False)])
     rows = []
     for method, offload in cells:
@@ -167,15 +176,16 @@ def main() -> None:
         row["load"] = round(load, 1)
         if "s_per_layer" in row:
             row["extrapolated_32_layers_h"] = round(row["s_per_layer"] * FULL_LAYERS / 3600, 2)
-        row["bound_gb"] = round(memory_bound_gb(args.nsamples, args.seqlen), 2) if offload else None
+        row["bound_gb"] = round(sum(terms.values()) / GiB, 2) if offload else None
+        row["within_bound"] = row.get("peak_rss_gb", 0) <= row["bound_gb"] if offload else None
         rows.append(row)
         print(row, flush=True)
         subprocess.run(["rm", "-rf", str(out)])
-    terms = {k: round(v / GiB, 2) for k, v in bound_terms(args.nsamples, args.seqlen).items()}
+    terms = {k: round(v / GiB, 2) for k, v in terms.items()}
     payload = {"machine": machine(), "commit": git_rev(), "shape": SHAPE, "calibration":
                {"nsamples": args.nsamples, "seqlen": args.seqlen, "dataset": "wiki-offline"},
                "bound_terms_gb": terms, "rows": rows}
-    columns = ["method", "offload", "peak_rss_gb", "bound_gb", "s_per_layer", "layer_s", "total_s",
+    columns = ["method", "offload", "peak_rss_gb", "bound_gb", "within_bound", "s_per_layer", "layer_s", "total_s",
                "extrapolated_32_layers_h", "load"]
     md = ("# Quantizer at Mixtral-8x7B width (2-layer slice, `bench/scale.py`)\n\n"
           f"Calibration: {args.nsamples} x {args.seqlen} wiki-offline tokens; commit {payload['commit']}; "

@@ -95,8 +95,8 @@ def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats, norm_kin
             module = layer.get_submodule(name)
             if name in stats.linears:
                 module.weight.data = scale_weight_columns(module.weight.data, cols)
-            elif fold_experts:
-                module.gate_up_proj.data = module.gate_up_proj.data * cols
+            elif fold_experts:  # in place, as for experts-up: only the final fold gets here
+                module.gate_up_proj.data.mul_(cols)
         if update_stats:  # each distinct statistic once (q/k/v share one)
             for st in {id(stats.linears[n]): stats.linears[n] for n in group.consumers if n in stats.linears}.values():
                 st.smoothed(cols)
@@ -179,13 +179,12 @@ def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) ->
     def apply(s: dict[int, torch.Tensor], update_stats: bool, fold_experts: bool = True) -> None:
         if not fold_experts:
             return
-        gate_up, down = experts.gate_up_proj.data.clone(), experts.down_proj.data.clone()
-        for e, s_e in s.items():
-            gate_up[e, inter:] = gate_up[e, inter:] / s_e[:, None]
-            down[e] = down[e] * s_e
+        gate_up, down = experts.gate_up_proj.data, experts.down_proj.data
+        for e, s_e in s.items():  # in place: the search never folds experts (see `view`), only the final fold
+            gate_up[e, inter:] /= s_e[:, None]
+            down[e] *= s_e
             if update_stats:
                 ex.down[e].smoothed(s_e)
-        experts.gate_up_proj.data, experts.down_proj.data = gate_up, down
 
     downs = {e: experts.down_proj.data[e] for e in live if ex.down[e].sample is not None}
     if not downs:
