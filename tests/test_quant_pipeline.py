@@ -327,3 +327,26 @@ def test_linears_reading_one_input_share_one_statistic_and_one_exact_solve(tiny_
                               else stats.linears[name].H)
         assert torch.equal(solutions[name][0], alone.qweight)
         torch.testing.assert_close(solutions[name][1], alone.scale)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral-random", "tiny-opt", "tiny-deepseek-v2", "tiny-gemma3"])
+def test_replaying_the_attention_for_mlp_groups_changes_no_choice(tiny_dir, name, monkeypatch):
+    """The MLP groups' search reuses the attention block's recorded outputs: the same quantized
+    model as when every candidate runs the whole block, and the replay really served calls."""
+    from haq.models.adapters import LayerSpec
+    from haq.quant import fake_quant
+
+    calib, recipe = tokens(4, 32, 0), Recipe(method="haq", search_tokens=64)
+    served = []
+    real_call = fake_quant.ReplayedAttention.__call__
+    monkeypatch.setattr(fake_quant.ReplayedAttention, "__call__",
+                        lambda self, *a, **k: served.append(self.recorded) or real_call(self, *a, **k))
+    replayed = load(tiny_dir, name)
+    quantize_model(replayed, recipe, calib, progress=False)
+    assert any(served)
+    monkeypatch.setattr(LayerSpec, "touches_attention", lambda self, group: True)
+    whole = load(tiny_dir, name)
+    quantize_model(whole, recipe, calib, progress=False)
+    ids = tokens(2, 16, 3)
+    with torch.no_grad():
+        assert torch.equal(replayed(ids).logits, whole(ids).logits)

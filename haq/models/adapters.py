@@ -69,6 +69,12 @@ class LayerSpec:
     writers: tuple[str, ...] = ()  # modules that write into the residual stream (fused experts: their down)
     online: tuple[str, ...] = ()  # dense linears whose inputs are rotated at run time (down_proj)
     norm_kind: NormKind = "rms"
+    attention: str = "self_attn"  # the attention block (its output is reused while only the MLP changes)
+
+    def touches_attention(self, group: SmoothGroup) -> bool:
+        """Does smoothing `group` change what the attention block computes?"""
+        return any(p == self.attention or p.startswith(self.attention + ".")
+                   for p in (group.prev, *group.consumers, *group.rescale))
 
     @property
     def norm_groups(self) -> tuple[SmoothGroup, ...]:

@@ -10,6 +10,7 @@ score sees the interactions the block really has (attention softmax, gating, rou
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from haq.kernels.grid import fake_quant_act, fake_quant_weight
 from haq.models.adapters import LayerSpec, SmoothGroup
 from haq.models.norms import NormKind, norm_gain, set_norm_gain
 from haq.quant.calibration import LayerStats
-from haq.quant.fake_quant import ExpertWeights, Probe, block_error
+from haq.quant.fake_quant import ExpertWeights, Probe, attention_replayed, block_error
 from haq.quant.recipe import Recipe
 from haq.quant.smooth_scales import (alpha_grid, best_alpha, coarse_to_fine_alpha, divide_producer, proxy_pruned_alpha,
                                      scale_weight_columns, smooth_scales)
@@ -212,32 +213,38 @@ def smooth_layer(layer: nn.Module, spec: LayerSpec, stats: LayerStats, recipe: R
         if plan is None:
             alphas[group.name] = None
             continue
-        if recipe.method == "smoothquant":
-            alpha = recipe.alpha
-        else:
-            # every apply is out of place (new tensors), so the originals come back by reference:
-            # no copy of the layer (a Mixtral layer is 5.6 GB in float32)
-            originals = [(p, p.data) for p in layer.parameters()]
-
-            def score(candidate: float | None) -> float:
-                view = None
-                if candidate is not None:  # the fused experts' candidate is made expert by expert, never whole
-                    s = plan.scales(candidate)
-                    plan.apply(s, False, plan.experts is None)
-                    view = plan.experts(s) if plan.experts is not None else None
-                error = block_error(layer, spec, recipe, probe, expert_weights=view)
-                for param, data in originals:
-                    param.data = data
-                return error
-
-            if recipe.alpha_search == "proxy" and plan.proxy is not None:
-                alpha, _ = proxy_pruned_alpha(score, lambda a: plan.proxy(a, recipe), recipe.alpha_step,
-                                              recipe.proxy_keep)
-            elif recipe.alpha_search == "grid":
-                alpha, _ = best_alpha(score, alpha_grid(recipe.alpha_step))
-            else:
-                alpha, _ = coarse_to_fine_alpha(score, recipe.alpha_step)
+        alpha = recipe.alpha if recipe.method == "smoothquant" else _search(layer, spec, group, plan, recipe, probe)
         if alpha is not None:
             plan.apply(plan.scales(alpha), True)
         alphas[group.name] = alpha
     return alphas
+
+
+def _search(layer: nn.Module, spec: LayerSpec, group: SmoothGroup, plan: GroupPlan, recipe: Recipe,
+            probe: Probe) -> float | None:
+    """haq's alpha for one group, each candidate scored by the quantized block's output error."""
+    # every apply is out of place (new tensors), so the originals come back by reference:
+    # no copy of the layer (a Mixtral layer is 5.6 GB in float32)
+    originals = [(p, p.data) for p in layer.parameters()]
+    # a group after the attention leaves its output as it is: computed once, replayed for the others
+    reuse = not spec.touches_attention(group)
+    with attention_replayed(layer, spec) if reuse else nullcontext() as replay:
+
+        def score(candidate: float | None) -> float:
+            if replay is not None:
+                replay.rewind()
+            view = None
+            if candidate is not None:  # the fused experts' candidate is made expert by expert, never whole
+                s = plan.scales(candidate)
+                plan.apply(s, False, plan.experts is None)
+                view = plan.experts(s) if plan.experts is not None else None
+            error = block_error(layer, spec, recipe, probe, expert_weights=view)
+            for param, data in originals:
+                param.data = data
+            return error
+
+        if recipe.alpha_search == "proxy" and plan.proxy is not None:
+            return proxy_pruned_alpha(score, lambda a: plan.proxy(a, recipe), recipe.alpha_step, recipe.proxy_keep)[0]
+        if recipe.alpha_search == "grid":
+            return best_alpha(score, alpha_grid(recipe.alpha_step))[0]
+        return coarse_to_fine_alpha(score, recipe.alpha_step)[0]
