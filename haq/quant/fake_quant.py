@@ -58,14 +58,21 @@ def fake_quantized(layer: nn.Module, spec: LayerSpec, recipe: Recipe, quantize_w
     (`quantize_weights=False`: the weights already hold quantized values; activations only;
     `expert_weights`: where the experts' float weights come from, e.g. a smoothing candidate)."""
     saved, handles = {}, []
+    last: list = [None, -1, None]  # (input, its version, its fake-quant): q/k/v and gate/up read one tensor
+
+    def quantize_input(_module, args):
+        x = args[0]
+        if last[0] is not x or last[1] != x._version:  # quantized once, unless written in between
+            last[:] = [x, x._version, fake_quant_act(x, recipe.abits, recipe.act)]
+        return (last[2],) + tuple(args[1:])
+
     for name in spec.linears:
         linear = layer.get_submodule(name)
         saved[name] = linear.weight.data
         if quantize_weights:
             linear.weight.data = fake_quant_weight(linear.weight.data, recipe.wbits)
         if recipe.quant_acts:
-            handles.append(linear.register_forward_pre_hook(
-                lambda _m, args: (fake_quant_act(args[0], recipe.abits, recipe.act),) + tuple(args[1:])))
+            handles.append(linear.register_forward_pre_hook(quantize_input))
     experts = layer.get_submodule(spec.moe.experts) if spec.moe is not None else None
     if experts is not None:
         layer.set_submodule(spec.moe.experts, FakeQuantExperts(experts, recipe, quantize_weights, expert_weights))
