@@ -367,3 +367,27 @@ def test_proxy_pruned_alpha_scores_only_the_proxys_best_and_none(target: float) 
     assert best is None  # no smoothing is always a decisive candidate
     with pytest.raises(HaqError, match="at least one"):
         proxy_pruned_alpha(score, proxy, 0.05, keep=0)
+
+
+def test_shrunk_expert_hessians_commute_with_each_experts_smoothing():
+    """Shrinking toward the pool, then smoothing expert e by s_e, is smoothing then shrinking: the
+    pool is taken over unsmoothed inputs, so each shrunk H is the Hessian of the inputs it will see."""
+    from haq.quant.observers import InputStats, shrunk_hessian
+
+    gen = torch.Generator().manual_seed(0)
+    raw, smoothed, scales = [], [], []
+    for e, n in enumerate([5, 40, 300]):
+        x = torch.randn(n, 6, generator=gen) * (e + 1)
+        a, b = InputStats(f"e{e}"), InputStats(f"e{e}")
+        a.update(x)
+        b.update(x)
+        s = torch.rand(6, generator=gen) + 0.5
+        b.smoothed(s)
+        raw.append(a), smoothed.append(b), scales.append(s)
+    plain, shrunk = shrunk_hessian(raw, 12.0), shrunk_hessian(smoothed, 12.0)
+    for e, s in enumerate(scales):
+        inv = 1.0 / s
+        torch.testing.assert_close(shrunk(e), plain(e) * inv[:, None] * inv[None, :])
+    pool = sum(st.H * st.tokens for st in raw) / sum(st.tokens for st in raw)
+    torch.testing.assert_close(plain(0), (5 * raw[0].H + 12 * pool) / 17)
+    assert shrunk_hessian(raw, 0.0)(1) is raw[1].H  # no prior: the routed Hessian itself

@@ -28,6 +28,7 @@ from haq.kernels.int8 import Int8Linear
 from haq.kernels.weight_only import WeightOnlyInt8Linear
 from haq.models.adapters import ArchAdapter, LayerSpec, adapter_for
 from haq.quant.calibration import LayerStats, forward_windows, observe_layer
+from haq.quant.observers import shrunk_hessian
 from haq.quant.gptq import gptq_quantize
 from haq.kernels.specs import install_specs, spec_of
 from haq.quant.recipe import Recipe
@@ -230,15 +231,20 @@ def _solve_experts(layer, spec: LayerSpec, stats, recipe, report, prefix) -> lis
     experts = layer.get_submodule(spec.moe.experts)
     ex = stats.experts
     solutions = []
+    inter, hidden = experts.down_proj.shape[2], experts.down_proj.shape[1]
+    routed_gate_up = None if recipe.calibrate_all_experts else shrunk_hessian(ex.gate_up, recipe.expert_shrink * hidden)
+    down_hessian = shrunk_hessian(ex.down, 0 if recipe.calibrate_all_experts else recipe.expert_shrink * inter)
     for e in range(experts.gate_up_proj.shape[0]):
         name = f"{prefix}.{spec.moe.experts}[{e}]"
         if ex.routed_tokens[e] < recipe.min_expert_tokens and not recipe.calibrate_all_experts:
             log.warning("%s was routed %d calibration tokens (< %d): its weights use RTN",
                         name, ex.routed_tokens[e], recipe.min_expert_tokens)
         H, tokens = ex.gate_up_hessian(e)
+        if routed_gate_up is not None:
+            H = routed_gate_up(e)
         gate_up = _solve(experts.gate_up_proj.data[e], H, tokens, recipe, f"{name}.gate_up", report,
                          recipe.min_expert_tokens)
-        down = _solve(experts.down_proj.data[e], ex.down[e].H, ex.down[e].tokens, recipe, f"{name}.down",
+        down = _solve(experts.down_proj.data[e], down_hessian(e), ex.down[e].tokens, recipe, f"{name}.down",
                       report, recipe.min_expert_tokens)
         solutions.append((gate_up, down))
     return solutions

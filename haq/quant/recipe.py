@@ -33,6 +33,8 @@ FIELD_HELP = {
     "actorder": "GPTQ: quantize columns in decreasing Hessian diagonal order",
     "calibrate_all_experts": "expert Hessians from all tokens (outputs still combine routed experts only)",
     "min_expert_tokens": "experts routed fewer calibration tokens than this get RTN weights, with a warning",
+    "expert_shrink": "GPTQ: each expert's Hessian is shrunk toward the pool of all experts' Hessians of that input, "
+                     "with the weight of this many times the input width in tokens (0: its routed tokens only)",
     "rotate": "rotate the residual stream (exact; unties a tied lm_head) and, in dense MLPs, the down_proj inputs "
               "at run time: flattens outlier tokens; online-rotated checkpoints do not export to compressed-tensors",
     "quantize_lm_head": "the lm_head too: RTN int8 per output channel, dynamic per-token activations (as llama.cpp's "
@@ -57,6 +59,7 @@ class Recipe:
     actorder: bool = True
     calibrate_all_experts: bool = False  # expert Hessians from all tokens (outputs still use routed ones)
     min_expert_tokens: int = 16  # fewer routed calibration tokens than this: RTN for that expert, with a warning
+    expert_shrink: float = 0.0  # expert Hessians shrunk toward the experts' pool: prior of this x width tokens
     rotate: bool = False  # residual stream offline, dense down_proj inputs online (haq.quant.rotation)
     quantize_lm_head: bool = False  # a decode token's largest single read; kept float by default
 
@@ -85,6 +88,8 @@ class Recipe:
         for name in ("search_tokens", "blocksize", "proxy_keep"):
             if getattr(self, name) < 1:
                 raise HaqError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.expert_shrink < 0:
+            raise HaqError(f"expert_shrink must be >= 0, got {self.expert_shrink}")
         if self.min_expert_tokens < 0:
             raise HaqError(f"min_expert_tokens must be >= 0, got {self.min_expert_tokens}")
 
