@@ -96,16 +96,19 @@ def bound_terms(nsamples: int, seqlen: int, base: int) -> dict[str, int]:
     rest   = 4 * P_rest                          the float32 model outside the decoder layers
     layer  = 7 * P_layer                         one float32 layer (4), and three int8 copies: the GPTQ and
                                                  RTN solutions haq compares, and the int8 modules
-    stats  = 4 * sum_d d^2 + 8 * I^2             a float32 Hessian per distinct input d (q/k/v, o, each
-                                                 expert's gate/up and down), the factorization of the widest
+    stats  = 4 * sum_d d^2                       a float32 Hessian per distinct input d (q/k/v, o, each
+                                                 expert's gate/up and down)
+    solve  = 12 * I^2 + 16 * R * C               GPTQ's temporaries at the widest input I (permuted H,
+                                                 factor, inverse) and the largest solve R x C (W, W^T, Q, Q*s)
     acts   = 8 * n * S * H                       the layer's float32 inputs and outputs"""
     H, I, E = SHAPE["hidden_size"], SHAPE["intermediate_size"], SHAPE["num_local_experts"]
     kv = SHAPE["num_key_value_heads"] * H // SHAPE["num_attention_heads"]
     p_rest = 2 * VOCAB * H + H
     p_layer = 2 * H * H + 2 * kv * H + E * 3 * H * I + E * H + 2 * H
     hessians = 2 * H * H + E * (H * H + I * I)
-    return {"base": base, "rest": 4 * p_rest, "layer": 7 * p_layer, "stats": 4 * hessians + 8 * I * I,
-            "acts": 8 * nsamples * seqlen * H}
+    largest_solve = 2 * I * H  # an expert's gate and up rows, solved together
+    return {"base": base, "rest": 4 * p_rest, "layer": 7 * p_layer, "stats": 4 * hessians,
+            "solve": 12 * I * I + 16 * largest_solve, "acts": 8 * nsamples * seqlen * H}
 
 
 def measure_base(slice_dir: Path, nsamples: int, seqlen: int) -> int:

@@ -93,13 +93,18 @@ def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor | Non
     mean_diag = torch.diag(H).mean().item()
     if not math.isfinite(mean_diag) or mean_diag <= 0:
         return None, float("nan")
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     damp = float("nan")
-    for damp in _damp_schedule(mean_diag, percdamp):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+    for damp in _damp_schedule(mean_diag, percdamp):  # at most three [in, in] matrices besides H at a time
+        damped = H.clone()
+        damped.diagonal().add_(damp)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info.item() != 0:
             continue
-        Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        inverse = torch.cholesky_inverse(L)
+        del L
+        Hinv, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
         if info.item() == 0 and bool(torch.isfinite(Hinv).all()):
             return Hinv, damp
     return None, damp
@@ -151,18 +156,17 @@ def gptq_quantize(
     if scale.shape[0] != W.shape[0]:
         raise HaqError(f"scale has {scale.shape[0]} entries, W has {W.shape[0]} output channels")
 
-    W = W0.clone()
-    H = H.detach().to(device=W.device, dtype=work).clone()
+    H = H.detach().to(device=W.device, dtype=work)
     ncols = W.shape[1]
-
     dead = torch.diag(H) == 0
+    if actorder:  # one permuted copy of W and of H (a Mixtral expert's down Hessian is 0.8 GB)
+        diag = torch.diag(H).masked_fill(dead, 1)
+        perm = torch.argsort(diag, descending=True, stable=True)
+        W, H, dead = W0[:, perm], H[perm[:, None], perm[None, :]], dead[perm]
+    else:
+        W, H = W0.clone(), H.clone()
     H[dead, dead] = 1
     W[:, dead] = 0
-
-    if actorder:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
 
     Hinv, damp = _hinv_cholesky(H, percdamp)
     if Hinv is None:
@@ -174,9 +178,10 @@ def gptq_quantize(
     # and the loss is summed once per block from the scaled errors ((w - q) / d)^2 / 2.
     s = scale.to(work).contiguous()
     Wt = W.t().contiguous()
+    del W
     native = _native_loop(Wt)
     Qt = torch.empty_like(Wt)
-    loss = torch.zeros((), dtype=work, device=W.device)
+    loss = torch.zeros((), dtype=work, device=Wt.device)
     for i1 in range(0, ncols, blocksize):
         i2 = min(i1 + blocksize, ncols)
         W1, Q1 = Wt[i1:i2], Qt[i1:i2]
