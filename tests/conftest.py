@@ -34,3 +34,24 @@ def smollm2_dir():
     from haq import zoo
 
     return zoo.build("smollm2-135m")
+
+
+@pytest.fixture
+def interrupt_second_layer(monkeypatch):
+    """`arm()`: from then on the quantizer stops (KeyboardInterrupt) the first time it reaches
+    decoder layer 1; the list it returns records the index of every layer quantized after."""
+    from haq.quant import pipeline
+
+    def arm() -> list[int]:
+        real, calls = pipeline.quantize_layer, []
+
+        def crash_on_second_layer(layer, spec, stats, recipe, report, prefix, probe):
+            calls.append(report.index)
+            if report.index == 1 and calls.count(1) == 1:
+                raise KeyboardInterrupt
+            return real(layer, spec, stats, recipe, report, prefix, probe)
+
+        monkeypatch.setattr(pipeline, "quantize_layer", crash_on_second_layer)
+        return calls
+
+    return arm

@@ -113,21 +113,11 @@ def test_streamed_safetensors_reads_back_as_written(tmp_path):
     assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in expected.items())
 
 
-def test_an_interrupted_offloaded_run_resumes_to_the_same_checkpoint(tmp_path, monkeypatch):
-    from haq.quant import pipeline
-
+def test_an_interrupted_offloaded_run_resumes_to_the_same_checkpoint(tmp_path, interrupt_second_layer):
     recipe = Recipe(method="gptq")
     straight = api.quantize("tiny-mixtral", recipe, tmp_path / "straight", nsamples=4, seqlen=64, progress=False,
                             offload=True)
-    real, calls = pipeline.quantize_layer, []
-
-    def crash_on_second_layer(layer, spec, stats, recipe, report, prefix, probe):
-        calls.append(report.index)
-        if report.index == 1 and len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(layer, spec, stats, recipe, report, prefix, probe)
-
-    monkeypatch.setattr(pipeline, "quantize_layer", crash_on_second_layer)
+    calls = interrupt_second_layer()
     with pytest.raises(KeyboardInterrupt):
         api.quantize("tiny-mixtral", recipe, tmp_path / "q", nsamples=4, seqlen=64, progress=False, offload=True)
     resumed = api.quantize("tiny-mixtral", recipe, tmp_path / "q", nsamples=4, seqlen=64, progress=False, offload=True)

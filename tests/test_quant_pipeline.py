@@ -176,22 +176,12 @@ def test_haq_keeps_gptq_only_where_it_lowers_the_block_error(tiny_dir, name, mon
     assert bool((q.qweight.abs().amax(1) == 127).all())  # RTN: every row's largest weight at the grid's end
 
 
-def test_interrupted_run_resumes_from_the_last_finished_layer(tiny_dir, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_from_the_last_finished_layer(tiny_dir, tmp_path, interrupt_second_layer):
     calib = tokens(4, 32, 0)
     recipe = Recipe(method="gptq")
     straight = load(tiny_dir, "tiny-mixtral-random")
     quantize_model(straight, recipe, calib, progress=False)
-
-    real = pipeline.quantize_layer
-    calls = []
-
-    def crash_on_second_layer(layer, adapter, stats, recipe, report, prefix, probe):
-        calls.append(report.index)
-        if report.index == 1 and len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(layer, adapter, stats, recipe, report, prefix, probe)
-
-    monkeypatch.setattr(pipeline, "quantize_layer", crash_on_second_layer)
+    calls = interrupt_second_layer()
     with pytest.raises(KeyboardInterrupt):
         quantize_model(load(tiny_dir, "tiny-mixtral-random"), recipe, calib, work_dir=tmp_path, progress=False)
     resumed = load(tiny_dir, "tiny-mixtral-random")
