@@ -391,3 +391,20 @@ def test_shrunk_expert_hessians_commute_with_each_experts_smoothing():
     pool = sum(st.H * st.tokens for st in raw) / sum(st.tokens for st in raw)
     torch.testing.assert_close(plain(0), (5 * raw[0].H + 12 * pool) / 17)
     assert shrunk_hessian(raw, 0.0)(1) is raw[1].H  # no prior: the routed Hessian itself
+
+
+@pytest.mark.parametrize("d", [3, 256, 257, 700])
+def test_upper_factor_of_the_inverse_hessian_is_the_reference_one(d):
+    """One factorization of the reversed H and a triangular inverse give the upper Cholesky factor
+    of (H + damp I)^-1 that factor-invert-factor gives (GPTQ's reference), to float32 rounding."""
+    from haq.quant.gptq import _hinv_cholesky, lower_triangular_inverse
+
+    gen = torch.Generator().manual_seed(d)
+    X = torch.randn(2 * d, d, generator=gen, dtype=torch.float64) * torch.rand(d, generator=gen, dtype=torch.float64)
+    H = (X.t() @ X / (2 * d)).float()
+    U, damp = _hinv_cholesky(H, 0.01)
+    damped = (H + damp * torch.eye(d)).double()
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    torch.testing.assert_close(U.double(), reference, rtol=1e-4, atol=1e-5 * float(reference.abs().max()))
+    L = torch.linalg.cholesky(damped)
+    torch.testing.assert_close(lower_triangular_inverse(L) @ L, torch.eye(d, dtype=torch.float64))

@@ -94,20 +94,41 @@ def _hinv_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor | Non
     if not math.isfinite(mean_diag) or mean_diag <= 0:
         return None, float("nan")
     damp = float("nan")
-    for damp in _damp_schedule(mean_diag, percdamp):  # at most three [in, in] matrices besides H at a time
-        damped = H.clone()
+    flip = torch.arange(H.shape[0] - 1, -1, -1, device=H.device)
+    for damp in _damp_schedule(mean_diag, percdamp):  # at most two [in, in] matrices besides H at a time
+        damped = H[flip[:, None], flip[None, :]]  # J H J, J the order reversal
         damped.diagonal().add_(damp)
         L, info = torch.linalg.cholesky_ex(damped)
         del damped
         if info.item() != 0:
             continue
-        inverse = torch.cholesky_inverse(L)
+        # J H J = L L^T gives H = V V^T with V = J L J upper triangular, so H^-1 = U^T U with
+        # U = V^-1 = J L^-1 J: the upper Cholesky factor of H^-1 from one factorization and one
+        # triangular inverse (2/3 d^3 flops, not the 4/3 d^3 of factor, invert, factor again)
+        Hinv = lower_triangular_inverse(L)[flip[:, None], flip[None, :]]
         del L
-        Hinv, info = torch.linalg.cholesky_ex(inverse, upper=True)
-        del inverse
-        if info.item() == 0 and bool(torch.isfinite(Hinv).all()):
+        if bool(torch.isfinite(Hinv).all()) and bool((Hinv.diagonal() > 0).all()):
             return Hinv, damp
     return None, damp
+
+
+TRIANGULAR_LEAF = 256
+
+
+def lower_triangular_inverse(L: torch.Tensor) -> torch.Tensor:
+    """L^-1 for lower-triangular L, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]],
+    so the work is matrix products (d^3 / 3 multiply-adds) rather than a triangular solve against
+    the identity (d^3 / 2)."""
+    n = L.shape[0]
+    if n <= TRIANGULAR_LEAF:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        return torch.linalg.solve_triangular(L, eye, upper=False)
+    h = n // 2
+    out = torch.zeros_like(L)
+    A_inv, C_inv = lower_triangular_inverse(L[:h, :h]), lower_triangular_inverse(L[h:, h:])
+    out[:h, :h], out[h:, h:] = A_inv, C_inv
+    out[h:, :h] = -(C_inv @ (L[h:, :h] @ A_inv))
+    return out
 
 
 def _native_loop(Wt: torch.Tensor):
