@@ -149,7 +149,7 @@ def cell_main(args) -> None:
     Path(args.out).with_suffix(".json").write_text(json.dumps({
         "method": args.cell, "offload": args.offload, "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
         "s_per_layer": round(sum(seconds) / len(seconds), 1), "layer_s": [round(s, 1) for s in seconds],
-        "total_s": round(time.perf_counter() - start, 1)}))
+        "total_s": round(time.perf_counter() - start, 1), "commit": git_rev()}))
 
 
 def main() -> None:
@@ -184,12 +184,16 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
         subprocess.run(["rm", "-rf", str(out)])
+        write(args, rows, terms)  # after every cell: a run stopped later keeps what it measured
+
+
+def write(args, rows: list[dict], terms: dict[str, int]) -> None:
     terms = {k: round(v / GiB, 2) for k, v in terms.items()}
     payload = {"machine": machine(), "commit": git_rev(), "shape": SHAPE, "calibration":
                {"nsamples": args.nsamples, "seqlen": args.seqlen, "dataset": "wiki-offline"},
                "bound_terms_gb": terms, "rows": rows}
-    columns = ["method", "offload", "peak_rss_gb", "bound_gb", "within_bound", "s_per_layer", "layer_s", "total_s",
-               "extrapolated_32_layers_h", "load"]
+    columns = ["method", "offload", "peak_rss_gb", "bound_gb", "within_bound", "s_per_layer",
+               "extrapolated_32_layers_h", "load"]  # per-layer times and each cell's commit: scale.json
     md = ("# Quantizer at Mixtral-8x7B width (2-layer slice, `bench/scale.py`)\n\n"
           f"Calibration: {args.nsamples} x {args.seqlen} wiki-offline tokens; commit {payload['commit']}; "
           f"{payload['machine']['cpu']}, {payload['machine']['threads']} threads.\n"
