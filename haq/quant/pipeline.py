@@ -4,8 +4,9 @@ Each decoder layer is calibrated on the outputs of the already-quantized layers 
 pass of the float layer over the calibration inputs records activation ranges, Hessians and token
 samples; smoothing (fixed or adaptive alpha) is folded in; every linear and expert is quantized
 (GPTQ or RTN) into real int8 modules; the quantized layer then produces the next layer's inputs.
-Peak memory is the model plus one layer's calibration inputs and statistics. With `work_dir`,
-every finished layer is saved and an interrupted run resumes after the last one.
+Peak memory is the model plus one layer's calibration inputs and statistics, or, with a
+`LayerSource` (offloaded), one layer instead of the model. With `work_dir`, every finished layer
+is saved and an interrupted run resumes after the last one.
 """
 from __future__ import annotations
 
