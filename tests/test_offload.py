@@ -124,3 +124,20 @@ def test_an_interrupted_offloaded_run_resumes_to_the_same_checkpoint(tmp_path, i
     assert calls == [0, 1, 1, 2, 3]  # layer 0 came from the resume folder
     ours, theirs = load_file(resumed / "model.safetensors"), load_file(straight / "model.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_offload_of_a_checkpoint_without_safetensors_is_a_clear_error(tiny_dir, tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tiny_dir("tiny-llama") / "config.json").read_text())
+    torch.save(load_file(tiny_dir("tiny-llama") / "model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(HaqError, match="no .safetensors weights"):
+        LayerSource.open(tmp_path / "bin")
+
+
+def test_a_truncated_shard_is_a_clear_error(tiny_dir, tmp_path):
+    cut = tmp_path / "cut"
+    _copy_without(tiny_dir("tiny-llama"), cut, "no-such-key")
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(HaqError, match="cannot open the weight shard"):
+        LayerSource.open(cut)
