@@ -311,10 +311,11 @@ def test_linears_reading_one_input_share_one_statistic_and_one_exact_solve(tiny_
     with observe_layer(layer, spec, False) as fresh:  # the smoothed layer's own inputs
         run_layer(layer, inputs, layer_kwargs[0], 0)
     torch.testing.assert_close(q.H, fresh.linears["self_attn.q_proj"].H, rtol=1e-4, atol=1e-6)
+    hessians = {name: stats.linears[name].H for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj")}
     solutions = pipeline._solve_linears(layer, spec, stats, recipe, LayerReport(0), "model.layers.0")
-    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"):
-        alone = gptq_quantize(layer.get_submodule(name).weight.data.float(), q.H if "attn" in name
-                              else stats.linears[name].H)
+    assert q.H is None  # freed once solved
+    for name, H in hessians.items():
+        alone = gptq_quantize(layer.get_submodule(name).weight.data.float(), H)
         assert torch.equal(solutions[name][0], alone.qweight)
         torch.testing.assert_close(solutions[name][1], alone.scale)
 

@@ -195,6 +195,7 @@ def _solve_linears(layer: nn.Module, spec: LayerSpec, stats: LayerStats, recipe:
         weights = [layer.get_submodule(name).weight.data for name in names]
         label = ",".join(f"{prefix}.{name}" for name in names)
         qweight, scale = _solve(torch.cat(weights), st.H, st.tokens, recipe, label, report)
+        st.H = None  # solved: a Hessian is the largest statistic, and nothing reads it again
         rows = [w.shape[0] for w in weights]
         for name, q, sc in zip(names, qweight.split(rows), scale.split(rows)):
             solutions[name] = (q.contiguous(), sc.contiguous())
@@ -247,6 +248,7 @@ def _solve_experts(layer, spec: LayerSpec, stats, recipe, report, prefix) -> lis
                          recipe.min_expert_tokens)
         down = _solve(experts.down_proj.data[e], down_hessian(e), ex.down[e].tokens, recipe, f"{name}.down",
                       report, recipe.min_expert_tokens)
+        ex.gate_up[e].H = ex.down[e].H = None  # solved (any shrink pool was made before the loop)
         solutions.append((gate_up, down))
     return solutions
 
