@@ -37,8 +37,6 @@ DAMP_TRIES = 6
 class GPTQResult:
     """What one GPTQ solve produced; every tensor is in the original column order."""
 
-    Q: torch.Tensor
-    """Dequantized weights ``qweight * scale`` [out, in], float32 (float64 if ``W`` was)."""
     qweight: torch.Tensor
     """Integer levels [out, in], int8, in [-qmax, qmax]."""
     scale: torch.Tensor
@@ -49,6 +47,14 @@ class GPTQResult:
     """Absolute damping added to diag(H) in the successful attempt (the last one tried on fallback)."""
     fallback: bool
     """True when no damping made ``H`` factorizable and ``Q`` is plain RTN: the caller must warn."""
+    dtype: torch.dtype = torch.float32
+    """The solve's arithmetic (float64 if ``W`` was)."""
+
+    @property
+    def Q(self) -> torch.Tensor:
+        """Dequantized weights ``qweight * scale`` [out, in] in the solve's dtype, made when asked
+        for: the pipeline keeps only the integers, and at Mixtral width each copy is 0.5 GB."""
+        return dequantize_weight(self.qweight, self.scale, self.dtype)
 
 
 def accumulate_hessian(H: torch.Tensor | None, nsamples: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -192,7 +198,7 @@ def gptq_quantize(
     Hinv, damp = _hinv_cholesky(H, percdamp)
     if Hinv is None:
         qweight = quantize_weight(W0, scale, bits)
-        return GPTQResult(dequantize_weight(qweight, scale, work), qweight, scale, float("nan"), damp, True)
+        return GPTQResult(qweight, scale, float("nan"), damp, True, work)
     del H
 
     # Columns of W are rows of Wt: every per-column step below reads and writes contiguous memory,
@@ -230,7 +236,7 @@ def gptq_quantize(
         Qint = Qint[:, invperm]
     qweight = Qint.to(torch.int8)
     return GPTQResult(
-        Q=dequantize_weight(qweight, scale, work),
+        dtype=work,
         qweight=qweight,
         scale=scale,
         loss=loss.item(),
