@@ -97,15 +97,15 @@ def _fill(params: dict[str, torch.Tensor], ckpt: ShardedCheckpoint, source_keys:
         target = _module_key(key)
         match = _EXPERT_KEY.match(target)
         if target in params:
-            dest, part = params[target], params[target]
+            part = params[target]
         elif match and match["proj"] in layouts:
             slot, _ = layouts[match["proj"]]
             fused = f"{match['experts']}.{'down_proj' if slot == 2 else 'gate_up_proj'}"
             if fused not in params:
                 raise HaqError(f"{where}: checkpoint tensor {key} has no place in the model ({fused} missing)")
-            target, dest, e = fused, params[fused], int(match["e"])
-            half = dest.shape[1] // 2
-            part = dest[e] if slot == 2 else dest[e, slot * half:(slot + 1) * half]
+            target, e = fused, int(match["e"])
+            half = params[fused].shape[1] // 2
+            part = params[fused][e] if slot == 2 else params[fused][e, slot * half:(slot + 1) * half]
         else:
             raise HaqError(f"{where}: checkpoint tensor {key} has no place in the model: the config does not "
                            "describe these weights")
@@ -137,7 +137,7 @@ class LayerSource:
         self.path, self.model, self.adapter = path, model, adapter
         self.ckpt = ShardedCheckpoint(path)
         self.layers = adapter.decoder_layers(model)
-        self.skeletons = list(self.layers)  # meta copies: the structure every load starts from
+        self.skeletons = list(self.layers)  # the layers as built on meta, materialized in place when loaded
 
     @classmethod
     def open(cls, path: Path, dtype: torch.dtype = torch.float32) -> LayerSource:
