@@ -1,11 +1,12 @@
 """A safetensors file written tensor by tensor, from memory and from other safetensors files,
 so an offloaded quantization assembles its checkpoint holding one tensor at a time, not the model.
 The layout is the format's own (an 8-byte little-endian header length, a JSON header with dtype,
-shape and byte offsets per tensor, then the bytes), tensors ordered as safetensors orders them
-(largest dtype first, then by name) so every tensor stays aligned."""
+shape and byte offsets per tensor, then the bytes), the largest dtype first, as safetensors
+orders them, so every tensor stays aligned."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -27,37 +28,36 @@ def save_streamed(path: Path, tensors: dict[str, torch.Tensor], parts: list[tupl
 
 def write_safetensors(out: BinaryIO, tensors: dict[str, torch.Tensor], parts: list[tuple[str, Path]] = (),
                       metadata: dict[str, str] | None = None) -> None:
-    """The file's bytes into `out`, one tensor at a time."""
+    """The file's bytes into `out`, one tensor at a time. Each part is open only while its tensors
+    are copied (a memory-mapped file's pages count as resident while it is open), so within a
+    dtype the tensors go part by part."""
     from safetensors import safe_open
 
-    handles = [(prefix, safe_open(file, "pt")) for prefix, file in parts]
-    entries: dict[str, tuple[str, list[int], object]] = {}
+    entries: dict[str, tuple[str, list[int], int, object]] = {}  # dtype, shape, part (-1: memory), source
     for name, tensor in tensors.items():
-        entries[name] = (DTYPES[tensor.dtype], list(tensor.shape), tensor)
-    for prefix, handle in handles:
-        for key in handle.keys():
-            piece = handle.get_slice(key)
-            entries[prefix + key] = (piece.get_dtype(), list(piece.get_shape()), (handle, key))
-    order = sorted(entries, key=lambda k: (-SIZES[entries[k][0]], k))
+        entries[name] = (DTYPES[tensor.dtype], list(tensor.shape), -1, tensor)
+    for part, (prefix, file) in enumerate(parts):
+        with safe_open(file, "pt") as handle:
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                entries[prefix + key] = (piece.get_dtype(), list(piece.get_shape()), part, key)
+    order = sorted(entries, key=lambda k: (-SIZES[entries[k][0]], entries[k][2], k))
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name in order:
-        dtype, shape, _ = entries[name]
-        size = SIZES[dtype] * _numel(shape)
+        dtype, shape, _, _ = entries[name]
+        size = SIZES[dtype] * math.prod(shape)
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     out.write(struct.pack("<Q", len(blob)))
     out.write(blob)
+    handle, open_part = None, -1
     for name in order:
-        source = entries[name][2]
-        tensor = source if isinstance(source, torch.Tensor) else source[0].get_tensor(source[1])
+        _, _, part, source = entries[name]
+        if part >= 0 and part != open_part:
+            handle, open_part = None, part  # the previous part's file closes with its handle
+            handle = safe_open(parts[part][1], "pt")
+        tensor = source if part < 0 else handle.get_tensor(source)
         out.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count

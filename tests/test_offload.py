@@ -105,10 +105,12 @@ def test_sharded_checkpoints_are_read_through_their_index(tiny_dir, tmp_path):
 def test_streamed_safetensors_reads_back_as_written(tmp_path):
     part = {"a.w": torch.randn(3, 5).to(torch.bfloat16), "a.q": torch.randint(-127, 128, (7,), dtype=torch.int8)}
     save_file(part, tmp_path / "part.safetensors")
+    save_file(part, tmp_path / "again.safetensors")  # a second part: the writer goes back and forth by dtype
     memory = {"s": torch.tensor(0.5), "flag": torch.tensor([True, False]), "big": torch.randn(4, 4, dtype=torch.float64)}
-    save_streamed(tmp_path / "out.safetensors", memory, [("layers.0.", tmp_path / "part.safetensors")], {"format": "x"})
+    save_streamed(tmp_path / "out.safetensors", memory, [("layers.0.", tmp_path / "part.safetensors"),
+                                                         ("layers.1.", tmp_path / "again.safetensors")], {"format": "x"})
     back = load_file(tmp_path / "out.safetensors")
-    expected = {**memory, **{f"layers.0.{k}": v for k, v in part.items()}}
+    expected = {**memory, **{f"layers.{i}.{k}": v for i in (0, 1) for k, v in part.items()}}
     assert back.keys() == expected.keys()
     assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in expected.items())
 
