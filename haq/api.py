@@ -88,9 +88,6 @@ def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "w
     read_config(path)
     if offload is None:
         offload = offload_needed(path)
-    if offload and recipe.rotate:
-        raise HaqError("--rotate rewrites every layer at once and needs the whole model in memory: "
-                       "drop --rotate or quantize with --no-offload")
     source = None
     if offload:
         refuse_orphaned_checkpoint(path)

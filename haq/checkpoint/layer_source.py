@@ -92,14 +92,14 @@ def _fill(params: dict[str, torch.Tensor], ckpt: ShardedCheckpoint, source_keys:
     """Copy every checkpoint tensor in `source_keys` into `params` (module-relative names),
     fusing per-expert tensors; each parameter must be written exactly once."""
     written: dict[str, int] = {}
-    layouts = {name: (slot, layout) for layout in EXPERT_LAYOUTS for slot, name in enumerate(layout)}
+    slots = {name: slot for layout in EXPERT_LAYOUTS for slot, name in enumerate(layout)}  # 0 gate, 1 up, 2 down
     for key, tensor in ckpt.read(source_keys):
         target = _module_key(key)
         match = _EXPERT_KEY.match(target)
         if target in params:
             part = params[target]
-        elif match and match["proj"] in layouts:
-            slot, _ = layouts[match["proj"]]
+        elif match and match["proj"] in slots:
+            slot = slots[match["proj"]]
             fused = f"{match['experts']}.{'down_proj' if slot == 2 else 'gate_up_proj'}"
             if fused not in params:
                 raise HaqError(f"{where}: checkpoint tensor {key} has no place in the model ({fused} missing)")

@@ -323,8 +323,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
         raise HaqError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(calib.shape)}")
     tokens = calib.numel()
     if source is not None and (recipe.rotate or work_dir is None):
-        raise HaqError("offloaded quantization needs a work folder and cannot rotate (rotation rewrites every "
-                       "layer at once): drop --rotate or quantize without --offload")
+        raise HaqError("offloaded quantization needs a work folder and cannot rotate (--rotate rewrites every "
+                       "layer at once, so the whole model must be in memory): drop --rotate or quantize with --no-offload")
     adapter.check_norms(model, layers=source is None)
     if recipe.rotate:  # deterministic (seeded), so a resumed run rotates the same way
         rotate_residual(model)

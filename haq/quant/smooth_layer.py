@@ -36,6 +36,7 @@ class GroupPlan:
     apply: Callable[..., None]  # (s, update the recorded statistics too, fold_experts=True: the fused experts too)
     proxy: Callable[[float | None, Recipe], float] | None = None  # the consumers' own error at alpha
     experts: Callable[[Scales], ExpertWeights] | None = None  # the fused experts smoothed by s, made per expert
+    # (None: the group has no fused experts); the search scores through it and never folds into them
 
 
 def _column_max(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -108,10 +109,11 @@ def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats, norm_kin
             module.weight.data = scale_weight_columns(module.weight.data, cols)
 
     scales = lambda alpha: smooth_scales(act_max, w_max, alpha)  # noqa: E731
-    fused = [layer.get_submodule(n) for n in group.consumers if n not in stats.linears]
+    # a layer has one fused experts module: the group's consumer that is not a dense linear
+    fused = next((layer.get_submodule(n) for n in group.consumers if n not in stats.linears), None)
     view = None
-    if len(fused) == 1:
-        gate_up, down = fused[0].gate_up_proj.data, fused[0].down_proj.data
+    if fused is not None:
+        gate_up, down = fused.gate_up_proj.data, fused.down_proj.data
 
         def view(s: torch.Tensor) -> ExpertWeights:
             cols = expand(s)
@@ -236,7 +238,7 @@ def _search(layer: nn.Module, spec: LayerSpec, group: SmoothGroup, plan: GroupPl
             view = None
             if candidate is not None:  # the fused experts' candidate is made expert by expert, never whole
                 s = plan.scales(candidate)
-                plan.apply(s, False, plan.experts is None)
+                plan.apply(s, False, fold_experts=False)
                 view = plan.experts(s) if plan.experts is not None else None
             error = block_error(layer, spec, recipe, probe, expert_weights=view)
             for param, data in originals:
