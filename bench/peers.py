@@ -3,7 +3,8 @@ the same calibration windows (wiki-offline train, seed 0) and the same perplexit
 (wiki-offline test, seqlen 2048, NLL summed in float64), each cell in its own process.
 
 Rows: fp; llm-compressor SmoothQuant (0.8) + GPTQ W8A8; torchao W8A8 dynamic; GPTQModel W8A16;
-haq rtn / smoothquant / gptq / haq (W8A8, dynamic per-token activations). Columns: ppl, delta %
+haq rtn / smoothquant / gptq / haq / haq-rotate (W8A8, dynamic per-token activations; haq-rotate is
+haq with --rotate: a residual rotation and online Hadamard rotations of the down_proj inputs). Columns: ppl, delta %
 vs fp, quantization wall time, peak RSS of the cell's process, and the CPU forward time of the
 quantized model on one 2048-token window (the fastest eval window).
 
@@ -35,9 +36,10 @@ PEERS_DIR = Path(os.environ.get("HAQ_PEERS_DIR", ROOT / ".peers"))
 # tool -> (venv under .peers/, script in bench/peers/)
 PEERS = {"llm-compressor": ("llmc", "llmc.py"), "torchao": ("torchao", "torchao_w8a8.py"),
          "GPTQModel": ("gptqmodel", "gptqmodel_w8a16.py")}
-HAQ_METHODS = ["rtn", "smoothquant", "gptq", "haq"]
+HAQ_METHODS = ["rtn", "smoothquant", "gptq", "haq", "haq-rotate"]
+EXPORTED = ("haq", "haq-rotate")  # the haq cells whose checkpoint is exported and reloaded with compressed-tensors
 CELL_ORDER = [("haq", "haq"), ("llm-compressor", None), ("torchao", None), ("GPTQModel", None),
-              ("haq", "rtn"), ("haq", "smoothquant"), ("haq", "gptq")]
+              ("haq", "haq-rotate"), ("haq", "rtn"), ("haq", "smoothquant"), ("haq", "gptq")]
 ROW_ORDER = [("haq", "fp32"), ("llm-compressor", "smoothquant+gptq w8a8"), ("torchao", "int8 dynamic w8a8"),
              ("GPTQModel", "gptq w8a16 (bf16 activations)"), *[("haq", f"{m} w8a8") for m in HAQ_METHODS]]
 COLUMNS = ["model", "tool", "method", "ppl", "fp_ppl", "delta_pct", "quant_s", "peak_rss_mb", "forward_s"]
@@ -75,7 +77,8 @@ def haq_cell(args) -> dict:
     torch.manual_seed(0)
     model, tokenizer, path = load_model(args.model)
     windows = torch.load(args.windows)
-    recipe = Recipe(method=args.method)
+    method, _, rotate = args.method.partition("-")
+    recipe = Recipe(method=method, rotate=rotate == "rotate")
     start = time.perf_counter()
     report = quantize_model(model, recipe, windows["calib"], progress=False)
     quant_s = time.perf_counter() - start
@@ -167,6 +170,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--tools", nargs="+", default=[*PEERS, "haq"], choices=[*PEERS, "haq"])
+    parser.add_argument("--methods", nargs="+", default=HAQ_METHODS, choices=HAQ_METHODS,
+                        help="haq's rows (fp32 always runs: every delta is against it)")
     parser.add_argument("--max-windows", type=int, default=4, help="wiki-offline test windows of 2048 tokens")
     parser.add_argument("--nsamples", type=int, default=8,
                         help="calibration windows (bench/quant.py uses 32: on 2 cores that does not fit 60 minutes "
@@ -224,15 +229,16 @@ def main() -> None:
         # The headline pair first (haq W8A8, its export check, llm-compressor W8A8), so a run that
         # hits its budget loses the least telling rows.
         for tool, method in CELL_ORDER:
-            if tool not in args.tools:
+            if tool not in args.tools or (tool == "haq" and method not in args.methods):
                 continue
             if tool != "haq":
                 add(run_peer(tool, model, windows, work, deadline - time.perf_counter()))
                 continue
-            save = work / f"{model}.haq-checkpoint" if method == "haq" else None
+            save = work / f"{model}.{method}-checkpoint" if method in EXPORTED else None
             row = add(run_haq(model, method, windows, work, deadline - time.perf_counter(), save))
             if save and row.get("ppl") and (PEERS_DIR / "llmc" / "bin" / "python").exists():
-                exports.append(check_export(model, save, windows, work, deadline - time.perf_counter(), row["ppl"]))
+                exports.append({"checkpoint": method, **check_export(model, save, windows, work,
+                                                                     deadline - time.perf_counter(), row["ppl"])})
                 print(exports[-1], flush=True)
         rows.sort(key=lambda r: (args.models.index(r["model"]), ROW_ORDER.index((r.get("tool"), r.get("method")))
                                  if (r.get("tool"), r.get("method")) in ROW_ORDER else len(ROW_ORDER)))
@@ -287,8 +293,9 @@ def why_haq(rows: list[dict]) -> str:
 def write(rows, exports, skipped, args, seconds: float, done: bool) -> None:
     table = md_table([{**r, "method": r.get("method", "") + (f" (error: {r['error']})" if "error" in r else "")}
                       for r in rows], COLUMNS)
-    export_table = md_table(exports, ["model", "max_abs_logit_diff", "max_abs_logit_diff_ct", "argmax_agreement_ct",
-                                      "ppl_ours", "ppl_reloaded", "ppl_reloaded_ct", "quantized_modules"])
+    export_table = md_table(exports, ["model", "checkpoint", "max_abs_logit_diff", "max_abs_logit_diff_ct",
+                                      "argmax_agreement_ct", "ppl_ours", "ppl_reloaded", "ppl_reloaded_ct",
+                                      "quantized_modules", "transformed_modules", "error"])
     text = (f"# haq next to llm-compressor, torchao and GPTQModel\n\n"
             f"wiki-offline test perplexity, seqlen 2048, first {args.max_windows} windows for every row; calibration "
             f"{args.nsamples} x {args.calib_seqlen} wiki-offline train tokens (seed 0), the same windows for every "
@@ -301,7 +308,8 @@ def write(rows, exports, skipped, args, seconds: float, done: bool) -> None:
             + table + "\n## Why haq (generated from these rows)\n\n" + why_haq(rows)
             + ("\nSkipped for time: " + ", ".join(skipped) + "\n" if skipped else "")
             + "\n## compressed-tensors export\n\n`haq export CKPT --format compressed-tensors` of the haq W8A8 "
-            "checkpoint, reloaded in .peers/llmc by transformers + compressed-tensors (per-expert MoE linears by "
+            "checkpoints (haq-rotate: its online rotations as a compressed-tensors transform_config, applied "
+            "with compressed-tensors' apply_transform_config and the stored matrices), reloaded in .peers/llmc by transformers + compressed-tensors (per-expert MoE linears by "
             "llm-compressor's loading). max_abs_logit_diff: the loaded int8 tensors run with int8-kernel "
             "semantics (vLLM's: dynamic per-token scale absmax/127) vs haq's logits on the first eval window; "
             "*_ct: compressed-tensors' own CPU forward, which fake-quantizes activations with scale absmax/127.5.\n\n"

@@ -5,7 +5,7 @@ import torch
 from haq.errors import HaqError
 from haq.quant.pipeline import quantize_model
 from haq.quant.recipe import Recipe
-from haq.kernels.rotation import OnlineRotation, hadamard, rotation_matrix
+from haq.kernels.rotation import OnlineRotation, hadamard, hadamard_pm1, rotation_matrix
 from haq.quant.rotation import rotate_online_inputs, rotate_residual
 
 
@@ -37,6 +37,21 @@ def test_rotation_matrix_is_orthogonal_and_spreads_every_channel(n):
         torch.testing.assert_close(Q.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64))
     H = hadamard(8) * 8 ** 0.5
     assert set(H.unique().tolist()) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("n", [12, 20, 28, 36, 44, 60, 96, 1536, 14336, 18944])
+def test_hadamard_matrices_of_paley_orders(n):
+    H = hadamard_pm1(n)
+    assert set(H.unique().tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(H @ H.T, n * torch.eye(n, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_orders_without_a_construction_fall_back_to_an_orthogonal_rotation():
+    assert hadamard_pm1(172) is None  # 43 x 4 needs a Williamson matrix
+    rotation = OnlineRotation.seeded(11008)  # Llama-2-7B's intermediate size, 43 x 256
+    assert not rotation.is_hadamard
+    R = rotation.matrix()
+    torch.testing.assert_close(R @ R.T, torch.eye(11008, dtype=torch.float64), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral-random", "tiny-qwen2-moe", "tiny-qwen3-moe",
@@ -74,7 +89,8 @@ def test_online_rotation_is_its_kronecker_matrix(n):
     rotation = OnlineRotation.seeded(n, seed=1)
     a, b = rotation.sizes
     assert a * b == n and a & (a - 1) == 0
-    R = torch.kron(rotation.A.double(), rotation.B.double())
+    assert rotation.is_hadamard  # 1536 = 12 x 128, 96 = 12 x 8: Paley's order 12 kron Sylvester's
+    R = rotation.matrix()
     torch.testing.assert_close(R @ R.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-6)
     x = torch.randn(2, 3, n, dtype=torch.float64)
     torch.testing.assert_close(rotation.double()(x), x @ R)
@@ -110,12 +126,47 @@ def test_rotated_checkpoint_round_trip(tiny_dir, tmp_path, name):
         assert all(layer.alphas["up->down"] is None for layer in report.layers)
 
 
-def test_export_refuses_online_rotation(tiny_dir, tmp_path):
+def test_rotated_checkpoint_exports_as_a_hadamard_transform(tiny_dir, tmp_path):
+    """The dense down_proj inputs' rotation becomes a compressed-tensors transform_config with each
+    +-1 matrix stored; our reader of the export, applying x W / sqrt(n) densely, gives the logits
+    of the A kron B rotation up to float32 rounding of the rotated input."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from haq.checkpoint.compressed_tensors import export_checkpoint, load_compressed_tensors
+    from haq.checkpoint.native import load_quantized, save_quantized
+
+    model = load(tiny_dir, "tiny-llama")
+    report = quantize_model(model, Recipe(method="rtn", rotate=True), tokens(2, 16, 0), progress=False)
+    ckpt = save_quantized(model, None, tmp_path / "q", report, {"name": "random"})
+    out = export_checkpoint(ckpt, tmp_path / "ct")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    (scheme,) = qc["transform_config"]["config_groups"].values()
+    (args,) = scheme["apply"]
+    layers = len(model.model.layers)
+    assert args["location"] == "input" and args["targets"] == [f"model.layers.{i}.mlp.down_proj" for i in range(layers)]
+    tensors = load_file(out / "model.safetensors")
+    W = tensors["model.layers.0.mlp.down_proj.online_input_input.weight"].double()
+    n = W.shape[0]
+    assert set(W.unique().tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(W @ W.T, n * torch.eye(n, dtype=torch.float64), rtol=0, atol=0)
+    torch.testing.assert_close(W / n ** 0.5, model.model.layers[0].mlp.down_proj.online_rotation.matrix())
+    ids = tokens(1, 12, 1)
+    with torch.no_grad():
+        reloaded, ours = load_compressed_tensors(out)(ids).logits, load_quantized(ckpt)(ids).logits
+    assert (reloaded - ours).abs().max() < 1e-3 * ours.abs().max()
+
+
+def test_export_refuses_an_online_rotation_that_is_not_hadamard(tiny_dir, tmp_path):
     from haq.checkpoint.native import save_quantized
     from haq.checkpoint.compressed_tensors import export_checkpoint
 
     model = load(tiny_dir, "tiny-llama")
     report = quantize_model(model, Recipe(method="rtn", rotate=True), tokens(2, 16, 0), progress=False)
+    down = model.model.layers[0].mlp.down_proj
+    b = down.online_rotation.sizes[1]
+    down.online_rotation.B.copy_(torch.linalg.qr(torch.randn(b, b, generator=torch.Generator().manual_seed(1)))[0])
     out = save_quantized(model, None, tmp_path / "q", report, {"name": "random"})
-    with pytest.raises(HaqError, match="rotates its input at run time"):
+    with pytest.raises(HaqError, match="not a Hadamard matrix"):
         export_checkpoint(out, tmp_path / "ct")

@@ -49,6 +49,29 @@ def moe_loading(model_type: str):
     return stack
 
 
+def load_transforms(model: torch.nn.Module, export: str, config) -> int:
+    """Apply the export's `transform_config` (haq --rotate's online Hadamard input rotations) with
+    compressed-tensors, as vLLM does, and load each stored +-1 matrix; transformers 5.17 does not
+    pass the transform config on. Returns the number of transformed modules."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from safetensors.torch import load_file
+
+    raw = (config.quantization_config or {}).get("transform_config") or {}
+    if not raw.get("config_groups"):
+        return 0
+    apply_transform_config(model, TransformConfig.model_validate(raw))
+    stored = {k: v for k, v in load_file(f"{export}/model.safetensors").items() if "_input.weight" in k}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key, value in stored.items():
+        if key not in params:
+            raise SystemExit(f"stored transform {key} has no module after apply_transform_config")
+    for key, value in stored.items():  # compressed-tensors shares one matrix per size: untie before loading
+        module_name, _, leaf = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, leaf, torch.nn.Parameter(value.to(params[key].dtype), requires_grad=False))
+    return len(stored)
+
+
 def int8_kernel(module: torch.nn.Module):
     """The forward vLLM's int8 W8A8 kernels compute, on the int8 weight and scale that
     compressed-tensors loaded (captured before its first forward decompresses them): dynamic
@@ -83,6 +106,7 @@ def main() -> None:
     config = AutoConfig.from_pretrained(args.export)
     with moe_loading(config.model_type):
         model = AutoModelForCausalLM.from_pretrained(args.export, dtype=torch.float32).eval()
+    transformed = load_transforms(model, args.export, config)
     reference = torch.load(args.reference)["logits"]
     quantized = {name: m for name, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
     kernels = {name: int8_kernel(m) for name, m in quantized.items()}
@@ -95,7 +119,7 @@ def main() -> None:
         return {f"max_abs_logit_diff{tag}": float(diff.max()), f"mean_abs_logit_diff{tag}": float(diff.mean()),
                 f"argmax_agreement{tag}": float((logits.argmax(-1) == reference.argmax(-1)).float().mean())}
 
-    row = {"model_class": type(model).__name__, "quantized_modules": len(quantized),
+    row = {"model_class": type(model).__name__, "quantized_modules": len(quantized), "transformed_modules": transformed,
            "max_abs_logit": float(reference.abs().max()), **compare("_ct")}
     row["ppl_reloaded_ct"] = perplexity(model, windows["eval"])["ppl"]  # compressed-tensors' own forward
     for name, module in quantized.items():

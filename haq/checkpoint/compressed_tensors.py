@@ -19,6 +19,12 @@ which is what vLLM's int8 fused-MoE loader and llm-compressor's own saves use. E
 symmetric dynamic per token (or static per tensor). haq's grid is [-127, 127]; compressed-tensors'
 is [-128, 127], a superset, so dynamic scales (absmax / 127) give identical levels.
 
+``--rotate``'s online input rotations (x -> x R before quantizing, the weight stored as W R) export
+as a compressed-tensors ``transform_config``: one random-hadamard scheme applied at those linears'
+inputs, each matrix stored as ``<name>.online_input_input.weight`` = sqrt(n) R, +-1 (vLLM and
+compressed-tensors apply x W / sqrt(n)). haq builds R as a randomized Hadamard matrix wherever one
+of that order exists (:meth:`haq.kernels.rotation.OnlineRotation.seeded`); other orders refuse.
+
 ``load_compressed_tensors`` reads an export back into haq's int8 modules (the round trip the
 tests check); the check against compressed-tensors itself lives in ``bench/peers.py``.
 """
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 ExportFormat = Literal["compressed-tensors"]
 FORMATS: tuple[str, ...] = ("compressed-tensors",)
 WEIGHTS_NAME = "model.safetensors"
+TRANSFORM_NAME = "online_input"  # the transform scheme of --rotate's online input rotations
 PROVENANCE_NAME = "haq_export.json"  # not haq_config.json: the export is not a haq checkpoint
 # Files copied from the checkpoint as they are (tokenizer, generation defaults, chat template).
 COPIED_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "generation_config",
@@ -108,6 +115,31 @@ def quantization_config(strategy: Literal["token", "tensor"], ignore: list[str])
     }
 
 
+def _hadamard_weight(path: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """sqrt(n) R of the module's online rotation x -> x R, +-1 (exact in bf16): what a compressed-tensors
+    Hadamard transform stores, applied online as x W / sqrt(n) by vLLM and compressed-tensors."""
+    A, B = state[f"{path}.online_rotation.A"].double(), state[f"{path}.online_rotation.B"].double()
+    n = A.shape[0] * B.shape[0]
+    W = torch.kron(A, B) * n ** 0.5
+    if not bool(((W.abs() - 1).abs() < 1e-4).all()):
+        raise HaqError(f"module {path} rotates its input at run time with a matrix that is not a Hadamard matrix "
+                       f"(haq has none of order {n}), and compressed-tensors transforms store +-1 Hadamard "
+                       "matrices: export a checkpoint quantized without --rotate")
+    return W.round().to(torch.bfloat16).contiguous()
+
+
+def transform_config(targets: list[str]) -> dict:
+    """compressed-tensors' ``transform_config`` for online input rotations of ``targets`` (checkpoint
+    module names): one random-hadamard scheme, applied at the input only, since the weights are
+    stored already rotated (W R); each target's matrix is ``<target>.online_input_input.weight``."""
+    if not targets:
+        return {}
+    args = {"targets": targets, "location": "input", "inverse": False, "ignore": []}
+    scheme = {"type": "random-hadamard", "apply": [args], "randomize": False, "requires_grad": False,
+              "head_dim": None, "precision": "torch.float32"}
+    return {"config_groups": {TRANSFORM_NAME: scheme}}
+
+
 def _check_exportable(meta: dict) -> Literal["token", "tensor"]:
     recipe, modules = meta["recipe"], meta["modules"]
     if recipe.get("method") == "fp" or not modules:
@@ -145,8 +177,7 @@ def to_compressed_tensors(state: dict[str, torch.Tensor], specs: dict[str, dict]
     for path, spec in specs.items():
         disk = names.to_disk(path)
         if spec.get("rotation"):
-            raise HaqError(f"module {path} rotates its input at run time (--rotate): compressed-tensors has no "
-                           "such transform; export a checkpoint quantized without --rotate")
+            out[f"{disk}.{TRANSFORM_NAME}_input.weight"] = _hadamard_weight(path, state)
         if spec["type"] == "int8_linear":
             put(disk, state[f"{path}.qweight"], state[f"{path}.w_scale"], state.get(f"{path}.input_scale"))
             if f"{path}.bias" in state:
@@ -220,6 +251,8 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: ExportFormat = "com
                        f"supported: {', '.join(CHECKPOINT_NAMES)}")
     tensors = to_compressed_tensors(state, meta["modules"], names)
     config["quantization_config"] = quantization_config(strategy, _ignored(config, meta["modules"], names))
+    config["quantization_config"]["transform_config"] = transform_config(
+        [names.to_disk(path) for path, spec in meta["modules"].items() if spec.get("rotation")])
     with atomic_dir(out) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -289,6 +322,21 @@ def load_compressed_tensors(path: str | Path):
                            "bias": f"{theirs}.bias" in disk, "act_bits": 8, "act_mode": act_mode,
                            "static": f"{theirs}.input_scale" in disk}
             used |= {f"{theirs}.{s}" for s in ("weight", "weight_scale", "input_scale", "bias")}
+    for group in (qc.get("transform_config") or {}).get("config_groups", {}).values():
+        for args in group["apply"]:
+            if args["location"] != "input" or args.get("inverse") or group.get("head_dim"):
+                raise HaqError(f"{path}: only whole-input transforms (location input, not inverted) load here, "
+                               f"not {args}")
+            for theirs in args["targets"]:
+                ours = names.from_disk(theirs)
+                key = next((k for k in disk if k.startswith(f"{theirs}.") and k.endswith("_input.weight")), None)
+                if ours not in specs or key is None:
+                    raise HaqError(f"{path}: transform target {theirs} has no quantized module or no stored matrix")
+                W = disk[key].double()  # x -> x W / sqrt(n), as dense B of a (1, n) OnlineRotation
+                state[f"{ours}.online_rotation.A"] = torch.ones(1, 1)
+                state[f"{ours}.online_rotation.B"] = (W / W.shape[0] ** 0.5).float()
+                specs[ours]["rotation"] = [1, W.shape[0]]
+                used.add(key)
     state.update({names.from_disk(k): v for k, v in disk.items() if k not in used})
     install_specs(model, specs)
     load_state_checked(model, state, config, path)
