@@ -183,3 +183,21 @@ def test_simulate_cli_takes_expert_bytes_and_nonexpert_time_from_a_measured_prof
     with_costs, without = (json.loads((tmp_path / f"{n}.json").read_text())["rows"][0] for n in "ab")
     added = (with_costs["latency_mean_s"] - without["latency_mean_s"]) / small_trace.meta.layers
     assert added == pytest.approx(per_layer, rel=0.05)
+
+
+def test_batched_decode_steps_hold_one_token_per_sequence(rtx4090):
+    """decode_batch B: each sequence prefilled alone, then one step per position with a token of
+    every sequence of the group still decoding; calls count the tokens routed to each expert."""
+    from haq.sim.timeline import replay_steps
+
+    trace = generate_synthetic_trace(5, 12, seed=4)
+    steps = replay_steps(trace, prefill_tokens=4, decode_batch=2)
+    assert [s.tokens for s in steps if s.prefill] == [4] * 5
+    decode = [s for s in steps if not s.prefill]
+    assert [s.tokens for s in decode] == [2] * 8 + [2] * 8 + [1] * 8  # groups (0, 1), (2, 3), (4)
+    assert all(sum(n for _, n in layer) == 2 * s.tokens for s in decode for layer in s.calls)  # top-2
+    rows = simulate(trace, rtx4090, [64 * MIXTRAL_EXPERT_BYTES], MIXTRAL_EXPERT_BYTES, ["fiddler"], decode_batch=4,
+                    prefill_tokens=4, **MIXTRAL)
+    assert rows[0].tokens_per_s > 0 and rows[0].prefill_tokens_per_s > 0
+    with pytest.raises(HaqError, match="decode_batch"):
+        replay_steps(trace, decode_batch=0)

@@ -198,6 +198,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     expert_bytes = args.expert_bytes or (MIXTRAL_EXPERT_BYTES if mixtral else costs.expert_bytes if costs else None)
     if args.prefill < 0:
         raise HaqError(f"--prefill must be >= 0 tokens, got {args.prefill}")
+    if args.decode_batch < 1:
+        raise HaqError(f"--decode-batch must be >= 1 sequences, got {args.decode_batch}")
     if expert_bytes is not None and expert_bytes < 1:
         raise HaqError(f"--expert-bytes must be >= 1, got {expert_bytes}")
     if not expert_bytes:
@@ -214,7 +216,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
                     flops_per_token=MIXTRAL_EXPERT_FLOPS if mixtral else costs.flops_per_token if costs else None,
                     nonexpert_bytes_per_layer=MIXTRAL_NONEXPERT_BYTES_PER_LAYER if mixtral else 0,
                     nonexpert_s_per_layer=costs.nonexpert_s_per_layer.value if costs else None,
-                    prefill_tokens=args.prefill, ranking=load_fiddler_ranking() if mixtral else None)
+                    prefill_tokens=args.prefill, decode_batch=args.decode_batch, prefetch=args.prefetch,
+                    ranking=load_fiddler_ranking() if mixtral else None)
     print(format_table(rows))
     if args.json:
         _write_json(args.json, {"trace": args.trace, "hardware": args.hardware,
@@ -334,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="folder for the expert heat map PNG")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("simulate", help="compare offloading policies on a routing trace")
+    p = sub.add_parser("simulate", help="compare offloading policies on a routing trace",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("trace", help="trace .npz, or synthetic-mixtral (labelled synthetic, Mixtral-8x7B scale)")
     p.add_argument("--hardware", default="rtx4090-pcie4", help="preset or profile JSON")
     p.add_argument("--gpu-budget", nargs="+", default=["25%", "50%", "75%"])
@@ -342,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+",
                    default=["all-cpu", "transfer-always", "lru", "fiddler", "llamacpp", "haq", "belady"])
     p.add_argument("--prefill", type=int, default=0, help="simulate a prompt of this many tokens per sequence")
+    p.add_argument("--decode-batch", type=int, default=1, help="sequences decoded together, one token each per step")
+    p.add_argument("--prefetch", choices=["auto", "path", "pregate", "oracle", "off"], default="auto",
+                   help="haq's prefetch predictions: the trace's recorded pre-gate, profile paths, the oracle "
+                        "(the replayed routing: a ceiling), off; auto: pregate when recorded, else path")
     p.add_argument("--json")
     p.add_argument("--plot")
     p.set_defaults(func=cmd_simulate)

@@ -19,7 +19,8 @@ The executor presents a layer's calls largest n first (decode: in routing order)
   haq              two-stage placement pinned (`pin_share` of the budget, tuned per budget on the
                    profile by `haq.sim.tuning.tune_pin_share`) + LRU for the rest; the predictor
                    picks CPU / copy per call (list-scheduling a layer's calls over CPU and link)
-                   and admits background copies when their expected reuse repays them
+                   and admits background copies when their expected reuse repays them; prefetches
+                   the next layer's likely experts into idle link time (`Haq.prefetch`)
   belady           oracle: copy on a miss, compute on device, evict (or bypass) by the farthest
                    next use in the future call sequence; an upper bound on demand-cache hit rate
 """
@@ -62,10 +63,24 @@ class ExecView(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """A background copy a policy starts before the call that needs it; already admitted."""
+
+    key: Key
+    evicted: tuple[Key, ...] = ()  # cache entries the admission pushed out (the executor frees them)
+
+
 class Policy(Protocol):
     name: str
 
     def decide(self, key: Key, n: int, view: ExecView) -> Decision: ...
+
+    def prefetch(self, layer: int, probs: np.ndarray, view: ExecView, lead_s: float) -> list[Prefetch]:
+        """Copies to start now for `layer`, whose calls are expected in about `lead_s` seconds;
+        `probs` [E]: each expert's probability of being called there (a path or pre-gate
+        prediction). The executor enqueues them on the link in order, after the copies it has."""
+        ...
 
     def preload(self) -> list[Key]:
         """Experts the executor copies to the device before serving (startup, not on the clock)."""
@@ -88,6 +103,7 @@ class PolicyContext:
     future: list[Key] | None = None  # every call's key in replay order; only belady reads it
     pin_share: float = 0.5  # haq: share of the budget pinned by placement, the rest is LRU
     path_share: float = 0.0  # haq: share of the pinned slots spent on path coverage (stage 1)
+    prefetch: bool = True  # haq: copy predicted next-layer experts into idle link time
 
     @property
     def slots(self) -> int:
@@ -100,6 +116,13 @@ class PolicyContext:
     @property
     def num_experts(self) -> int:
         return self.stats.num_experts
+
+
+class NoPrefetch:
+    """Policies that copy an expert only when a call asks for it."""
+
+    def prefetch(self, layer: int, probs: np.ndarray, view: ExecView, lead_s: float) -> list[Prefetch]:
+        return []
 
 
 _REGISTRY: dict[str, Callable[[PolicyContext], Policy]] = {}
@@ -129,7 +152,7 @@ def policy_names() -> list[str]:
 
 
 @register("all-cpu")
-class AllCpu:
+class AllCpu(NoPrefetch):
     name = "all-cpu"
 
     def __init__(self, ctx: PolicyContext) -> None:
@@ -146,7 +169,7 @@ class AllCpu:
 
 
 @register("transfer-always")
-class TransferAlways:
+class TransferAlways(NoPrefetch):
     name = "transfer-always"
 
     def __init__(self, ctx: PolicyContext) -> None:
@@ -165,7 +188,7 @@ class TransferAlways:
 
 
 @register("lru")
-class PerLayerLru:
+class PerLayerLru(NoPrefetch):
     name = "lru"
 
     def __init__(self, ctx: PolicyContext) -> None:
@@ -189,7 +212,7 @@ class PerLayerLru:
 
 
 @register("fiddler")
-class Fiddler:
+class Fiddler(NoPrefetch):
     name = "fiddler"
 
     def __init__(self, ctx: PolicyContext, ranking: list[Key] | None = None) -> None:
@@ -228,7 +251,7 @@ class FiddlerList(Fiddler):
 
 
 @register("llamacpp")
-class LlamaCpp:
+class LlamaCpp(NoPrefetch):
     name = "llamacpp"
 
     def __init__(self, ctx: PolicyContext) -> None:
@@ -269,6 +292,13 @@ class Haq:
     a background copy when reuse repays its cost (`CostPredictor.break_even_reuse`). Without
     temporal locality this converges to the highest-rate experts (a static placement); with it, to
     the recently used ones, without thrashing when copies come faster than they are reused.
+
+    Prefetch (`prefetch`): for the next layer, most probable experts first, a non-resident expert
+    is copied in the background when the copy can land by the time its call could still use it
+    (link backlog + t_copy <= lead) and its value repays the CPU time its DMA costs:
+        q (1 + X[H]) + H p[key] - value(victim, its age) > break_even_reuse,
+    q the predicted probability of the call (once called, the expert is just used: X[H] more).
+    A wrong guess costs link time, CPU bandwidth and an LRU slot, never a wrong result.
     """
 
     name = "haq"
@@ -289,22 +319,37 @@ class Haq:
         self.admits_per_call = 0.0
         self.calls = 0
         self.last_use: dict[Key, int] = {}  # key -> call counter at its last use
+        self.prefetching = ctx.prefetch and self.lru_slots > 0 and not ctx.predictor.shared
 
     def _excess(self, layer: int, age: float, span: float) -> float:
         X = self.X[layer]
         top = len(X) - 1
         return X[min(int(age + span), top)] - X[min(int(age), top)]
 
-    def expected_reuse(self, key: Key) -> float:
+    def _horizon(self) -> float:
         per_token = self.admits_per_call * self.calls_per_token
-        horizon = self.lru_slots / max(per_token, 1.0 / max(self.lru_slots, 1))
-        gain = horizon * self.p[key[0]][key[1]] + self._excess(key[0], 0.0, horizon)
+        return self.lru_slots / max(per_token, 1.0 / max(self.lru_slots, 1))
+
+    def _victim_value(self, horizon: float) -> float:
         victims = self.cache.victims(self.expert_bytes)
         if not victims:
-            return gain
+            return 0.0
         v = victims[0]
         age = (self.calls - self.last_use.get(v, 0)) / max(self.calls_per_token, 1.0)
-        return gain - horizon * self.p[v[0]][v[1]] - self._excess(v[0], age, horizon)
+        return horizon * self.p[v[0]][v[1]] + self._excess(v[0], age, horizon)
+
+    def expected_reuse(self, key: Key) -> float:
+        """Later uses of `key` if admitted now, just used, net of what its victim would serve."""
+        horizon = self._horizon()
+        gain = horizon * self.p[key[0]][key[1]] + self._excess(key[0], 0.0, horizon)
+        return gain - self._victim_value(horizon)
+
+    def prefetch_value(self, key: Key, q: float) -> float:
+        """Uses of `key` if copied now, called with probability `q` (then just used, with the
+        locality that brings), net of what its victim would serve."""
+        horizon = self._horizon()
+        gain = q * (1.0 + self._excess(key[0], 0.0, horizon)) + horizon * self.p[key[0]][key[1]]
+        return gain - self._victim_value(horizon)
 
     def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         p = self.predictor
@@ -330,6 +375,36 @@ class Haq:
         self._count(d.admit)
         return d
 
+    def prefetch(self, layer: int, probs: np.ndarray, view: ExecView, lead_s: float) -> list[Prefetch]:
+        if not self.prefetching:
+            return []
+        p = self.predictor
+        deadline = lead_s
+        backlog = view.link_backlog_s()
+        out: list[Prefetch] = []
+        issued: set[Key] = set()
+        for e in np.argsort(-probs, kind="stable").tolist():
+            key = (layer, e)
+            if backlog + p.t_transfer() > deadline:
+                break
+            if key in self.cache:
+                continue
+            if self.prefetch_value(key, float(probs[e])) <= p.break_even_reuse:
+                continue
+            if issued.intersection(self.cache.victims(self.expert_bytes)):
+                break  # the LRU part is full of this layer's prefetches: a likelier one would go
+            evicted = self.cache.admit(key, self.expert_bytes)
+            if key not in self.cache:
+                break
+            self.last_use[key] = self.calls
+            for old in evicted:
+                self.last_use.pop(old, None)
+            self.admits_per_call += self.ema  # an admission between calls: the LRU turns over faster
+            backlog += p.t_transfer()
+            issued.add(key)
+            out.append(Prefetch(key, tuple(evicted)))
+        return out
+
     def _count(self, admitted: bool) -> None:
         self.admits_per_call += self.ema * (admitted - self.admits_per_call)
 
@@ -341,7 +416,7 @@ class Haq:
 
 
 @register("belady")
-class Belady:
+class Belady(NoPrefetch):
     name = "belady"
 
     def __init__(self, ctx: PolicyContext) -> None:

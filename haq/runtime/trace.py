@@ -8,6 +8,8 @@ File format (`.npz`, no pickles):
   seq_id   int32   [T]        sequence of each token; a sequence's tokens are contiguous
   pos      int32   [T]        position in its sequence, strictly increasing within a sequence
   weights  float16 [T, L, K]  optional routing weights
+  pregate  int16   [T, L, K]  optional pre-gate prediction: layer l's router applied to layer l-1's
+                              MoE input (-1 in layer 0), recorded next to the routing it predicts
   meta     str (0-d)          JSON: model, num_experts, layers, top_k, source (+ free extras)
 T = tokens, L = MoE layers, K = top_k.
 """
@@ -27,7 +29,7 @@ from haq.io import atomic_write_bytes
 
 META_KEYS = ("model", "num_experts", "layers", "top_k", "source")
 ARRAY_KEYS = ("experts", "seq_id", "pos", "meta")
-OPTIONAL_KEYS = ("weights",)
+OPTIONAL_KEYS = ("weights", "pregate")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Trace:
     pos: np.ndarray  # int32 [T]
     meta: TraceMeta
     weights: np.ndarray | None = None  # float16 [T, L, K]
+    pregate: np.ndarray | None = None  # int16 [T, L, K]
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +72,7 @@ class Trace:
             pos=self.pos[mask],
             meta=self.meta,
             weights=None if self.weights is None else self.weights[mask],
+            pregate=None if self.pregate is None else self.pregate[mask],
         )
 
 
@@ -96,8 +100,9 @@ def save_trace(path: str | Path, trace: Trace) -> None:
         "pos": trace.pos,
         "meta": np.array(trace.meta.to_json()),
     }
-    if trace.weights is not None:
-        arrays["weights"] = trace.weights
+    for key in OPTIONAL_KEYS:
+        if getattr(trace, key) is not None:
+            arrays[key] = getattr(trace, key)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     atomic_write_bytes(Path(path), buf.getvalue())
@@ -116,7 +121,7 @@ def load_trace(path: str | Path) -> Trace:
     missing = [k for k in ARRAY_KEYS if k not in arrays]
     if missing:
         raise HaqError(f"trace {path}: missing array(s) {missing}; "
-                       f"a trace holds {list(ARRAY_KEYS)} (+ optional weights)")
+                       f"a trace holds {list(ARRAY_KEYS)} (+ optional {list(OPTIONAL_KEYS)})")
     unknown = sorted(set(arrays) - set(ARRAY_KEYS) - set(OPTIONAL_KEYS))
     if unknown:
         raise HaqError(f"trace {path}: unexpected array(s) {unknown}")
@@ -126,6 +131,7 @@ def load_trace(path: str | Path) -> Trace:
         pos=arrays["pos"],
         meta=_parse_meta(arrays["meta"], path),
         weights=arrays.get("weights"),
+        pregate=arrays.get("pregate"),
     )
     _validate(trace, path)
     return trace
@@ -167,11 +173,15 @@ def _validate(trace: Trace, path: Path) -> None:
             raise HaqError(f"{where}: {name} must be int32 [{T}], got {arr.dtype} {arr.shape}")
     if trace.weights is not None and (trace.weights.dtype != np.float16 or trace.weights.shape != ex.shape):
         raise HaqError(f"{where}: weights must be float16 {ex.shape}, got {trace.weights.dtype} {trace.weights.shape}")
-    bad = (ex < -1) | (ex >= meta.num_experts)
-    if bad.any():
-        t, layer, k = (int(i) for i in np.argwhere(bad)[0])
-        raise HaqError(f"{where}: expert id {int(ex[t, layer, k])} at token {t}, layer {layer} is outside "
-                       f"[0, {meta.num_experts}) (use -1 for missing)")
+    pre = trace.pregate
+    if pre is not None and (pre.dtype != np.int16 or pre.shape != ex.shape):
+        raise HaqError(f"{where}: pregate must be int16 {ex.shape}, got {pre.dtype} {pre.shape}")
+    for name, ids in (("expert", ex), ("pre-gate expert", pre)):
+        bad = (ids < -1) | (ids >= meta.num_experts) if ids is not None else np.zeros(1, dtype=bool)
+        if bad.any():
+            t, layer, k = (int(i) for i in np.argwhere(bad)[0])
+            raise HaqError(f"{where}: {name} id {int(ids[t, layer, k])} at token {t}, layer {layer} is outside "
+                           f"[0, {meta.num_experts}) (use -1 for missing)")
     srt = np.sort(ex, axis=2)
     dup = (srt[:, :, 1:] == srt[:, :, :-1]) & (srt[:, :, 1:] >= 0)
     if dup.any():

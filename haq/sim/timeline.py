@@ -7,7 +7,8 @@ each call and copy takes, and the timeline below adds them up.
 Replay. The trace is split by sequence: the first part is the profile (placement statistics), the
 rest is replayed, sequence by sequence. With `prefill_tokens` = P > 0 the first P tokens of each
 sequence form one batch (each expert called once with the number of its tokens); the remaining
-tokens are decoded one at a time (batch 1). Tokens of different sequences are never batched.
+tokens are decoded one at a time (batch 1), or, with `decode_batch` = B, B sequences decode
+together: a step holds one token of each, and each expert is called once with its tokens.
 
 Timeline assumptions, per layer of a step (one decode token or one prefill batch):
   1. non-expert work (attention, router) runs on the device first: t_dev of the non-expert bytes;
@@ -25,20 +26,28 @@ Timeline assumptions, per layer of a step (one decode token or one prefill batch
      link's DMA reads the same DRAM;
   6. lm_head, embeddings, sampling and attention over the KV cache are not modelled (identical
      across policies); device memory traffic of copies is ignored (a few % of device bandwidth).
-  7. `Policy.preload()` experts are on the device before the clock starts.
+  7. `Policy.preload()` experts are on the device before the clock starts;
+  8. prefetch (one-token decode steps, with a `Lookahead`): once layer l's calls are decided, the policy
+     may queue copies for layer l+d (`Policy.prefetch`) behind the layer's own copies, given the
+     prediction for l+d and, as the lead time, d times the previous layer's duration. They take
+     link time and slow CPU streaming like any copy.
 Hit: a call served on the device from cached weights (no copy made for it; a background copy
 still landing is waited for). Latency statistics are over decode tokens; prefill is TTFT.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
+from haq.errors import HaqError
 from haq.runtime.cache import Key
 from haq.runtime.hardware import HardwareProfile
 from haq.runtime.predictor import CostPredictor
+from haq.runtime.prefetch import (PREFETCH_DISTANCE, PathPredictor, pregate_accuracy, pregate_distance,
+                                  pregate_probabilities)
 from haq.runtime.trace import Trace
 from haq.runtime.policies import Policy
 
@@ -50,6 +59,7 @@ class Step:
     tokens: int
     prefill: bool
     calls: list[list[tuple[int, int]]]  # per layer: (expert, tokens routed to it)
+    pregate: list[list[int]] | None = None  # decode: per layer, its recorded pre-gate prediction
 
 
 @dataclass
@@ -66,10 +76,13 @@ class SimResult:
     latency_std_s: float
     latency_p50_s: float
     latency_p99_s: float
-    tokens_per_s: float  # decode
+    tokens_per_s: float  # decode: tokens of every decode step over their time (steps hold decode_batch tokens)
     ttft_mean_s: float | None  # prefill latency per sequence, when prefill is simulated
+    prefill_tokens_per_s: float | None  # prompt tokens over prefill time
     device_bytes: int  # peak expert bytes resident (+ one staging buffer if copies are not kept) + non-expert
     fits_device: bool
+    prefetches_per_token: float  # prefetch copies per replayed token
+    prefetch_used: float  # share of prefetched experts called (on the device) before their eviction
     latency_s: np.ndarray = field(repr=False)  # [decode tokens]
     cum_hit_rate: np.ndarray = field(repr=False)  # [decode tokens] hit rate of all calls so far
     detail: str = ""  # policy settings worth showing (haq: its tuned pin share)
@@ -100,22 +113,43 @@ class SimView:
         return self.free_at
 
 
-def replay_steps(trace: Trace, prefill_tokens: int = 0) -> list[Step]:
-    """The forward passes of a replay, in order (see the module docstring)."""
-    L = trace.meta.layers
+def _layer_calls(rows: np.ndarray) -> list[list[tuple[int, int]]]:
+    """rows [n, L, K] of tokens run together -> per layer (expert, tokens), largest first (greedy list
+    scheduling over CPU and link)."""
+    calls = []
+    for layer in range(rows.shape[1]):
+        ids, counts = np.unique(rows[:, layer], return_counts=True)
+        order = np.argsort(-counts, kind="stable")
+        calls.append([(int(ids[j]), int(counts[j])) for j in order if ids[j] >= 0])
+    return calls
+
+
+def replay_steps(trace: Trace, prefill_tokens: int = 0, decode_batch: int = 1) -> list[Step]:
+    """The forward passes of a replay, in order (see the module docstring). With `decode_batch`
+    B > 1, sequences go in groups of B: each is prefilled alone, then the group decodes together,
+    one step per position with a token of every sequence that still has one."""
+    if decode_batch < 1:
+        raise HaqError(f"decode_batch must be >= 1, got {decode_batch}")
     steps: list[Step] = []
     bounds = np.flatnonzero(np.diff(trace.seq_id)) + 1
-    for seq in np.split(trace.experts, bounds):  # [S, L, K] each
-        head = min(prefill_tokens, len(seq))
-        if head:
-            calls = []
-            for layer in range(L):
-                ids, counts = np.unique(seq[:head, layer], return_counts=True)
-                order = np.argsort(-counts, kind="stable")  # largest first: greedy list scheduling
-                calls.append([(int(ids[i]), int(counts[i])) for i in order if ids[i] >= 0])
-            steps.append(Step(tokens=head, prefill=True, calls=calls))
-        for row in seq[head:].tolist():
-            steps.append(Step(tokens=1, prefill=False, calls=[[(e, 1) for e in r if e >= 0] for r in row]))
+    seqs = np.split(trace.experts, bounds)  # [S, L, K] each
+    pregates = np.split(trace.pregate, bounds) if trace.pregate is not None else [None] * len(seqs)
+    for g in range(0, len(seqs), decode_batch):
+        group = seqs[g:g + decode_batch]
+        heads = [min(prefill_tokens, len(seq)) for seq in group]
+        for seq, head in zip(group, heads):
+            if head:
+                steps.append(Step(tokens=head, prefill=True, calls=_layer_calls(seq[:head])))
+        if decode_batch == 1:
+            seq, head, pre = group[0], heads[0], pregates[g]
+            guesses = pre[head:].tolist() if pre is not None else [None] * (len(seq) - head)
+            for row, guess in zip(seq[head:].tolist(), guesses):
+                steps.append(Step(tokens=1, prefill=False, calls=[[(e, 1) for e in r if e >= 0] for r in row],
+                                  pregate=None if guess is None else [[e for e in r if e >= 0] for r in guess]))
+            continue
+        for t in range(max(len(seq) - head for seq, head in zip(group, heads))):
+            rows = np.stack([seq[head + t] for seq, head in zip(group, heads) if head + t < len(seq)])
+            steps.append(Step(tokens=len(rows), prefill=False, calls=_layer_calls(rows)))
     return steps
 
 
@@ -128,6 +162,73 @@ def _cpu_call_time(predictor: CostPredictor, n: int, start: float, link_free: fl
     busy = link_free - start
     stream = nbytes / shared if busy * shared >= nbytes else busy + (nbytes - busy * shared) / bw
     return predictor.t_cpu(n) - nbytes / bw + stream
+
+
+PrefetchSource = Literal["auto", "path", "pregate", "oracle", "off"]
+PREFETCH_SOURCES: tuple[str, ...] = ("auto", "path", "pregate", "oracle", "off")
+
+
+@dataclass(frozen=True)
+class Lookahead:
+    """What a replay's prefetch knows: `probs(step, l)` [E], the probability that each expert is
+    called at layer l + `distance` of a decode step, computed when layer l runs."""
+
+    distance: int
+    probs: Callable[[Step, int], np.ndarray]
+    source: str
+
+
+def path_lookahead(predictor: PathPredictor) -> Lookahead:
+    """Profile path statistics, given the step's sets at l and l-1."""
+    def probs(step: Step, layer: int) -> np.ndarray:
+        chosen = [e for e, _ in step.calls[layer]]
+        previous = [e for e, _ in step.calls[layer - 1]] if layer else []
+        return predictor.predict(layer, chosen, previous)
+    return Lookahead(predictor.distance, probs, "path")
+
+
+def pregate_lookahead(accuracy: np.ndarray, distance: int, num_experts: int, top_k: int) -> Lookahead:
+    """The replayed trace's recorded pre-gate predictions, calibrated by each layer's `accuracy`
+    measured on the profile part (`pregate_accuracy`)."""
+    def probs(step: Step, layer: int) -> np.ndarray:
+        target = layer + distance
+        return pregate_probabilities(step.pregate[target], float(accuracy[target]), num_experts, top_k)
+    return Lookahead(distance, probs, "pregate")
+
+
+def oracle_lookahead(num_experts: int, distance: int) -> Lookahead:
+    """The replayed routing itself (probability 1 for the experts layer l+d calls): the ceiling of
+    what any predictor could let prefetch save, not a policy anyone can run."""
+    def probs(step: Step, layer: int) -> np.ndarray:
+        out = np.zeros(num_experts)
+        out[[e for e, _ in step.calls[layer + distance]]] = 1.0
+        return out
+    return Lookahead(distance, probs, "oracle")
+
+
+def lookahead_for(kind: PrefetchSource, profile: Trace, replayed: Trace,
+                  distance: int = PREFETCH_DISTANCE) -> Lookahead | None:
+    """The prediction a replay's prefetch uses, learned from `profile` only: "pregate" (recorded by
+    `haq trace`, at the distance it was recorded, calibrated per layer on the profile), "path"
+    (`PathPredictor`), "oracle" (a ceiling), "off"; "auto": pregate when both traces have it."""
+    if kind not in PREFETCH_SOURCES:
+        raise HaqError(f"unknown prefetch source {kind!r}; choose from {list(PREFETCH_SOURCES)}")
+    L = profile.meta.layers
+    if kind == "off" or L < 2:
+        return None
+    if kind == "auto":
+        kind = "pregate" if profile.pregate is not None and replayed.pregate is not None else "path"
+    E, K = profile.meta.num_experts, profile.meta.top_k
+    if kind == "pregate":
+        d = pregate_distance(replayed)
+        if pregate_distance(profile) != d:
+            raise HaqError(f"the profile trace's pre-gate looks {pregate_distance(profile)} layer(s) ahead, "
+                           f"the replayed trace's {d}: record both with the same distance")
+        return pregate_lookahead(pregate_accuracy(profile), d, E, K)
+    distance = min(distance, L - 1)
+    if kind == "oracle":
+        return oracle_lookahead(E, distance)
+    return path_lookahead(PathPredictor.from_trace(profile, distance))
 
 
 @dataclass
@@ -143,11 +244,15 @@ class Replay:
     step_latency: np.ndarray  # [steps] seconds
     step_hits: np.ndarray  # [steps]
     step_calls: np.ndarray  # [steps]
+    prefetches: int = 0
+    prefetch_hits: int = 0  # prefetched experts served on the device before being evicted
 
 
 def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, layers: int,
-               nonexpert_bytes_per_layer: int = 0, nonexpert_s_per_layer: float | None = None) -> Replay:
-    """Replay `steps` through `policy` on the timeline of the module docstring."""
+               nonexpert_bytes_per_layer: int = 0, nonexpert_s_per_layer: float | None = None,
+               lookahead: Lookahead | None = None) -> Replay:
+    """Replay `steps` through `policy` on the timeline of the module docstring; `lookahead`
+    predicts decode steps' experts for `Policy.prefetch` (None: no prefetch)."""
     prof = predictor.times.profile
     t_copy = predictor.t_transfer()
     t_cpu, t_dev = predictor.t_cpu, predictor.t_device
@@ -159,6 +264,9 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
     staged = False
     peak = policy.resident_bytes()
     step_latency, step_hits, step_calls = [], [], []
+    prefetched: set[Key] = set()  # prefetched and not yet called or evicted
+    prefetches = prefetch_hits = 0
+    lead = t_cpu(1)  # the previous layer's duration: lead * d, when layer l+d's calls are expected
     for step in steps:
         start = clock
         hits = calls = 0
@@ -168,6 +276,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
             ne = prof.device.expert_time(nonexpert_bytes_per_layer, 2.0 * nonexpert_bytes_per_layer, step.tokens) \
                 if nonexpert_bytes_per_layer else 0.0
         for layer in range(layers):
+            layer_start = clock
             clock += ne
             view.now = clock
             view.cpu_assigned = 0.0
@@ -181,6 +290,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
                 d = policy.decide(key, n, view)
                 for old in d.evicted:
                     view.ready_at.pop(old, None)
+                    prefetched.discard(old)
                 if d.transfer:
                     copies += 1
                     layer_copies += 1
@@ -195,6 +305,20 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
                     hits_l[layer] += 1
                     hits += 1
                     dev_ready.append((max(clock, view.ready_at.get(key, 0.0)), n))
+                    if key in prefetched:
+                        prefetch_hits += 1
+                        prefetched.discard(key)
+            if lookahead is not None and step.tokens == 1 and layer + lookahead.distance < layers:
+                target = layer + lookahead.distance
+                for pf in policy.prefetch(target, lookahead.probs(step, layer), view, lead * lookahead.distance):
+                    for old in pf.evicted:
+                        view.ready_at.pop(old, None)
+                        prefetched.discard(old)
+                    view.enqueue(t_copy, pf.key)
+                    prefetched.add(pf.key)
+                    copies += 1
+                    layer_copies += 1
+                    prefetches += 1
             calls_l[layer] += len(layer_calls)
             calls += len(layer_calls)
             cpu_calls += len(cpu_work)
@@ -202,6 +326,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
                 clock += layer_copies * t_copy + sum(t_cpu(n) for n in cpu_work) \
                     + sum(t_dev(n) for _, n in dev_ready + dev_copied)
                 view.free_at = clock
+                lead = clock - layer_start
                 continue
             cpu_end = clock
             for n in cpu_work:
@@ -214,12 +339,14 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
             for ready, n in dev_ready + dev_copied:
                 dev_end = max(dev_end, ready) + t_dev(n)
             clock = max(cpu_end, dev_end)
+            lead = clock - layer_start
         step_latency.append(clock - start)
         step_hits.append(hits)
         step_calls.append(calls)
         peak = max(peak, policy.resident_bytes())
     return Replay(np.array(hits_l, dtype=np.float64), np.array(calls_l, dtype=np.float64), cpu_calls, copies,
-                  staged, peak, np.array(step_latency), np.array(step_hits), np.array(step_calls))
+                  staged, peak, np.array(step_latency), np.array(step_hits), np.array(step_calls),
+                  prefetches, prefetch_hits)
 
 
 def summarize(name: str, replay: Replay, steps: Sequence[Step], budget_bytes: int, total_expert_bytes: int,
@@ -227,6 +354,7 @@ def summarize(name: str, replay: Replay, steps: Sequence[Step], budget_bytes: in
     decode = np.array([not st.prefill for st in steps])
     prefill = ~decode
     lat = replay.step_latency[decode]
+    decode_tokens = np.array([st.tokens for st in steps if not st.prefill], dtype=np.float64)
     calls = int(replay.calls_per_layer.sum())
     tokens = sum(st.tokens for st in steps)
     cum_hits = np.cumsum(replay.step_hits)[decode]
@@ -246,10 +374,14 @@ def summarize(name: str, replay: Replay, steps: Sequence[Step], budget_bytes: in
         latency_std_s=float(lat.std()) if len(lat) else 0.0,
         latency_p50_s=float(np.percentile(lat, 50)) if len(lat) else 0.0,
         latency_p99_s=float(np.percentile(lat, 99)) if len(lat) else 0.0,
-        tokens_per_s=float(1.0 / lat.mean()) if len(lat) and lat.mean() > 0 else 0.0,
+        tokens_per_s=float(decode_tokens.sum() / lat.sum()) if len(lat) and lat.sum() > 0 else 0.0,
         ttft_mean_s=float(replay.step_latency[prefill].mean()) if prefill.any() else None,
+        prefill_tokens_per_s=float(sum(st.tokens for st in steps if st.prefill) / replay.step_latency[prefill].sum())
+        if prefill.any() and replay.step_latency[prefill].sum() > 0 else None,
         device_bytes=device_bytes,
         fits_device=device_bytes <= profile.device_memory.value,
+        prefetches_per_token=replay.prefetches / max(tokens, 1),
+        prefetch_used=replay.prefetch_hits / max(replay.prefetches, 1),
         latency_s=lat,
         cum_hit_rate=cum_hits / cum_calls,
     )

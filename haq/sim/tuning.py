@@ -14,14 +14,15 @@ from haq.runtime.placement import ProfileStats, profile_statistics
 from haq.runtime.policies import PolicyContext, PolicyName, make_policy
 from haq.runtime.predictor import CostPredictor
 from haq.runtime.trace import Trace, split_by_sequence
-from haq.sim.timeline import SimResult, replay_steps, run_policy, summarize
+from haq.sim.timeline import PrefetchSource, SimResult, lookahead_for, replay_steps, run_policy, summarize
 
 
 def _context(stats: ProfileStats, budget: int, expert_bytes: int, predictor: CostPredictor, *,
              pin_share: float, path_share: float, ranking: list[Key] | None = None,
-             future: list[Key] | None = None) -> PolicyContext:
+             future: list[Key] | None = None, prefetch: bool = True) -> PolicyContext:
     return PolicyContext(budget_bytes=int(budget), expert_bytes=expert_bytes, predictor=predictor, stats=stats,
-                         ranking=ranking, future=future, pin_share=pin_share, path_share=path_share)
+                         ranking=ranking, future=future, pin_share=pin_share, path_share=path_share,
+                         prefetch=prefetch)
 
 
 PIN_SHARES = (1.0, 0.75, 0.5, 0.25)
@@ -29,8 +30,10 @@ TIE_TOLERANCE = 1e-3  # relative: shares this close in replayed time count as ti
 
 
 def tune_pin_share(profile_trace: Trace, predictor: CostPredictor, budgets: Sequence[int], expert_bytes: int, *,
-                   nonexpert_bytes_per_layer: int = 0, prefill_tokens: int = 0, path_window: int = 2,
-                   path_share: float = 0.0, candidates: Sequence[float] = PIN_SHARES) -> list[float]:
+                   nonexpert_bytes_per_layer: int = 0, prefill_tokens: int = 0, decode_batch: int = 1,
+                   path_window: int = 2,
+                   path_share: float = 0.0, candidates: Sequence[float] = PIN_SHARES,
+                   prefetch: PrefetchSource = "auto") -> list[float]:
     """haq's pinned share for each budget, chosen on the profile part only.
 
     Whether the unpinned part should hold recently used experts (an LRU fed by background copies)
@@ -43,8 +46,9 @@ def tune_pin_share(profile_trace: Trace, predictor: CostPredictor, budgets: Sequ
         stats_part, score_part = split_by_sequence(profile_trace, 0.5)
     else:
         stats_part = score_part = profile_trace  # one sequence: score in-sample
-    steps = replay_steps(score_part, prefill_tokens)
+    steps = replay_steps(score_part, prefill_tokens, decode_batch)
     stats = profile_statistics(stats_part, path_window)
+    lookahead = lookahead_for(prefetch, stats_part, score_part)
     chosen = []
     for budget in budgets:
         best, best_time = candidates[0], float("inf")
@@ -52,8 +56,10 @@ def tune_pin_share(profile_trace: Trace, predictor: CostPredictor, budgets: Sequ
             chosen.append(max(candidates))
             continue
         for share in candidates:
-            ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path_share)
-            replay = run_policy(make_policy("haq", ctx), steps, predictor, stats.layers, nonexpert_bytes_per_layer)
+            ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path_share,
+                           prefetch=lookahead is not None)
+            replay = run_policy(make_policy("haq", ctx), steps, predictor, stats.layers, nonexpert_bytes_per_layer,
+                                lookahead=lookahead)
             if replay.step_latency.sum() < best_time * (1 - TIE_TOLERANCE):
                 best, best_time = share, float(replay.step_latency.sum())
         chosen.append(best)
@@ -87,12 +93,14 @@ def simulate(
     nonexpert_bytes_per_layer: int = 0,
     nonexpert_s_per_layer: float | None = None,
     prefill_tokens: int = 0,
+    decode_batch: int = 1,
     profile_trace: Trace | None = None,
     profile_frac: float = 0.5,
     path_window: int = 2,
     pin_share: float | None = None,
     path_share: float = 0.0,
     ranking: list[Key] | None = None,
+    prefetch: PrefetchSource = "auto",
 ) -> list[SimResult]:
     """One SimResult per (budget, policy), budgets in the outer loop.
 
@@ -100,8 +108,10 @@ def simulate(
     placement statistics, the rest is replayed). `ranking` is what policy fiddler-list places
     (e.g. `load_fiddler_ranking()` for Mixtral-8x7B). `nonexpert_s_per_layer`, when measured
     (`Engine.measure_overhead_s_per_layer`: attention, router and dispatch), replaces the bytes-derived time of
-    the non-expert part of a layer. haq's `pin_share` is tuned per budget on the
-    profile part when None (`tune_pin_share`); `path_share` is its stage-1 share.
+    the non-expert part of a layer. `prefill_tokens` and `decode_batch`: see `replay_steps`. haq's
+    `pin_share` is tuned per budget on the
+    profile part when None (`tune_pin_share`); `path_share` is its stage-1 share. `prefetch`: where haq's
+    predictions come from (`lookahead_for`; "off": no prefetch).
     """
     if profile_trace is None:
         profile_trace, trace = split_by_sequence(trace, profile_frac)
@@ -109,7 +119,7 @@ def simulate(
         raise HaqError("profile trace and replayed trace come from different model shapes")
     L, E = trace.meta.layers, trace.meta.num_experts
     predictor = CostPredictor(profile, expert_bytes, flops_per_token)
-    steps = replay_steps(trace, prefill_tokens)
+    steps = replay_steps(trace, prefill_tokens, decode_batch)
     future = [(layer, e) for st in steps for layer in range(L) for e, _ in st.calls[layer]]
     stats = profile_statistics(profile_trace, path_window)
     budgets = [int(budget_bytes)] if np.ndim(budget_bytes) == 0 else [int(b) for b in budget_bytes]
@@ -119,19 +129,22 @@ def simulate(
         shares = [PIN_SHARES[0] if pin_share is None else pin_share] * len(budgets)
     else:
         shares = tune_pin_share(profile_trace, predictor, budgets, expert_bytes, prefill_tokens=prefill_tokens,
+                                decode_batch=decode_batch,
                                 nonexpert_bytes_per_layer=nonexpert_bytes_per_layer, path_window=path_window,
-                                path_share=path_share)
+                                path_share=path_share, prefetch=prefetch)
+    lookahead = lookahead_for(prefetch, profile_trace, trace)
     rows = []
     for budget, share in zip(budgets, shares):
         ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path_share,
-                       ranking=ranking, future=future)
+                       ranking=ranking, future=future, prefetch=lookahead is not None)
         for name in policies:
             replay = run_policy(make_policy(name, ctx), steps, predictor, L, nonexpert_bytes_per_layer,
-                                nonexpert_s_per_layer)
+                                nonexpert_s_per_layer, lookahead)
             row = summarize(name, replay, steps, budget, L * E * expert_bytes, expert_bytes,
                             L * nonexpert_bytes_per_layer, profile)
             if name == "haq":
-                row.detail = f"pin_share={ctx.pin_share}, path_share={ctx.path_share}"
+                source = f"{lookahead.source} at +{lookahead.distance}" if lookahead else "off"
+                row.detail = f"pin_share={ctx.pin_share}, path_share={ctx.path_share}, prefetch={source}"
             rows.append(row)
     return rows
 

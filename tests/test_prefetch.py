@@ -1,0 +1,234 @@
+"""Prefetch: the predictors (profile paths, recorded pre-gates), the policy's budget under prefetch,
+the simulator's lookahead, and the engine's pre-gating (same tokens, the budget held)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from haq.errors import HaqError
+from haq.runtime.hardware import Quantity, load_profile
+from haq.runtime.placement import profile_statistics
+from haq.runtime.policies import Haq, PolicyContext
+from haq.runtime.predictor import CostPredictor
+from haq.runtime.prefetch import (PathPredictor, path_accuracy, pregate_accuracy, pregate_probabilities,
+                                  prediction_accuracy)
+from haq.runtime.synthetic import MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS, generate_synthetic_trace
+from haq.runtime.trace import Trace, TraceMeta, load_trace, save_trace, split_by_sequence
+from haq.sim.timeline import lookahead_for, oracle_lookahead, replay_steps, run_policy
+
+
+def _trace(experts: np.ndarray, E: int, pregate: np.ndarray | None = None, distance: int | None = None) -> Trace:
+    T, L, K = experts.shape
+    meta = TraceMeta("toy", E, L, K, "test", extra={} if distance is None else {"pregate_distance": distance})
+    seq = np.repeat(np.arange(4, dtype=np.int32), T // 4)
+    return Trace(experts.astype(np.int16), seq, np.tile(np.arange(T // 4, dtype=np.int32), 4), meta,
+                 pregate=None if pregate is None else pregate.astype(np.int16))
+
+
+def test_path_predictor_learns_a_deterministic_path():
+    """Layer 2's expert is a function of layer 0's (distance 2): predicted with probability -> 1,
+    and the probabilities of a layer sum to top_k."""
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 4, 400)
+    experts = np.stack([first, rng.integers(0, 4, 400), (first + 1) % 4], axis=1)[:, :, None]  # [T, 3, 1]
+    trace = _trace(experts, 4)
+    predictor = PathPredictor.from_trace(trace, distance=2)
+    for e in range(4):
+        probs = predictor.predict(0, [e])
+        assert probs.argmax() == (e + 1) % 4 and probs.max() > 0.95
+        assert probs.sum() == pytest.approx(1.0, abs=0.02)
+    assert path_accuracy(predictor, trace)[2] == 1.0
+    with pytest.raises(HaqError, match="layer"):
+        predictor.predict(1, [0])
+    with pytest.raises(HaqError, match="distance"):
+        PathPredictor.from_trace(trace, distance=3)
+
+
+def test_path_prediction_beats_the_marginal_when_layers_share_a_latent():
+    trace = generate_synthetic_trace(8, 64, seed=3, layer_locality=0.9)
+    profile, replayed = split_by_sequence(trace)
+    predictor = PathPredictor.from_trace(profile, distance=1)
+    acc = path_accuracy(predictor, replayed)[1:].mean()
+    marginal = np.mean([prediction_accuracy(np.tile(predictor.marginal[layer], (replayed.num_tokens, 1)),
+                                            replayed.experts[:, layer], 2) for layer in range(1, 32)])
+    assert acc > marginal + 0.1
+
+
+def test_pregate_probabilities_and_accuracy():
+    probs = pregate_probabilities([1, 3], 0.75, 8, 2)
+    assert probs[1] == probs[3] == 0.75 and probs.sum() == pytest.approx(2.0)
+    experts = np.array([[[0, 1], [2, 3]], [[0, 1], [4, 5]]] * 2)  # [4 tokens, 2 layers, 2]
+    pregate = np.array([[[-1, -1], [2, 6]], [[-1, -1], [4, 5]]] * 2)
+    acc = pregate_accuracy(_trace(experts, 8, pregate, distance=1))
+    assert acc[0] == 0.0 and acc[1] == 0.75
+    with pytest.raises(HaqError, match="pregate_distance"):
+        pregate_accuracy(_trace(experts, 8, pregate))
+    with pytest.raises(HaqError, match="no pre-gate"):
+        pregate_accuracy(_trace(experts, 8))
+
+
+def test_trace_keeps_pregate_and_rejects_a_bad_one(tmp_path):
+    experts = np.array([[[0, 1], [2, 3]]] * 4)
+    trace = _trace(experts, 8, np.array([[[-1, -1], [2, 6]]] * 4), distance=1)
+    save_trace(tmp_path / "t.npz", trace)
+    back = load_trace(tmp_path / "t.npz")
+    np.testing.assert_array_equal(back.pregate, trace.pregate)
+    assert back.meta.extra["pregate_distance"] == 1
+    for bad in (np.array([[[-1, -1], [2, 9]]] * 4), np.zeros((4, 2, 3))):
+        with pytest.raises(HaqError, match="pregate|pre-gate"):
+            save_trace(tmp_path / "bad.npz", _trace(experts, 8, bad, distance=1))
+
+
+def test_recorded_pregate_is_the_later_router_on_the_earlier_input(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from haq.runtime.record import record_trace
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-qwen3-moe")).eval()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    trace = record_trace(model, ids, "tiny", progress=False, pregate_distance=1)
+    assert trace.meta.extra["pregate_distance"] == 1 and (trace.pregate[:, 0] == -1).all()
+    inputs = []
+    handle = model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, o: inputs.append(a[0]))
+    with torch.no_grad():
+        for window in ids:
+            model(window[None], use_cache=False)
+    handle.remove()
+    with torch.no_grad():
+        expected = torch.cat([model.model.layers[1].mlp.gate(x)[2] for x in inputs]).numpy()
+    np.testing.assert_array_equal(trace.pregate[:, 1], expected)
+
+
+@pytest.fixture(scope="module")
+def mixtral_ctx():
+    trace = generate_synthetic_trace(4, 32, seed=0)
+    predictor = CostPredictor(load_profile("rtx4090-pcie4"), MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS)
+    return trace, profile_statistics(trace), predictor
+
+
+class _Idle:
+    def link_backlog_s(self) -> float:
+        return 0.0
+
+    def cpu_backlog_s(self) -> float:
+        return 0.0
+
+    def ready_in_s(self, key) -> float:
+        return 0.0
+
+
+ops = st.lists(st.tuples(st.booleans(), st.integers(0, 31), st.lists(st.floats(0, 1), min_size=8, max_size=8)),
+               max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.integers(1, 40), pin_share=st.sampled_from([0.0, 0.25, 0.5]), ops=ops)
+def test_budget_never_exceeded_with_prefetch(mixtral_ctx, slots, pin_share, ops):
+    """Any mix of calls and prefetches (any probabilities, an idle link): the resident bytes stay
+    within the budget, pinned experts stay, and what a prefetch returns is resident."""
+    _, stats, predictor = mixtral_ctx
+    ctx = PolicyContext(budget_bytes=slots * MIXTRAL_EXPERT_BYTES, expert_bytes=MIXTRAL_EXPERT_BYTES,
+                        predictor=predictor, stats=stats, pin_share=pin_share)
+    policy = Haq(ctx)
+    pinned = set(policy.cache.pinned)
+    for is_call, layer, probs in ops:
+        if is_call:
+            policy.decide((layer, int(np.argmax(probs))), 1, _Idle())
+        else:
+            for pf in policy.prefetch(layer, np.array(probs), _Idle(), lead_s=1.0):
+                assert pf.key in policy.cache and not set(pf.evicted) & pinned
+        assert policy.resident_bytes() <= ctx.budget_bytes
+        assert pinned <= {k for k in pinned if k in policy.cache}
+
+
+def test_no_prefetch_into_a_busy_link_or_without_an_lru_part(mixtral_ctx):
+    _, stats, predictor = mixtral_ctx
+    ctx = PolicyContext(budget_bytes=32 * MIXTRAL_EXPERT_BYTES, expert_bytes=MIXTRAL_EXPERT_BYTES,
+                        predictor=predictor, stats=stats, pin_share=0.5)
+    certain = np.ones(8)
+    assert not Haq(ctx).prefetch(3, certain, _Idle(), lead_s=0.5 * predictor.t_transfer())  # lands too late
+    assert Haq(ctx).prefetch(3, certain, _Idle(), lead_s=2 * predictor.t_transfer())
+    assert not Haq(dataclasses.replace(ctx, pin_share=1.0)).prefetch(3, certain, _Idle(), 1.0)
+    assert not Haq(dataclasses.replace(ctx, prefetch=False)).prefetch(3, certain, _Idle(), 1.0)
+
+
+def test_simulated_prefetch_with_an_oracle_is_used_and_within_budget(mixtral_ctx):
+    trace, stats, predictor = mixtral_ctx
+    ctx = PolicyContext(budget_bytes=64 * MIXTRAL_EXPERT_BYTES, expert_bytes=MIXTRAL_EXPERT_BYTES,
+                        predictor=predictor, stats=stats, pin_share=0.25)
+    steps = replay_steps(trace)
+    replay = run_policy(Haq(ctx), steps, predictor, 32, lookahead=oracle_lookahead(8, 2))
+    plain = run_policy(Haq(ctx), steps, predictor, 32)
+    assert replay.prefetches > 0 and replay.prefetch_hits / replay.prefetches > 0.5
+    assert replay.peak_resident_bytes <= ctx.budget_bytes
+    assert replay.hits_per_layer.sum() > plain.hits_per_layer.sum()
+    assert plain.prefetches == 0
+
+
+def test_lookahead_sources_and_their_errors(mixtral_ctx):
+    trace = mixtral_ctx[0]
+    assert lookahead_for("off", trace, trace) is None
+    assert lookahead_for("auto", trace, trace).source == "path"  # no recorded pre-gate
+    assert lookahead_for("oracle", trace, trace, distance=3).distance == 3
+    with pytest.raises(HaqError, match="pre-gate"):
+        lookahead_for("pregate", trace, trace)
+    with pytest.raises(HaqError, match="unknown prefetch source"):
+        lookahead_for("psychic", trace, trace)
+
+
+def test_engine_prefetch_by_pregating_keeps_tokens_and_budget(tiny_dir):
+    """An engine whose haq policy prefetches every pre-gated expert it can (value ignored): the
+    same greedy tokens as the plain model, the budget held, the pre-gate scored and recorded."""
+    from transformers import AutoModelForCausalLM
+
+    from haq.api import build_engine
+    from haq.runtime.record import record_trace
+
+    class Eager(Haq):
+        def prefetch_value(self, key, q):
+            return q * 1e9
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-qwen3-moe")).eval()
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    profile = record_trace(model, ids, "tiny", progress=False)
+    prompt = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = []
+        context = prompt
+        for _ in range(6):
+            expected.append(int(model(context).logits[0, -1].argmax()))
+            context = torch.cat([context, torch.tensor([[expected[-1]]])], dim=1)
+    experts_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "experts" in n)
+    hardware = load_profile("rtx4090-pcie4")  # with a slow CPU dispatch, so that a device copy of these tiny experts pays
+    hardware = dataclasses.replace(hardware, cpu=dataclasses.replace(hardware.cpu, overhead=Quantity(1e-3, "s", "test")))
+    engine = build_engine(copy.deepcopy(model), budget_bytes=experts_bytes // 4, hardware=hardware,
+                          policy="haq", profile=profile)
+    engine.use_policy("haq", dataclasses.replace(engine.policy_ctx, pin_share=0.0))  # all of it LRU
+    engine.policy = Eager(engine.policy_ctx)
+    tokens, metrics = engine.generate(prompt, max_new_tokens=6)
+    engine.close()
+    assert tokens == expected
+    assert metrics.prefetches > 0 and metrics.device_bytes["experts_peak"] <= engine.budget_bytes
+    trace = engine.last_trace("tiny")
+    accuracy = pregate_accuracy(trace)
+    assert trace.meta.extra["pregate_distance"] == 1
+    np.testing.assert_allclose(accuracy, metrics.pregate_accuracy)
+    assert 0.0 < accuracy[1] <= 1.0
+
+
+def test_simulate_cli_prefetch_and_batch_flags(capsys):
+    from haq.cli import build_parser, main
+    from haq.sim.timeline import PREFETCH_SOURCES
+
+    simulate = next(a for a in build_parser()._subparsers._group_actions[0].choices["simulate"]._actions
+                    if a.dest == "prefetch")
+    assert tuple(simulate.choices) == PREFETCH_SOURCES
+    assert main(["simulate", "synthetic-mixtral", "--decode-batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("haq: error: --decode-batch must be >= 1") and err.count("\n") == 1
