@@ -17,7 +17,10 @@
     synthetic Mixtral trace, each policy's own rule for large calls (llamacpp: copy when >= 32 tokens;
     fiddler: linear CPU cost; haq: the predictor's list scheduling);
 (d) replay speed: expert calls replayed per second per policy on a synthetic trace of 64 experts,
-    top-6, 26 layers (DeepSeek-V2-Lite's shape).
+    top-6, 26 layers (DeepSeek-V2-Lite's shape);
+(e) the memory claim at equal service: FP16 experts all resident (plus FP16 attention) against
+    int8 experts with the haq policy at the smallest budget (5% steps) that keeps >= 90% of the
+    FP16 all-resident decode tokens/s, and separately prefill tokens/s (512-token prompts).
 """
 from __future__ import annotations
 
@@ -176,6 +179,64 @@ def speed_rows(tokens: int) -> list[dict]:
     return rows
 
 
+def memory_rows(traces: dict[str, tuple], step: int = 5) -> list[dict]:
+    """(e): per trace {label: (trace, int8 expert bytes, flops, int8 non-expert bytes per layer)}."""
+    from haq.runtime.hardware import load_profile
+    from haq.runtime.trace import split_by_sequence
+    from haq.sim.tuning import simulate
+
+    hw = load_profile(PRESET)
+    rows = []
+    for label, (trace, nbytes, flops, nonexpert) in traces.items():
+        profile, replayed = split_by_sequence(trace)
+        L, E = trace.meta.layers, trace.meta.num_experts
+        params = flops / 2  # one multiply-add per weight
+        fp16_bytes, fp16_nonexpert = int(2 * params), 2 * nonexpert
+        for phase, prefill in (("decode", 0), ("prefill 512", 512)):
+            if prefill and (np.unique(replayed.seq_id, return_counts=True)[1] <= prefill).any():
+                continue  # the recorded windows are shorter than the prompt
+            key = "tokens_per_s" if not prefill else "prefill_tokens_per_s"
+            fp16 = simulate(replayed, hw, [fp16_bytes * L * E], fp16_bytes, ["haq"], flops_per_token=flops,
+                            profile_trace=profile, nonexpert_bytes_per_layer=fp16_nonexpert, prefill_tokens=prefill,
+                            pin_share=1.0, prefetch="off")[0]
+            target = 0.9 * getattr(fp16, key)
+            budgets = [nbytes * L * E * pct // 100 for pct in range(step, 101, step)]
+            sweep = simulate(replayed, hw, budgets, nbytes, ["haq"], flops_per_token=flops, profile_trace=profile,
+                             nonexpert_bytes_per_layer=nonexpert, prefill_tokens=prefill)
+            ok = [r for r in sweep if getattr(r, key) >= target]
+            best = ok[0] if ok else None
+            rows.append({"trace": label, "phase": phase, "fp16_tok_s": getattr(fp16, key),
+                         "fp16_device_gib": fp16.device_bytes / 2**30,
+                         "int8_budget_pct": round(100 * best.budget_frac) if best else None,
+                         "int8_tok_s": getattr(best, key) if best else None,
+                         "int8_device_gib": best.device_bytes / 2**30 if best else None,
+                         "device_bytes_saved_pct": 100 * (1 - best.device_bytes / fp16.device_bytes) if best else None,
+                         "curve": [(round(100 * r.budget_frac), getattr(r, key), r.device_bytes) for r in sweep]})
+            print({k: v for k, v in rows[-1].items() if k != "curve"}, flush=True)
+    return rows
+
+
+def plot_memory(rows: list[dict]) -> str:
+    """Tokens/s against device bytes: haq's int8 budget sweep per trace and phase, FP16 all resident as a point."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0 * len(rows) // 2 + 3, 4.0))
+    ax = fig.add_subplot(1, 1, 1)
+    for r in rows:
+        _, tok_s, dev = zip(*r["curve"])
+        line, = ax.plot(np.array(dev) / 2**30, tok_s, marker=".", label=f"{r['trace']}, {r['phase']}: int8 haq")
+        ax.scatter([r["fp16_device_gib"]], [r["fp16_tok_s"]], marker="*", s=120, color=line.get_color())
+    ax.set_xlabel("device GiB (experts + attention)")
+    ax.set_ylabel("tokens/s")
+    ax.set_yscale("log")
+    ax.set_title("int8 experts under the haq policy vs FP16 all resident (star)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = RESULTS / "policy-memory.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path.name
+
+
 def plots(rows: list[dict]) -> list[str]:
     from haq.sim.plots import plot_latency_cdf
 
@@ -191,6 +252,37 @@ def plots(rows: list[dict]) -> list[str]:
     return out
 
 
+def summary(payload: dict) -> str:
+    """The README's short version of policy.md: ratios at the budgets that matter, accuracy, speed, memory."""
+    decode, lines = payload["decode"], []
+    for trace in dict.fromkeys(r["trace"] for r in decode):
+        for pct in (10, 25):
+            rows = {r["policy"]: r for r in decode if r["trace"] == trace and r["budget_pct"] == pct}
+            best = max((rows[p] for p in OTHERS), key=lambda r: r["tokens_per_s"])
+            real = [p for p in ("haq+path", "haq+pregate") if p in rows]
+            lines.append(f"| {trace} | {pct}% | {best['policy']} {best['tokens_per_s']:.4g} | "
+                         f"{rows['haq']['ratio_vs_best_other']:.3f} | "
+                         + " / ".join(f"{rows[p]['ratio_vs_best_other']:.3f}" for p in real)
+                         + f" | {rows['haq+oracle']['ratio_vs_best_other']:.3f} | "
+                         f"{rows['haq']['layer_hit_std']:.3f} / {rows['lru']['layer_hit_std']:.3f} / "
+                         f"{rows['fiddler']['layer_hit_std']:.3f} |")
+    table = ("| trace | budget | best other (tok/s) | haq | haq + path / pregate prefetch | haq + oracle prefetch "
+             "(ceiling) | layer hit std haq / lru / fiddler |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines))
+    acc = "; ".join(f"{r['model']} {r['source']} +{r['distance']}: {r['mean']:.2f}" for r in payload["accuracy"])
+    batch = "; ".join(f"{r['phase']}: haq {r['ratio_vs_best_other']:.2f}x" for r in payload["batch"]
+                      if r["policy"] == "haq")
+    speed = ", ".join(f"{r['policy']} {r['calls_per_s'] / 1e3:.0f}k" for r in payload["replay_speed"])
+    memory = "; ".join(f"{r['trace']} {r['phase']}: {r['device_bytes_saved_pct']:.0f}% less (int8 at "
+                       f"{r['int8_budget_pct']}%)" if r["int8_budget_pct"] is not None else
+                       f"{r['trace']} {r['phase']}: never within 90%" for r in payload.get("memory", []))
+    return (f"*Placement policies and prefetch* (`bench/results/policy.md`, {payload['preset']} preset, decode at "
+            "batch 1; ratios are tokens/s over the best of lru, fiddler and llamacpp)\n\n" + table + "\n\n"
+            f"- Prediction accuracy (share of called experts in the predicted top-k): {acc}.\n"
+            f"- Prefill and batched decode, synthetic Mixtral trace, 25% budget: {batch}.\n"
+            f"- Replay speed, 64 experts top-6 26 layers (calls/s): {speed}.\n"
+            + (f"- Device bytes at >= 90% of FP16 all-resident tokens/s: {memory}.\n" if memory else ""))
+
+
 def main() -> None:
     import torch
 
@@ -199,7 +291,15 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--windows", type=int, default=16, help="wiki-offline test windows of 256 tokens per model")
     parser.add_argument("--speed-tokens", type=int, default=1024)
+    parser.add_argument("--summary-only", action="store_true", help="rewrite policy-summary.md from policy.json")
     args = parser.parse_args()
+    if args.summary_only:
+        import json
+
+        from haq.io import atomic_write_text
+
+        atomic_write_text(RESULTS / "policy-summary.md", summary(json.loads((RESULTS / "policy.json").read_text())))
+        return
     from haq.runtime.synthetic import (MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS, MIXTRAL_NONEXPERT_BYTES_PER_LAYER,
                                        generate_synthetic_trace)
 
@@ -209,8 +309,10 @@ def main() -> None:
     sims += sim_rows("synthetic Mixtral-8x7B", synthetic, MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS,
                      MIXTRAL_NONEXPERT_BYTES_PER_LAYER, args.budgets)
     accuracy += accuracy_rows("synthetic Mixtral-8x7B", synthetic)
+    traces = {}
     for name in ("smollm2-8x135m", "tiny-mixtral"):
         trace, config = recorded(name, args.windows)
+        traces[name] = (trace, config)
         accuracy += accuracy_rows(name, trace)
         if name == "smollm2-8x135m":
             sims += sim_rows(f"{name} (at Mixtral size)", trace, MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS,
@@ -218,6 +320,14 @@ def main() -> None:
         nbytes, flops = int8_expert(config)
         sims += sim_rows(name, trace, nbytes, flops, 0, args.budgets)
     figures = plots(sims)
+    longer = generate_synthetic_trace(num_sequences=8, seq_len=576, seed=0)  # long enough for a 512-token prompt
+    memory = memory_rows({"synthetic Mixtral-8x7B": (longer, MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS,
+                                                     MIXTRAL_NONEXPERT_BYTES_PER_LAYER),
+                          **{f"{k} (at Mixtral size)": (v[0], MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS,
+                                                        MIXTRAL_NONEXPERT_BYTES_PER_LAYER) for k, v in traces.items()
+                             if k == "smollm2-8x135m"},
+                          **{k: (v[0], *int8_expert(v[1]), 0) for k, v in traces.items()}})
+    figures.append(plot_memory(memory))
     batch = batch_rows([25])
     speed = speed_rows(args.speed_tokens)
     seconds = time.perf_counter() - start
@@ -236,12 +346,21 @@ def main() -> None:
                              "cpu_share", "ratio_vs_best_other"])
           + "\n## (d) Replay speed (64 experts, top-6, 26 layers)\n\n"
           + md_table(speed, ["policy", "calls", "seconds", "calls_per_s"])
+          + "\n## (e) Device memory at equal service: int8 + haq at >= 90% of FP16 all-resident tokens/s\n\n"
+          "Device bytes: resident experts (+ a staging buffer if a copy is not kept) + attention projections "
+          "(embeddings, norms and the KV cache are not counted); FP16 non-expert bytes are twice int8's. "
+          "Recorded traces (256-token windows) have no 512-token prefill row.\n\n"
+          + md_table(memory, ["trace", "phase", "fp16_tok_s", "fp16_device_gib", "int8_budget_pct", "int8_tok_s",
+                              "int8_device_gib", "device_bytes_saved_pct"])
           + "\nPlots: " + ", ".join(f"`bench/results/{f}`" for f in figures) + "\n")
     for r in sims:
         r.pop("_result")
-    write_results("policy", {"machine": machine(), "preset": PRESET, "minutes": round(seconds / 60, 1),
-                             "load": os.getloadavg()[0], "decode": sims, "accuracy": accuracy, "batch": batch,
-                             "replay_speed": speed}, md)
+    payload = {"machine": machine(), "preset": PRESET, "minutes": round(seconds / 60, 1), "load": os.getloadavg()[0],
+               "decode": sims, "accuracy": accuracy, "batch": batch, "replay_speed": speed, "memory": memory}
+    write_results("policy", payload, md)
+    from haq.io import atomic_write_text
+
+    atomic_write_text(RESULTS / "policy-summary.md", summary(payload))
 
 
 if __name__ == "__main__":

@@ -191,8 +191,8 @@ def test_engine_prefetch_by_pregating_keeps_tokens_and_budget(tiny_dir):
     from haq.runtime.record import record_trace
 
     class Eager(Haq):
-        def prefetch_value(self, key, q):
-            return q * 1e9
+        def prefetch_gain(self, layer, probs, horizon):
+            return probs * 1e9
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-qwen3-moe")).eval()
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -312,7 +312,8 @@ class Haq:
         self.cache = ExpertCache(ctx.budget_bytes, {k: ctx.expert_bytes for k in pinned})
         self.lru_slots = ctx.slots - len(pinned)
         tokens = max(stats.tokens, 1)
-        self.p = (stats.freq / tokens).tolist()  # [L][E] (plain floats: read on every miss)
+        self.p_rows = stats.freq / tokens  # [L, E] per-token selection rate
+        self.p = self.p_rows.tolist()  # the same as plain floats: read on every miss
         self.X = stats.locality.T.tolist()  # [L][lags + 1]
         self.calls_per_token = float(stats.freq.sum()) / tokens
         self.ema = 1.0 / (20 * max(self.calls_per_token, 1.0))  # moving average over ~20 tokens of calls
@@ -344,12 +345,10 @@ class Haq:
         gain = horizon * self.p[key[0]][key[1]] + self._excess(key[0], 0.0, horizon)
         return gain - self._victim_value(horizon)
 
-    def prefetch_value(self, key: Key, q: float) -> float:
-        """Uses of `key` if copied now, called with probability `q` (then just used, with the
-        locality that brings), net of what its victim would serve."""
-        horizon = self._horizon()
-        gain = q * (1.0 + self._excess(key[0], 0.0, horizon)) + horizon * self.p[key[0]][key[1]]
-        return gain - self._victim_value(horizon)
+    def prefetch_gain(self, layer: int, probs: np.ndarray, horizon: float) -> np.ndarray:
+        """[E] uses of each expert of `layer` if copied now, called with probability `probs` (then just
+        used, with the locality that brings); its victim's value is not subtracted."""
+        return probs * (1.0 + self._excess(layer, 0.0, horizon)) + horizon * self.p_rows[layer]
 
     def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         p = self.predictor
@@ -379,17 +378,19 @@ class Haq:
         if not self.prefetching:
             return []
         p = self.predictor
-        deadline = lead_s
-        backlog = view.link_backlog_s()
+        in_time = int((lead_s - view.link_backlog_s()) // p.t_transfer())  # copies that land before the calls
+        if in_time <= 0:
+            return []
+        horizon = self._horizon()
+        gain = self.prefetch_gain(layer, np.asarray(probs, dtype=np.float64), horizon)
+        victim = self._victim_value(horizon)
         out: list[Prefetch] = []
         issued: set[Key] = set()
         for e in np.argsort(-probs, kind="stable").tolist():
-            key = (layer, e)
-            if backlog + p.t_transfer() > deadline:
+            if len(out) == in_time:
                 break
-            if key in self.cache:
-                continue
-            if self.prefetch_value(key, float(probs[e])) <= p.break_even_reuse:
+            key = (layer, e)
+            if gain[e] - victim <= p.break_even_reuse or key in self.cache:
                 continue
             if issued.intersection(self.cache.victims(self.expert_bytes)):
                 break  # the LRU part is full of this layer's prefetches: a likelier one would go
@@ -400,9 +401,9 @@ class Haq:
             for old in evicted:
                 self.last_use.pop(old, None)
             self.admits_per_call += self.ema  # an admission between calls: the LRU turns over faster
-            backlog += p.t_transfer()
             issued.add(key)
             out.append(Prefetch(key, tuple(evicted)))
+            victim = self._victim_value(horizon)
         return out
 
     def _count(self, admitted: bool) -> None:
