@@ -17,7 +17,8 @@ The executor presents a layer's calls largest n first (decode: in routing order)
   llamacpp         llama.cpp --n-cpu-moe: the first layers' experts live on the CPU, the others all
                    on the device; CPU-layer calls with >= 32 tokens are copied for the call (op offload)
   haq              two-stage placement pinned (`pin_share` of the budget, tuned per budget on the
-                   profile by `haq.sim.tuning.tune_pin_share`) + LRU for the rest; the predictor
+                   profile by `haq.sim.tuning.tune_shares`, with stage 1's path share when it
+                   prefetches) + LRU for the rest; the predictor
                    picks CPU / copy per call (list-scheduling a layer's calls over CPU and link)
                    and admits background copies when their expected reuse repays them; prefetches
                    the next layer's likely experts into idle link time (`Haq.prefetch`)

@@ -1,4 +1,4 @@
-"""The simulator's front: haq's pin share tuned by replaying the profile, the policy context an
+"""The simulator's front: haq's pin and path shares tuned by replaying the profile, the policy context an
 executor needs (the engine gets its own from here), and `simulate`, which runs every policy over a
 trace's replay part on the timeline of :mod:`haq.sim.timeline` and formats the comparison."""
 from __future__ import annotations
@@ -29,18 +29,22 @@ PIN_SHARES = (1.0, 0.75, 0.5, 0.25)
 TIE_TOLERANCE = 1e-3  # relative: shares this close in replayed time count as tied
 
 
-def tune_pin_share(profile_trace: Trace, predictor: CostPredictor, budgets: Sequence[int], expert_bytes: int, *,
-                   nonexpert_bytes_per_layer: int = 0, prefill_tokens: int = 0, decode_batch: int = 1,
-                   path_window: int = 2,
-                   path_share: float = 0.0, candidates: Sequence[float] = PIN_SHARES,
-                   prefetch: PrefetchSource = "auto") -> list[float]:
-    """haq's pinned share for each budget, chosen on the profile part only.
+PATH_SHARES = (0.0, 0.25)  # stage 1's share of the pinned slots, tried when haq prefetches
+
+
+def tune_shares(profile_trace: Trace, predictor: CostPredictor, budgets: Sequence[int], expert_bytes: int, *,
+                nonexpert_bytes_per_layer: int = 0, prefill_tokens: int = 0, decode_batch: int = 1,
+                path_window: int = 2, path_share: float | None = None, candidates: Sequence[float] = PIN_SHARES,
+                prefetch: PrefetchSource = "auto") -> list[tuple[float, float]]:
+    """haq's (pin_share, path_share) for each budget, chosen on the profile part only.
 
     Whether the unpinned part should hold recently used experts (an LRU fed by background copies)
     or more static placement depends on the workload's temporal locality, which placement
     statistics alone do not settle; so each candidate is replayed: statistics from the first half
-    of the profile's sequences, time measured on the second half. Ties (within TIE_TOLERANCE)
-    go to the larger share; a budget that holds every expert pins them all.
+    of the profile's sequences, time measured on the second half. Stage 1 (whole paths) can only
+    pay when experts are fetched along paths, so `path_share` None tries PATH_SHARES when haq
+    prefetches and 0 otherwise. Ties (within TIE_TOLERANCE) go to the larger pin share and the
+    smaller path share; a budget that holds every expert pins them all.
     """
     if len(profile_trace.sequences()) >= 2:
         stats_part, score_part = split_by_sequence(profile_trace, 0.5)
@@ -49,35 +53,40 @@ def tune_pin_share(profile_trace: Trace, predictor: CostPredictor, budgets: Sequ
     steps = replay_steps(score_part, prefill_tokens, decode_batch)
     stats = profile_statistics(stats_part, path_window)
     lookahead = lookahead_for(prefetch, stats_part, score_part)
+    paths = [path_share] if path_share is not None else PATH_SHARES if lookahead is not None else [0.0]
     chosen = []
     for budget in budgets:
-        best, best_time = candidates[0], float("inf")
         if budget >= stats.layers * stats.num_experts * expert_bytes:
-            chosen.append(max(candidates))
+            chosen.append((max(candidates), min(paths)))
             continue
+        best, best_time = (candidates[0], paths[0]), float("inf")
         for share in candidates:
-            ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path_share,
-                           prefetch=lookahead is not None)
-            replay = run_policy(make_policy("haq", ctx), steps, predictor, stats.layers, nonexpert_bytes_per_layer,
-                                lookahead=lookahead)
-            if replay.step_latency.sum() < best_time * (1 - TIE_TOLERANCE):
-                best, best_time = share, float(replay.step_latency.sum())
+            for path in paths:
+                ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path,
+                               prefetch=lookahead is not None)
+                replay = run_policy(make_policy("haq", ctx), steps, predictor, stats.layers,
+                                    nonexpert_bytes_per_layer, lookahead=lookahead)
+                if replay.step_latency.sum() < best_time * (1 - TIE_TOLERANCE):
+                    best, best_time = (share, path), float(replay.step_latency.sum())
         chosen.append(best)
     return chosen
 
 
 def policy_context(profile_trace: Trace, budget_bytes: int, expert_bytes: int, predictor: CostPredictor, *,
-                   pin_share: float | None = None, path_share: float = 0.0, path_window: int = 2,
+                   pin_share: float | None = None, path_share: float | None = None, path_window: int = 2,
                    ranking: list[Key] | None = None, nonexpert_bytes_per_layer: int = 0,
                    prefill_tokens: int = 0) -> PolicyContext:
     """What `make_policy` needs, from a profile trace; for executors other than `simulate` (the engine).
 
-    pin_share None: haq's share is tuned on the profile trace (`tune_pin_share`, a few replays).
+    pin_share None: haq's shares are tuned on the profile trace (`tune_shares`, a few replays);
+    path_share None: tuned with it when haq prefetches, else 0.
     """
     if pin_share is None:
-        pin_share = tune_pin_share(profile_trace, predictor, [budget_bytes], expert_bytes, path_window=path_window,
-                                   path_share=path_share, nonexpert_bytes_per_layer=nonexpert_bytes_per_layer,
-                                   prefill_tokens=prefill_tokens)[0]
+        pin_share, path_share = tune_shares(profile_trace, predictor, [budget_bytes], expert_bytes,
+                                            path_window=path_window, path_share=path_share,
+                                            nonexpert_bytes_per_layer=nonexpert_bytes_per_layer,
+                                            prefill_tokens=prefill_tokens)[0]
+    path_share = path_share or 0.0
     return _context(profile_statistics(profile_trace, path_window), budget_bytes, expert_bytes, predictor,
                     pin_share=pin_share, path_share=path_share, ranking=ranking)
 
@@ -98,7 +107,7 @@ def simulate(
     profile_frac: float = 0.5,
     path_window: int = 2,
     pin_share: float | None = None,
-    path_share: float = 0.0,
+    path_share: float | None = None,
     ranking: list[Key] | None = None,
     prefetch: PrefetchSource = "auto",
 ) -> list[SimResult]:
@@ -109,8 +118,8 @@ def simulate(
     (e.g. `load_fiddler_ranking()` for Mixtral-8x7B). `nonexpert_s_per_layer`, when measured
     (`Engine.measure_overhead_s_per_layer`: attention, router and dispatch), replaces the bytes-derived time of
     the non-expert part of a layer. `prefill_tokens` and `decode_batch`: see `replay_steps`. haq's
-    `pin_share` is tuned per budget on the
-    profile part when None (`tune_pin_share`); `path_share` is its stage-1 share. `prefetch`: where haq's
+    `pin_share` and its stage-1 `path_share` are tuned per budget on the profile part when None
+    (`tune_shares`; a given pin share without a path share means 0). `prefetch`: where haq's
     predictions come from (`lookahead_for`; "off": no prefetch).
     """
     if profile_trace is None:
@@ -126,16 +135,15 @@ def simulate(
     if min(budgets) < 0:
         raise HaqError(f"budgets must be >= 0 bytes, got {min(budgets)}")
     if pin_share is not None or "haq" not in policies:
-        shares = [PIN_SHARES[0] if pin_share is None else pin_share] * len(budgets)
+        shares = [(PIN_SHARES[0] if pin_share is None else pin_share, path_share or 0.0)] * len(budgets)
     else:
-        shares = tune_pin_share(profile_trace, predictor, budgets, expert_bytes, prefill_tokens=prefill_tokens,
-                                decode_batch=decode_batch,
-                                nonexpert_bytes_per_layer=nonexpert_bytes_per_layer, path_window=path_window,
-                                path_share=path_share, prefetch=prefetch)
+        shares = tune_shares(profile_trace, predictor, budgets, expert_bytes, prefill_tokens=prefill_tokens,
+                             decode_batch=decode_batch, nonexpert_bytes_per_layer=nonexpert_bytes_per_layer,
+                             path_window=path_window, path_share=path_share, prefetch=prefetch)
     lookahead = lookahead_for(prefetch, profile_trace, trace)
     rows = []
-    for budget, share in zip(budgets, shares):
-        ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path_share,
+    for budget, (share, path) in zip(budgets, shares):
+        ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path,
                        ranking=ranking, future=future, prefetch=lookahead is not None)
         for name in policies:
             replay = run_policy(make_policy(name, ctx), steps, predictor, L, nonexpert_bytes_per_layer,
