@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from haq.errors import HaqError
 from haq.runtime.hardware import Quantity, load_profile
 from haq.runtime.placement import profile_statistics
-from haq.runtime.policies import Haq, PolicyContext
+from haq.runtime.haq_policy import Haq
+from haq.runtime.policies import PolicyContext
 from haq.runtime.predictor import CostPredictor
 from haq.runtime.prefetch import (PathPredictor, path_accuracy, pregate_accuracy, pregate_probabilities,
                                   prediction_accuracy)

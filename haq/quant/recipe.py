@@ -36,7 +36,8 @@ FIELD_HELP = {
     "expert_shrink": "GPTQ: each expert's Hessian is shrunk toward the pool of all experts' Hessians of that input, "
                      "with the weight of this many times the input width in tokens (0: its routed tokens only)",
     "rotate": "rotate the residual stream (exact; unties a tied lm_head) and, in dense MLPs, the down_proj inputs "
-              "at run time: flattens outlier tokens; online-rotated checkpoints do not export to compressed-tensors",
+              "at run time: flattens outlier tokens; the run-time rotations export as compressed-tensors Hadamard "
+              "transforms",
     "quantize_lm_head": "the lm_head too: RTN int8 per output channel, dynamic per-token activations (as llama.cpp's "
                         "Q8_0 does); a tied lm_head is untied, the embedding stays float; does not export",
 }

@@ -6,10 +6,8 @@ while the main thread drives device calls, and host -> device copies run on thei
 When the "device" is the CPU itself there is nothing to overlap: every call runs in turn on the
 calling thread (a worker would only add a thread hand-off per call on the same cores).
 
-Prefetch by pre-gating: when MoE layer l runs, the router of layer l + d (d = PREFETCH_DISTANCE)
-is applied to layer l's MoE input; its top-k, calibrated by the accuracy measured so far in this
-run, is what the policy's `prefetch` sees, and the copies it asks for start at once (on CUDA, on
-the copy stream). The prediction is also recorded next to the real routing (`last_trace`).
+Each MoE layer also pre-gates a later one (`haq.runtime.pregate`): the policy's `prefetch` sees that
+prediction, and the copies it asks for start at once (on CUDA, on the copy stream).
 
 The engine knows nothing about tokenization: it takes and returns token ids.
 """
@@ -19,7 +17,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -33,50 +30,11 @@ from haq.runtime.hardware import HardwareProfile
 from haq.runtime.generation import BatchGenerator, TokenEvent
 from haq.runtime.policies import PolicyContext, make_policy
 from haq.runtime.predictor import CostPredictor
-from haq.runtime.prefetch import PREFETCH_DISTANCE, pregate_probabilities
+from haq.runtime.metrics import EngineMetrics, kv_cache_bytes
+from haq.runtime.pregate import PreGate
 from haq.runtime.sampling import SamplingParams
 from haq.runtime.store import ExpertStore, ExpertWeights, Key, extract_experts
 from haq.runtime.trace import Trace
-
-
-@dataclass
-class EngineMetrics:
-    policy: str
-    budget_bytes: int
-    expert_bytes: int
-    total_expert_bytes: int
-    calls: int
-    hit_rate: float
-    layer_hit_rates: list[float]
-    layer_hit_mean: float
-    layer_hit_std: float
-    cpu_share: float
-    bytes_moved_per_token: float
-    latency_mean_ms: float
-    latency_std_ms: float
-    latency_p50_ms: float
-    latency_p99_ms: float
-    ttft_ms: float
-    tokens_per_s: float
-    device_bytes: dict = field(default_factory=dict)
-    token_latency_ms: list[float] = field(default_factory=list)
-    cum_hit_rate: list[float] = field(default_factory=list)  # after each decode token, all calls so far
-    pregate_accuracy: list[float] = field(default_factory=list)  # per layer: called experts pre-gated d layers early
-    prefetches: int = 0
-    prefetch_used: float = 0.0  # share of prefetched experts served on the device before eviction
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def summary(self) -> str:
-        dev = self.device_bytes
-        return (f"policy {self.policy}  budget {self.budget_bytes / 2**20:.1f} MiB  hit rate {self.hit_rate:.3f} "
-                f"(per layer {self.layer_hit_mean:.3f} +- {self.layer_hit_std:.3f})  cpu share {self.cpu_share:.3f}\n"
-                f"latency/token mean {self.latency_mean_ms:.2f} ms  std {self.latency_std_ms:.2f}  "
-                f"p50 {self.latency_p50_ms:.2f}  p99 {self.latency_p99_ms:.2f}  ttft {self.ttft_ms:.1f} ms  "
-                f"{self.tokens_per_s:.2f} tok/s  moved {self.bytes_moved_per_token / 2**20:.2f} MiB/token\n"
-                f"device bytes: experts {dev.get('experts_peak', 0) / 2**20:.1f} MiB (peak), non-expert "
-                f"{dev.get('non_expert', 0) / 2**20:.1f} MiB, KV {dev.get('kv_cache', 0) / 2**20:.2f} MiB")
 
 
 class _View:
@@ -127,10 +85,6 @@ class Engine:
         # store and trace index them by MoE layer, 0..L-1
         self.moe_layer_index = adapter.moe_layers(model.config)  # decoder layer of each MoE layer
         layers = [adapter.decoder_layers(model)[i] for i in self.moe_layer_index]
-        self.routers = [layer.get_submodule(adapter.moe.router) for layer in layers]
-        self.choices = adapter.moe.choices
-        self.top_k = getattr(model.config, adapter.moe.top_k_attr)
-        self.distance = min(PREFETCH_DISTANCE, len(layers) - 1)  # 0: one MoE layer, nothing to pre-gate
         per_layer, maths = [], []
         for layer in layers:
             weights, math = extract_experts(layer.get_submodule(adapter.moe.experts))
@@ -151,8 +105,8 @@ class Engine:
         self.pool = (ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="haq-cpu-expert")
                      if self.device.type != "cpu" else None)
         self.cpu_assigned_s = 0.0
-        self.layer_s = 0.0  # moving average of one MoE layer's duration: the lead time of a prefetch
-        self._layer_started: tuple[int, float] | None = None  # (MoE layer, when it started)
+        self.pregate = PreGate([layer.get_submodule(adapter.moe.router) for layer in layers], adapter.moe.choices,
+                               getattr(model.config, adapter.moe.top_k_attr), self.store.num_experts)
         self.view = _View(self)
         self.peak_expert_bytes = 0
         self._reset_counters()
@@ -229,11 +183,11 @@ class Engine:
         """hidden [T, H]; top_k_index, top_k_weights [T, K]. Same result as the model's experts."""
         if self.record_routing:
             self.routing[layer].append(top_k_index.to("cpu", torch.int16))
-        self._time_layer(layer)
-        self._score_pregate(layer, top_k_index)
+        self.pregate.start_layer(layer)
+        self.pregate.score(layer, top_k_index, self.record_routing)
         calls = route(top_k_index)
         results, cpu_calls = self._run_calls(layer, hidden, calls)
-        self._pregate_and_prefetch(layer, hidden)
+        self._prefetch(layer, hidden)
         grouped = (self.store.grouped[layer] if self.store.grouped is not None and hidden.shape[0] <= MAX_TOKENS
                    else None)
         if grouped is not None and len(cpu_calls) == len(calls) and hidden.device.type == "cpu":
@@ -282,44 +236,13 @@ class Engine:
             self._check_resident()
         return results, sorted(cpu_calls, key=lambda c: c.expert)
 
-    # -- pre-gating and prefetch ---------------------------------------------------------------
-    def _time_layer(self, layer: int) -> None:
-        """Average the time between consecutive MoE layers of a step (the prefetch lead per layer)."""
-        now = time.perf_counter()
-        previous, started = self._layer_started or (-2, now)
-        if layer == previous + 1:
-            step = now - started
-            self.layer_s = step if self.layer_s == 0.0 else 0.9 * self.layer_s + 0.1 * step
-        self._layer_started = (layer, now)
-
-    def _score_pregate(self, layer: int, top_k_index: torch.Tensor) -> None:
-        guess = self.pregated[layer]
-        if guess is None or guess.shape[0] != top_k_index.shape[0]:
-            if self.record_routing:
-                self.pregate_log[layer].append(torch.full_like(top_k_index, -1, dtype=torch.int16, device="cpu"))
+    def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
+        """Pre-gate layer l + d from layer l's input; start the copies the policy asks for."""
+        predicted = self.pregate.predict(layer, hidden)
+        if predicted is None:
             return
-        actual = top_k_index.to("cpu")
-        self.pregate_hits[layer] += int((actual[:, :, None] == guess[:, None, :]).any(dim=2).sum())
-        self.pregate_total[layer] += actual.numel()
-        if self.record_routing:
-            self.pregate_log[layer].append(guess.to(torch.int16))
-        self.pregated[layer] = None
-
-    def _pregate_and_prefetch(self, layer: int, hidden: torch.Tensor) -> None:
-        """Layer l + d's router on layer l's input: its top-k is kept to score, and, calibrated by
-        the accuracy so far, handed to the policy's prefetch; the copies it asks for start now."""
-        target = layer + self.distance
-        if not self.distance or target >= len(self.routers):
-            return
-        guess = self.choices(self.routers[target].forward(hidden))[0].to("cpu")  # [T, K]
-        self.pregated[target] = guess
-        accuracy = (self.pregate_hits[target] + 1.0) / (self.pregate_total[target] + 2.0)  # 0.5 before evidence
-        E, T = self.store.num_experts, guess.shape[0]
-        single = pregate_probabilities([0], accuracy, E, self.top_k)  # [a, r, r, ...]: predicted, not predicted
-        voted = np.bincount(guess.reshape(-1).numpy(), minlength=E)[:E]  # tokens whose top-k holds e
-        # P(called by some token) = 1 - prod over tokens of P(not called by it)
-        probs = 1.0 - (1.0 - single[0]) ** voted * (1.0 - single[1]) ** (T - voted)
-        for pf in self.policy.prefetch(target, probs, self.view, self.layer_s * self.distance):
+        target, probs, lead_s = predicted
+        for pf in self.policy.prefetch(target, probs, self.view, lead_s):
             for old in pf.evicted:
                 self._evict(old)
             self.cache[pf.key] = self._copy(pf.key)
@@ -349,9 +272,7 @@ class Engine:
         self.calls, self.hits = [0] * n, [0] * n
         self.cpu_calls = self.copies = 0
         self.routing: list[list[torch.Tensor]] = [[] for _ in range(n)]  # per layer, per forward: [T, K]
-        self.pregate_log: list[list[torch.Tensor]] = [[] for _ in range(n)]  # the pre-gate of each, or -1
-        self.pregated: list[torch.Tensor | None] = [None] * n  # the pending guess for each layer
-        self.pregate_hits, self.pregate_total = [0] * n, [0] * n
+        self.pregate.reset()
         self.prefetched: set[Key] = set()
         self.prefetches = self.prefetch_hits = 0
 
@@ -414,7 +335,7 @@ class Engine:
                 latencies.append(gen.last_step.seconds)
                 decoded += gen.last_step.decode_rows
                 cum_hits.append(sum(self.hits) / max(sum(self.calls), 1))
-            kv_peak = max(kv_peak, _cache_bytes(gen.cache))
+            kv_peak = max(kv_peak, kv_cache_bytes(gen.cache))
             for event in events:
                 out[event.seq_id].append(event.token)
                 if on_token is not None:
@@ -445,7 +366,7 @@ class Engine:
                           "non_expert": non_expert, "kv_cache": kv,
                           "total": self.peak_expert_bytes + non_expert + kv},
             token_latency_ms=[round(float(x), 4) for x in lat_ms],
-            pregate_accuracy=[h / t if t else 0.0 for h, t in zip(self.pregate_hits, self.pregate_total)],
+            pregate_accuracy=self.pregate.accuracy(),
             prefetches=self.prefetches, prefetch_used=self.prefetch_hits / max(self.prefetches, 1),
         )
 
@@ -455,12 +376,10 @@ class Engine:
 
         experts = torch.stack([torch.cat(chunks) for chunks in self.routing], dim=1).numpy()  # [T, L, K]
         T = experts.shape[0]
-        # pre-gates exist for forwards through the module path (not native decode steps)
-        full = self.distance and all(sum(len(c) for c in log) == T for log in self.pregate_log)
-        pregate = torch.stack([torch.cat(c) for c in self.pregate_log], dim=1).numpy() if full else None
+        pregate = self.pregate.recorded(T)
         meta = TraceMeta(model=model_name, num_experts=self.store.num_experts, layers=self.store.num_layers,
                          top_k=experts.shape[2], source=f"engine run (policy {self.policy_name})",
-                         extra={"pregate_distance": self.distance} if full else {})
+                         extra={"pregate_distance": self.pregate.distance} if pregate is not None else {})
         return Trace(experts=experts, seq_id=np.zeros(T, dtype=np.int32), pos=np.arange(T, dtype=np.int32), meta=meta,
                      pregate=pregate)
 
@@ -498,11 +417,3 @@ class _ZeroMath:
 
     def forward(self, w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
-
-
-def _cache_bytes(cache) -> int:
-    """Bytes of a KV cache object (its layers' keys and values); 0 for none."""
-    if cache is None:
-        return 0
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if isinstance(t, torch.Tensor))

@@ -40,7 +40,6 @@ from haq.runtime.placement import (
     ProfileStats,
     global_popularity_placement,
     ranking_from_frequencies,
-    two_stage_placement,
 )
 from haq.runtime.predictor import CostPredictor, Decision
 
@@ -279,144 +278,6 @@ class LlamaCpp(NoPrefetch):
         return self._resident
 
 
-@register("haq")
-class Haq:
-    """Two-stage placement pinned, LRU for the rest, the cost predictor per call.
-
-    Admission weighs what the candidate would serve against what the LRU victim it evicts would
-    serve, over the H tokens an admitted entry is expected to stay:
-      value(key, age) = H * p[key] + X[age + H] - X[age]
-      reuse = value(candidate, 0) - value(victim, its age)
-    p: per-token selection rate in the profile; X: the layer's locality-excess curve (extra uses
-    within k tokens of a use); age: tokens since the key's last use; H: LRU slots over recent
-    admissions per token. A free slot has value 0. A copy made for the call is kept when reuse > 0;
-    a background copy when reuse repays its cost (`CostPredictor.break_even_reuse`). Without
-    temporal locality this converges to the highest-rate experts (a static placement); with it, to
-    the recently used ones, without thrashing when copies come faster than they are reused.
-
-    Prefetch (`prefetch`): for the next layer, most probable experts first, a non-resident expert
-    is copied in the background when the copy can land by the time its call could still use it
-    (link backlog + t_copy <= lead) and its value repays the CPU time its DMA costs:
-        q (1 + X[H]) + H p[key] - value(victim, its age) > break_even_reuse,
-    q the predicted probability of the call (once called, the expert is just used: X[H] more).
-    A wrong guess costs link time, CPU bandwidth and an LRU slot, never a wrong result.
-    """
-
-    name = "haq"
-
-    def __init__(self, ctx: PolicyContext) -> None:
-        self.predictor = ctx.predictor
-        self.expert_bytes = ctx.expert_bytes
-        pinned_slots = int(round(ctx.pin_share * ctx.slots))
-        stats = ctx.stats
-        pinned = two_stage_placement(stats.freq, stats.paths, pinned_slots, ctx.path_share)
-        self.cache = ExpertCache(ctx.budget_bytes, {k: ctx.expert_bytes for k in pinned})
-        self.lru_slots = ctx.slots - len(pinned)
-        tokens = max(stats.tokens, 1)
-        self.p_rows = stats.freq / tokens  # [L, E] per-token selection rate
-        self.p = self.p_rows.tolist()  # the same as plain floats: read on every miss
-        self.X = stats.locality.T.tolist()  # [L][lags + 1]
-        self.calls_per_token = float(stats.freq.sum()) / tokens
-        self.ema = 1.0 / (20 * max(self.calls_per_token, 1.0))  # moving average over ~20 tokens of calls
-        self.admits_per_call = 0.0
-        self.calls = 0
-        self.last_use: dict[Key, int] = {}  # key -> call counter at its last use
-        self.prefetching = ctx.prefetch and self.lru_slots > 0 and not ctx.predictor.shared
-
-    def _excess(self, layer: int, age: float, span: float) -> float:
-        X = self.X[layer]
-        top = len(X) - 1
-        return X[min(int(age + span), top)] - X[min(int(age), top)]
-
-    def _horizon(self) -> float:
-        per_token = self.admits_per_call * self.calls_per_token
-        return self.lru_slots / max(per_token, 1.0 / max(self.lru_slots, 1))
-
-    def _victim_value(self, horizon: float) -> float:
-        victims = self.cache.victims(self.expert_bytes)
-        if not victims:
-            return 0.0
-        v = victims[0]
-        age = (self.calls - self.last_use.get(v, 0)) / max(self.calls_per_token, 1.0)
-        return horizon * self.p[v[0]][v[1]] + self._excess(v[0], age, horizon)
-
-    def expected_reuse(self, key: Key) -> float:
-        """Later uses of `key` if admitted now, just used, net of what its victim would serve."""
-        horizon = self._horizon()
-        gain = horizon * self.p[key[0]][key[1]] + self._excess(key[0], 0.0, horizon)
-        return gain - self._victim_value(horizon)
-
-    def prefetch_gain(self, layer: int, probs: np.ndarray, horizon: float) -> np.ndarray:
-        """[E] uses of each expert of `layer` if copied now, called with probability `probs` (then just
-        used, with the locality that brings); its victim's value is not subtracted."""
-        return probs * (1.0 + self._excess(layer, 0.0, horizon)) + horizon * self.p_rows[layer]
-
-    def decide(self, key: Key, n: int, view: ExecView) -> Decision:
-        p = self.predictor
-        self.calls += 1
-        if key in self.cache:
-            d = p.decide(n, True, ready_in_s=view.ready_in_s(key), cpu_backlog_s=view.cpu_backlog_s())
-            if d.where == "device":
-                self.cache.lookup(key)
-                self.last_use[key] = self.calls
-            self._count(False)
-            return d
-        d = p.decide(n, False, link_backlog_s=view.link_backlog_s(), cpu_backlog_s=view.cpu_backlog_s(),
-                     expected_reuse=self.expected_reuse(key) if self.lru_slots else 0.0)
-        if d.admit:
-            evicted = self.cache.admit(key, self.expert_bytes)
-            if key in self.cache:
-                self.last_use[key] = self.calls
-                for old in evicted:
-                    self.last_use.pop(old, None)
-                d.evicted = tuple(evicted)
-            else:
-                d.admit, d.transfer = False, d.where == "device"
-        self._count(d.admit)
-        return d
-
-    def prefetch(self, layer: int, probs: np.ndarray, view: ExecView, lead_s: float) -> list[Prefetch]:
-        if not self.prefetching:
-            return []
-        p = self.predictor
-        in_time = int((lead_s - view.link_backlog_s()) // p.t_transfer())  # copies that land before the calls
-        if in_time <= 0:
-            return []
-        horizon = self._horizon()
-        gain = self.prefetch_gain(layer, np.asarray(probs, dtype=np.float64), horizon)
-        victim = self._victim_value(horizon)
-        out: list[Prefetch] = []
-        issued: set[Key] = set()
-        for e in np.argsort(-probs, kind="stable").tolist():
-            if len(out) == in_time:
-                break
-            key = (layer, e)
-            if gain[e] - victim <= p.break_even_reuse or key in self.cache:
-                continue
-            if issued.intersection(self.cache.victims(self.expert_bytes)):
-                break  # the LRU part is full of this layer's prefetches: a likelier one would go
-            evicted = self.cache.admit(key, self.expert_bytes)
-            if key not in self.cache:
-                break
-            self.last_use[key] = self.calls
-            for old in evicted:
-                self.last_use.pop(old, None)
-            self.admits_per_call += self.ema  # an admission between calls: the LRU turns over faster
-            issued.add(key)
-            out.append(Prefetch(key, tuple(evicted)))
-            victim = self._victim_value(horizon)
-        return out
-
-    def _count(self, admitted: bool) -> None:
-        self.admits_per_call += self.ema * (admitted - self.admits_per_call)
-
-    def preload(self) -> list[Key]:
-        return sorted(self.cache.pinned)  # the LRU part starts empty and fills by admission
-
-    def resident_bytes(self) -> int:
-        return self.cache.used_bytes
-
-
 @register("belady")
 class Belady(NoPrefetch):
     name = "belady"
@@ -477,3 +338,6 @@ class Belady(NoPrefetch):
 
     def resident_bytes(self) -> int:
         return len(self.resident) * self.expert_bytes
+
+
+from haq.runtime import haq_policy  # noqa: E402,F401  (registers "haq"; it builds on the names above)
