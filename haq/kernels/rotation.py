@@ -124,8 +124,9 @@ class OnlineRotation(nn.Module):
 
     @property
     def is_hadamard(self) -> bool:
-        """Whether sqrt(n) R has entries +-1 (a Hadamard matrix), the form compressed-tensors stores."""
-        return bool(((self.matrix().abs() * math.sqrt(self.A.shape[0] * self.B.shape[0]) - 1).abs() < 1e-4).all())
+        """Whether sqrt(n) R has entries +-1 (a Hadamard matrix), the form compressed-tensors stores:
+        it does exactly when both factors do (sqrt(a) A and sqrt(b) B), checked without forming R."""
+        return all(bool(((M.double().abs() * math.sqrt(M.shape[0]) - 1).abs() < 1e-4).all()) for M in (self.A, self.B))
 
     def matrix(self) -> torch.Tensor:
         """R = A kron B, float64: x -> x R."""
