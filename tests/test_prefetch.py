@@ -18,7 +18,7 @@ from haq.runtime.haq_policy import Haq
 from haq.runtime.policies import PolicyContext
 from haq.runtime.predictor import CostPredictor
 from haq.runtime.prefetch import (PathPredictor, path_accuracy, pregate_accuracy, pregate_probabilities,
-                                  prediction_accuracy)
+                                  pregate_rates, prediction_accuracy)
 from haq.runtime.synthetic import MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS, generate_synthetic_trace
 from haq.runtime.trace import Trace, TraceMeta, load_trace, save_trace, split_by_sequence
 from haq.sim.timeline import lookahead_for, oracle_lookahead, replay_steps, run_policy
@@ -45,6 +45,7 @@ def test_path_predictor_learns_a_deterministic_path():
         assert probs.argmax() == (e + 1) % 4 and probs.max() > 0.95
         assert probs.sum() == pytest.approx(1.0, abs=0.02)
     assert path_accuracy(predictor, trace)[2] == 1.0
+    np.testing.assert_allclose(predictor.predict(0, []), predictor.marginal[2])  # no evidence: layer 2's marginal
     with pytest.raises(HaqError, match="layer"):
         predictor.predict(1, [0])
     with pytest.raises(HaqError, match="distance"):
@@ -64,6 +65,8 @@ def test_path_prediction_beats_the_marginal_when_layers_share_a_latent():
 def test_pregate_probabilities_and_accuracy():
     probs = pregate_probabilities([1, 3], 0.75, 8, 2)
     assert probs[1] == probs[3] == 0.75 and probs.sum() == pytest.approx(2.0)
+    hit, miss = pregate_rates(0.75, 8, 2)  # one token: its top-2 and the 6 others still hold 2 calls
+    assert (hit, miss) == (0.75, pytest.approx(0.5 / 6)) and 2 * hit + 6 * miss == pytest.approx(2.0)
     experts = np.array([[[0, 1], [2, 3]], [[0, 1], [4, 5]]] * 2)  # [4 tokens, 2 layers, 2]
     pregate = np.array([[[-1, -1], [2, 6]], [[-1, -1], [4, 5]]] * 2)
     acc = pregate_accuracy(_trace(experts, 8, pregate, distance=1))

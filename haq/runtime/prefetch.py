@@ -96,7 +96,7 @@ class PathPredictor:
         rows = [self.pair1[layer][list(chosen)]] if len(chosen) else []
         if len(previous) and layer >= 1:
             rows.append(self.pair2[layer - 1][list(previous)])
-        prior = np.concatenate(rows).mean(axis=0) if rows else self.marginal[layer + 1]
+        prior = np.concatenate(rows).mean(axis=0) if rows else self.marginal[layer + self.distance]
         count, summed = self.sets[layer].get(tuple(sorted(int(e) for e in chosen)), (0.0, 0.0))
         return (summed + self.prior_weight * prior) / (count + self.prior_weight)
 
@@ -124,11 +124,17 @@ def pregate_accuracy(trace: Trace) -> np.ndarray:
     return hit.sum(axis=(0, 2)) / np.maximum((actual >= 0).sum(axis=(0, 2)), 1)
 
 
+def pregate_rates(accuracy: float, num_experts: int, top_k: int) -> tuple[float, float]:
+    """(P(called | in the pre-gate's top-k), P(called | not in it)) for one token: the layer's measured
+    `accuracy`, and the rest of its top_k calls spread evenly over the other experts."""
+    return accuracy, top_k * (1.0 - accuracy) / max(num_experts - top_k, 1)
+
+
 def pregate_probabilities(predicted: Sequence[int], accuracy: float, num_experts: int, top_k: int) -> np.ndarray:
-    """[E] calibrated probabilities from a pre-gate's top-k: each predicted expert is called with
-    probability `accuracy` (the layer's measured share), the remaining calls spread evenly."""
-    out = np.full(num_experts, top_k * (1.0 - accuracy) / max(num_experts - len(predicted), 1))
-    out[list(predicted)] = accuracy
+    """[E] calibrated probabilities from a pre-gate's top-k (`pregate_rates`)."""
+    hit, miss = pregate_rates(accuracy, num_experts, top_k)
+    out = np.full(num_experts, miss)
+    out[list(predicted)] = hit
     return out
 
 

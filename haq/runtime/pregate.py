@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from haq.runtime.prefetch import PREFETCH_DISTANCE, pregate_probabilities
+from haq.runtime.prefetch import PREFETCH_DISTANCE, pregate_rates
 
 
 class PreGate:
@@ -61,10 +61,10 @@ class PreGate:
         self.pending[target] = guess
         accuracy = (self.hits[target] + 1.0) / (self.total[target] + 2.0)  # 0.5 before any evidence
         E, T = self.num_experts, guess.shape[0]
-        single = pregate_probabilities([0], accuracy, E, self.top_k)  # [a, r, r, ...]: predicted, not predicted
+        hit, miss = pregate_rates(accuracy, E, self.top_k)
         voted = np.bincount(guess.reshape(-1).numpy(), minlength=E)[:E]  # tokens whose top-k holds e
         # P(called by some token) = 1 - prod over tokens of P(not called by it)
-        probs = 1.0 - (1.0 - single[0]) ** voted * (1.0 - single[1]) ** (T - voted)
+        probs = 1.0 - (1.0 - hit) ** voted * (1.0 - miss) ** (T - voted)
         return target, probs, self.layer_s * self.distance
 
     def accuracy(self) -> list[float]:
