@@ -31,17 +31,12 @@ import time
 import numpy as np
 
 from common import RESULTS, machine, md_table, write_results
+from runtime import int8_expert_bytes
 
 POLICIES = ["lru", "fiddler", "llamacpp", "haq"]
 OTHERS = ("lru", "fiddler", "llamacpp")
 SOURCES = ["off", "path", "pregate", "oracle"]
 PRESET = "rtx4090-pcie4"
-
-
-def int8_expert(config) -> tuple[int, float]:
-    """(bytes, flops per token) of one expert stored int8 with float32 per-channel scales."""
-    H, I = config.hidden_size, config.intermediate_size
-    return 3 * H * I + 4 * (2 * I + H), 6.0 * H * I
 
 
 def recorded(name: str, windows: int):
@@ -317,7 +312,7 @@ def main() -> None:
         if name == "smollm2-8x135m":
             sims += sim_rows(f"{name} (at Mixtral size)", trace, MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS,
                              MIXTRAL_NONEXPERT_BYTES_PER_LAYER, args.budgets)
-        nbytes, flops = int8_expert(config)
+        nbytes, flops = int8_expert_bytes(config)
         sims += sim_rows(name, trace, nbytes, flops, 0, args.budgets)
     figures = plots(sims)
     longer = generate_synthetic_trace(num_sequences=8, seq_len=576, seed=0)  # long enough for a 512-token prompt
@@ -326,7 +321,7 @@ def main() -> None:
                           **{f"{k} (at Mixtral size)": (v[0], MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS,
                                                         MIXTRAL_NONEXPERT_BYTES_PER_LAYER) for k, v in traces.items()
                              if k == "smollm2-8x135m"},
-                          **{k: (v[0], *int8_expert(v[1]), 0) for k, v in traces.items()}})
+                          **{k: (v[0], *int8_expert_bytes(v[1]), 0) for k, v in traces.items()}})
     figures.append(plot_memory(memory))
     batch = batch_rows([25])
     speed = speed_rows(args.speed_tokens)

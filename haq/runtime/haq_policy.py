@@ -97,9 +97,7 @@ class Haq:
         if d.admit:
             evicted = self.cache.admit(key, self.expert_bytes)
             if key in self.cache:
-                self.last_use[key] = self.calls
-                for old in evicted:
-                    self.last_use.pop(old, None)
+                self._admitted(key, evicted)
                 d.evicted = tuple(evicted)
             else:
                 d.admit, d.transfer = False, d.where == "device"
@@ -129,14 +127,18 @@ class Haq:
             evicted = self.cache.admit(key, self.expert_bytes)
             if key not in self.cache:
                 break
-            self.last_use[key] = self.calls
-            for old in evicted:
-                self.last_use.pop(old, None)
+            self._admitted(key, evicted)
             self.admits_per_call += self.ema  # an admission between calls: the LRU turns over faster
             issued.add(key)
             out.append(Prefetch(key, tuple(evicted)))
             victim = self._victim_value(horizon)
         return out
+
+    def _admitted(self, key: Key, evicted: list[Key]) -> None:
+        """Ages count from admission; evicted keys have none."""
+        self.last_use[key] = self.calls
+        for old in evicted:
+            self.last_use.pop(old, None)
 
     def _count(self, admitted: bool) -> None:
         self.admits_per_call += self.ema * (admitted - self.admits_per_call)

@@ -16,8 +16,9 @@ haq's two-stage placement:
 timeline, and an engine without prefetch), its expectation depends only on each layer's own
 placement, so covering whole paths cannot lower mean latency; on the synthetic Mixtral trace a
 share of 0.25 cost 1-2%. Stage 1 is for executors where whole-path residency pays, such as
-prefetching along paths: with prefetch, `haq.sim.tuning.tune_shares` tries it on the profile. Balancing (stage 2) costs nothing measurable on Mixtral-like routing
-(within +-0.5% of one global ranking) and keeps no layer starved.
+prefetching along paths: with prefetch, `haq.sim.tuning.tune_shares` tries it on the profile.
+Balancing (stage 2) costs nothing measurable on Mixtral-like routing (within +-0.5% of one global
+ranking) and keeps no layer starved.
 Baselines: none, uniform first-k per layer, one global popularity ranking (Fiddler), per-layer top-k.
 """
 from __future__ import annotations

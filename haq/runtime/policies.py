@@ -21,7 +21,7 @@ The executor presents a layer's calls largest n first (decode: in routing order)
                    prefetches) + LRU for the rest; the predictor
                    picks CPU / copy per call (list-scheduling a layer's calls over CPU and link)
                    and admits background copies when their expected reuse repays them; prefetches
-                   the next layer's likely experts into idle link time (`Haq.prefetch`)
+                   the likely experts of a later layer into idle link time (`Haq.prefetch`)
   belady           oracle: copy on a miss, compute on device, evict (or bypass) by the farthest
                    next use in the future call sequence; an upper bound on demand-cache hit rate
 """
@@ -103,7 +103,7 @@ class PolicyContext:
     future: list[Key] | None = None  # every call's key in replay order; only belady reads it
     pin_share: float = 0.5  # haq: share of the budget pinned by placement, the rest is LRU
     path_share: float = 0.0  # haq: share of the pinned slots spent on path coverage (stage 1)
-    prefetch: bool = True  # haq: copy predicted next-layer experts into idle link time
+    prefetch: bool = True  # haq: copy the predicted experts of later layers into idle link time
 
     @property
     def slots(self) -> int:

@@ -112,16 +112,18 @@ def pregate_distance(trace: Trace) -> int:
     return d
 
 
+def guessed(actual: np.ndarray, guesses: np.ndarray) -> np.ndarray:
+    """actual [..., K] expert ids (-1 = none), guesses [..., G] -> [..., K]: called and guessed."""
+    return (actual[..., :, None] == guesses[..., None, :]).any(axis=-1) & (actual >= 0)
+
+
 def pregate_accuracy(trace: Trace) -> np.ndarray:
     """[L] per layer, the share of its chosen experts that the recorded pre-gate (the layer's router
     on the MoE input `pregate_distance` layers earlier) had predicted; 0 for the first layers,
-    which nothing precedes by that much."""
+    which nothing precedes by that much (their pre-gate is -1, never a called expert)."""
     pregate_distance(trace)
-    if trace.pregate is None:
-        raise HaqError(f"trace of {trace.meta.model} has no pre-gate predictions: record it with `haq trace`")
-    actual, pre = trace.experts, trace.pregate
-    hit = (actual[:, :, :, None] == pre[:, :, None, :]).any(axis=3) & (actual >= 0) & (pre[:, :, :1] >= 0)
-    return hit.sum(axis=(0, 2)) / np.maximum((actual >= 0).sum(axis=(0, 2)), 1)
+    actual = trace.experts
+    return guessed(actual, trace.pregate).sum(axis=(0, 2)) / np.maximum((actual >= 0).sum(axis=(0, 2)), 1)
 
 
 def pregate_rates(accuracy: float, num_experts: int, top_k: int) -> tuple[float, float]:
@@ -144,9 +146,8 @@ def prediction_accuracy(predictions: np.ndarray, actual: np.ndarray, top_k: int)
     predictions [N, E] probabilities; actual [N, K] expert ids (-1 = none)."""
     if len(predictions) == 0:
         return 0.0
-    guessed = np.argsort(-predictions, axis=1, kind="stable")[:, :top_k]  # [N, top_k]
-    hit = (actual[:, :, None] == guessed[:, None, :]).any(axis=2) & (actual >= 0)
-    return float(hit.sum() / max((actual >= 0).sum(), 1))
+    top = np.argsort(-predictions, axis=1, kind="stable")[:, :top_k]  # [N, top_k]
+    return float(guessed(actual, top).sum() / max((actual >= 0).sum(), 1))
 
 
 def path_accuracy(predictor: PathPredictor, trace: Trace) -> np.ndarray:

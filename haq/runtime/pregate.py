@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from haq.runtime.prefetch import PREFETCH_DISTANCE, pregate_rates
+from haq.runtime.prefetch import PREFETCH_DISTANCE, guessed, pregate_rates
 
 
 class PreGate:
@@ -46,9 +46,9 @@ class PreGate:
             if record:
                 self.log[layer].append(torch.full_like(top_k_index, -1, dtype=torch.int16, device="cpu"))
             return
-        actual = top_k_index.to("cpu")
-        self.hits[layer] += int((actual[:, :, None] == guess[:, None, :]).any(dim=2).sum())
-        self.total[layer] += actual.numel()
+        actual = top_k_index.to("cpu").numpy()
+        self.hits[layer] += int(guessed(actual, guess.numpy()).sum())
+        self.total[layer] += actual.size
         if record:
             self.log[layer].append(guess.to(torch.int16))
 

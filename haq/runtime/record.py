@@ -43,9 +43,9 @@ def record_trace(model: nn.Module, windows: torch.Tensor, model_name: str, sourc
             model(window[None].to(next(model.parameters()).device), use_cache=False)
             experts.append(torch.stack([c[0] for c in current], dim=1))  # [T, L, K]
             weights.append(torch.stack([c[1] for c in current], dim=1))
-            for first in range(d or len(layers)):
-                early[first] = torch.full_like(current[first][0], -1)
-            pregate.append(torch.stack(early, dim=1))
+            if d:
+                early[:d] = [torch.full_like(c[0], -1) for c in current[:d]]  # nothing precedes them by d
+                pregate.append(torch.stack(early, dim=1))
             seq_id.append(torch.full((window.numel(),), s, dtype=torch.int32))
             pos.append(torch.arange(window.numel(), dtype=torch.int32))
     finally:

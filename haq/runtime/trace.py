@@ -8,8 +8,8 @@ File format (`.npz`, no pickles):
   seq_id   int32   [T]        sequence of each token; a sequence's tokens are contiguous
   pos      int32   [T]        position in its sequence, strictly increasing within a sequence
   weights  float16 [T, L, K]  optional routing weights
-  pregate  int16   [T, L, K]  optional pre-gate prediction: layer l's router applied to layer l-1's
-                              MoE input (-1 in layer 0), recorded next to the routing it predicts
+  pregate  int16   [T, L, K]  optional pre-gate prediction: layer l's router applied to the MoE input
+                              of layer l-d, d = meta pregate_distance (-1 in the first d layers)
   meta     str (0-d)          JSON: model, num_experts, layers, top_k, source (+ free extras)
 T = tokens, L = MoE layers, K = top_k.
 """

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -165,7 +165,7 @@ def _cpu_call_time(predictor: CostPredictor, n: int, start: float, link_free: fl
 
 
 PrefetchSource = Literal["auto", "path", "pregate", "oracle", "off"]
-PREFETCH_SOURCES: tuple[str, ...] = ("auto", "path", "pregate", "oracle", "off")
+PREFETCH_SOURCES: tuple[str, ...] = get_args(PrefetchSource)
 
 
 @dataclass(frozen=True)
@@ -267,6 +267,12 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
     prefetched: set[Key] = set()  # prefetched and not yet called or evicted
     prefetches = prefetch_hits = 0
     lead = t_cpu(1)  # the previous layer's duration: lead * d, when layer l+d's calls are expected
+
+    def evict(keys: Sequence[Key]) -> None:
+        for old in keys:
+            view.ready_at.pop(old, None)
+            prefetched.discard(old)
+
     for step in steps:
         start = clock
         hits = calls = 0
@@ -288,9 +294,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
             for expert, n in layer_calls:
                 key = (layer, expert)
                 d = policy.decide(key, n, view)
-                for old in d.evicted:
-                    view.ready_at.pop(old, None)
-                    prefetched.discard(old)
+                evict(d.evicted)
                 if d.transfer:
                     copies += 1
                     layer_copies += 1
@@ -311,9 +315,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
             if lookahead is not None and step.tokens == 1 and layer + lookahead.distance < layers:
                 target = layer + lookahead.distance
                 for pf in policy.prefetch(target, lookahead.probs(step, layer), view, lead * lookahead.distance):
-                    for old in pf.evicted:
-                        view.ready_at.pop(old, None)
-                        prefetched.discard(old)
+                    evict(pf.evicted)
                     view.enqueue(t_copy, pf.key)
                     prefetched.add(pf.key)
                     copies += 1
