@@ -38,11 +38,15 @@ def test_layers_from_the_shards_are_the_layers_transformers_loads(tiny_dir, name
     assert torch.equal(source.model(ids).logits, ref(ids).logits)
 
 
-def test_offloaded_quantization_equals_the_in_memory_one(tmp_path):
-    """Same recipe, same windows: the same checkpoint tensors and logits, with the layers streamed."""
+@pytest.mark.parametrize("name,recipe", [("tiny-mixtral", Recipe(method="haq")),
+                                         ("tiny-llama", Recipe(method="haq", rotate=True)),
+                                         ("tiny-mixtral", Recipe(method="rtn", rotate=True))])
+def test_offloaded_quantization_equals_the_in_memory_one(tmp_path, name, recipe):
+    """Same recipe, same windows: the same checkpoint tensors and logits, with the layers streamed
+    (and, with --rotate, each layer rotated as it loads)."""
     outs = {}
     for offload in (False, True):
-        out = api.quantize("tiny-mixtral", Recipe(method="haq"), tmp_path / f"q{offload}", nsamples=4, seqlen=64,
+        out = api.quantize(name, recipe, tmp_path / f"q{offload}", nsamples=4, seqlen=64,
                            progress=False, offload=offload)
         outs[offload] = out
     ours, theirs = load_file(outs[True] / "model.safetensors"), load_file(outs[False] / "model.safetensors")
@@ -53,12 +57,6 @@ def test_offloaded_quantization_equals_the_in_memory_one(tmp_path):
     ids = torch.arange(1, 40)[None]
     assert torch.equal(model(ids).logits, reference(ids).logits)
     assert not (tmp_path / ".qTrue.partial").exists()
-
-
-def test_rotation_with_offload_is_refused(tmp_path):
-    with pytest.raises(HaqError, match="--rotate"):
-        api.quantize("tiny-mixtral", Recipe(method="rtn", rotate=True), tmp_path / "q", nsamples=2, seqlen=32,
-                     progress=False, offload=True)
 
 
 def _copy_without(src, dst, drop: str):

@@ -34,7 +34,7 @@ from haq.quant.gptq import gptq_quantize
 from haq.kernels.specs import install_specs, spec_of
 from haq.quant.recipe import Recipe
 from haq.quant.report import LayerReport, QuantReport
-from haq.quant.rotation import rotate_online_inputs, rotate_residual
+from haq.quant.rotation import rotate_ends, rotate_layer
 from haq.kernels.grid import dequantize_weight, qmax_for, quantize_weight, weight_scales
 from haq.quant.fake_quant import Probe, block_error
 from haq.quant.smooth_layer import smooth_layer
@@ -322,14 +322,12 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
     if calib.ndim != 2 or calib.shape[0] < 1 or calib.shape[1] < 2:
         raise HaqError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(calib.shape)}")
     tokens = calib.numel()
-    if source is not None and (recipe.rotate or work_dir is None):
-        raise HaqError("offloaded quantization needs a work folder and cannot rotate (--rotate rewrites every "
-                       "layer at once, so the whole model must be in memory): drop --rotate or quantize with --no-offload")
+    if source is not None and work_dir is None:
+        raise HaqError("internal: offloaded quantization needs a work folder for its finished layers")
     adapter.check_norms(model, layers=source is None)
-    if recipe.rotate:  # deterministic (seeded), so a resumed run rotates the same way
-        rotate_residual(model)
-        if recipe.quant_acts:
-            rotate_online_inputs(model)
+    # Rotations are seeded, so a resumed run rotates the same way; each layer turns as it is reached
+    # (an offloaded one as it loads), a resumed one comes back from disk already turned.
+    Q = rotate_ends(model) if recipe.rotate else None
     probe_windows = max(1, math.ceil(recipe.search_tokens / calib.shape[1]))  # haq's block-error probe
     if work_dir is not None:
         try:
@@ -351,6 +349,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
         if resumed is not None:
             layer_specs, report = resumed
         else:
+            if Q is not None:
+                rotate_layer(model.config, index, layer, Q, online=recipe.quant_acts)
             report = LayerReport(index)
             with observe_layer(layer, spec, recipe.calibrate_all_experts, recipe.uses_gptq) as stats:
                 outputs = run_layer(layer, inputs, kwargs, index)

@@ -52,35 +52,61 @@ def _fold_norm(norm: nn.Module, kind: NormKind, where: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rotate_residual(model: nn.Module, seed: int = 0) -> None:
-    """Rotate `model`'s residual stream in place; its float function is unchanged."""
+def rotate_ends(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    """Rotate what lies outside the decoder layers (embedding, final norm, lm_head) and return Q;
+    each layer then takes `rotate_layer` with the same Q, so an offloaded model rotates as it loads."""
     adapter = adapter_for(model.config)
     spec = adapter.residual
     if spec is None:
         supported = ", ".join(t for a in ADAPTERS if a.residual is not None for t in a.model_types)
         raise HaqError(f"--rotate is not supported for {model.config.model_type!r} (its norms subtract the mean "
                        f"or sit on the residual writers); supported: {supported}")
-    adapter.check_norms(model)
+    adapter.check_norms(model, layers=False)
     embed, lm_head = model.get_submodule(spec.embed), model.get_submodule(spec.lm_head)
     if lm_head.weight.data_ptr() == embed.weight.data_ptr():  # tied
         lm_head.weight = nn.Parameter(embed.weight.detach().clone())
         model.config.tie_word_embeddings = False
     Q = rotation_matrix(embed.weight.shape[1], seed)
-    kind = adapter.norm_kind
-    for index, layer in enumerate(adapter.decoder_layers(model)):
-        layer_spec = adapter.layer_spec(model.config, index)
-        for group in layer_spec.residual_groups:
-            gain = _fold_norm(layer.get_submodule(group.prev), kind, f"layer {index} {group.prev}")
-            for name in group.consumers + group.rescale:
-                _rotate_reader(layer.get_submodule(name), gain, Q)
-        for name in layer_spec.writers:
-            _rotate_writer(layer.get_submodule(name), Q)
-    _rotate_reader(lm_head, _fold_norm(model.get_submodule(spec.final_norm), kind, spec.final_norm), Q)
+    _rotate_reader(lm_head, _fold_norm(model.get_submodule(spec.final_norm), adapter.norm_kind, spec.final_norm), Q)
     embed.weight.data = (embed.weight.data.double() @ Q).to(embed.weight.dtype)
+    return Q
+
+
+@torch.no_grad()
+def rotate_layer(config, index: int, layer: nn.Module, Q: torch.Tensor, online: bool, seed: int = 0) -> None:
+    """Rotate decoder layer `index` into the residual basis of `rotate_ends`' Q: its norms fold into
+    their readers, its writers turn by Q^T; with `online`, its online-rotated inputs too."""
+    adapter = adapter_for(config)
+    adapter.check_layer_norms(config, index, layer)
+    layer_spec = adapter.layer_spec(config, index)
+    for group in layer_spec.residual_groups:
+        gain = _fold_norm(layer.get_submodule(group.prev), adapter.norm_kind, f"layer {index} {group.prev}")
+        for name in group.consumers + group.rescale:
+            _rotate_reader(layer.get_submodule(name), gain, Q)
+    for name in layer_spec.writers:
+        _rotate_writer(layer.get_submodule(name), Q)
+    if online:
+        _rotate_online(layer, layer_spec.online, seed)
+
+
+def rotate_residual(model: nn.Module, seed: int = 0) -> None:
+    """Rotate `model`'s residual stream in place; its float function is unchanged."""
+    Q = rotate_ends(model, seed)
+    for index, layer in enumerate(adapter_for(model.config).decoder_layers(model)):
+        rotate_layer(model.config, index, layer, Q, online=False, seed=seed)
 
 
 def _rotate_input(module: nn.Module, args: tuple) -> tuple:
     return (module.online_rotation(args[0]), *args[1:])
+
+
+def _rotate_online(layer: nn.Module, names: tuple[str, ...], seed: int) -> None:
+    for name in names:
+        linear = layer.get_submodule(name)
+        rotation = OnlineRotation.seeded(linear.in_features, seed).to(linear.weight.device)
+        linear.weight.data = rotation(linear.weight.data.float()).to(linear.weight.dtype)
+        linear.online_rotation = rotation
+        linear.register_forward_pre_hook(_rotate_input)
 
 
 @torch.no_grad()
@@ -91,9 +117,4 @@ def rotate_online_inputs(model: nn.Module, seed: int = 0) -> None:
     if adapter.residual is None:
         return
     for index, layer in enumerate(adapter.decoder_layers(model)):
-        for name in adapter.layer_spec(model.config, index).online:
-            linear = layer.get_submodule(name)
-            rotation = OnlineRotation.seeded(linear.in_features, seed).to(linear.weight.device)
-            linear.weight.data = rotation(linear.weight.data.float()).to(linear.weight.dtype)
-            linear.online_rotation = rotation
-            linear.register_forward_pre_hook(_rotate_input)
+        _rotate_online(layer, adapter.layer_spec(model.config, index).online, seed)
