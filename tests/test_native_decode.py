@@ -28,15 +28,15 @@ def int8_dir(tiny_dir, tmp_path_factory):
 
     built = {}
 
-    def make(name: str, lm_head: bool = False):
-        if (name, lm_head) not in built:
+    def make(name: str, lm_head: bool = False, rotate: bool = False):
+        if (name, lm_head, rotate) not in built:
             model = AutoModelForCausalLM.from_pretrained(tiny_dir(name)).eval()
-            report = quantize_model(model, Recipe(method="rtn", quantize_lm_head=lm_head),
+            report = quantize_model(model, Recipe(method="rtn", quantize_lm_head=lm_head, rotate=rotate),
                                     torch.randint(0, 4096, (2, 32)), progress=False)
             out = tmp_path_factory.mktemp("int8") / name
             save_quantized(model, None, out, report, {"name": name})
-            built[name, lm_head] = out
-        return built[name, lm_head]
+            built[name, lm_head, rotate] = out
+        return built[name, lm_head, rotate]
 
     return make
 
@@ -53,13 +53,16 @@ def padded_generator(model, **kwargs) -> BatchGenerator:
     return gen
 
 
-@pytest.mark.parametrize("name,lm_head", [("tiny-mixtral-random", False), ("tiny-llama", False),
-                                          ("tiny-mixtral-random", True)])
-def test_a_step_equals_the_module_path_for_a_padded_batch(int8_dir, name: str, lm_head: bool) -> None:
+@pytest.mark.parametrize("name,lm_head,rotate", [("tiny-mixtral-random", False, False), ("tiny-llama", False, False),
+                                                 ("tiny-mixtral-random", True, False), ("tiny-llama", False, True)])
+def test_a_step_equals_the_module_path_for_a_padded_batch(int8_dir, name: str, lm_head: bool, rotate: bool) -> None:
+    """(rotate: the dense down_proj inputs rotate online inside the kernel.)"""
     from haq.checkpoint.native import load_quantized
     from haq.kernels.int8 import Int8Linear
 
-    model = load_quantized(int8_dir(name, lm_head))
+    model = load_quantized(int8_dir(name, lm_head, rotate))
+    if name == "tiny-llama":
+        assert (model.model.layers[0].mlp.down_proj.online_rotation is not None) == rotate
     assert isinstance(model.lm_head, Int8Linear) == lm_head
     gen = padded_generator(model)
     assert gen.native is not None, gen.native_reason

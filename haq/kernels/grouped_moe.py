@@ -11,6 +11,7 @@ T = tokens, H = hidden, I = expert intermediate size, E = experts, P = (token, e
 """
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ from torch import nn
 from haq.kernels import cpu
 from haq.kernels.grid import qmax_for
 from haq.kernels.moe import ExpertCall
+from haq.kernels.rotation import OnlineRotation
 
 
 MAX_TOKENS = 16
@@ -39,7 +41,8 @@ class GroupedExperts:
     tensors (kept alive here), plus each weight's int32 row sums."""
 
     def __init__(self, gate_up: Sequence[torch.Tensor], gate_up_scale: Sequence[torch.Tensor],
-                 down: Sequence[torch.Tensor], down_scale: Sequence[torch.Tensor], bits: int = 8) -> None:
+                 down: Sequence[torch.Tensor], down_scale: Sequence[torch.Tensor], bits: int = 8,
+                 down_rotation: OnlineRotation | None = None) -> None:
         self.qmax = qmax_for(bits)
         self.tensors = [[t.contiguous() for t in group] for group in (gate_up, down)]
         self.scales = [[s.float().contiguous() for s in group] for group in (gate_up_scale, down_scale)]
@@ -51,6 +54,11 @@ class GroupedExperts:
 
         self.tables = [table(ts) for ts in (self.tensors[0], self.sums[0], self.scales[0], self.tensors[1],
                                             self.sums[1], self.scales[1])]
+        self.rotation = cpu.Rotation()  # of the down inputs (every expert's: one per layer); na = 0: none
+        if down_rotation is not None:
+            self.rotation_factors = [m.float().contiguous() for m in (down_rotation.A, down_rotation.B)]
+            A, B = self.rotation_factors
+            self.rotation = cpu.Rotation(A.data_ptr(), B.data_ptr(), A.shape[0], B.shape[0])
 
     @staticmethod
     def supports(act_fn: nn.Module, act_bits: int, act_mode: str, static_scales: bool, device: torch.device) -> bool:
@@ -75,7 +83,7 @@ class GroupedExperts:
         cpu.library().haq_moe(
             x.data_ptr(), T, H, I, P, token.data_ptr(), expert.data_ptr(), weight.data_ptr(),
             t[0].ctypes.data, t[1].ctypes.data, t[2].ctypes.data, t[3].ctypes.data, t[4].ctypes.data,
-            t[5].ctypes.data, self.qmax, None if out is None else out.data_ptr(), None if y is None else y.data_ptr(),
+            t[5].ctypes.data, ctypes.byref(self.rotation), self.qmax, None if out is None else out.data_ptr(), None if y is None else y.data_ptr(),
             torch.get_num_threads(), work.data_ptr())
         if combined:
             return out.to(hidden.dtype)

@@ -46,11 +46,14 @@ def _contiguous_f32(t: torch.Tensor, what: str) -> torch.Tensor:
     return t.detach().contiguous()
 
 
-def _plain_int8(m: nn.Module, what: str) -> Int8Linear:
+def _plain_int8(m: nn.Module, what: str, rotated: bool = False) -> Int8Linear:
+    """`m` as the kernel runs it; `rotated`: an online input rotation is allowed (the down inputs)."""
     if not isinstance(m, Int8Linear):
         raise Unsupported(f"{what} is {type(m).__name__}, not haq's Int8Linear")
-    if m.act_bits > 8 or m.act_mode != "per-token" or m.input_scale is not None or m.online_rotation is not None:
-        raise Unsupported(f"{what} is not W8A8 with dynamic per-token activations and no online rotation")
+    if m.act_bits > 8 or m.act_mode != "per-token" or m.input_scale is not None:
+        raise Unsupported(f"{what} is not W8A8 with dynamic per-token activations")
+    if m.online_rotation is not None and not rotated:
+        raise Unsupported(f"{what} rotates its input online")
     return m
 
 
@@ -132,16 +135,18 @@ class NativeDecoder:
                 spec.router = router.data_ptr()
             else:
                 gate_up = [_plain_int8(getattr(mlp, n, None), f"layer {index} mlp.{n}") for n in ("gate_proj", "up_proj")]
-                down = _plain_int8(getattr(mlp, "down_proj", None), f"layer {index} mlp.down_proj")
+                down = _plain_int8(getattr(mlp, "down_proj", None), f"layer {index} mlp.down_proj", rotated=True)
                 if not is_silu(mlp.act_fn) or down.bias is not None or any(m.bias is not None for m in gate_up):
                     raise Unsupported(f"layer {index} MLP is not a bias-free SiLU gated MLP")
                 fused = _fused(gate_up, f"layer {index} gate/up")
-                grouped = GroupedExperts([fused.w], [fused.scale], [down.qweight], [down.w_scale])
+                grouped = GroupedExperts([fused.w], [fused.scale], [down.qweight], [down.w_scale],
+                                         down_rotation=down.online_rotation)
                 spec.router = None
             self._hold(grouped)
             table = self._hold(np.concatenate(grouped.tables).astype(np.int64))
             spec.tables = table.ctypes.data
             spec.inter = grouped.intermediate
+            spec.down_rot = grouped.rotation
             self.max_inter = max(self.max_inter, grouped.intermediate)
         if experts is not None and moe != len(experts):
             raise Unsupported(f"{len(experts)} expert groups given for {moe} MoE layers")

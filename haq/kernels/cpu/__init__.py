@@ -91,7 +91,7 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.haq_row_sums.argtypes = [p, i64, i64, p]
     lib.haq_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i32, i32, f32, p, i32, p]
-    lib.haq_moe.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, i32, p, p, i32, p]
+    lib.haq_moe.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, p, p, p, p, p, i32, p, p, i32, p]
     lib.haq_moe_scratch.argtypes = [i64, i64, i64, i64]
     lib.haq_moe_scratch.restype = i64
     lib.haq_decode_attention.argtypes = [p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, p, f32, p, i32]
@@ -112,11 +112,16 @@ class QLinear(ctypes.Structure):
                 ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
 
 
+class Rotation(ctypes.Structure):
+    """`haq_rotation`: x -> x (A kron B) of a down input, float32 A [na, na], B [nb, nb]; na = 0: none."""
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("na", ctypes.c_int64), ("nb", ctypes.c_int64)]
+
+
 class Layer(ctypes.Structure):
     """`haq_layer`: one decoder layer's weights and KV buffers for `haq_decode_step`."""
     _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", QLinear), ("o", QLinear),
                 ("router", ctypes.c_void_p), ("tables", ctypes.c_void_p), ("inter", ctypes.c_int64),
-                ("kbuf", ctypes.c_void_p), ("vbuf", ctypes.c_void_p), ("cap", ctypes.c_int64)]
+                ("down_rot", Rotation), ("kbuf", ctypes.c_void_p), ("vbuf", ctypes.c_void_p), ("cap", ctypes.c_int64)]
 
 
 class Step(ctypes.Structure):

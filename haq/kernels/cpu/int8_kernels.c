@@ -166,12 +166,42 @@ int64_t haq_moe_scratch(int64_t T, int64_t H, int64_t I, int64_t P) {
            8 * (P + 2);
 }
 
+/* An online rotation x -> x (A kron B) of an I = na * nb row, as haq.kernels.rotation's
+ * OnlineRotation computes it (X [na, nb] -> A^T (X B)), in place; tmp holds I floats. na = 0: none. */
+typedef struct {
+    const float *a, *b; /* [na, na], [nb, nb] row-major */
+    int64_t na, nb;
+} haq_rotation;
+
+static void rotate_row(float *x, const haq_rotation *r, float *tmp) {
+    int64_t na = r->na, nb = r->nb;
+    for (int64_t i = 0; i < na; i++) {
+        float *t = tmp + i * nb;
+        const float *xr = x + i * nb;
+        for (int64_t l = 0; l < nb; l++) t[l] = 0.f;
+        for (int64_t j = 0; j < nb; j++) {
+            float v = xr[j];
+            const float *br = r->b + j * nb;
+            for (int64_t l = 0; l < nb; l++) t[l] += v * br[l];
+        }
+    }
+    for (int64_t k = 0; k < na; k++) {
+        float *o = x + k * nb;
+        for (int64_t l = 0; l < nb; l++) o[l] = 0.f;
+        for (int64_t i = 0; i < na; i++) {
+            float w = r->a[i * na + k];
+            const float *t = tmp + i * nb;
+            for (int64_t l = 0; l < nb; l++) o[l] += w * t[l];
+        }
+    }
+}
+
 /* The MoE layer inside a parallel region: serial parts in `single`, the GEMMs shared out. What
  * every thread must read (the segment count) lives in scratch, not in a thread's locals. */
 static void moe_body(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const int64_t *pair_token,
                      const int64_t *pair_expert, const float *pair_weight, const int64_t *gu_w, const int64_t *gu_sums,
                      const int64_t *gu_ws, const int64_t *dn_w, const int64_t *dn_sums, const int64_t *dn_ws,
-                     int qmax, float *out, float *y_pairs, uint8_t *scratch) {
+                     const haq_rotation *down_rot, int qmax, float *out, float *y_pairs, uint8_t *scratch) {
     uint8_t *xu_tok = scratch, *xu = xu_tok + align64(T * H), *hu = xu + align64(P * H);
     float *g = (float *)(hu + align64(P * I));
     float *y = g + P * 2 * I, *xs_tok = y + P * H, *xs = xs_tok + T, *hs = xs + P;
@@ -204,6 +234,7 @@ static void moe_body(const float *x, int64_t T, int64_t H, int64_t I, int64_t P,
     for (int64_t p = 0; p < P; p++) {
         float *gp = g + p * 2 * I;
         for (int64_t i = 0; i < I; i++) gp[i] = silu(gp[i]) * gp[I + i];
+        if (down_rot && down_rot->na) rotate_row(gp, down_rot, gp + I); /* the up half is spent */
         quantize(gp, 1, I, qmax, 0, 0.f, hu + p * I, hs + p);
     }
 #pragma omp for collapse(2) schedule(static)
@@ -230,11 +261,11 @@ static void moe_body(const float *x, int64_t T, int64_t H, int64_t I, int64_t P,
 
 void haq_moe(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const int64_t *pair_token,
              const int64_t *pair_expert, const float *pair_weight, const int64_t *gu_w, const int64_t *gu_sums,
-             const int64_t *gu_ws, const int64_t *dn_w, const int64_t *dn_sums, const int64_t *dn_ws, int qmax,
-             float *out, float *y_pairs, int threads, uint8_t *scratch) {
+             const int64_t *gu_ws, const int64_t *dn_w, const int64_t *dn_sums, const int64_t *dn_ws,
+             const haq_rotation *down_rot, int qmax, float *out, float *y_pairs, int threads, uint8_t *scratch) {
 #pragma omp parallel num_threads(threads) if (threads > 1 && P * I * H >= 65536)
-    moe_body(x, T, H, I, P, pair_token, pair_expert, pair_weight, gu_w, gu_sums, gu_ws, dn_w, dn_sums, dn_ws, qmax,
-             out, y_pairs, scratch);
+    moe_body(x, T, H, I, P, pair_token, pair_expert, pair_weight, gu_w, gu_sums, gu_ws, dn_w, dn_sums, dn_ws,
+             down_rot, qmax, out, y_pairs, scratch);
 }
 
 /* One decode step of grouped-query attention for B rows, in float32, on a preallocated cache:
@@ -326,6 +357,7 @@ typedef struct {
     const float *router;   /* float32 [E, H]; NULL: a dense MLP (tables then hold one expert) */
     const int64_t *tables; /* 6 x E pointers: gate_up levels, row sums, scales; down likewise */
     int64_t inter;         /* the experts' (or the dense MLP's) intermediate size */
+    haq_rotation down_rot; /* of the experts' (or the dense MLP's) down inputs; na = 0: none */
     float *kbuf, *vbuf;    /* [B, kv_heads, cap, head_dim] */
     int64_t cap;
 } haq_layer;
@@ -497,7 +529,7 @@ void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, floa
         }
         MARK(seconds, PART_ROUTER);
         moe_body(xn, B, H, L->inter, P, pair_token, pair_expert, pair_weight, t, t + Ex, t + 2 * Ex, t + 3 * Ex,
-                 t + 4 * Ex, t + 5 * Ex, st->qmax, tmp, NULL, moe_scratch);
+                 t + 4 * Ex, t + 5 * Ex, &L->down_rot, st->qmax, tmp, NULL, moe_scratch);
         MARK(seconds, PART_EXPERTS);
 #pragma omp single
         for (int64_t i = 0; i < B * H; i++) x[i] += tmp[i];
