@@ -3,8 +3,9 @@ the same calibration windows (wiki-offline train, seed 0) and the same perplexit
 (wiki-offline test, seqlen 2048, NLL summed in float64), each cell in its own process.
 
 Rows: fp; llm-compressor SmoothQuant (0.8) + GPTQ W8A8; torchao W8A8 dynamic; GPTQModel W8A16;
-haq rtn / smoothquant / gptq / haq / haq-rotate (W8A8, dynamic per-token activations; haq-rotate is
-haq with --rotate: a residual rotation and online Hadamard rotations of the down_proj inputs). Columns: ppl, delta %
+haq rtn / smoothquant / gptq / haq / haq-norotate (W8A8, dynamic per-token activations; haq is the
+default recipe, --rotate auto: a residual rotation and online Hadamard rotations of the dense down_proj
+inputs where the architecture allows; haq-norotate is haq with --rotate off). Columns: ppl, delta %
 vs fp, quantization wall time, peak RSS of the cell's process, and the CPU forward time of the
 quantized model on one 2048-token window (the fastest eval window).
 
@@ -36,10 +37,11 @@ PEERS_DIR = Path(os.environ.get("HAQ_PEERS_DIR", ROOT / ".peers"))
 # tool -> (venv under .peers/, script in bench/peers/)
 PEERS = {"llm-compressor": ("llmc", "llmc.py"), "torchao": ("torchao", "torchao_w8a8.py"),
          "GPTQModel": ("gptqmodel", "gptqmodel_w8a16.py")}
-HAQ_METHODS = ["rtn", "smoothquant", "gptq", "haq", "haq-rotate"]
-EXPORTED = ("haq", "haq-rotate")  # the haq cells whose checkpoint is exported and reloaded with compressed-tensors
+HAQ_METHODS = ["rtn", "smoothquant", "gptq", "haq", "haq-norotate"]
+ROTATE = {"": "auto", "rotate": "on", "norotate": "off"}  # the method's suffix -> --rotate
+EXPORTED = ("haq",)  # the haq cells whose checkpoint is exported and reloaded with compressed-tensors
 CELL_ORDER = [("haq", "haq"), ("llm-compressor", None), ("torchao", None), ("GPTQModel", None),
-              ("haq", "haq-rotate"), ("haq", "rtn"), ("haq", "smoothquant"), ("haq", "gptq")]
+              ("haq", "haq-norotate"), ("haq", "rtn"), ("haq", "smoothquant"), ("haq", "gptq")]
 ROW_ORDER = [("haq", "fp32"), ("llm-compressor", "smoothquant+gptq w8a8"), ("torchao", "int8 dynamic w8a8"),
              ("GPTQModel", "gptq w8a16 (bf16 activations)"), *[("haq", f"{m} w8a8") for m in HAQ_METHODS]]
 COLUMNS = ["model", "tool", "method", "ppl", "fp_ppl", "delta_pct", "quant_s", "peak_rss_mb", "forward_s"]
@@ -78,7 +80,7 @@ def haq_cell(args) -> dict:
     model, tokenizer, path = load_model(args.model)
     windows = torch.load(args.windows)
     method, _, rotate = args.method.partition("-")
-    recipe = Recipe(method=method, rotate=rotate == "rotate")
+    recipe = Recipe(method=method, rotate=ROTATE[rotate])
     start = time.perf_counter()
     report = quantize_model(model, recipe, windows["calib"], progress=False)
     quant_s = time.perf_counter() - start
@@ -264,6 +266,14 @@ def summary(rows: list[dict]) -> list[str]:
                          f"({verdict}); quantization time haq / llm-compressor = "
                          f"{ours['quant_s'] / max(peer['quant_s'], 1e-9):.2f} ({ours['quant_s']:.0f} s / "
                          f"{peer['quant_s']:.0f} s)")
+        base = {m: next((r for r in rows if r["model"] == model and r.get("tool") == "haq" and r["method"] == f"{m} w8a8"
+                         and r.get("ppl")), None) for m in ("rtn", "smoothquant")}
+        if ours.get("ppl") and all(base.values()):
+            worse = [m for m, r in base.items() if ours["ppl"] > r["ppl"]]
+            lines.append(f"- {model}: haq (the default recipe) {ours['delta_pct']:+.3f}% vs fp "
+                         f"({'within' if ours['delta_pct'] <= 0.5 else 'OUTSIDE'} +0.5%); "
+                         + ", ".join(f"{m} {r['delta_pct']:+.3f}%" for m, r in base.items())
+                         + (f" ({'WORSE than ' + ', '.join(worse) if worse else 'no worse than either'})"))
     return lines
 
 
@@ -308,7 +318,7 @@ def write(rows, exports, skipped, args, seconds: float, done: bool) -> None:
             + table + "\n## Why haq (generated from these rows)\n\n" + why_haq(rows)
             + ("\nSkipped for time: " + ", ".join(skipped) + "\n" if skipped else "")
             + "\n## compressed-tensors export\n\n`haq export CKPT --format compressed-tensors` of the haq W8A8 "
-            "checkpoints (haq-rotate: its online rotations as a compressed-tensors transform_config, applied "
+            "checkpoints (rotated ones: their online rotations as a compressed-tensors transform_config, applied "
             "with compressed-tensors' apply_transform_config and the stored matrices), reloaded in .peers/llmc by transformers + compressed-tensors (per-expert MoE linears by "
             "llm-compressor's loading). max_abs_logit_diff: the loaded int8 tensors run with int8-kernel "
             "semantics (vLLM's: dynamic per-token scale absmax/127) vs haq's logits on the first eval window; "

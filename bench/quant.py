@@ -18,7 +18,10 @@ from pathlib import Path
 from common import ROOT, machine, md_table, peak_rss_mb, write_results
 
 MODELS = ["smollm2-135m", "smollm2-8x135m", "tiny-mixtral", "tiny-mixtral+outliers"]
-METHODS = ["rtn", "smoothquant", "gptq", "haq", "rtn+rotate", "haq+rotate"]  # +rotate: residual stream rotated first
+METHODS = ["rtn", "smoothquant", "gptq", "haq", "haq+norotate", "rtn+rotate"]
+"""haq is the default recipe (--rotate auto: rotated where the architecture allows); +rotate / +norotate
+force --rotate on / off."""
+ROTATE = {"": "auto", "rotate": "on", "norotate": "off"}
 SETTINGS = {"w8a8-token": (8, 8, "per-token"), "w8a8-tensor": (8, 8, "per-tensor"), "w8a6-token": (8, 6, "per-token"),
             "w8a16": (8, 16, "per-token")}  # weight-only: how much of the W8A8 loss is the weights'
 WEIGHT_ONLY_METHODS = ("rtn", "gptq")  # smoothing has nothing to do when activations stay float
@@ -67,7 +70,7 @@ def one_cell(args) -> dict:
     start = time.perf_counter()
     if args.method != "fp":
         method, _, variant = args.method.partition("+")
-        recipe = Recipe(method=method, wbits=wbits, abits=abits, act=act, rotate=variant == "rotate")
+        recipe = Recipe(method=method, wbits=wbits, abits=abits, act=act, rotate=ROTATE[variant])
         quantize_model(model, recipe, windows["calib"], progress=False)
     quant_s = time.perf_counter() - start
     result = perplexity(model, windows["eval"], progress=False)

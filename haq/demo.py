@@ -4,8 +4,8 @@ policies at Mixtral scale; each step's time is printed, and a summary at the end
 
 Kept to minutes on 2 CPU cores with an empty cache: evaluation uses the first windows of the
 wiki-offline test split (the same windows for every row), calibration a small set, the alpha grid
-a coarser step than the default; `--rotate` adds the rotated haq recipe (a few minutes more);
-`bench/` has the full runs, `bench/demo.py` times a fresh clone's `make demo`.
+a coarser step than the default (haq is otherwise the default recipe: rotated, expert Hessians
+shrunk toward their pool); `bench/` has the full runs, `bench/demo.py` times a fresh clone's `make demo`.
 """
 from __future__ import annotations
 
@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=2, help="wiki-offline test windows of --seqlen tokens")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--nsamples", type=int, default=8, help="calibration windows of 512 tokens")
-    parser.add_argument("--rotate", action="store_true", help="also quantize with haq --rotate")
     parser.add_argument("--prompt", default="The history of the Roman Empire")
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--json", help="also write the step times and perplexities to this file")
@@ -68,8 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     from haq.api import quantize
     from haq.quant.recipe import Recipe
 
-    labels = [("rtn", False), ("haq", False)] + ([("haq", True)] if args.rotate else [])
-    steps = Steps(2 + 2 * len(labels) + 2)
+    methods = ("rtn", "haq")
+    steps = Steps(2 + 2 * len(methods) + 2)
     steps.run(f"building {MODEL} from the bundled smollm2-135m (cached after the first run)", lambda: zoo.build(MODEL))
 
     def evaluate(ref) -> tuple[float, int]:
@@ -79,10 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = [(MODEL, "fp32", *steps.run("fp32 perplexity", lambda: evaluate(MODEL)))]
     with tempfile.TemporaryDirectory() as tmp:
         outs = {}
-        for method, rotate in labels:
-            label = f"{method} W8A8" + (" --rotate" if rotate else "")
+        for method in methods:
+            label = f"{method} W8A8"
             # A coarser alpha grid and a smaller probe than the defaults keep the demo to minutes.
-            recipe = Recipe(method=method, alpha_step=0.25, search_tokens=512, rotate=rotate)
+            recipe = Recipe(method=method, alpha_step=0.25, search_tokens=512)
             out = Path(tmp) / label.replace(" ", "_")
             outs[label] = steps.run(f"quantizing {MODEL} with {label} ({args.nsamples} x 512 calibration tokens)",
                                     lambda: quantize(MODEL, recipe, out, nsamples=args.nsamples, seqlen=512))
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"|{'-' * 18}|{'-' * 22}|{'-' * 10}|{'-' * 10}|{'-' * 8}|")
         for name, kind, ppl, tokens in rows:
             print(f"| {name:16s} | {kind:20s} | {ppl:8.3f} | {100 * (ppl / rows[0][2] - 1):+7.2f}% | {tokens:6d} |")
-        best = outs[f"haq W8A8{' --rotate' if args.rotate else ''}"]
+        best = outs["haq W8A8"]
         steps.run("running the haq W8A8 MoE offloaded (25% of expert bytes on the device)",
                   lambda: run_offloaded(best, args.prompt, args.new_tokens))
     steps.run("simulator: offloading policies at Mixtral-8x7B scale", simulate_mixtral)

@@ -31,7 +31,7 @@ def int8_dir(tiny_dir, tmp_path_factory):
     def make(name: str, lm_head: bool = False, rotate: bool = False):
         if (name, lm_head, rotate) not in built:
             model = AutoModelForCausalLM.from_pretrained(tiny_dir(name)).eval()
-            report = quantize_model(model, Recipe(method="rtn", quantize_lm_head=lm_head, rotate=rotate),
+            report = quantize_model(model, Recipe(method="rtn", quantize_lm_head=lm_head, rotate="on" if rotate else "off"),
                                     torch.randint(0, 4096, (2, 32)), progress=False)
             out = tmp_path_factory.mktemp("int8") / name
             save_quantized(model, None, out, report, {"name": name})
@@ -54,9 +54,10 @@ def padded_generator(model, **kwargs) -> BatchGenerator:
 
 
 @pytest.mark.parametrize("name,lm_head,rotate", [("tiny-mixtral-random", False, False), ("tiny-llama", False, False),
-                                                 ("tiny-mixtral-random", True, False), ("tiny-llama", False, True)])
+                                                 ("tiny-mixtral-random", True, False), ("tiny-llama", False, True),
+                                                 ("tiny-mixtral-random", False, True)])
 def test_a_step_equals_the_module_path_for_a_padded_batch(int8_dir, name: str, lm_head: bool, rotate: bool) -> None:
-    """(rotate: the dense down_proj inputs rotate online inside the kernel.)"""
+    """(rotate: the dense MLP's or the experts' down inputs rotate online inside the kernel.)"""
     from haq.checkpoint.native import load_quantized
     from haq.kernels.int8 import Int8Linear
 

@@ -39,8 +39,8 @@ def test_layers_from_the_shards_are_the_layers_transformers_loads(tiny_dir, name
 
 
 @pytest.mark.parametrize("name,recipe", [("tiny-mixtral", Recipe(method="haq")),
-                                         ("tiny-llama", Recipe(method="haq", rotate=True)),
-                                         ("tiny-mixtral", Recipe(method="rtn", rotate=True))])
+                                         ("tiny-llama", Recipe(method="haq", rotate="on")),
+                                         ("tiny-mixtral", Recipe(method="rtn", rotate="on"))])
 def test_offloaded_quantization_equals_the_in_memory_one(tmp_path, name, recipe):
     """Same recipe, same windows: the same checkpoint tensors and logits, with the layers streamed
     (and, with --rotate, each layer rotated as it loads)."""

@@ -83,6 +83,8 @@ class FakeQuantLinear(nn.Module):
     def forward(self, x):
         q = self.q
         w = dequantize_weight(q.qweight, q.w_scale)
+        if q.online_rotation is not None:  # --rotate (the default for haq): x R, then quantized
+            x = q.online_rotation(x)
         x = fake_quant_act(x, q.act_bits, q.act_mode, q.input_scale)
         return F.linear(x, w, q.bias)
 
@@ -93,6 +95,8 @@ def fake_quant_expert(module: Int8Experts, e: int, x):
                    dequantize_weight(module.gate_up_q[e], module.gate_up_scale[e]))
     gate, up = g_u.chunk(2, -1)
     h = module.act_fn(gate) * up
+    if module.down_rotation is not None:
+        h = module.down_rotation(h)
     scale_in = module.down_in_scale
     return F.linear(fake_quant_act(h, module.act_bits, module.act_mode, None if scale_in is None else scale_in[e]),
                     dequantize_weight(module.down_q[e], module.down_scale[e]))

@@ -106,13 +106,17 @@ def test_online_rotation_is_its_kronecker_matrix(n):
     torch.testing.assert_close(rotation.double()(x), x @ R)
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-deepseek-v2"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-deepseek-v2", "tiny-mixtral-random"])
 def test_online_rotation_keeps_the_float_function(tiny_dir, name):
-    """Dense down_proj inputs (every Llama layer; DeepSeek's dense first layer)."""
+    """Dense down_proj inputs (every Llama layer; DeepSeek's dense first layer) and the routed
+    experts' down inputs (DeepSeek's later layers, every Mixtral layer)."""
     model = load(tiny_dir, name)
     assert_rewrite_keeps_logits(model, rotate_online_inputs)
     dense = [layer for layer in model.model.layers if hasattr(layer.mlp, "down_proj")]
-    assert dense and all(layer.mlp.down_proj.online_rotation is not None for layer in dense)
+    moe = [layer for layer in model.model.layers if hasattr(layer.mlp, "experts")]
+    assert all(layer.mlp.down_proj.online_rotation is not None for layer in dense)
+    assert all(layer.mlp.experts.down_rotation is not None for layer in moe)
+    assert (len(dense) > 0) == (name != "tiny-mixtral-random") and (len(moe) > 0) == (name != "tiny-llama")
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral-random"])
@@ -123,17 +127,19 @@ def test_rotated_checkpoint_round_trip(tiny_dir, tmp_path, name):
     model = load(tiny_dir, name)
     model.lm_head.weight = model.model.embed_tokens.weight
     model.config.tie_word_embeddings = True
-    report = quantize_model(model, Recipe(method="haq", alpha_step=0.25, rotate=True), tokens(2, 16, 0),
+    report = quantize_model(model, Recipe(method="haq", alpha_step=0.25, rotate="on"), tokens(2, 16, 0),
                             progress=False)
     out = save_quantized(model, None, tmp_path / "q", report, {"name": "random"})
     ids = tokens(1, 12, 1)
     loaded = load_quantized(out)
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
-    if name == "tiny-llama":  # dense down_proj: the int8 module rotates its input; smoothing skips it
+    if name == "tiny-llama":  # dense down_proj: the int8 module rotates its input
         down = loaded.model.layers[0].mlp.down_proj
         assert isinstance(down, Int8Linear) and down.online_rotation is not None
-        assert all(layer.alphas["up->down"] is None for layer in report.layers)
+    else:  # every expert's down input, by one rotation per layer
+        assert all(layer.mlp.experts.down_rotation is not None for layer in loaded.model.layers)
+    assert all(layer.alphas["up->down"] is None for layer in report.layers)  # smoothing skips rotated inputs
 
 
 def test_rotated_checkpoint_exports_as_a_hadamard_transform(tiny_dir, tmp_path):
@@ -148,7 +154,7 @@ def test_rotated_checkpoint_exports_as_a_hadamard_transform(tiny_dir, tmp_path):
     from haq.checkpoint.native import load_quantized, save_quantized
 
     model = load(tiny_dir, "tiny-llama")
-    report = quantize_model(model, Recipe(method="rtn", rotate=True), tokens(2, 16, 0), progress=False)
+    report = quantize_model(model, Recipe(method="rtn", rotate="on"), tokens(2, 16, 0), progress=False)
     ckpt = save_quantized(model, None, tmp_path / "q", report, {"name": "random"})
     out = export_checkpoint(ckpt, tmp_path / "ct")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -168,12 +174,42 @@ def test_rotated_checkpoint_exports_as_a_hadamard_transform(tiny_dir, tmp_path):
     assert (reloaded - ours).abs().max() < 1e-3 * ours.abs().max()
 
 
+def test_rotated_experts_export_one_transform_per_expert_down(tiny_dir, tmp_path):
+    """Every expert's down_proj is a transform target; the one +-1 matrix of their order is stored
+    once (compressed-tensors shares a matrix per order); our reader folds the targets back into one
+    rotation per layer and gives the checkpoint's logits."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from haq.checkpoint.compressed_tensors import export_checkpoint, load_compressed_tensors
+    from haq.checkpoint.native import load_quantized, save_quantized
+
+    model = load(tiny_dir, "tiny-mixtral-random")
+    report = quantize_model(model, Recipe(method="rtn", rotate="on"), tokens(2, 16, 0), progress=False)
+    ckpt = save_quantized(model, None, tmp_path / "q", report, {"name": "random"})
+    out = export_checkpoint(ckpt, tmp_path / "ct")
+    (scheme,) = json.loads((out / "config.json").read_text())["quantization_config"]["transform_config"][
+        "config_groups"].values()
+    E, layers = model.config.num_local_experts, len(model.model.layers)
+    assert scheme["apply"][0]["targets"] == [f"model.layers.{i}.block_sparse_moe.experts.{e}.w2"
+                                             for i in range(layers) for e in range(E)]
+    stored = {k: v for k, v in load_file(out / "model.safetensors").items() if k.endswith("_input.weight")}
+    assert list(stored) == ["model.layers.0.block_sparse_moe.experts.0.w2.online_input_input.weight"]
+    W = next(iter(stored.values())).double()
+    torch.testing.assert_close(W / W.shape[0] ** 0.5, model.model.layers[1].mlp.experts.down_rotation.matrix())
+    ids = tokens(1, 12, 1)
+    with torch.no_grad():
+        reloaded, ours = load_compressed_tensors(out)(ids).logits, load_quantized(ckpt)(ids).logits
+    assert (reloaded - ours).abs().max() < 1e-3 * ours.abs().max()
+
+
 def test_export_refuses_an_online_rotation_that_is_not_hadamard(tiny_dir, tmp_path):
     from haq.checkpoint.native import save_quantized
     from haq.checkpoint.compressed_tensors import export_checkpoint
 
     model = load(tiny_dir, "tiny-llama")
-    report = quantize_model(model, Recipe(method="rtn", rotate=True), tokens(2, 16, 0), progress=False)
+    report = quantize_model(model, Recipe(method="rtn", rotate="on"), tokens(2, 16, 0), progress=False)
     down = model.model.layers[0].mlp.down_proj
     b = down.online_rotation.sizes[1]
     down.online_rotation.B.copy_(torch.linalg.qr(torch.randn(b, b, generator=torch.Generator().manual_seed(1)))[0])

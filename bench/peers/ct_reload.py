@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import sys
 
 import torch
@@ -49,27 +50,39 @@ def moe_loading(model_type: str):
     return stack
 
 
+def local_name(name: str, model_type: str) -> str:
+    """A checkpoint module name as the loaded model names it (Mixtral's block_sparse_moe is mlp in
+    transformers 5; llm-compressor's per-expert linears are gate/up/down_proj)."""
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    for ours, theirs in PER_EXPERT_RENAMES.get(model_type, {}).items():
+        name = re.sub(rf"\.experts\.(\d+)\.{ours}(?=\.|$)", rf".experts.\1.{theirs}", name)
+    return name
+
+
 def load_transforms(model: torch.nn.Module, export: str, config) -> int:
-    """Apply the export's `transform_config` (haq --rotate's online Hadamard input rotations) with
-    compressed-tensors, as vLLM does, and load each stored +-1 matrix; transformers 5.17 does not
-    pass the transform config on. Returns the number of transformed modules."""
+    """Apply the export's `transform_config` (haq's online Hadamard input rotations) with
+    compressed-tensors, as vLLM does, and load the stored +-1 matrices: one per order, which
+    compressed-tensors shares among every target of that order (its own checkpoints store it once
+    too, the other targets tied); transformers 5.17 does not pass the transform config on.
+    Returns the number of transformed modules."""
     from compressed_tensors.transform import TransformConfig, apply_transform_config
     from safetensors.torch import load_file
 
     raw = (config.quantization_config or {}).get("transform_config") or {}
     if not raw.get("config_groups"):
         return 0
+    for group in raw["config_groups"].values():
+        for args in group["apply"]:
+            args["targets"] = [local_name(t, config.model_type) for t in args["targets"]]
     apply_transform_config(model, TransformConfig.model_validate(raw))
     stored = {k: v for k, v in load_file(f"{export}/model.safetensors").items() if "_input.weight" in k}
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, value in stored.items():
-        if key not in params:
+        ours = local_name(key, config.model_type)
+        if ours not in params:
             raise SystemExit(f"stored transform {key} has no module after apply_transform_config")
-    for key, value in stored.items():  # compressed-tensors shares one matrix per size: untie before loading
-        module_name, _, leaf = key.rpartition(".")
-        module = model.get_submodule(module_name)
-        setattr(module, leaf, torch.nn.Parameter(value.to(params[key].dtype), requires_grad=False))
-    return len(stored)
+        params[ours].data.copy_(value.to(params[ours].dtype))  # the shared matrix of its order
+    return sum(1 for name, _ in model.named_modules() if name.endswith("_input") and "online_input" in name)
 
 
 def int8_kernel(module: torch.nn.Module):

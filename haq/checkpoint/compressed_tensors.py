@@ -22,8 +22,12 @@ is [-128, 127], a superset, so dynamic scales (absmax / 127) give identical leve
 ``--rotate``'s online input rotations (x -> x R before quantizing, the weight stored as W R) export
 as a compressed-tensors ``transform_config``: one random-hadamard scheme applied at those linears'
 inputs, each matrix stored as ``<name>.online_input_input.weight`` = sqrt(n) R, +-1 (vLLM and
-compressed-tensors apply x W / sqrt(n)). haq builds R as a randomized Hadamard matrix wherever one
-of that order exists (:meth:`haq.kernels.rotation.OnlineRotation.seeded`); other orders refuse.
+compressed-tensors apply x W / sqrt(n)). Like compressed-tensors' own factories, which make one
+shared matrix per order and save it once (its other targets are tied weights), the export stores
+one matrix per order, under its first target; haq's rotation of an order is one seeded matrix, so
+every expert's down and every dense down_proj of that width share it. haq builds R as a randomized
+Hadamard matrix wherever one of that order exists (:meth:`haq.kernels.rotation.OnlineRotation.seeded`);
+other orders refuse.
 
 ``load_compressed_tensors`` reads an export back into haq's int8 modules (the round trip the
 tests check); the check against compressed-tensors itself lives in ``bench/peers.py``.
@@ -115,10 +119,10 @@ def quantization_config(strategy: Literal["token", "tensor"], ignore: list[str])
     }
 
 
-def _hadamard_weight(path: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """sqrt(n) R of the module's online rotation x -> x R, +-1 (exact in bf16): what a compressed-tensors
-    Hadamard transform stores, applied online as x W / sqrt(n) by vLLM and compressed-tensors."""
-    A, B = state[f"{path}.online_rotation.A"].double(), state[f"{path}.online_rotation.B"].double()
+def _hadamard_weight(path: str, state: dict[str, torch.Tensor], attr: str = "online_rotation") -> torch.Tensor:
+    """sqrt(n) R of the module's online rotation x -> x R (`attr`: experts' `down_rotation`), +-1 (exact
+    in bf16): what a compressed-tensors Hadamard transform stores, applied online as x W / sqrt(n)."""
+    A, B = state[f"{path}.{attr}.A"].double(), state[f"{path}.{attr}.B"].double()
     n = A.shape[0] * B.shape[0]
     W = torch.kron(A, B) * n ** 0.5
     if not bool(((W.abs() - 1).abs() < 1e-4).all()):
@@ -131,13 +135,24 @@ def _hadamard_weight(path: str, state: dict[str, torch.Tensor]) -> torch.Tensor:
 def transform_config(targets: list[str]) -> dict:
     """compressed-tensors' ``transform_config`` for online input rotations of ``targets`` (checkpoint
     module names): one random-hadamard scheme, applied at the input only, since the weights are
-    stored already rotated (W R); each target's matrix is ``<target>.online_input_input.weight``."""
+    stored already rotated (W R); the matrix of each order is ``<first target>.online_input_input.weight``."""
     if not targets:
         return {}
     args = {"targets": targets, "location": "input", "inverse": False, "ignore": []}
     scheme = {"type": "random-hadamard", "apply": [args], "randomize": False, "requires_grad": False,
               "head_dim": None, "precision": "torch.float32"}
     return {"config_groups": {TRANSFORM_NAME: scheme}}
+
+
+def rotated_targets(specs: dict[str, dict], names: CheckpointNames) -> list[str]:
+    """Checkpoint names of the modules whose inputs rotate online: linears and every expert's down."""
+    targets = []
+    for path, spec in specs.items():
+        if spec.get("rotation"):
+            targets.append(names.to_disk(path))
+        if spec.get("down_rotation"):
+            targets += [f"{names.to_disk(path)}.{e}.{names.expert_proj[2]}" for e in range(spec["experts"])]
+    return targets
 
 
 def _check_exportable(meta: dict) -> Literal["token", "tensor"]:
@@ -167,6 +182,17 @@ def to_compressed_tensors(state: dict[str, torch.Tensor], specs: dict[str, dict]
     """haq checkpoint tensors (module paths of transformers 5) -> compressed-tensors tensors
     (HF checkpoint names). ``specs``: quantized module path -> spec, as in haq_config.json."""
     out: dict[str, torch.Tensor] = {}
+    shared: dict[int, torch.Tensor] = {}  # order -> the one stored matrix
+
+    def rotate(disk: str, path: str, attr: str) -> None:
+        W = _hadamard_weight(path, state, attr)
+        first = shared.setdefault(W.shape[0], W)
+        if first is W:
+            out[f"{disk}.{TRANSFORM_NAME}_input.weight"] = W
+        elif not torch.equal(first, W):
+            raise HaqError(f"module {path} rotates its inputs with another matrix of order {W.shape[0]} than an "
+                           "earlier module, and compressed-tensors shares one matrix per order: re-quantize with "
+                           "--rotate auto or on (one seeded rotation per width)")
 
     def put(disk: str, qweight: torch.Tensor, scale: torch.Tensor, in_scale: torch.Tensor | None) -> None:
         out[f"{disk}.weight"] = qweight.contiguous()
@@ -177,7 +203,7 @@ def to_compressed_tensors(state: dict[str, torch.Tensor], specs: dict[str, dict]
     for path, spec in specs.items():
         disk = names.to_disk(path)
         if spec.get("rotation"):
-            out[f"{disk}.{TRANSFORM_NAME}_input.weight"] = _hadamard_weight(path, state)
+            rotate(disk, path, "online_rotation")
         if spec["type"] == "int8_linear":
             put(disk, state[f"{path}.qweight"], state[f"{path}.w_scale"], state.get(f"{path}.input_scale"))
             if f"{path}.bias" in state:
@@ -190,6 +216,8 @@ def to_compressed_tensors(state: dict[str, torch.Tensor], specs: dict[str, dict]
             gate_up_in, down_in = state.get(f"{path}.gate_up_in_scale"), state.get(f"{path}.down_in_scale")
             gate, up, down_name = names.expert_proj
             for e in range(spec["experts"]):
+                if spec.get("down_rotation"):
+                    rotate(f"{disk}.{e}.{down_name}", path, "down_rotation")
                 gu_in = None if gate_up_in is None else gate_up_in[e]
                 put(f"{disk}.{e}.{gate}", gate_up[e, :I], gate_up_s[e, :I], gu_in)
                 put(f"{disk}.{e}.{up}", gate_up[e, I:], gate_up_s[e, I:], gu_in)
@@ -251,8 +279,7 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: ExportFormat = "com
                        f"supported: {', '.join(CHECKPOINT_NAMES)}")
     tensors = to_compressed_tensors(state, meta["modules"], names)
     config["quantization_config"] = quantization_config(strategy, _ignored(config, meta["modules"], names))
-    config["quantization_config"]["transform_config"] = transform_config(
-        [names.to_disk(path) for path, spec in meta["modules"].items() if spec.get("rotation")])
+    config["quantization_config"]["transform_config"] = transform_config(rotated_targets(meta["modules"], names))
     with atomic_dir(out) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -322,6 +349,7 @@ def load_compressed_tensors(path: str | Path):
                            "bias": f"{theirs}.bias" in disk, "act_bits": 8, "act_mode": act_mode,
                            "static": f"{theirs}.input_scale" in disk}
             used |= {f"{theirs}.{s}" for s in ("weight", "weight_scale", "input_scale", "bias")}
+    stored = {disk[k].shape[0]: k for k in disk if k.endswith(f"{TRANSFORM_NAME}_input.weight")}
     for group in (qc.get("transform_config") or {}).get("config_groups", {}).values():
         for args in group["apply"]:
             if args["location"] != "input" or args.get("inverse") or group.get("head_dim"):
@@ -329,13 +357,22 @@ def load_compressed_tensors(path: str | Path):
                                f"not {args}")
             for theirs in args["targets"]:
                 ours = names.from_disk(theirs)
-                key = next((k for k in disk if k.startswith(f"{theirs}.") and k.endswith("_input.weight")), None)
-                if ours not in specs or key is None:
+                owner = ours.rsplit(".", 2)[0]  # for an expert's down: the fused experts module
+                if ours not in specs and owner in specs and specs[owner]["type"] == "int8_experts":
+                    ours, attr = owner, "down_rotation"  # an expert's down: one rotation for the layer's experts
+                else:
+                    attr = "rotation"
+                width = specs.get(ours, {}).get("intermediate" if attr == "down_rotation" else "in")
+                key = stored.get(width)  # shared by every target of that order
+                if key is None:
                     raise HaqError(f"{path}: transform target {theirs} has no quantized module or no stored matrix")
-                W = disk[key].double()  # x -> x W / sqrt(n), as dense B of a (1, n) OnlineRotation
-                state[f"{ours}.online_rotation.A"] = torch.ones(1, 1)
-                state[f"{ours}.online_rotation.B"] = (W / W.shape[0] ** 0.5).float()
-                specs[ours]["rotation"] = [1, W.shape[0]]
+                W = (disk[key].double() / disk[key].shape[0] ** 0.5).float()  # x -> x W / sqrt(n)
+                name = "online_rotation" if attr == "rotation" else attr
+                if f"{ours}.{name}.B" in state and not torch.equal(state[f"{ours}.{name}.B"], W):
+                    raise HaqError(f"{path}: the experts of {ours} rotate their down inputs differently; haq's "
+                                   "int8 experts take one rotation per layer")
+                state[f"{ours}.{name}.A"], state[f"{ours}.{name}.B"] = torch.ones(1, 1), W  # a (1, n) rotation
+                specs[ours][attr] = [1, W.shape[0]]
                 used.add(key)
     state.update({names.from_disk(k): v for k, v in disk.items() if k not in used})
     install_specs(model, specs)

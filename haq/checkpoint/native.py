@@ -71,6 +71,7 @@ def save_quantized(model: nn.Module, tokenizer, out: Path, report: QuantReport, 
         meta = {
             "format": FORMAT,
             "recipe": report.recipe,
+            "rotated": report.rotated,
             "modules": report.modules,
             "layers": [asdict(layer) for layer in report.layers],
             "quant_seconds": report.seconds,

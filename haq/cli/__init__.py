@@ -83,7 +83,9 @@ def print_quant_summary(out) -> None:
     meta = read_quant_config(out)
     recipe, layers = meta["recipe"], meta.get("layers", [])
     calibration = meta.get("calibration", {})
-    print(f"wrote {out}: {recipe['method']} W{recipe['wbits']}A{recipe['abits']}, {meta.get('quant_seconds', 0):.0f}s, "
+    rotated = ", rotated" if meta.get("rotated") else ""
+    print(f"wrote {out}: {recipe['method']} W{recipe['wbits']}A{recipe['abits']}{rotated}, "
+          f"{meta.get('quant_seconds', 0):.0f}s, "
           f"{calibration.get('tokens', 0)} calibration tokens ({calibration.get('name', '?')})")
     for layer in layers:
         alphas = ", ".join(f"{k} {'-' if v is None else f'{v:g}'}" for k, v in layer.get("alphas", {}).items())

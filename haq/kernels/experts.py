@@ -3,7 +3,9 @@
 E = experts, H = hidden, I = expert intermediate size, T = tokens, K = top-k.
 Buffers: gate_up_q int8 [E, 2I, H] (gate rows first), gate_up_scale [E, 2I], down_q int8 [E, H, I],
 down_scale [E, H]; with static per-tensor activations also gate_up_in_scale [E] and down_in_scale [E].
-act_bits 16 means weight-only: weights are dequantized and activations stay float.
+act_bits 16 means weight-only: weights are dequantized and activations stay float. `down_rotation`
+(`--rotate`): every expert's down input turns by one online rotation x -> x R before it is quantized,
+its down weights stored as W R.
 """
 from __future__ import annotations
 
@@ -32,12 +34,16 @@ class Int8Experts(nn.Module):
         static = act_mode == "per-tensor" and act_bits <= 8
         self.register_buffer("gate_up_in_scale", torch.ones(num_experts) if static else None)
         self.register_buffer("down_in_scale", torch.ones(num_experts) if static else None)
+        self.down_rotation: nn.Module | None = None
 
     def _linear(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, in_scale) -> torch.Tensor:
         if self.act_bits > 8:
             return F.linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None])
         return int8_linear(x, q.t(), scale, act_bits=self.act_bits, act_mode=self.act_mode,
                            static_act_scale=in_scale, impl=self.impl)
+
+    def _rotated(self, h: torch.Tensor) -> torch.Tensor:
+        return h if self.down_rotation is None else self.down_rotation(h)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """One expert on its tokens x [T, H] -> [T, H]."""
@@ -46,7 +52,8 @@ class Int8Experts(nn.Module):
             x,
             lambda v: self._linear(v, self.gate_up_q[e], self.gate_up_scale[e],
                                    self.gate_up_in_scale[e] if static else None),
-            lambda h: self._linear(h, self.down_q[e], self.down_scale[e], self.down_in_scale[e] if static else None),
+            lambda h: self._linear(self._rotated(h), self.down_q[e], self.down_scale[e],
+                                   self.down_in_scale[e] if static else None),
             self.act_fn)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -56,4 +63,5 @@ class Int8Experts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
-                f"act_bits={self.act_bits}, act_mode={self.act_mode}, impl={self.impl}")
+                f"act_bits={self.act_bits}, act_mode={self.act_mode}, impl={self.impl}"
+                + (f", down_rotation={self.down_rotation.sizes}" if self.down_rotation is not None else ""))

@@ -95,6 +95,11 @@ def _kron_sizes(n: int, odd: int) -> tuple[int, int]:
     return a, n // a
 
 
+def has_hadamard(n: int) -> bool:
+    """Whether `OnlineRotation.seeded(n)` is a Hadamard rotation (one that exports)."""
+    return _hadamard_order(n) is not None
+
+
 def _signed(H: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     signs = torch.randint(0, 2, (H.shape[0],), generator=gen).to(torch.float64) * 2 - 1
     return signs[:, None] * H / math.sqrt(H.shape[0])
@@ -138,8 +143,8 @@ class OnlineRotation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.sizes
-        y = x.reshape(-1, a, b) @ self.B.to(x.dtype)  # rows: sum_j x_ij B_jl
-        y = (y.transpose(1, 2) @ self.A.to(x.dtype)).transpose(1, 2)  # sum_i A_ik y_il
+        y = x.reshape(-1, a, b) @ self.B.to(x)  # rows: sum_j x_ij B_jl (factors on x's device and dtype)
+        y = (y.transpose(1, 2) @ self.A.to(x)).transpose(1, 2)  # sum_i A_ik y_il
         return y.reshape(x.shape)
 
 

@@ -23,7 +23,8 @@ def spec_of(module: nn.Module) -> dict:
     if isinstance(module, Int8Experts):
         return {"type": "int8_experts", "experts": module.num_experts, "hidden": module.hidden_dim,
                 "intermediate": module.intermediate_dim, "act_bits": module.act_bits, "act_mode": module.act_mode,
-                "backend": module.impl}
+                "backend": module.impl,
+                **({"down_rotation": list(module.down_rotation.sizes)} if module.down_rotation is not None else {})}
     raise TypeError(f"not a quantized module: {type(module).__name__}")
 
 
@@ -41,8 +42,11 @@ def module_from_spec(spec: dict, original: nn.Module) -> nn.Module:
     if kind == "w8a16_linear":
         return WeightOnlyInt8Linear(spec["in"], spec["out"], bias=spec["bias"])
     if kind == "int8_experts":
-        return Int8Experts(spec["experts"], spec["hidden"], spec["intermediate"], original.act_fn,
-                           act_bits=spec["act_bits"], act_mode=spec["act_mode"], impl=spec.get("backend", "auto"))
+        module = Int8Experts(spec["experts"], spec["hidden"], spec["intermediate"], original.act_fn,
+                             act_bits=spec["act_bits"], act_mode=spec["act_mode"], impl=spec.get("backend", "auto"))
+        if spec.get("down_rotation"):
+            module.down_rotation = OnlineRotation(*spec["down_rotation"])
+        return module
     raise HaqError(f"unknown quantized module type {kind!r} in checkpoint")
 
 

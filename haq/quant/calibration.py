@@ -37,6 +37,7 @@ class ObservedExperts(nn.Module):
 
     def _run(self, hidden_states: torch.Tensor, calls: Sequence[ExpertCall]) -> list[torch.Tensor | None]:
         experts, results = self.inner, []
+        rotate = getattr(experts, "down_rotation", None) or (lambda h: h)  # --rotate: stats of x R
         for call in calls:
             e = call.expert
             self.routed_tokens[e] += call.tokens
@@ -48,6 +49,7 @@ class ObservedExperts(nn.Module):
                 self.gate_up[e].update(x)
 
             def down(h: torch.Tensor, e: int = e, call: ExpertCall = call) -> torch.Tensor:
+                h = rotate(h)
                 self.down[e].update(h)
                 return F.linear(h[call.token_idx] if self.all_experts else h, experts.down_proj[e])
 

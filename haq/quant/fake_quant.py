@@ -33,6 +33,7 @@ class FakeQuantExperts(nn.Module):
         super().__init__()
         self.recipe = recipe
         self.act_fn = experts.act_fn
+        self.rotate = getattr(experts, "down_rotation", None) or (lambda h: h)  # weights stored as W R
         gate_up, down = experts.gate_up_proj.data, experts.down_proj.data
         source = weights or (lambda e: (gate_up[e], down[e]))
         wq = (lambda w: fake_quant_weight(w, recipe.wbits)) if quantize_weights else (lambda w: w)
@@ -45,7 +46,7 @@ class FakeQuantExperts(nn.Module):
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.weights(e)
         return gated_mlp(self._act(x), lambda v: F.linear(v, gate_up),
-                         lambda h: F.linear(self._act(h), down), self.act_fn)
+                         lambda h: F.linear(self._act(self.rotate(h)), down), self.act_fn)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return dispatch(hidden_states, top_k_index, top_k_weights, per_expert(self.expert_forward))

@@ -259,6 +259,7 @@ def _install_experts(layer, spec: LayerSpec, stats, recipe, solutions: list[tupl
     E, two_i, hidden = experts.gate_up_proj.shape
     module = Int8Experts(E, hidden, two_i // 2, experts.act_fn,
                          act_bits=recipe.abits if recipe.quant_acts else 16, act_mode=recipe.act)
+    module.down_rotation = getattr(experts, "down_rotation", None)
     for e, ((gu_q, gu_s), (d_q, d_s)) in enumerate(solutions):
         module.gate_up_q[e], module.gate_up_scale[e] = gu_q, gu_s
         module.down_q[e], module.down_scale[e] = d_q, d_s
@@ -301,6 +302,13 @@ def _load_partial(work_dir: Path, index: int, layer: nn.Module) -> tuple[dict, L
     return info["specs"], LayerReport(**info["report"])
 
 
+def rotates(recipe: Recipe, adapter: ArchAdapter) -> bool:
+    """Whether `recipe` rotates this architecture's residual stream (on: it must; auto: haq, where it can)."""
+    if recipe.rotate == "auto":
+        return recipe.method == "haq" and adapter.residual is not None
+    return recipe.rotate == "on"
+
+
 class LayerSource(Protocol):
     """Decoder layers brought into memory one at a time (`haq.checkpoint.layer_source`)."""
 
@@ -327,7 +335,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
     adapter.check_norms(model, layers=source is None)
     # Rotations are seeded, so a resumed run rotates the same way; each layer turns as it is reached
     # (an offloaded one as it loads), a resumed one comes back from disk already turned.
-    Q = rotate_ends(model) if recipe.rotate else None
+    Q = rotate_ends(model) if rotates(recipe, adapter) else None
     probe_windows = max(1, math.ceil(recipe.search_tokens / calib.shape[1]))  # haq's block-error probe
     if work_dir is not None:
         try:
@@ -350,7 +358,8 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
             layer_specs, report = resumed
         else:
             if Q is not None:
-                rotate_layer(model.config, index, layer, Q, online=recipe.quant_acts)
+                rotate_layer(model.config, index, layer, Q, online=recipe.quant_acts,
+                             hadamard_only=recipe.rotate == "auto")
             report = LayerReport(index)
             with observe_layer(layer, spec, recipe.calibrate_all_experts, recipe.uses_gptq) as stats:
                 outputs = run_layer(layer, inputs, kwargs, index)
@@ -369,4 +378,4 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
             source.release(index)
     if recipe.quantize_lm_head:
         specs.update(_quantize_lm_head(model, recipe))
-    return QuantReport(recipe.to_dict(), reports, specs, time.perf_counter() - start, tokens)
+    return QuantReport(recipe.to_dict(), reports, specs, time.perf_counter() - start, tokens, rotated=Q is not None)

@@ -35,9 +35,10 @@ FIELD_HELP = {
     "min_expert_tokens": "experts routed fewer calibration tokens than this get RTN weights, with a warning",
     "expert_shrink": "GPTQ: each expert's Hessian is shrunk toward the pool of all experts' Hessians of that input, "
                      "with the weight of this many times the input width in tokens (0: its routed tokens only)",
-    "rotate": "rotate the residual stream (exact; unties a tied lm_head) and, in dense MLPs, the down_proj inputs "
-              "at run time: flattens outlier tokens; the run-time rotations export as compressed-tensors Hadamard "
-              "transforms",
+    "rotate": "on: rotate the residual stream (exact; unties a tied lm_head) and the down inputs (dense MLPs' and "
+              "every routed expert's) at run time, which flattens outlier tokens; auto: on for --method haq where the architecture "
+              "allows it (RMSNorm families), with run-time rotations only of widths that have a Hadamard matrix, so "
+              "the checkpoint exports (compressed-tensors transforms); off: never",
     "quantize_lm_head": "the lm_head too: RTN int8 per output channel, dynamic per-token activations (as llama.cpp's "
                         "Q8_0 does); a tied lm_head is untied, the embedding stays float; does not export",
 }
@@ -60,8 +61,8 @@ class Recipe:
     actorder: bool = True
     calibrate_all_experts: bool = False  # expert Hessians from all tokens (outputs still use routed ones)
     min_expert_tokens: int = 16  # fewer routed calibration tokens than this: RTN for that expert, with a warning
-    expert_shrink: float = 0.0  # expert Hessians shrunk toward the experts' pool: prior of this x width tokens
-    rotate: bool = False  # residual stream offline, dense down_proj inputs online (haq.quant.rotation)
+    expert_shrink: float = 1.0  # expert Hessians shrunk toward the experts' pool: prior of this x width tokens
+    rotate: Literal["auto", "on", "off"] = "auto"  # residual stream offline, down inputs online
     quantize_lm_head: bool = False  # a decode token's largest single read; kept float by default
 
     def __post_init__(self) -> None:
@@ -78,6 +79,8 @@ class Recipe:
             raise HaqError(f"--abits must be in [2, 8] or 16 (no activation quantization), got {self.abits}")
         if self.act not in ("per-token", "per-tensor"):
             raise HaqError(f"--act must be per-token or per-tensor, got {self.act!r}")
+        if self.rotate not in ("auto", "on", "off"):
+            raise HaqError(f"--rotate must be auto, on or off, got {self.rotate!r}")
         if self.alpha_search not in ("proxy", "coarse-to-fine", "grid"):
             raise HaqError(f"--alpha-search must be proxy, coarse-to-fine or grid, got {self.alpha_search!r}")
         if not 0 <= self.alpha <= 1:

@@ -22,3 +22,4 @@ class QuantReport:
     modules: dict[str, dict]  # quantized module path -> spec
     seconds: float
     calib_tokens: int
+    rotated: bool = False  # whether the residual stream was rotated (the recipe's rotate may say auto)

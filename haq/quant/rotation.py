@@ -7,10 +7,10 @@ a few huge channels (the attention-sink token of every window). Q spreads such a
 channels, so the token's per-token scale drops by up to sqrt(hidden) and its other channels keep
 their bits.
 
-The MLP's inner activations (dense down_proj inputs) sit behind a nonlinearity, so no offline
-rewrite reaches them: `OnlineRotation` turns them into x R at run time (R = A kron B, n(a+b)
-multiply-adds per token rather than n^2) with the weight stored as W R; the int8 linear applies it
-before quantizing. Experts' down inputs are not rotated yet.
+The MLP's inner activations (down_proj inputs, dense and every routed expert's) sit behind a
+nonlinearity, so no offline rewrite reaches them: `OnlineRotation` turns them into x R at run time
+(R = A kron B, n(a+b) multiply-adds per token rather than n^2) with the weight stored as W R; the
+int8 linear (or `Int8Experts`, one R for all experts of a layer) applies it before quantizing.
 
 Rewrite, with row vectors (y = x W^T): readers of a norm W <- (W diag(g)) Q and g <- 1; writers into
 the residual (o_proj, down_proj, every expert's down) W <- Q^T W, bias b <- b Q; embedding E <- E Q;
@@ -18,11 +18,15 @@ lm_head (after the final norm) like a reader. A tied lm_head is untied first.
 """
 from __future__ import annotations
 
+from types import MethodType
+
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from haq.errors import HaqError
-from haq.kernels.rotation import OnlineRotation, rotation_matrix
+from haq.kernels.moe import dispatch, gated_mlp, per_expert
+from haq.kernels.rotation import OnlineRotation, has_hadamard, rotation_matrix
 from haq.models.adapters import ADAPTERS, adapter_for, input_weight
 from haq.models.norms import NormKind, norm_gain, set_norm_gain
 
@@ -73,9 +77,11 @@ def rotate_ends(model: nn.Module, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rotate_layer(config, index: int, layer: nn.Module, Q: torch.Tensor, online: bool, seed: int = 0) -> None:
+def rotate_layer(config, index: int, layer: nn.Module, Q: torch.Tensor, online: bool, seed: int = 0,
+                 hadamard_only: bool = False) -> None:
     """Rotate decoder layer `index` into the residual basis of `rotate_ends`' Q: its norms fold into
-    their readers, its writers turn by Q^T; with `online`, its online-rotated inputs too."""
+    their readers, its writers turn by Q^T; with `online`, its online-rotated inputs too (with
+    `hadamard_only`, those of widths with a Hadamard matrix, which export)."""
     adapter = adapter_for(config)
     adapter.check_layer_norms(config, index, layer)
     layer_spec = adapter.layer_spec(config, index)
@@ -86,13 +92,24 @@ def rotate_layer(config, index: int, layer: nn.Module, Q: torch.Tensor, online: 
     for name in layer_spec.writers:
         _rotate_writer(layer.get_submodule(name), Q)
     if online:
-        _rotate_online(layer, layer_spec.online, seed)
+        names = layer_spec.online
+        if hadamard_only:
+            names = tuple(n for n in names if has_hadamard(layer.get_submodule(n).in_features))
+        _rotate_online(layer, names, seed)
+        if layer_spec.moe is not None:
+            experts = layer.get_submodule(layer_spec.moe.experts)
+            if not hadamard_only or has_hadamard(experts.down_proj.shape[-1]):
+                _rotate_experts_down(experts, seed)
 
 
 def rotate_residual(model: nn.Module, seed: int = 0) -> None:
-    """Rotate `model`'s residual stream in place; its float function is unchanged."""
+    """Rotate `model`'s residual stream in place; its float function is unchanged. Every norm is
+    checked first, so a norm that cannot fold fails before any weight turns."""
+    adapter = adapter_for(model.config)
+    if adapter.residual is not None:
+        adapter.check_norms(model)
     Q = rotate_ends(model, seed)
-    for index, layer in enumerate(adapter_for(model.config).decoder_layers(model)):
+    for index, layer in enumerate(adapter.decoder_layers(model)):
         rotate_layer(model.config, index, layer, Q, online=False, seed=seed)
 
 
@@ -109,12 +126,34 @@ def _rotate_online(layer: nn.Module, names: tuple[str, ...], seed: int) -> None:
         linear.register_forward_pre_hook(_rotate_input)
 
 
+def _rotated_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' fused experts' forward with every down input turned online: x R times W R."""
+    def expert(e: int, x: torch.Tensor) -> torch.Tensor:
+        return gated_mlp(x, lambda v: F.linear(v, self.gate_up_proj[e]),
+                         lambda h: F.linear(self.down_rotation(h), self.down_proj[e]), self.act_fn)
+
+    return dispatch(hidden_states, top_k_index, top_k_weights, per_expert(expert))
+
+
+def _rotate_experts_down(experts: nn.Module, seed: int) -> None:
+    """Every expert's down weight W <- W R with one R for the layer, and the module's forward turns
+    the down inputs (exact in float); quantization carries `down_rotation` into `Int8Experts`."""
+    rotation = OnlineRotation.seeded(experts.down_proj.shape[-1], seed).to(experts.down_proj.device)
+    experts.down_proj.data = rotation(experts.down_proj.data.float()).to(experts.down_proj.dtype)
+    experts.down_rotation = rotation
+    experts.forward = MethodType(_rotated_experts_forward, experts)
+
+
 @torch.no_grad()
 def rotate_online_inputs(model: nn.Module, seed: int = 0) -> None:
-    """Rotate the inputs of the adapter's online-rotated linears (dense down_proj): W <- W R and a
-    pre-hook x -> x R, exact in float. Quantization carries `online_rotation` into the int8 module."""
+    """Rotate the inputs of the online-rotated linears (dense down_proj: W <- W R and a pre-hook
+    x -> x R) and of the routed experts' down, exact in float. Quantization carries `online_rotation`
+    into the int8 module and `down_rotation` into `Int8Experts`."""
     adapter = adapter_for(model.config)
     if adapter.residual is None:
         return
     for index, layer in enumerate(adapter.decoder_layers(model)):
-        _rotate_online(layer, adapter.layer_spec(model.config, index).online, seed)
+        spec = adapter.layer_spec(model.config, index)
+        _rotate_online(layer, spec.online, seed)
+        if spec.moe is not None:
+            _rotate_experts_down(layer.get_submodule(spec.moe.experts), seed)

@@ -62,6 +62,8 @@ def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats, norm_kin
     if any(getattr(layer.get_submodule(name), "online_rotation", None) is not None for name in group.consumers):
         return None
     if group.kind == "experts-up":
+        if getattr(layer.get_submodule(group.prev), "down_rotation", None) is not None:
+            return None  # the experts' down inputs are rotated online
         return _plan_experts_up(layer, group, stats)
     weights, act_maxes = [], []
     for name in group.consumers:

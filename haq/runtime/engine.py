@@ -33,7 +33,7 @@ from haq.runtime.predictor import CostPredictor
 from haq.runtime.metrics import EngineMetrics, kv_cache_bytes
 from haq.runtime.pregate import PreGate
 from haq.runtime.sampling import SamplingParams
-from haq.runtime.store import ExpertStore, ExpertWeights, Key, extract_experts
+from haq.runtime.store import ExpertStore, ExpertWeights, Key, common_math, extract_experts
 from haq.runtime.trace import Trace
 
 
@@ -90,7 +90,7 @@ class Engine:
             weights, math = extract_experts(layer.get_submodule(adapter.moe.experts))
             per_layer.append(weights)
             maths.append(math)
-        self.store = ExpertStore(per_layer, maths[0], pin=self.device.type == "cuda")
+        self.store = ExpertStore(per_layer, common_math(maths), pin=self.device.type == "cuda")
         self.expert_bytes = self.store.expert_bytes
         self._check_budget(budget_bytes)
         self.budget_bytes = int(budget_bytes)

@@ -192,7 +192,7 @@ class NativeDecoder:
         E = experts.num_experts
         return GroupedExperts([experts.gate_up_q[e] for e in range(E)], [experts.gate_up_scale[e] for e in range(E)],
                               [experts.down_q[e] for e in range(E)], [experts.down_scale[e] for e in range(E)],
-                              experts.act_bits)
+                              experts.act_bits, down_rotation=experts.down_rotation)
 
     @classmethod
     def build(cls, model: nn.Module, experts: Sequence[GroupedExperts] | None = None

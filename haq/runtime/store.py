@@ -73,11 +73,13 @@ class ExpertMath:
     act_bits: int = 16  # > 8: float experts, or weight-only int8
     act_mode: str = "per-token"
     impl: str = "auto"  # the int8 backend (haq.kernels.backends)
+    down_rotation: nn.Module | None = None  # --rotate: x -> x R of every down input (one per model)
 
     def forward(self, w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H] on w's device (as `Int8Experts.expert_forward` / HF experts)."""
+        rotate = self.down_rotation or (lambda h: h)
         return gated_mlp(x, lambda v: self._linear(v, w.gate_up, w.gate_up_scale, w.gate_up_in_scale),
-                         lambda h: self._linear(h, w.down, w.down_scale, w.down_in_scale), self.act_fn)
+                         lambda h: self._linear(rotate(h), w.down, w.down_scale, w.down_in_scale), self.act_fn)
 
     def _linear(self, x, weight, scale, in_scale):
         if scale is None:
@@ -86,6 +88,19 @@ class ExpertMath:
             return F.linear(x, weight.to(x.dtype) * scale.to(x.dtype)[:, None])
         return int8_linear(x, weight.t(), scale, act_bits=self.act_bits, act_mode=self.act_mode,
                            static_act_scale=in_scale, impl=self.impl)
+
+
+def common_math(maths: list[ExpertMath]) -> ExpertMath:
+    """The one math of every MoE layer's experts (the store runs one): their down rotations must agree."""
+    def same(a: nn.Module | None, b: nn.Module | None) -> bool:
+        if a is None or b is None:
+            return a is b
+        return a.sizes == b.sizes and torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+
+    if not all(same(m.down_rotation, maths[0].down_rotation) for m in maths):
+        raise HaqError("the MoE layers rotate their experts' down inputs differently, and the engine runs one "
+                       "rotation for all: quantize with --rotate auto or on (one seeded rotation per width)")
+    return maths[0]
 
 
 def extract_experts(experts: nn.Module) -> tuple[list[ExpertWeights], ExpertMath]:
@@ -97,7 +112,8 @@ def extract_experts(experts: nn.Module) -> tuple[list[ExpertWeights], ExpertMath
                                  experts.gate_up_in_scale[e].clone() if static else None,
                                  experts.down_in_scale[e].clone() if static else None)
                    for e in range(experts.num_experts)]
-        return weights, ExpertMath(experts.act_fn, experts.act_bits, experts.act_mode, experts.impl)
+        return weights, ExpertMath(experts.act_fn, experts.act_bits, experts.act_mode, experts.impl,
+                                   experts.down_rotation)
     weights = [ExpertWeights(experts.gate_up_proj.data[e].clone(), experts.down_proj.data[e].clone())
                for e in range(experts.gate_up_proj.shape[0])]
     return weights, ExpertMath(experts.act_fn)
@@ -117,7 +133,8 @@ class ExpertStore:
         grouped = (per_layer[0][0].gate_up_scale is not None and
                    GroupedExperts.supports(math.act_fn, math.act_bits, math.act_mode, static, torch.device("cpu")))
         self.grouped = [GroupedExperts([w.gate_up for w in experts], [w.gate_up_scale for w in experts],
-                                       [w.down for w in experts], [w.down_scale for w in experts], math.act_bits)
+                                       [w.down for w in experts], [w.down_scale for w in experts], math.act_bits,
+                                       down_rotation=math.down_rotation)
                         for experts in self.layers] if grouped else None
 
     def __getitem__(self, key: Key) -> ExpertWeights:
