@@ -18,7 +18,7 @@ from haq.runtime.synthetic import (
     load_mixtral_popularity,
 )
 from haq.runtime.trace import Trace, TraceMeta
-from haq.sim.plots import plot_expert_heatmap, plot_hit_rate, plot_latency_cdf
+from haq.sim.plots import plot_expert_heatmap, plot_hit_rate, plot_latency_cdf, plot_layer_hit_rate, plot_tradeoff
 from haq.sim.tuning import format_table, simulate
 
 MIXTRAL_TOTAL = 256 * MIXTRAL_EXPERT_BYTES
@@ -148,7 +148,11 @@ def test_table_plots_and_errors(small_trace, rtx4090, tmp_path):
     rows = simulate(small_trace, rtx4090, [16 * nbytes], nbytes, ["all-cpu", "haq"], pin_share=0.5)
     table = format_table(rows)
     assert table.count("\n") == 1 + len(rows) and "haq (pin_share=0.5" in table
-    for plot, arg in ((plot_hit_rate, rows), (plot_latency_cdf, rows), (plot_expert_heatmap, small_trace)):
+    for row in rows:  # the per-layer rates behind layer_hit_std
+        assert len(row.layer_hit_rate) == small_trace.meta.layers
+        assert row.layer_hit_std == pytest.approx(float(row.layer_hit_rate.std()))
+    for plot, arg in ((plot_hit_rate, rows), (plot_latency_cdf, rows), (plot_expert_heatmap, small_trace),
+                      (plot_layer_hit_rate, rows), (plot_tradeoff, {"haq": rows[1:], "all-cpu": rows[:1]})):
         out = plot(arg, tmp_path / f"{plot.__name__}.png")
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(HaqError, match="unknown policy"):

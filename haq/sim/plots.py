@@ -61,6 +61,49 @@ def plot_hit_rate(rows: Sequence[SimResult], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_layer_hit_rate(rows: Sequence[SimResult], path: str | Path) -> Path:
+    """Device hit rate of each MoE layer, one line per policy, one panel per budget."""
+    groups = _by_budget(rows)
+    fig, axes = _panels(len(groups), "device hit rate per layer")
+    for ax, (budget, group) in zip(axes, sorted(groups.items())):
+        for r in group:
+            ax.plot(np.arange(len(r.layer_hit_rate)), r.layer_hit_rate, marker=".", label=r.policy)
+        ax.set_title(f"budget {group[0].budget_frac:.0%} of experts")
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("hit rate")
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_tradeoff(curves: dict[str, Sequence[SimResult]], path: str | Path) -> Path:
+    """Mean decode latency against the std over layers of the hit rate: one panel per budget, each
+    named curve (e.g. haq over its pin shares) a line, every single point labelled by its policy."""
+    budgets = sorted({r.budget_bytes for rs in curves.values() for r in rs})
+    if not budgets:
+        raise HaqError("no simulation results to plot")
+    fig, axes = _panels(len(budgets), "per-layer hit-rate spread against mean decode latency")
+    for ax, budget in zip(axes, budgets):
+        for name, rs in curves.items():
+            pts = [r for r in rs if r.budget_bytes == budget]
+            single = len(pts) == 1
+            ax.plot([r.layer_hit_std for r in pts], [r.latency_mean_s * 1e3 for r in pts], label=name,
+                    marker="*" if single else "o", markersize=12 if single else 6, linestyle="none" if single else "-")
+            for r in pts:
+                if r.detail:
+                    ax.annotate(r.detail, (r.layer_hit_std, r.latency_mean_s * 1e3), fontsize=7)
+        frac = next(r.budget_frac for rs in curves.values() for r in rs if r.budget_bytes == budget)
+        ax.set_title(f"budget {frac:.0%} of experts")
+        ax.set_xlabel("std over layers of the hit rate")
+        ax.set_ylabel("mean decode latency (ms/token)")
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_latency_cdf(rows: Sequence[SimResult], path: str | Path) -> Path:
     """Empirical CDF of per-token decode latency, one line per policy, one panel per budget."""
     groups = _by_budget(rows)

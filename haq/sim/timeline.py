@@ -85,6 +85,7 @@ class SimResult:
     prefetch_used: float  # share of prefetched experts called (on the device) before their eviction
     latency_s: np.ndarray = field(repr=False)  # [decode tokens]
     cum_hit_rate: np.ndarray = field(repr=False)  # [decode tokens] hit rate of all calls so far
+    layer_hit_rate: np.ndarray = field(repr=False)  # [layers] device hit rate of each layer's calls
     detail: str = ""  # policy settings worth showing (haq: its tuned pin share)
 
 
@@ -386,4 +387,5 @@ def summarize(name: str, replay: Replay, steps: Sequence[Step], budget_bytes: in
         prefetch_used=replay.prefetch_hits / max(replay.prefetches, 1),
         latency_s=lat,
         cum_hit_rate=cum_hits / cum_calls,
+        layer_hit_rate=layer_rate,
     )
