@@ -97,8 +97,6 @@ def plot_tradeoff(curves: dict[str, Sequence[SimResult]], path: str | Path) -> P
         ax.set_title(f"budget {frac:.0%} of experts")
         ax.set_xlabel("std over layers of the hit rate")
         ax.set_ylabel("mean decode latency (ms/token)")
-        ax.set_yscale("log")
-        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     return _save(fig, path)
