@@ -223,7 +223,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     print(format_table(rows))
     if args.json:
         _write_json(args.json, {"trace": args.trace, "hardware": args.hardware,
-                                "rows": [{k: v for k, v in vars(r).items() if k not in ("latency_s", "cum_hit_rate")}
+                                "rows": [{**{k: v for k, v in vars(r).items() if k not in ("latency_s", "cum_hit_rate")},
+                                          "layer_hit_rate": [round(float(x), 5) for x in r.layer_hit_rate]}
                                          for r in rows]})
     if args.plot:
         from haq.sim.plots import plot_expert_heatmap, plot_hit_rate, plot_latency_cdf
