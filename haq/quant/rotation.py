@@ -31,15 +31,20 @@ from haq.models.adapters import ADAPTERS, adapter_for, input_weight
 from haq.models.norms import NormKind, norm_gain, set_norm_gain
 
 
+def _per_matrix(weight: torch.Tensor, fn) -> None:
+    """weight <- fn(weight) in place, one expert's matrix at a time for fused experts [E, ...]: the
+    float64 products of a Mixtral layer's experts at once would take 15 GB (`scale.md`'s bound)."""
+    for w in (weight.data if weight.ndim == 3 else [weight.data]):
+        w.copy_(fn(w.double()).to(w.dtype))
+
+
 def _rotate_reader(module: nn.Module, gain: torch.Tensor, Q: torch.Tensor) -> None:
-    weight = input_weight(module)
-    weight.data = ((weight.data.double() * gain) @ Q).to(weight.dtype)
+    _per_matrix(input_weight(module), lambda w: (w * gain) @ Q)
 
 
 def _rotate_writer(module: nn.Module, Q: torch.Tensor) -> None:
     if hasattr(module, "down_proj") and isinstance(module.down_proj, nn.Parameter):  # fused experts [E, H, I]
-        down = module.down_proj
-        down.data = torch.einsum("hk,ehi->eki", Q, down.data.double()).to(down.dtype)
+        _per_matrix(module.down_proj, lambda w: Q.T @ w)
         return
     module.weight.data = (Q.T @ module.weight.data.double()).to(module.weight.dtype)
     if getattr(module, "bias", None) is not None:
@@ -139,7 +144,8 @@ def _rotate_experts_down(experts: nn.Module, seed: int) -> None:
     """Every expert's down weight W <- W R with one R for the layer, and the module's forward turns
     the down inputs (exact in float); quantization carries `down_rotation` into `Int8Experts`."""
     rotation = OnlineRotation.seeded(experts.down_proj.shape[-1], seed).to(experts.down_proj.device)
-    experts.down_proj.data = rotation(experts.down_proj.data.float()).to(experts.down_proj.dtype)
+    for w in experts.down_proj.data:  # one expert at a time, in place
+        w.copy_(rotation(w.float()).to(w.dtype))
     experts.down_rotation = rotation
     experts.forward = MethodType(_rotated_experts_forward, experts)
 
