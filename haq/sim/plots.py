@@ -45,36 +45,33 @@ def _panels(count: int, title: str) -> tuple[Figure, list]:
     return fig, axes
 
 
-def plot_hit_rate(rows: Sequence[SimResult], path: str | Path) -> Path:
-    """Cumulative hit rate over decode tokens, one line per policy, one panel per budget."""
+def _rates_per_budget(rows: Sequence[SimResult], path: str | Path, title: str, xlabel: str, ylabel: str,
+                      line, **style) -> Path:
+    """One panel per budget, one line per policy: `line(result)` -> (x, y), y a rate in [0, 1]."""
     groups = _by_budget(rows)
-    fig, axes = _panels(len(groups), "device hit rate over tokens")
+    fig, axes = _panels(len(groups), title)
     for ax, (budget, group) in zip(axes, sorted(groups.items())):
         for r in group:
-            ax.plot(np.arange(1, len(r.cum_hit_rate) + 1), r.cum_hit_rate, label=r.policy)
+            ax.plot(*line(r), label=r.policy, **style)
         ax.set_title(f"budget {group[0].budget_frac:.0%} of experts ({budget / 2**30:.1f} GiB)")
-        ax.set_xlabel("decode token")
-        ax.set_ylabel("cumulative hit rate")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.set_ylim(0.0, 1.0)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_hit_rate(rows: Sequence[SimResult], path: str | Path) -> Path:
+    """Cumulative hit rate over decode tokens, one line per policy, one panel per budget."""
+    return _rates_per_budget(rows, path, "device hit rate over tokens", "decode token", "cumulative hit rate",
+                             lambda r: (np.arange(1, len(r.cum_hit_rate) + 1), r.cum_hit_rate))
 
 
 def plot_layer_hit_rate(rows: Sequence[SimResult], path: str | Path) -> Path:
     """Device hit rate of each MoE layer, one line per policy, one panel per budget."""
-    groups = _by_budget(rows)
-    fig, axes = _panels(len(groups), "device hit rate per layer")
-    for ax, (budget, group) in zip(axes, sorted(groups.items())):
-        for r in group:
-            ax.plot(np.arange(len(r.layer_hit_rate)), r.layer_hit_rate, marker=".", label=r.policy)
-        ax.set_title(f"budget {group[0].budget_frac:.0%} of experts")
-        ax.set_xlabel("MoE layer")
-        ax.set_ylabel("hit rate")
-        ax.set_ylim(0.0, 1.0)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    return _save(fig, path)
+    return _rates_per_budget(rows, path, "device hit rate per layer", "MoE layer", "hit rate",
+                             lambda r: (np.arange(len(r.layer_hit_rate)), r.layer_hit_rate), marker=".")
 
 
 def plot_tradeoff(curves: dict[str, Sequence[SimResult]], path: str | Path) -> Path:
