@@ -43,10 +43,8 @@ def _rotate_reader(module: nn.Module, gain: torch.Tensor, Q: torch.Tensor) -> No
 
 
 def _rotate_writer(module: nn.Module, Q: torch.Tensor) -> None:
-    if hasattr(module, "down_proj") and isinstance(module.down_proj, nn.Parameter):  # fused experts [E, H, I]
-        _per_matrix(module.down_proj, lambda w: Q.T @ w)
-        return
-    module.weight.data = (Q.T @ module.weight.data.double()).to(module.weight.dtype)
+    fused = hasattr(module, "down_proj") and isinstance(module.down_proj, nn.Parameter)  # experts [E, H, I]
+    _per_matrix(module.down_proj if fused else module.weight, lambda w: Q.T @ w)
     if getattr(module, "bias", None) is not None:
         module.bias.data = (module.bias.data.double() @ Q).to(module.bias.dtype)
 
@@ -97,14 +95,7 @@ def rotate_layer(config, index: int, layer: nn.Module, Q: torch.Tensor, online: 
     for name in layer_spec.writers:
         _rotate_writer(layer.get_submodule(name), Q)
     if online:
-        names = layer_spec.online
-        if hadamard_only:
-            names = tuple(n for n in names if has_hadamard(layer.get_submodule(n).in_features))
-        _rotate_online(layer, names, seed)
-        if layer_spec.moe is not None:
-            experts = layer.get_submodule(layer_spec.moe.experts)
-            if not hadamard_only or has_hadamard(experts.down_proj.shape[-1]):
-                _rotate_experts_down(experts, seed)
+        _rotate_layer_online(layer, layer_spec, seed, hadamard_only)
 
 
 def rotate_residual(model: nn.Module, seed: int = 0) -> None:
@@ -122,13 +113,24 @@ def _rotate_input(module: nn.Module, args: tuple) -> tuple:
     return (module.online_rotation(args[0]), *args[1:])
 
 
-def _rotate_online(layer: nn.Module, names: tuple[str, ...], seed: int) -> None:
-    for name in names:
+def _rotate_layer_online(layer: nn.Module, layer_spec, seed: int, hadamard_only: bool = False) -> None:
+    """The layer's online-rotated inputs: its dense down_proj(s) and its routed experts' down; with
+    `hadamard_only`, only widths with a Hadamard matrix."""
+    def wanted(width: int) -> bool:
+        return not hadamard_only or has_hadamard(width)
+
+    for name in layer_spec.online:
         linear = layer.get_submodule(name)
+        if not wanted(linear.in_features):
+            continue
         rotation = OnlineRotation.seeded(linear.in_features, seed).to(linear.weight.device)
         linear.weight.data = rotation(linear.weight.data.float()).to(linear.weight.dtype)
         linear.online_rotation = rotation
         linear.register_forward_pre_hook(_rotate_input)
+    if layer_spec.moe is not None:
+        experts = layer.get_submodule(layer_spec.moe.experts)
+        if wanted(experts.down_proj.shape[-1]):
+            _rotate_experts_down(experts, seed)
 
 
 def _rotated_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -159,7 +161,4 @@ def rotate_online_inputs(model: nn.Module, seed: int = 0) -> None:
     if adapter.residual is None:
         return
     for index, layer in enumerate(adapter.decoder_layers(model)):
-        spec = adapter.layer_spec(model.config, index)
-        _rotate_online(layer, spec.online, seed)
-        if spec.moe is not None:
-            _rotate_experts_down(layer.get_submodule(spec.moe.experts), seed)
+        _rotate_layer_online(layer, adapter.layer_spec(model.config, index), seed)
