@@ -87,6 +87,19 @@ def test_a_step_equals_the_module_path_for_a_padded_batch(int8_dir, name: str, l
         assert layer.get_seq_length() == pads[0] + rows[0].length + 1
 
 
+def test_the_rotary_table_equals_the_models_rotary_module_at_every_position(int8_dir) -> None:
+    """The step reads cos/sin from a table grown by doubling; rows must be the module's own output."""
+    from haq.checkpoint.native import load_quantized
+
+    model = load_quantized(int8_dir("tiny-llama"))
+    decoder = NativeDecoder.build(model)[0]
+    x = torch.zeros(3, model.config.hidden_size)
+    for positions in ([0, 5, 255], [3, 300, 1100], [7, 8, 9]):  # the second grows the table past 256
+        cos, sin = decoder._rotary(x, positions)
+        want = model.model.rotary_emb(x[:, None], torch.tensor(positions)[:, None])
+        assert torch.equal(cos, want[0][:, 0].float()) and torch.equal(sin, want[1][:, 0].float())
+
+
 def test_the_engine_at_budget_0_decodes_natively_and_counts_every_call(int8_dir) -> None:
     from haq.api import build_engine
     from haq.checkpoint.native import load_quantized

@@ -85,6 +85,12 @@ class PreallocatedLayer(DynamicLayer):
                 self._buffers[which] = grown
         return self._buffers[0], self._buffers[1], length
 
+    def holds(self, dtype: torch.dtype, device: str) -> bool:
+        """Keys and values of `dtype` on `device`, at least one column cached (a cheap check per step)."""
+        buf = self._buffers[0]
+        return (buf is not None and self._lengths[0] > 0 and buf.dtype == dtype and buf.device.type == device
+                and self._buffers[1] is not None)
+
     def advance(self, n: int) -> None:
         self._lengths = [self._lengths[0] + n, self._lengths[1] + n]
 

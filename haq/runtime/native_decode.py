@@ -30,6 +30,7 @@ from haq.runtime.kv_cache import PreallocatedLayer
 DECODER_LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "MixtralDecoderLayer"}
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "MixtralRMSNorm"}
 MAX_EXPERTS, MAX_TOP_K, MAX_HEAD_DIM = 1024, 64, 512  # the kernel's stack buffers
+DYNAMIC_ROPE = {"dynamic", "longrope"}  # their frequencies depend on the sequence length: no table
 STEP_PARTS = ("other", "attention", "router", "expert math", "lm_head")
 """The kernel's timed parts, in its order (`step(seconds=...)`): other = norms, residuals and the
 quantization of the q/k/v input; attention = q/k/v, RoPE, the cache write, attention and o_proj;
@@ -160,6 +161,7 @@ class NativeDecoder:
                 raise Unsupported("the lm_head has a bias")
             self.lm_head, self.lm_head_q = self._hold(_contiguous_f32(head.weight, "the lm_head")), cpu.QLinear()
         self.num_layers = len(layers)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- building ---------------------------------------------------------------------------
     def _hold(self, obj):
@@ -204,12 +206,27 @@ class NativeDecoder:
             return None, str(e)
 
     # -- a step -----------------------------------------------------------------------------
+    def _rotary(self, x: torch.Tensor, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [B, head_dim] at `positions`, rows of a table the model's rotary module
+        computes once for positions 0..n-1 (grown by doubling): each entry is one product and
+        one cos/sin, so a row equals the module's output at that position alone."""
+        if getattr(self.model.model.rotary_emb, "rope_type", "default") in DYNAMIC_ROPE:
+            position_ids = torch.tensor(positions, dtype=torch.long)[:, None]
+            return tuple(t.float().reshape(len(positions), self.head_dim).contiguous()
+                         for t in self.model.model.rotary_emb(x[:, None], position_ids))
+        top = max(positions) + 1
+        if self._rope is None or self._rope[0].shape[0] < top:
+            n = max(2 * top, 256)
+            cos, sin = self.model.model.rotary_emb(x[:1, None], torch.arange(n)[None])
+            self._rope = (cos[0].float().contiguous(), sin[0].float().contiguous())
+        index = torch.tensor(positions, dtype=torch.long)
+        return self._rope[0][index], self._rope[1][index]
+
     def accepts(self, cache) -> bool:
         """A cache this step can extend: every layer preallocated, float32, holding tokens."""
         layers = getattr(cache, "layers", ())
         return len(layers) == self.num_layers and all(
-            isinstance(layer, PreallocatedLayer) and layer.keys is not None and layer.keys.dtype == torch.float32
-            and layer.keys.device.type == "cpu" and layer.get_seq_length() > 0 for layer in layers)
+            isinstance(layer, PreallocatedLayer) and layer.holds(torch.float32, "cpu") for layer in layers)
 
     @torch.no_grad()
     def step(self, tokens: Sequence[int], positions: Sequence[int], pads: Sequence[int], cache,
@@ -220,9 +237,7 @@ class NativeDecoder:
         B = len(tokens)
         ids = torch.tensor(tokens, dtype=torch.long)[:, None]
         x = self.model.model.embed_tokens(ids).reshape(B, self.hidden).float().contiguous()
-        position_ids = torch.tensor(positions, dtype=torch.long)[:, None]
-        cos, sin = (t.float().reshape(B, self.head_dim).contiguous()
-                    for t in self.model.model.rotary_emb(x[:, None], position_ids))
+        cos, sin = self._rotary(x, positions)
         buffers = [layer.reserve(1) for layer in cache.layers]
         length = buffers[0][2]
         for spec, (kbuf, vbuf, n) in zip(self.layers, buffers):
