@@ -125,10 +125,12 @@ def greedy_whole_prefix(model, prompts: list[list[int]], new_tokens: int) -> lis
     return outs
 
 
-def fake_quant_tokens(model_ref: str, recipe, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+def fake_quant_tokens(model_ref: str, recipe, prompts: list[list[int]], new_tokens: int
+                      ) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy tokens of the float model with every quantized linear and expert fake-quantized
     (quantize-dequantize weights and activations, float GEMMs): the reference an int8 checkpoint
-    of `recipe` (RTN: the same integer levels) must reproduce."""
+    of `recipe` (RTN: the same integer levels) must reproduce; and, from one forward over prompt +
+    those tokens, each position's margin: the chosen token's logit minus the best other one."""
     from contextlib import ExitStack
 
     from haq.loading import load_model
@@ -141,7 +143,34 @@ def fake_quant_tokens(model_ref: str, recipe, prompts: list[list[int]], new_toke
         for i, layer in enumerate(adapter.decoder_layers(model)):
             stack.enter_context(fake_quantized(layer, adapter.layer_spec(model.config, i), recipe))
         outs = greedy_whole_prefix(model, prompts, new_tokens)
-    return outs
+        margins = []
+        for prompt, out in zip(prompts, outs):
+            logits = model(torch.tensor([prompt + out])).logits[0, len(prompt) - 1:-1].float()
+            chosen = logits[torch.arange(len(out)), torch.tensor(out)]
+            logits[torch.arange(len(out)), torch.tensor(out)] = float("-inf")
+            margins.append((chosen - logits.max(dim=1).values).tolist())
+    return outs, margins
+
+
+def teacher_forced(engine, prompts: list[list[int]], references: list[list[int]]) -> list[list[bool]]:
+    """The engine's greedy choice at each position when its input is always the reference's token
+    (the sampled token is replaced before the next decode step): agreement without the compounding
+    of free-running decoding, where one near-tie flip changes every later token."""
+    from haq.runtime.sampling import SamplingParams
+
+    agree = []
+    for prompt, ref in zip(prompts, references):
+        gen = engine.generator(max_batch=1)
+        seq_id = gen.add(prompt, SamplingParams(max_tokens=len(ref), ignore_eos=True))
+        same = []
+        while gen.has_work:
+            for event in gen.step():
+                same.append(event.token == ref[event.index])
+                for seq in gen.running:
+                    if seq.id == seq_id:
+                        seq.tokens[-1] = ref[event.index]
+        agree.append(same)
+    return agree
 
 
 def plain_tokens(checkpoint: str, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
@@ -190,15 +219,22 @@ def check_tokens(args) -> None:
     prompts = eval_windows("wiki-offline", tokenizer, seqlen=32, max_windows=args.prompts).tolist()
     new_tokens = args.new_tokens or 32
     outputs = [engine.generate(torch.tensor(prompt), max_new_tokens=new_tokens)[0] for prompt in prompts]
+    fakes, margins = fake_quant_tokens(args.model, recipe, prompts, new_tokens)
+    forced = teacher_forced(engine, prompts, fakes)
     engine.close()
     rows = []
-    references = zip(fake_quant_tokens(args.model, recipe, prompts, new_tokens),
-                     plain_tokens(args.int8, prompts, new_tokens), hf_cached_tokens(args.int8, prompts, new_tokens))
-    for i, (tokens, (fake, plain, hf_cached)) in enumerate(zip(outputs, references)):
+    references = zip(fakes, margins, forced, plain_tokens(args.int8, prompts, new_tokens),
+                     hf_cached_tokens(args.int8, prompts, new_tokens))
+    for i, (tokens, (fake, margin, same, plain, hf_cached)) in enumerate(zip(outputs, references)):
         def first(a, b):
             return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), "-")
+        differ = [m for m, ok in zip(margin, same) if not ok]
         rows.append({"prompt": i, "tokens": len(tokens), "engine = fake-quant": tokens == fake,
-                     "first difference": first(tokens, fake), "engine = plain int8": tokens == plain,
+                     "first difference": first(tokens, fake),
+                     "teacher-forced agreement": f"{sum(same)}/{len(same)}",
+                     "reference margin where they differ": ", ".join(f"{m:.3f}" for m in differ) or "-",
+                     "smallest reference margin": round(min(margin), 3),
+                     "engine = plain int8": tokens == plain,
                      "first difference ": first(tokens, plain), "HF cached = plain int8": hf_cached == plain,
                      "first difference  ": first(hf_cached, plain)})
         print(rows[-1], flush=True)
@@ -209,7 +245,9 @@ def check_tokens(args) -> None:
           f"backend, no engine or native kernels); and (c) that plain run against itself decoded with HF's own "
           f"KV cache and attention: W8A8 with per-token activation scales is discontinuous (a 1-ulp change "
           f"of an activation can move it to the next level), so any change of float schedule, haq's or HF's, "
-          f"eventually changes a greedy token; "
+          f"eventually changes a greedy token. Teacher-forced: the engine fed the fake-quant reference's own "
+          f"tokens, its greedy choice compared position by position; a margin is the reference's chosen logit "
+          f"minus its best other logit at that position (one forward over prompt + tokens); "
           f"{args.prompts} wiki-offline test prompts of 32 tokens, {new_tokens} greedy tokens each.\n\n"
           + md_table(rows, list(rows[0])))
     write_results("engine-tokens", {"machine": machine(), "git": git_rev(), "rows": rows}, md)

@@ -149,7 +149,7 @@ def cell_main(args) -> None:
     Path(args.out).with_suffix(".json").write_text(json.dumps({
         "method": args.cell, "offload": args.offload, "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
         "s_per_layer": round(sum(seconds) / len(seconds), 1), "layer_s": [round(s, 1) for s in seconds],
-        "total_s": round(time.perf_counter() - start, 1), "commit": git_rev()}))
+        "total_s": round(time.perf_counter() - start, 1), "commit": git_rev(), "rotated": bool(meta.get("rotated"))}))
 
 
 def main() -> None:
@@ -159,6 +159,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--no-reference", action="store_true", help="skip the in-memory (no offload) rtn cell")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the rows of scale.json for the cells not run now (each row names its commit)")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--slice", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -170,6 +172,11 @@ def main() -> None:
     base = measure_base(slice_dir, args.nsamples, args.seqlen)
     terms = bound_terms(args.nsamples, args.seqlen, base)
     cells = [(m, True) for m in args.methods] + ([] if args.no_reference else [("rtn", False)])
+    kept = []
+    if args.update and (ROOT / "bench" / "results" / "scale.json").is_file():
+        previous = json.loads((ROOT / "bench" / "results" / "scale.json").read_text())["rows"]
+        kept = [{"rotated": False, **r} for r in previous  # rows before the field: rotation was opt-in then
+                if (r["method"], r["offload"]) not in cells]
     rows = []
     for method, offload in cells:
         out = args.work / f"q-{method}-{'offload' if offload else 'memory'}"
@@ -184,7 +191,7 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
         subprocess.run(["rm", "-rf", str(out)])
-        write(args, rows, terms)  # after every cell: a run stopped later keeps what it measured
+        write(args, kept + rows, terms)  # after every cell: a run stopped later keeps what it measured
 
 
 def write(args, rows: list[dict], terms: dict[str, int]) -> None:
@@ -192,10 +199,10 @@ def write(args, rows: list[dict], terms: dict[str, int]) -> None:
     payload = {"machine": machine(), "commit": git_rev(), "shape": SHAPE, "calibration":
                {"nsamples": args.nsamples, "seqlen": args.seqlen, "dataset": "wiki-offline"},
                "bound_terms_gb": terms, "rows": rows}
-    columns = ["method", "offload", "peak_rss_gb", "bound_gb", "within_bound", "s_per_layer",
-               "extrapolated_32_layers_h", "load"]  # per-layer times and each cell's commit: scale.json
+    columns = ["method", "offload", "rotated", "peak_rss_gb", "bound_gb", "within_bound", "s_per_layer",
+               "extrapolated_32_layers_h", "load", "commit"]  # per-layer times: scale.json
     md = ("# Quantizer at Mixtral-8x7B width (2-layer slice, `bench/scale.py`)\n\n"
-          f"Calibration: {args.nsamples} x {args.seqlen} wiki-offline tokens; commit {payload['commit']}; "
+          f"Calibration: {args.nsamples} x {args.seqlen} wiki-offline tokens; each row at its commit; "
           f"{payload['machine']['cpu']}, {payload['machine']['threads']} threads.\n"
           f"Bound terms (GiB): {terms}; peak RSS is the cell process's VmHWM.\n\n" + md_table(rows, columns))
     write_results("scale", payload, md)
