@@ -71,9 +71,12 @@ def cmd_run(args: argparse.Namespace) -> None:
     if single:
         print(prompts[0], end="", flush=True)
 
+    def decode(tokens: list[int]) -> str:  # no clean-up: BPE tokenizers warn about it mid-stream
+        return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     def show(event) -> None:  # one prompt: stream its text; several: print each when it ends
         streams[event.seq_id].append(event.token)
-        text = tokenizer.decode(streams[event.seq_id], skip_special_tokens=True)
+        text = decode(streams[event.seq_id])
         if single and not text.endswith("\ufffd"):
             print(text[shown[event.seq_id]:], end="", flush=True)
             shown[event.seq_id] = len(text)
@@ -86,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     finally:
         engine.close()
     if single:
-        print(tokenizer.decode(streams[0], skip_special_tokens=True)[shown[0]:])  # what was held back, if any
+        print(decode(streams[0])[shown[0]:])  # what was held back, if any
     print(metrics.summary())
     if args.json:
         write_json(args.json, metrics.to_dict())

@@ -121,6 +121,11 @@ class Worker(threading.Thread):
             return
         self.handles[handle.seq_id] = handle
 
+    def _decode(self, tokens: list[int]) -> str:
+        """Text of `tokens`, without the tokenizer's space clean-up (a BPE tokenizer ignores it with a
+        warning; streamed pieces must be slices of one decoding anyway)."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     def _deliver(self, event: TokenEvent) -> None:
         handle = self.handles.get(event.seq_id)
         if handle is None:
@@ -137,10 +142,9 @@ class Worker(threading.Thread):
         handle.tokens.append(event.token)
         prefix = handle.prompt[-PREFIX_TOKENS:]
         if handle.prefix_text is None:
-            handle.prefix_text = self.tokenizer.decode(prefix, skip_special_tokens=True)
-        full = self.tokenizer.decode(prefix + handle.tokens, skip_special_tokens=True)
-        text = full[len(handle.prefix_text):] if full.startswith(handle.prefix_text) else \
-            self.tokenizer.decode(handle.tokens, skip_special_tokens=True)
+            handle.prefix_text = self._decode(prefix)
+        full = self._decode(prefix + handle.tokens)
+        text = full[len(handle.prefix_text):] if full.startswith(handle.prefix_text) else self._decode(handle.tokens)
         reason = event.finish_reason
         cut = min((i for i in (text.find(s) for s in handle.stops) if i >= 0), default=-1)
         if cut >= 0:
