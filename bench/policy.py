@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from common import RESULTS, machine, md_table, write_results
+from common import RESULTS, git_rev, machine, md_table, write_results
 from runtime import int8_expert_bytes
 
 POLICIES = ["lru", "fiddler", "llamacpp", "haq"]
@@ -287,7 +287,19 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="wiki-offline test windows of 256 tokens per model")
     parser.add_argument("--speed-tokens", type=int, default=1024)
     parser.add_argument("--summary-only", action="store_true", help="rewrite policy-summary.md from policy.json")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only (d), at --speed-tokens, into policy-speed.json/md (policy.json is kept)")
     args = parser.parse_args()
+    if args.speed_only:
+        rows = speed_rows(args.speed_tokens)
+        md = (f"# Replay speed (simulator; 64 experts, top-6, 26 layers)\n\n`python bench/policy.py --speed-only "
+              f"--speed-tokens {args.speed_tokens}`: expert calls replayed per second by `run_policy` (the steps are "
+              f"built first and not timed), 1 thread, load average {os.getloadavg()[0]:.2f}, git {git_rev()}. "
+              "lru and fiddler replay in C (`haq/sim/replay.c`, bit-equal to the Python loop); haq in Python.\n\n"
+              + md_table(rows, ["policy", "calls", "seconds", "calls_per_s"]))
+        write_results("policy-speed", {"machine": machine(), "git": git_rev(), "tokens": args.speed_tokens,
+                                       "rows": rows}, md)
+        return
     if args.summary_only:
         import json
 

@@ -50,6 +50,7 @@ from haq.runtime.prefetch import (PREFETCH_DISTANCE, PathPredictor, pregate_accu
                                   pregate_probabilities)
 from haq.runtime.trace import Trace
 from haq.runtime.policies import Policy
+from haq.sim import native_replay
 
 
 @dataclass(frozen=True)
@@ -274,14 +275,20 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
             view.ready_at.pop(old, None)
             prefetched.discard(old)
 
+    def nonexpert_s(tokens: int) -> float:
+        if nonexpert_s_per_layer is not None:  # measured per decode token; prefill scaled by its tokens
+            return nonexpert_s_per_layer * tokens
+        return prof.device.expert_time(nonexpert_bytes_per_layer, 2.0 * nonexpert_bytes_per_layer, tokens) \
+            if nonexpert_bytes_per_layer else 0.0
+
+    if lookahead is None and native_replay.runs(policy):  # the same timeline in C, bit for bit
+        memo = {n: nonexpert_s(n) for n in {st.tokens for st in steps}}
+        ne = np.fromiter((memo[st.tokens] for st in steps), dtype=np.float64, count=len(steps))
+        return Replay(**native_replay.replay(policy, steps, predictor, layers, ne))
     for step in steps:
         start = clock
         hits = calls = 0
-        if nonexpert_s_per_layer is not None:  # measured per decode token; prefill scaled by its tokens
-            ne = nonexpert_s_per_layer * step.tokens
-        else:
-            ne = prof.device.expert_time(nonexpert_bytes_per_layer, 2.0 * nonexpert_bytes_per_layer, step.tokens) \
-                if nonexpert_bytes_per_layer else 0.0
+        ne = nonexpert_s(step.tokens)
         for layer in range(layers):
             layer_start = clock
             clock += ne

@@ -46,18 +46,39 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "gcc"))
 
 
-def _build(cc: str, flags: list[str], target: Path) -> None:
+def _build(cc: str, flags: list[str], source: Path, target: Path) -> None:
     """Compile into a temporary file beside `target`, then rename: a concurrent or interrupted
     build never leaves a half-written library under the final name."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def built(source: Path, flags: list[str]) -> Path | None:
+    """The shared library of one C `source`, compiled at first use and cached under
+    ``HAQ_HOME/kernels`` by a hash of the source, the compiler, `flags` and the CPU's flags; None
+    (with `unavailable_reason()`) when there is no compiler or the build fails."""
+    cc = _compiler()
+    if cc is None:
+        _reason.append("no C compiler (gcc, or $CC) on PATH")
+        return None
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([source.read_text(), version, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    target = haq_home() / "kernels" / f"{source.stem}-{key}.so"
+    if not target.is_file():
+        try:
+            _build(cc, flags, source, target)
+        except (subprocess.CalledProcessError, OSError) as e:
+            detail = (getattr(e, "stderr", "") or str(e)).strip()
+            _reason.append(f"building {source.name} failed: {detail.splitlines()[-1] if detail else e}")
+            return None
+    return target
 
 
 def library() -> ctypes.CDLL | None:
@@ -72,21 +93,9 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
     if os.environ.get("HAQ_NATIVE", "1") == "0":
         _reason.append("disabled by HAQ_NATIVE=0")
         return None
-    cc = _compiler()
-    if cc is None:
-        _reason.append("no C compiler (gcc, or $CC) on PATH")
+    target = built(SOURCE, FLAGS + (["-mno-avx512vnni", "-mno-avxvnni"] if portable else []))
+    if target is None:
         return None
-    flags = FLAGS + (["-mno-avx512vnni", "-mno-avxvnni"] if portable else [])
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
-    target = haq_home() / "kernels" / f"int8_kernels-{key}.so"
-    if not target.is_file():
-        try:
-            _build(cc, flags, target)
-        except (subprocess.CalledProcessError, OSError) as e:
-            detail = (getattr(e, "stderr", "") or str(e)).strip()
-            _reason.append(f"building {SOURCE.name} failed: {detail.splitlines()[-1] if detail else e}")
-            return None
     lib = ctypes.CDLL(str(target))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.haq_row_sums.argtypes = [p, i64, i64, p]
