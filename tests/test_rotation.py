@@ -119,6 +119,23 @@ def test_online_rotation_keeps_the_float_function(tiny_dir, name):
     assert (len(dense) > 0) == (name != "tiny-mixtral-random") and (len(moe) > 0) == (name != "tiny-llama")
 
 
+def test_rotated_layers_are_freed_without_the_cyclic_collector(tiny_dir):
+    """An offloaded run releases each layer by dropping its last reference: a rotated layer must
+    not sit in a reference cycle (a whole Mixtral layer's experts would stay until gc runs)."""
+    import gc
+    import weakref
+
+    model = load(tiny_dir, "tiny-mixtral-random")
+    rotate_online_inputs(model)
+    gc.disable()
+    try:
+        experts = weakref.ref(model.model.layers[0].mlp.experts)
+        del model
+        assert experts() is None
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral-random"])
 def test_rotated_checkpoint_round_trip(tiny_dir, tmp_path, name):
     from haq.checkpoint.native import load_quantized, save_quantized

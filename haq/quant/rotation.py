@@ -18,8 +18,6 @@ lm_head (after the final norm) like a reader. A tied lm_head is untied first.
 """
 from __future__ import annotations
 
-from types import MethodType
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -142,6 +140,19 @@ def _rotated_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return dispatch(hidden_states, top_k_index, top_k_weights, per_expert(expert))
 
 
+_ROTATED_CLASSES: dict[type, type] = {}
+
+
+def _rotated_class(cls: type) -> type:
+    """`cls` with `_rotated_experts_forward` as its forward. A class, not a bound method stored on
+    the instance: that would be a reference cycle, and an offloaded layer released while in one
+    stays in memory (a whole Mixtral layer's experts, 5.6 GB) until the cyclic collector runs."""
+    if cls not in _ROTATED_CLASSES:
+        _ROTATED_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": _rotated_experts_forward,
+                                                            "__module__": cls.__module__})
+    return _ROTATED_CLASSES[cls]
+
+
 def _rotate_experts_down(experts: nn.Module, seed: int) -> None:
     """Every expert's down weight W <- W R with one R for the layer, and the module's forward turns
     the down inputs (exact in float); quantization carries `down_rotation` into `Int8Experts`."""
@@ -149,7 +160,7 @@ def _rotate_experts_down(experts: nn.Module, seed: int) -> None:
     for w in experts.down_proj.data:  # one expert at a time, in place
         w.copy_(rotation(w.float()).to(w.dtype))
     experts.down_rotation = rotation
-    experts.forward = MethodType(_rotated_experts_forward, experts)
+    experts.__class__ = _rotated_class(type(experts))
 
 
 @torch.no_grad()
