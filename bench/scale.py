@@ -180,7 +180,8 @@ def main() -> None:
     rows = []
     for method, offload in cells:
         out = args.work / f"q-{method}-{'offload' if offload else 'memory'}"
-        subprocess.run(["rm", "-rf", str(out)])
+        partial = out.parent / f".{out.name}.partial"  # an interrupted earlier cell's layers: a cell times a whole run
+        subprocess.run(["rm", "-rf", str(out), str(partial)])
         load = os.getloadavg()[0]
         row = run_cell(method, slice_dir, out, offload, args.nsamples, args.seqlen)
         row["load"] = round(load, 1)
