@@ -138,9 +138,10 @@ def batch_rows(budgets: list[int]) -> list[dict]:
     return rows
 
 
-def speed_rows(tokens: int) -> list[dict]:
+def speed_rows(tokens: int, repeats: int = 3) -> list[dict]:
     """Calls replayed per second on a 64-expert, top-6, 26-layer synthetic trace (replay only: the
-    profile statistics and the policy's construction are not timed)."""
+    profile statistics and the policy's construction are not timed); the policies interleaved
+    `repeats` times, the median and the range of the rounds."""
     from haq.runtime.hardware import load_profile
     from haq.runtime.placement import profile_statistics
     from haq.runtime.policies import PolicyContext, make_policy
@@ -159,19 +160,22 @@ def speed_rows(tokens: int) -> list[dict]:
     stats = profile_statistics(profile)
     steps = replay_steps(replayed)
     calls = sum(len(c) for st in steps for c in st.calls)
-    rows = []
-    for name, source in (("lru", "off"), ("fiddler", "off"), ("haq", "off"), ("haq", "path")):
-        ctx = PolicyContext(budget_bytes=L * E * expert_bytes // 4, expert_bytes=expert_bytes, predictor=predictor,
-                            stats=stats, pin_share=0.5, prefetch=source != "off")
-        lookahead = lookahead_for(source, profile, replayed)
-        policy = make_policy(name, ctx)
-        t0 = time.perf_counter()
-        run_policy(policy, steps, predictor, L, lookahead=lookahead)
-        seconds = time.perf_counter() - t0
-        rows.append({"policy": name if source == "off" else f"haq+{source}", "calls": calls, "seconds": seconds,
-                     "calls_per_s": calls / seconds})
-        print(rows[-1], flush=True)
-    return rows
+    policies = (("lru", "off"), ("fiddler", "off"), ("haq", "off"), ("haq", "path"))
+    seconds: dict[str, list[float]] = {}
+    for round_ in range(repeats):
+        for name, source in policies:
+            ctx = PolicyContext(budget_bytes=L * E * expert_bytes // 4, expert_bytes=expert_bytes,
+                                predictor=predictor, stats=stats, pin_share=0.5, prefetch=source != "off")
+            lookahead = lookahead_for(source, profile, replayed)
+            policy = make_policy(name, ctx)
+            t0 = time.perf_counter()
+            run_policy(policy, steps, predictor, L, lookahead=lookahead)
+            label = name if source == "off" else f"{name}+{source}"
+            seconds.setdefault(label, []).append(time.perf_counter() - t0)
+            print(f"round {round_ + 1}/{repeats} {label}: {calls / seconds[label][-1]:,.0f} calls/s", flush=True)
+    return [{"policy": label, "calls": calls, "seconds": float(np.median(s)),
+             "calls_per_s": calls / float(np.median(s)), "calls_per_s_min": calls / max(s),
+             "calls_per_s_max": calls / min(s)} for label, s in seconds.items()]
 
 
 def memory_rows(traces: dict[str, tuple], step: int = 5) -> list[dict]:
@@ -286,17 +290,22 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--windows", type=int, default=16, help="wiki-offline test windows of 256 tokens per model")
     parser.add_argument("--speed-tokens", type=int, default=1024)
+    parser.add_argument("--speed-repeats", type=int, default=3, help="interleaved rounds of the replay-speed runs")
     parser.add_argument("--summary-only", action="store_true", help="rewrite policy-summary.md from policy.json")
     parser.add_argument("--speed-only", action="store_true",
                         help="only (d), at --speed-tokens, into policy-speed.json/md (policy.json is kept)")
     args = parser.parse_args()
     if args.speed_only:
-        rows = speed_rows(args.speed_tokens)
+        load = os.getloadavg()[0]
+        rows = speed_rows(args.speed_tokens, args.speed_repeats)
         md = (f"# Replay speed (simulator; 64 experts, top-6, 26 layers)\n\n`python bench/policy.py --speed-only "
-              f"--speed-tokens {args.speed_tokens}`: expert calls replayed per second by `run_policy` (the steps are "
-              f"built first and not timed), 1 thread, load average {os.getloadavg()[0]:.2f}, git {git_rev()}. "
-              "lru and fiddler replay in C (`haq/sim/replay.c`, bit-equal to the Python loop); haq in Python.\n\n"
-              + md_table(rows, ["policy", "calls", "seconds", "calls_per_s"]))
+              f"--speed-tokens {args.speed_tokens} --speed-repeats {args.speed_repeats}`: expert calls replayed per "
+              f"second by `run_policy` (the steps are built first and not timed), 1 thread, the policies interleaved "
+              f"{args.speed_repeats} times: median, and the slowest and fastest round; load average {load:.2f} at the "
+              f"start, {os.getloadavg()[0]:.2f} at the end, git {git_rev()}. lru and fiddler replay in C "
+              "(`haq/sim/replay.c`, bit-equal to the Python loop); haq in Python, its path predictions batched "
+              "64 steps at a time.\n\n"
+              + md_table(rows, ["policy", "calls", "seconds", "calls_per_s", "calls_per_s_min", "calls_per_s_max"]))
         write_results("policy-speed", {"machine": machine(), "git": git_rev(), "tokens": args.speed_tokens,
                                        "rows": rows}, md)
         return
@@ -336,7 +345,7 @@ def main() -> None:
                           **{k: (v[0], *int8_expert_bytes(v[1]), 0) for k, v in traces.items()}})
     figures.append(plot_memory(memory))
     batch = batch_rows([25])
-    speed = speed_rows(args.speed_tokens)
+    speed = speed_rows(args.speed_tokens, args.speed_repeats)
     seconds = time.perf_counter() - start
     sim_cols = ["trace", "budget_pct", "policy", "tokens_per_s", "ratio_vs_best_other", "latency_mean_ms", "p99_ms",
                 "hit_rate", "layer_hit_std", "hit_std_vs_lru", "cpu_share", "prefetches_per_token", "prefetch_used",

@@ -52,6 +52,24 @@ def test_path_predictor_learns_a_deterministic_path():
         PathPredictor.from_trace(trace, distance=3)
 
 
+def test_batched_path_predictions_equal_the_per_layer_ones_bit_for_bit():
+    """The replay's batched `predict_paths` is `predict` per token and layer, to the last bit, with
+    missing experts (-1) and a token with no expert at a layer."""
+    popularity = np.random.default_rng(5).dirichlet(np.ones(16), size=6) * 100 + 1  # [6 layers, 16 experts]
+    trace = generate_synthetic_trace(4, 80, popularity=popularity, top_k=3, seed=5)
+    profile, replayed = split_by_sequence(trace)
+    predictor = PathPredictor.from_trace(profile, distance=2)
+    experts = replayed.experts[:40].astype(np.int64)
+    experts[3, 1, 0] = -1
+    experts[7, 2, :] = -1
+    batched = predictor.predict_paths(experts)
+    for token, rows in zip(experts.tolist(), batched):
+        sets = [[e for e in row if e >= 0] for row in token]
+        expected = np.stack([predictor.predict(layer, sets[layer], sets[layer - 1] if layer else [])
+                             for layer in range(6 - 2)])
+        np.testing.assert_array_equal(rows, expected)
+
+
 def test_path_prediction_beats_the_marginal_when_layers_share_a_latent():
     trace = generate_synthetic_trace(8, 64, seed=3, layer_locality=0.9)
     profile, replayed = split_by_sequence(trace)

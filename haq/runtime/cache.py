@@ -108,6 +108,12 @@ class ExpertCache:
         self.stats.evictions += len(evicted)
         return evicted
 
+    def next_victim(self, nbytes: int) -> Key | None:
+        """The first key `admit(key, nbytes)` would evict now, None when nothing would go."""
+        if self.free_bytes >= nbytes:
+            return None
+        return next(iter(self._lru), None)
+
     def victims(self, nbytes: int) -> list[Key]:
         """The keys `admit(key, nbytes)` would evict now (a dry run, for admission decisions)."""
         out, free = [], self.free_bytes

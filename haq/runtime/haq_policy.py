@@ -42,13 +42,21 @@ class Haq:
         stats = ctx.stats
         pinned = two_stage_placement(stats.freq, stats.paths, pinned_slots, ctx.path_share)
         self.cache = ExpertCache(ctx.budget_bytes, {k: ctx.expert_bytes for k in pinned})
+        self.resident = np.zeros(stats.freq.shape, dtype=bool)  # [L, E] key in self.cache, as an array
+        for layer, expert in pinned:
+            self.resident[layer, expert] = True
+        self.unpinned = [np.flatnonzero(~row) for row in self.resident]  # prefetch candidates per layer
         self.lru_slots = ctx.slots - len(pinned)
         tokens = max(stats.tokens, 1)
         self.p_rows = stats.freq / tokens  # [L, E] per-token selection rate
         self.p = self.p_rows.tolist()  # the same as plain floats: read on every miss
+        self.p_max_unpinned = [float(row[ids].max()) if len(ids) else 0.0
+                               for row, ids in zip(self.p_rows, self.unpinned)]
         self.X = stats.locality.T.tolist()  # [L][lags + 1]
         self.calls_per_token = float(stats.freq.sum()) / tokens
-        self.ema = 1.0 / (20 * max(self.calls_per_token, 1.0))  # moving average over ~20 tokens of calls
+        self.calls_per_token_floor = max(self.calls_per_token, 1.0)
+        self.ema = 1.0 / (20 * self.calls_per_token_floor)  # moving average over ~20 tokens of calls
+        self.min_admits_per_token = 1.0 / max(self.lru_slots, 1)
         self.admits_per_call = 0.0
         self.calls = 0
         self.last_use: dict[Key, int] = {}  # key -> call counter at its last use
@@ -61,14 +69,13 @@ class Haq:
 
     def _horizon(self) -> float:
         per_token = self.admits_per_call * self.calls_per_token
-        return self.lru_slots / max(per_token, 1.0 / max(self.lru_slots, 1))
+        return self.lru_slots / max(per_token, self.min_admits_per_token)
 
     def _victim_value(self, horizon: float) -> float:
-        victims = self.cache.victims(self.expert_bytes)
-        if not victims:
+        v = self.cache.next_victim(self.expert_bytes)
+        if v is None:
             return 0.0
-        v = victims[0]
-        age = (self.calls - self.last_use.get(v, 0)) / max(self.calls_per_token, 1.0)
+        age = (self.calls - self.last_use.get(v, 0)) / self.calls_per_token_floor
         return horizon * self.p[v[0]][v[1]] + self._excess(v[0], age, horizon)
 
     def expected_reuse(self, key: Key) -> float:
@@ -90,7 +97,7 @@ class Haq:
             if d.where == "device":
                 self.cache.lookup(key)
                 self.last_use[key] = self.calls
-            self._count(False)
+            self.admits_per_call += self.ema * (False - self.admits_per_call)  # _count(False), inline: the hot path
             return d
         d = p.decide(n, False, link_backlog_s=view.link_backlog_s(), cpu_backlog_s=view.cpu_backlog_s(),
                      expected_reuse=self.expected_reuse(key) if self.lru_slots else 0.0)
@@ -112,16 +119,32 @@ class Haq:
         if in_time <= 0:
             return []
         horizon = self._horizon()
-        gain = self.prefetch_gain(layer, np.asarray(probs, dtype=np.float64), horizon)
+        probs = np.asarray(probs, dtype=np.float64)
         victim = self._victim_value(horizon)
+        # the common case, nothing repays its copy, first on an upper bound of the unpinned experts'
+        # gain (pinned ones are always resident)...
+        unpinned = self.unpinned[layer]
+        if not len(unpinned):
+            return []
+        bound = float(probs[unpinned].max()) * (1.0 + self._excess(layer, 0.0, horizon)) \
+            + horizon * self.p_max_unpinned[layer]
+        if bound - victim <= p.break_even_reuse:
+            return []
+        gain = self.prefetch_gain(layer, probs, horizon)
+        if not ((gain - victim > p.break_even_reuse) & ~self.resident[layer]).any():
+            return []  # ... then exactly, before sorting
+        order = np.argsort(-probs, kind="stable")
+        gain = gain[order]  # most probable first
         out: list[Prefetch] = []
         issued: set[Key] = set()
-        for e in np.argsort(-probs, kind="stable").tolist():
-            if len(out) == in_time:
+        start = 0
+        while len(out) < in_time:
+            # the next expert in order worth its copy against the current victim and not resident
+            worth = np.flatnonzero((gain[start:] - victim > p.break_even_reuse) & ~self.resident[layer][order[start:]])
+            if not len(worth):
                 break
-            key = (layer, e)
-            if gain[e] - victim <= p.break_even_reuse or key in self.cache:
-                continue
+            at = start + int(worth[0])
+            key, start = (layer, int(order[at])), at + 1
             if issued.intersection(self.cache.victims(self.expert_bytes)):
                 break  # the LRU part is full of this layer's prefetches: a likelier one would go
             evicted = self.cache.admit(key, self.expert_bytes)
@@ -137,8 +160,10 @@ class Haq:
     def _admitted(self, key: Key, evicted: list[Key]) -> None:
         """Ages count from admission; evicted keys have none."""
         self.last_use[key] = self.calls
+        self.resident[key] = True
         for old in evicted:
             self.last_use.pop(old, None)
+            self.resident[old] = False
 
     def _count(self, admitted: bool) -> None:
         self.admits_per_call += self.ema * (admitted - self.admits_per_call)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -100,6 +101,42 @@ class PathPredictor:
         count, summed = self.sets[layer].get(tuple(sorted(int(e) for e in chosen)), (0.0, 0.0))
         return (summed + self.prior_weight * prior) / (count + self.prior_weight)
 
+    def predict_paths(self, experts: np.ndarray) -> np.ndarray:
+        """[T, L - d, E]: [t, l] is `predict(l, <experts[t, l]>, <experts[t, l - 1]>)` for tokens'
+        expert ids `experts` [T, L, K] (-1 = none), bit for bit (the same rows summed in the same
+        order), in a few array operations instead of a small call per token and layer (the replay
+        predicts every decode step)."""
+        L, d, E = self.layers, self.distance, self.marginal.shape[1]
+        n = L - d
+        ids = np.where(experts[:, :n] >= 0, experts[:, :n], E)  # E: a zero row (x + 0.0 == x)
+        previous = np.concatenate([np.full_like(ids[:, :1], E), ids[:, :-1]], axis=1)
+        first, second = self._padded_pairs
+        layer = np.arange(n)[None, :, None]
+        total = first[layer, ids].sum(axis=2)  # the chosen rows in order, then the previous ones
+        for k in range(previous.shape[2]):
+            total += second[np.arange(n), previous[:, :, k]]
+        used = (ids < E).sum(axis=2) + (previous < E).sum(axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            prior = np.where(used[..., None] > 0, total / used[..., None], self.marginal[d:])
+        count, summed = np.zeros(used.shape), np.zeros(prior.shape)
+        for t, path in enumerate(np.sort(experts[:, :n], axis=2).tolist()):
+            for i, row in enumerate(path):
+                hit = self.sets[i].get(tuple(row[row.count(-1):]))
+                if hit is not None:
+                    count[t, i], summed[t, i] = hit
+        return (summed + self.prior_weight * prior) / (count + self.prior_weight)[..., None]
+
+    @cached_property
+    def _padded_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """pair1 and pair2 aligned on the predicting layer (pair2's row 0: layer 0 has no layer -1),
+        each with a zero row E for padding."""
+        n, E = self.pair1.shape[0], self.pair1.shape[1]
+        first = np.zeros((n, E + 1, E))
+        first[:, :E] = self.pair1
+        second = np.zeros((n, E + 1, E))
+        second[1:, :E] = self.pair2[:n - 1]
+        return first, second
+
 
 def pregate_distance(trace: Trace) -> int:
     """How many layers ahead the trace's pre-gate predictions were made (`haq trace` records it)."""
@@ -150,16 +187,15 @@ def prediction_accuracy(predictions: np.ndarray, actual: np.ndarray, top_k: int)
     return float(guessed(actual, top).sum() / max((actual >= 0).sum(), 1))
 
 
-def path_accuracy(predictor: PathPredictor, trace: Trace) -> np.ndarray:
+def path_accuracy(predictor: PathPredictor, trace: Trace, block: int = 1024) -> np.ndarray:
     """[L] per target layer: the share of its chosen experts that were in the predicted top-k,
     predicting each token's layer l+d from its sets at l and l-1 (`prediction_accuracy`); 0 for
     the first d layers, which nothing precedes by that much."""
-    L, K, d = trace.meta.layers, trace.meta.top_k, predictor.distance
+    L, K, d, E = trace.meta.layers, trace.meta.top_k, predictor.distance, trace.meta.num_experts
+    preds = np.concatenate([predictor.predict_paths(trace.experts[i:i + block])
+                            for i in range(0, trace.num_tokens, block)]) if trace.num_tokens \
+        else np.zeros((0, L - d, E))
     out = np.zeros(L)
-    rows = trace.experts.tolist()
     for layer in range(L - d):
-        preds = np.stack([predictor.predict(layer, [e for e in row[layer] if e >= 0],
-                                            [e for e in row[layer - 1] if e >= 0] if layer else ())
-                          for row in rows]) if rows else np.zeros((0, trace.meta.num_experts))
-        out[layer + d] = prediction_accuracy(preds, trace.experts[:, layer + d], K)
+        out[layer + d] = prediction_accuracy(preds[:, layer], trace.experts[:, layer + d], K)
     return out

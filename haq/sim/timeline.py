@@ -61,6 +61,7 @@ class Step:
     prefill: bool
     calls: list[list[tuple[int, int]]]  # per layer: (expert, tokens routed to it)
     pregate: list[list[int]] | None = None  # decode: per layer, its recorded pre-gate prediction
+    experts: np.ndarray | None = None  # one-token steps: its [L, K] expert ids (-1 = none), for prediction
 
 
 @dataclass
@@ -141,13 +142,15 @@ def replay_steps(trace: Trace, prefill_tokens: int = 0, decode_batch: int = 1) -
         heads = [min(prefill_tokens, len(seq)) for seq in group]
         for seq, head in zip(group, heads):
             if head:
-                steps.append(Step(tokens=head, prefill=True, calls=_layer_calls(seq[:head])))
+                steps.append(Step(tokens=head, prefill=True, calls=_layer_calls(seq[:head]),
+                                  experts=seq[0] if head == 1 else None))
         if decode_batch == 1:
             seq, head, pre = group[0], heads[0], pregates[g]
             guesses = pre[head:].tolist() if pre is not None else [None] * (len(seq) - head)
-            for row, guess in zip(seq[head:].tolist(), guesses):
+            for ids, row, guess in zip(seq[head:], seq[head:].tolist(), guesses):
                 steps.append(Step(tokens=1, prefill=False, calls=[[(e, 1) for e in r if e >= 0] for r in row],
-                                  pregate=None if guess is None else [[e for e in r if e >= 0] for r in guess]))
+                                  pregate=None if guess is None else [[e for e in r if e >= 0] for r in guess],
+                                  experts=ids))
             continue
         for t in range(max(len(seq) - head for seq, head in zip(group, heads))):
             rows = np.stack([seq[head + t] for seq, head in zip(group, heads) if head + t < len(seq)])
@@ -172,38 +175,43 @@ PREFETCH_SOURCES: tuple[str, ...] = get_args(PrefetchSource)
 
 @dataclass(frozen=True)
 class Lookahead:
-    """What a replay's prefetch knows: `probs(step, l)` [E], the probability that each expert is
-    called at layer l + `distance` of a decode step, computed when layer l runs."""
+    """What a replay's prefetch knows: `probs(steps)` [len(steps), L - distance, E], [s, l] the
+    probability that each expert is called at layer l + `distance` of one-token step s, used when
+    its layer l runs. It depends on the trace alone, not on the policy's state, so the replay asks
+    for a block of steps at once (`PREDICT_BLOCK`)."""
 
     distance: int
-    probs: Callable[[Step, int], np.ndarray]
+    probs: Callable[[Sequence[Step]], np.ndarray]
     source: str
+
+
+PREDICT_BLOCK = 64  # steps predicted in one batch: the per-call overhead gone, a few MB of arrays
 
 
 def path_lookahead(predictor: PathPredictor) -> Lookahead:
     """Profile path statistics, given the step's sets at l and l-1."""
-    def probs(step: Step, layer: int) -> np.ndarray:
-        chosen = [e for e, _ in step.calls[layer]]
-        previous = [e for e, _ in step.calls[layer - 1]] if layer else []
-        return predictor.predict(layer, chosen, previous)
+    def probs(steps: Sequence[Step]) -> np.ndarray:
+        return predictor.predict_paths(np.stack([st.experts for st in steps]))
     return Lookahead(predictor.distance, probs, "path")
 
 
 def pregate_lookahead(accuracy: np.ndarray, distance: int, num_experts: int, top_k: int) -> Lookahead:
     """The replayed trace's recorded pre-gate predictions, calibrated by each layer's `accuracy`
     measured on the profile part (`pregate_accuracy`)."""
-    def probs(step: Step, layer: int) -> np.ndarray:
-        target = layer + distance
-        return pregate_probabilities(step.pregate[target], float(accuracy[target]), num_experts, top_k)
+    def probs(steps: Sequence[Step]) -> np.ndarray:
+        return np.stack([[pregate_probabilities(st.pregate[target], float(accuracy[target]), num_experts, top_k)
+                          for target in range(distance, len(st.pregate))] for st in steps])
     return Lookahead(distance, probs, "pregate")
 
 
 def oracle_lookahead(num_experts: int, distance: int) -> Lookahead:
     """The replayed routing itself (probability 1 for the experts layer l+d calls): the ceiling of
     what any predictor could let prefetch save, not a policy anyone can run."""
-    def probs(step: Step, layer: int) -> np.ndarray:
-        out = np.zeros(num_experts)
-        out[[e for e, _ in step.calls[layer + distance]]] = 1.0
+    def probs(steps: Sequence[Step]) -> np.ndarray:
+        out = np.zeros((len(steps), len(steps[0].calls) - distance, num_experts))
+        for rows, st in zip(out, steps):
+            for row, calls in zip(rows, st.calls[distance:]):
+                row[[e for e, _ in calls]] = 1.0
         return out
     return Lookahead(distance, probs, "oracle")
 
@@ -285,10 +293,15 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
         memo = {n: nonexpert_s(n) for n in {st.tokens for st in steps}}
         ne = np.fromiter((memo[st.tokens] for st in steps), dtype=np.float64, count=len(steps))
         return Replay(**native_replay.replay(policy, steps, predictor, layers, ne))
-    for step in steps:
+    predicted: dict[int, np.ndarray] = {}  # step index -> its lookahead rows, a block at a time
+    for index, step in enumerate(steps):
         start = clock
         hits = calls = 0
         ne = nonexpert_s(step.tokens)
+        if lookahead is not None and index % PREDICT_BLOCK == 0:
+            block = [i for i in range(index, min(index + PREDICT_BLOCK, len(steps))) if steps[i].tokens == 1]
+            predicted = dict(zip(block, lookahead.probs([steps[i] for i in block]))) if block else {}
+        ahead = predicted.get(index)
         for layer in range(layers):
             layer_start = clock
             clock += ne
@@ -302,7 +315,8 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
             for expert, n in layer_calls:
                 key = (layer, expert)
                 d = policy.decide(key, n, view)
-                evict(d.evicted)
+                if d.evicted:
+                    evict(d.evicted)
                 if d.transfer:
                     copies += 1
                     layer_copies += 1
@@ -320,9 +334,9 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
                     if key in prefetched:
                         prefetch_hits += 1
                         prefetched.discard(key)
-            if lookahead is not None and step.tokens == 1 and layer + lookahead.distance < layers:
+            if ahead is not None and layer < len(ahead):
                 target = layer + lookahead.distance
-                for pf in policy.prefetch(target, lookahead.probs(step, layer), view, lead * lookahead.distance):
+                for pf in policy.prefetch(target, ahead[layer], view, lead * lookahead.distance):
                     evict(pf.evicted)
                     view.enqueue(t_copy, pf.key)
                     prefetched.add(pf.key)
