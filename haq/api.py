@@ -64,11 +64,12 @@ def offload_needed(path: Path) -> bool:
 @validated
 def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "wiki-offline",
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, progress: bool = True,
-             offload: bool | None = None) -> Path:
+             offload: bool | None = None, device: str = "cpu") -> Path:
     """Quantize a model folder (or zoo name) and write a checkpoint to `out`. Finished layers are
     kept in a sibling `.OUT.partial` folder, so an interrupted run resumes where it stopped.
     `offload`: read one decoder layer at a time from the shards instead of loading the model
-    (None: when the float32 model would take more than half of the available RAM)."""
+    (None: when the float32 model would take more than half of the available RAM). `device`: where
+    each decoder layer is calibrated and quantized (cpu, or cuda: each layer goes to the GPU and back)."""
     import shutil
 
     from haq.checkpoint.layer_source import LayerSource
@@ -80,6 +81,7 @@ def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "w
     from haq.quant.pipeline import partial_paths, quantize_model
 
     out = Path(out)
+    check_device(device)
     check_output_dir(out, CONFIG_NAME, "haq checkpoint", OWN_FILES)  # before hours of work, not after
     resolve(calib)  # a bad dataset fails before the model loads
     path = resolve_model_path(model)
@@ -102,7 +104,8 @@ def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "w
         if other != work:  # another model, recipe or calibration: never mixed in
             log.warning("discarding the unfinished run in %s (another model, recipe or calibration)", other)
             shutil.rmtree(other, ignore_errors=True)
-    report = quantize_model(float_model, recipe, windows, work_dir=work, progress=progress, source=source)
+    report = quantize_model(float_model, recipe, windows, work_dir=work, progress=progress, source=source,
+                            device=device)
     identity = {**dataset_identity(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "model": str(path)}
     layer_files = []
     if source is not None:

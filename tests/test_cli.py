@@ -31,6 +31,19 @@ def test_quantize_rejects_a_bad_calibration_file_before_loading(capsys, tmp_path
     assert code == 2 and "\n" not in err
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda:7"])
+def test_quantize_on_a_device_this_machine_lacks_is_a_clear_error(capsys, tiny_dir, tmp_path, device):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    model = tiny_dir("tiny-llama")
+    capsys.readouterr()  # the model build's own output
+    code, err = run(capsys, "quantize", str(model), "--device", device, "-o", str(tmp_path / "q"))
+    assert code == 2 and err.startswith("haq: error: --device ") and device in err and "\n" not in err
+    assert not (tmp_path / "q").exists()
+
+
 def test_export_of_a_float_model_is_a_clear_error(capsys, tiny_dir, tmp_path):
     code, err = run(capsys, "export", str(tiny_dir("tiny-llama")), "-o", str(tmp_path / "x"))
     assert code == 2 and "not a haq checkpoint" in err and "\n" not in err

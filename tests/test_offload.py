@@ -35,7 +35,10 @@ def test_layers_from_the_shards_are_the_layers_transformers_loads(tiny_dir, name
     buffers = dict(ref.named_buffers())
     assert all(torch.equal(b, buffers[n]) for n, b in source.model.named_buffers())  # rotary tables, scales
     ids = torch.arange(1, 24)[None]
-    assert torch.equal(source.model(ids).logits, ref(ids).logits)
+    # Equal weights; the forward only to float rounding: transformers' tensors are views into the
+    # mmapped file (8-byte aligned), ours are allocated (64-byte), and some CPUs' GEMMs (AMD EPYC
+    # here) then sum in another order.
+    torch.testing.assert_close(source.model(ids).logits, ref(ids).logits, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name,recipe", [("tiny-mixtral", Recipe(method="haq")),

@@ -196,6 +196,41 @@ def test_interrupted_run_resumes_from_the_last_finished_layer(tiny_dir, tmp_path
         assert torch.equal(straight(ids).logits, resumed(ids).logits)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mixtral-random"])
+def test_layers_are_calibrated_on_the_device_and_come_back_to_the_host(tiny_dir, name, device, monkeypatch):
+    """`device`: each layer, its calibration inputs and its keyword arguments are there while it
+    runs; the quantized model ends in host memory and gives the host run's logits (on CUDA within
+    the float noise W8A8's per-token rounding amplifies)."""
+    seen = []
+
+    def spy(layer, inputs, kwargs, index):
+        tensors = [*layer.parameters(), *layer.buffers(), *inputs,
+                   *(v for v in kwargs.values() if isinstance(v, torch.Tensor))]
+        seen.append({t.device.type for t in tensors})
+        return run_layer(layer, inputs, kwargs, index)
+
+    monkeypatch.setattr(pipeline, "run_layer", spy)
+    calib, recipe = tokens(4, 32, 0), Recipe(method="haq")
+    model = load(tiny_dir, name)
+    quantize_model(model, recipe, calib, progress=False, device=device)
+    assert seen and all(types == {torch.device(device).type} for types in seen)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"cpu"}
+    monkeypatch.setattr(pipeline, "run_layer", run_layer)
+    host = load(tiny_dir, name)
+    quantize_model(host, recipe, calib, progress=False)
+    ids = tokens(2, 16, 3)
+    with torch.no_grad():
+        got, want = model(ids).logits, host(ids).logits
+    if device == "cpu":
+        assert torch.equal(got, want)
+    else:
+        assert (got - want).abs().mean() < 0.05 * want.abs().mean()
+
+
 def test_nan_in_calibration_activations_is_a_clear_error(tiny_dir):
     model = load(tiny_dir, "tiny-llama")
     with torch.no_grad():

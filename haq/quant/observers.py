@@ -67,7 +67,7 @@ def shrunk_hessian(stats: list[InputStats], prior_tokens: float) -> Callable[[in
         return lambda e: stats[e].H
 
     def divisor(st: InputStats) -> torch.Tensor:
-        return st.divisor if st.divisor is not None else torch.ones(st.H.shape[0])
+        return st.divisor if st.divisor is not None else torch.ones(st.H.shape[0], device=st.H.device)
 
     total = sum(st.tokens for st in live)
     pool = torch.zeros_like(live[0].H)

@@ -6,7 +6,8 @@ samples; smoothing (fixed or adaptive alpha) is folded in; every linear and expe
 (GPTQ or RTN) into real int8 modules; the quantized layer then produces the next layer's inputs.
 Peak memory is the model plus one layer's calibration inputs and statistics, or, with a
 `LayerSource` (offloaded), one layer instead of the model. With `work_dir`, every finished layer
-is saved and an interrupted run resumes after the last one.
+is saved and an interrupted run resumes after the last one. With a `device` (CUDA), the calibration
+inputs live there and each layer goes there to be calibrated and quantized, and back to the host.
 """
 from __future__ import annotations
 
@@ -86,6 +87,17 @@ def capture_layer_inputs(model: nn.Module, adapter: ArchAdapter, calib: torch.Te
         for index, layer in enumerate(originals):
             layers[index] = layer
     return inputs, [captured["kwargs"][i] for i in range(len(layers))]
+
+
+def to_device(value, device: torch.device):
+    """Tensors, also inside the tuples, lists and dicts a layer's keyword arguments hold, on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
 
 
 def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, index: int) -> list[torch.Tensor]:
@@ -318,11 +330,14 @@ class LayerSource(Protocol):
 
 
 def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_dir: Path | None = None,
-                   progress: bool = True, source: LayerSource | None = None) -> QuantReport:
+                   progress: bool = True, source: LayerSource | None = None,
+                   device: str | torch.device = "cpu") -> QuantReport:
     """Quantize `model` in place with `recipe` on calibration token windows `calib` [n, seqlen].
     With `source`, the decoder layers are not in memory: each is loaded, quantized, saved into
     `work_dir` and released, so memory holds one layer (the checkpoint is then assembled from
-    `work_dir`)."""
+    `work_dir`). `device`: where each layer is calibrated and quantized (the model stays on the
+    host: a layer goes there and comes back; the calibration inputs stay there)."""
+    device = torch.device(device)
     start = time.perf_counter()
     adapter = adapter_for(model.config)
     if recipe.method == "fp":
@@ -343,6 +358,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
         except OSError as exc:  # a read-only place or a full disk: a clear error, like every other write
             raise write_failure(work_dir, exc) from None
     inputs, layer_kwargs = capture_layer_inputs(model, adapter, calib)
+    inputs, layer_kwargs = to_device(inputs, device), to_device(layer_kwargs, device)
     layers = adapter.decoder_layers(model)
     reports, specs = [], {}
     bar = tqdm(range(len(layers)), desc=f"quantize {recipe.method}", disable=not progress)
@@ -356,22 +372,26 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
         resumed = _load_partial(work_dir, index, layer) if work_dir is not None else None
         if resumed is not None:
             layer_specs, report = resumed
+            layer.to(device)
         else:
             if Q is not None:
                 rotate_layer(model.config, index, layer, Q, online=recipe.quant_acts,
                              hadamard_only=recipe.rotate == "auto")
+            layer.to(device)
             report = LayerReport(index)
             with observe_layer(layer, spec, recipe.calibrate_all_experts, recipe.uses_gptq) as stats:
                 outputs = run_layer(layer, inputs, kwargs, index)
             probe = Probe(inputs[:probe_windows], kwargs, outputs[:probe_windows])
             layer_specs = quantize_layer(layer, spec, stats, recipe, report, prefix, probe)
+            layer.to(device)  # the int8 modules that replaced the float ones are built on the host
             del stats, probe, outputs
             report.seconds = time.perf_counter() - layer_start
-            if work_dir is not None:
-                _save_partial(work_dir, index, layer, layer_specs, report)
         specs.update({f"{prefix}.{k}": v for k, v in layer_specs.items()})
         reports.append(report)
         inputs = run_layer(layer, inputs, kwargs, index)
+        layer.to("cpu")
+        if resumed is None and work_dir is not None:
+            _save_partial(work_dir, index, layer, layer_specs, report)
         bar.set_postfix_str(f"layer {index} {report.seconds:.1f}s")
         if source is not None:
             del layer  # the last reference here: its memory goes before the next layer loads

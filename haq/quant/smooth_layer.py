@@ -131,7 +131,7 @@ def plan_group(layer: nn.Module, group: SmoothGroup, stats: LayerStats, norm_kin
     def proxy(alpha: float | None, recipe: Recipe) -> float:
         if not references:
             references.extend(x @ w.t().float() for w in weights)
-        cols = torch.ones(x.shape[1]) if alpha is None else expand(scales(alpha))
+        cols = torch.ones(x.shape[1], device=x.device) if alpha is None else expand(scales(alpha))
         return consumer_error(x, weights, references, cols, recipe)
 
     return GroupPlan(scales, apply, proxy, view)
@@ -202,7 +202,7 @@ def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) ->
         if not references:
             references.update({e: x @ downs[e].t().float() for e, x in samples.items()})
         s = None if alpha is None else scales(alpha)
-        return sum(consumer_error(x, [downs[e]], [references[e]], torch.ones(x.shape[1]) if s is None else s[e],
+        return sum(consumer_error(x, [downs[e]], [references[e]], torch.ones(x.shape[1], device=x.device) if s is None else s[e],
                                   recipe) for e, x in samples.items())
 
     return GroupPlan(scales, apply, proxy, view)
