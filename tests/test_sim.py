@@ -122,6 +122,34 @@ def test_haq_beats_lru_and_fiddler_on_mixtral(mixtral_trace, rtx4090):
     assert not rows["haq", 0.75].fits_device and rows["haq", 0.25].fits_device  # 24 GB card
 
 
+def test_tuned_pin_share_is_the_steadiest_within_one_percent_of_the_fastest(mixtral_trace, rtx4090):
+    """tune_shares replays every pin share on the profile's second half: the one it picks is within
+    STABLE_WITHIN of the fastest and has the lowest per-layer hit-rate std of those that are."""
+    from haq.runtime.placement import profile_statistics
+    from haq.runtime.policies import PolicyContext, make_policy
+    from haq.runtime.trace import split_by_sequence
+    from haq.sim.timeline import replay_steps, run_policy
+    from haq.sim.tuning import PIN_SHARES, STABLE_WITHIN, tune_shares
+
+    profile, _ = split_by_sequence(mixtral_trace)
+    predictor = CostPredictor(rtx4090, MIXTRAL_EXPERT_BYTES, MIXTRAL["flops_per_token"])
+    budget = int(0.25 * MIXTRAL_TOTAL)
+    [(share, path)] = tune_shares(profile, predictor, [budget], MIXTRAL_EXPERT_BYTES, prefetch="off",
+                                  nonexpert_bytes_per_layer=MIXTRAL["nonexpert_bytes_per_layer"])
+    first, second = split_by_sequence(profile, 0.5)
+    stats, steps = profile_statistics(first), replay_steps(second)
+    scores = {}
+    for candidate in PIN_SHARES:
+        ctx = PolicyContext(budget_bytes=budget, expert_bytes=MIXTRAL_EXPERT_BYTES, predictor=predictor, stats=stats,
+                            pin_share=candidate, prefetch=False)
+        replay = run_policy(make_policy("haq", ctx), steps, predictor, stats.layers,
+                            MIXTRAL["nonexpert_bytes_per_layer"])
+        scores[candidate] = (replay.step_latency.sum(), (replay.hits_per_layer / replay.calls_per_layer).std())
+    fastest = min(t for t, _ in scores.values())
+    near = {c: std for c, (t, std) in scores.items() if t <= fastest * (1 + STABLE_WITHIN)}
+    assert path == 0.0 and share in near and near[share] == min(near.values())
+
+
 def test_haq_exploits_temporal_locality(rtx4090):
     """With strong token locality the LRU part fed by background copies beats any static placement."""
     trace = generate_synthetic_trace(10, 64, seed=2, token_locality=0.8)

@@ -26,7 +26,7 @@ def _context(stats: ProfileStats, budget: int, expert_bytes: int, predictor: Cos
 
 
 PIN_SHARES = (1.0, 0.75, 0.5, 0.25)
-TIE_TOLERANCE = 1e-3  # relative: shares this close in replayed time count as tied
+STABLE_WITHIN = 0.01  # relative: among shares this close to the fastest, the steadiest per-layer hit rate wins
 
 
 PATH_SHARES = (0.0, 0.25)  # stage 1's share of the pinned slots, tried when haq prefetches
@@ -43,8 +43,12 @@ def tune_shares(profile_trace: Trace, predictor: CostPredictor, budgets: Sequenc
     statistics alone do not settle; so each candidate is replayed: statistics from the first half
     of the profile's sequences, time measured on the second half. Stage 1 (whole paths) can only
     pay when experts are fetched along paths, so `path_share` None tries PATH_SHARES when haq
-    prefetches and 0 otherwise. Ties (within TIE_TOLERANCE) go to the larger pin share and the
-    smaller path share; a budget that holds every expert pins them all.
+    prefetches and 0 otherwise. Among the candidates within STABLE_WITHIN of the fastest replayed
+    time, the one whose per-layer hit rates spread least (std over layers) wins: the pin share
+    barely moves the mean (every share within ~1% on the traces of bench/results/policy-tradeoff.md)
+    but moves the spread several-fold, and steady per-layer hit rates are what keep each layer's
+    latency predictable. Exact ties go to the larger pin share and the smaller path share; a
+    budget that holds every expert pins them all.
     """
     if len(profile_trace.sequences()) >= 2:
         stats_part, score_part = split_by_sequence(profile_trace, 0.5)
@@ -59,16 +63,18 @@ def tune_shares(profile_trace: Trace, predictor: CostPredictor, budgets: Sequenc
         if budget >= stats.layers * stats.num_experts * expert_bytes:
             chosen.append((max(candidates), min(paths)))
             continue
-        best, best_time = (candidates[0], paths[0]), float("inf")
-        for share in candidates:
-            for path in paths:
+        scored = []  # (time, layer hit-rate std, share, path), in preference order for exact ties
+        for share in sorted(candidates, reverse=True):
+            for path in sorted(paths):
                 ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path,
                                prefetch=lookahead is not None)
                 replay = run_policy(make_policy("haq", ctx), steps, predictor, stats.layers,
                                     nonexpert_bytes_per_layer, lookahead=lookahead)
-                if replay.step_latency.sum() < best_time * (1 - TIE_TOLERANCE):
-                    best, best_time = (share, path), float(replay.step_latency.sum())
-        chosen.append(best)
+                rates = replay.hits_per_layer / np.maximum(replay.calls_per_layer, 1)
+                scored.append((float(replay.step_latency.sum()), float(rates.std()), share, path))
+        fastest = min(t for t, *_ in scored)
+        steady = min((c for c in scored if c[0] <= fastest * (1 + STABLE_WITHIN)), key=lambda c: c[1])
+        chosen.append((steady[2], steady[3]))
     return chosen
 
 
