@@ -70,8 +70,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     fields = Recipe.from_file(args.recipe) if args.recipe else {}
     fields.update({k[len("recipe_"):]: v for k, v in vars(args).items() if k.startswith("recipe_")})
-    recipe = Recipe.from_dict(fields)
-    out = quantize(args.model, recipe, args.output, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+    out = quantize(args.model, Recipe.from_dict(fields), args.output, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
                    seed=args.seed, offload=args.offload, device=args.device)
     print_quant_summary(out)
 
@@ -279,9 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
                    help="read one decoder layer at a time from the safetensors shards, so host memory holds one "
                         "layer, not the model (default: when the float32 model would fill over half the free RAM)")
-    p.add_argument("--device", default="cpu",
-                   help="where each decoder layer is calibrated and quantized: cpu, or cuda[:N] (the layer and the "
-                        "calibration activations go to the GPU; the model stays in host memory) (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="where each decoder layer is calibrated: cpu or cuda[:N] (the "
+                   "layer and the activations on the GPU, the model in host memory) (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
     p.set_defaults(func=cmd_quantize)
 
