@@ -44,11 +44,13 @@ def tune_shares(profile_trace: Trace, predictor: CostPredictor, budgets: Sequenc
     of the profile's sequences, time measured on the second half. Stage 1 (whole paths) can only
     pay when experts are fetched along paths, so `path_share` None tries PATH_SHARES when haq
     prefetches and 0 otherwise. Among the candidates within STABLE_WITHIN of the fastest replayed
-    time, the one whose per-layer hit rates spread least (std over layers) wins: the pin share
-    barely moves the mean (every share within ~1% on the traces of bench/results/policy-tradeoff.md)
-    but moves the spread several-fold, and steady per-layer hit rates are what keep each layer's
-    latency predictable. Exact ties go to the larger pin share and the smaller path share; a
-    budget that holds every expert pins them all.
+    time, the one whose per-layer hit rates spread least relative to their mean (std / mean over
+    layers; no hits at all counts as the worst) wins: the pin share barely moves the mean latency
+    (every share within ~1.5% on the traces of bench/results/policy-tradeoff.md) but moves the
+    spread several-fold, and steady per-layer hit rates keep each layer's latency predictable.
+    Relative, so that where hits save no time (a device that is the host) fewer hits everywhere
+    do not pass for steadiness. Exact ties go to the larger pin share and the smaller path share;
+    a budget that holds every expert pins them all.
     """
     if len(profile_trace.sequences()) >= 2:
         stats_part, score_part = split_by_sequence(profile_trace, 0.5)
@@ -63,7 +65,7 @@ def tune_shares(profile_trace: Trace, predictor: CostPredictor, budgets: Sequenc
         if budget >= stats.layers * stats.num_experts * expert_bytes:
             chosen.append((max(candidates), min(paths)))
             continue
-        scored = []  # (time, layer hit-rate std, share, path), in preference order for exact ties
+        scored = []  # (time, layer hit-rate std / mean, share, path), in preference order for exact ties
         for share in sorted(candidates, reverse=True):
             for path in sorted(paths):
                 ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path,
@@ -71,7 +73,8 @@ def tune_shares(profile_trace: Trace, predictor: CostPredictor, budgets: Sequenc
                 replay = run_policy(make_policy("haq", ctx), steps, predictor, stats.layers,
                                     nonexpert_bytes_per_layer, lookahead=lookahead)
                 rates = replay.hits_per_layer / np.maximum(replay.calls_per_layer, 1)
-                scored.append((float(replay.step_latency.sum()), float(rates.std()), share, path))
+                spread = float(rates.std() / rates.mean()) if rates.mean() > 0 else float("inf")
+                scored.append((float(replay.step_latency.sum()), spread, share, path))
         fastest = min(t for t, *_ in scored)
         steady = min((c for c in scored if c[0] <= fastest * (1 + STABLE_WITHIN)), key=lambda c: c[1])
         chosen.append((steady[2], steady[3]))
