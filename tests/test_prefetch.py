@@ -185,9 +185,12 @@ def test_simulated_prefetch_with_an_oracle_is_used_and_within_budget(mixtral_ctx
     ctx = PolicyContext(budget_bytes=64 * MIXTRAL_EXPERT_BYTES, expert_bytes=MIXTRAL_EXPERT_BYTES,
                         predictor=predictor, stats=stats, pin_share=0.25)
     steps = replay_steps(trace)
-    replay = run_policy(Haq(ctx), steps, predictor, 32, lookahead=oracle_lookahead(8, 2))
+    policy = Haq(ctx)
+    replay = run_policy(policy, steps, predictor, 32, lookahead=oracle_lookahead(8, 2))
     plain = run_policy(Haq(ctx), steps, predictor, 32)
     assert replay.prefetches > 0 and replay.prefetch_hits / replay.prefetches > 0.5
+    resident = {(layer, e) for layer in range(32) for e in range(8) if (layer, e) in policy.cache}
+    assert set(zip(*np.nonzero(policy.resident))) == resident  # the prefetch's array mirrors the cache
     assert replay.peak_resident_bytes <= ctx.budget_bytes
     assert replay.hits_per_layer.sum() > plain.hits_per_layer.sum()
     assert plain.prefetches == 0
