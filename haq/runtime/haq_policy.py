@@ -53,6 +53,7 @@ class Haq:
         self.p_max_unpinned = [float(row[ids].max()) if len(ids) else 0.0
                                for row, ids in zip(self.p_rows, self.unpinned)]
         self.X = stats.locality.T.tolist()  # [L][lags + 1]
+        self.X_top = stats.locality.shape[0] - 1
         self.calls_per_token = float(stats.freq.sum()) / tokens
         self.calls_per_token_floor = max(self.calls_per_token, 1.0)
         self.ema = 1.0 / (20 * self.calls_per_token_floor)  # moving average over ~20 tokens of calls
@@ -63,8 +64,7 @@ class Haq:
         self.prefetching = ctx.prefetch and self.lru_slots > 0 and not ctx.predictor.shared
 
     def _excess(self, layer: int, age: float, span: float) -> float:
-        X = self.X[layer]
-        top = len(X) - 1
+        X, top = self.X[layer], self.X_top
         return X[min(int(age + span), top)] - X[min(int(age), top)]
 
     def _horizon(self) -> float:

@@ -59,17 +59,19 @@ class CostPredictor:
         self._dev: dict[int, float] = {}
 
     def t_cpu(self, n: int) -> float:
-        if n not in self._cpu:
-            self._cpu[n] = self.times.cpu(n)
-        return self._cpu[n]
+        t = self._cpu.get(n)
+        if t is None:
+            t = self._cpu[n] = self.times.cpu(n)
+        return t
 
     def t_transfer(self) -> float:
         return self._transfer
 
     def t_device(self, n: int) -> float:
-        if n not in self._dev:
-            self._dev[n] = self.times.device(n)
-        return self._dev[n]
+        t = self._dev.get(n)
+        if t is None:
+            t = self._dev[n] = self.times.device(n)
+        return t
 
     def decide(self, n: int, resident: bool, *, ready_in_s: float = 0.0, link_backlog_s: float = 0.0,
                cpu_backlog_s: float = 0.0, expected_reuse: float = 0.0) -> Decision:
