@@ -2,7 +2,7 @@
 smollm2-8x135m MoE), the same thread count, prompt 64 and decode 32 tokens, interleaved repetitions,
 medians; with the measured DRAM read bandwidth and each model's bandwidth bound (tokens/s <= read
 bandwidth / bytes read per decode token). Writes bench/results/engine.{json,md} (2 threads; other
-thread counts: engine-tN.{json,md}).
+thread counts: engine-tN.{json,md}; --name NAME: NAME.{json,md}).
 
     make bench-engine      (builds llama-bench into .peers/llama.cpp, converts the GGUFs, runs this)
 
@@ -127,6 +127,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "smollm2-8x135m"])
+    parser.add_argument("--name", help="results file name (default engine, or engine-tN for N threads): "
+                                       "another machine's run beside the recorded one")
     args = parser.parse_args()
 
     from haq import api, zoo
@@ -210,7 +212,7 @@ def main() -> None:
           "lm_head too, as haq's `quantize_lm_head` recipe option does). haq: budget 0 (every expert on the CPU), "
           "decode steps in one kernel call (haq.runtime.native_decode). llama.cpp 0.3.36's llama-bench on GGUF from "
           f"its own converter. haq at git {git_rev()}.\n\n" + md_table(rows, columns) + "\n" + md_table(ratios, list(ratios[0])))
-    name = "engine" if args.threads == 2 else f"engine-t{args.threads}"  # the issue's setting is 2 threads
+    name = args.name or ("engine" if args.threads == 2 else f"engine-t{args.threads}")  # the issue's: 2 threads
     write_results(name, {"machine": machine(), "bandwidth_Bps": bandwidth, "bandwidth_sum_Bps": bandwidth_sum,
                          "rows": rows, "ratios": ratios}, md)
 
