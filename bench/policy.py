@@ -272,8 +272,8 @@ def summary(payload: dict) -> str:
     batch = "; ".join(f"{r['phase']}: haq {r['ratio_vs_best_other']:.2f}x" for r in payload["batch"]
                       if r["policy"] == "haq")
     dedicated = RESULTS / "policy-speed.json"  # the longer, repeated run of --speed-only, when there is one
-    speed_rows_ = json.loads(dedicated.read_text())["rows"] if dedicated.exists() else payload["replay_speed"]
-    speed = ", ".join(f"{r['policy']} {r['calls_per_s'] / 1e3:.0f}k" for r in speed_rows_)
+    measured = json.loads(dedicated.read_text())["rows"] if dedicated.exists() else payload["replay_speed"]
+    speed = ", ".join(f"{r['policy']} {r['calls_per_s'] / 1e3:.0f}k" for r in measured)
     speed_source = "policy-speed.md" if dedicated.exists() else "policy.md"
     memory = "; ".join(f"{r['trace']} {r['phase']}: {r['device_bytes_saved_pct']:.0f}% less (int8 at "
                        f"{r['int8_budget_pct']}%)" if r["int8_budget_pct"] is not None else

@@ -383,7 +383,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
                 outputs = run_layer(layer, inputs, kwargs, index)
             probe = Probe(inputs[:probe_windows], kwargs, outputs[:probe_windows])
             layer_specs = quantize_layer(layer, spec, stats, recipe, report, prefix, probe)
-            layer.to(device)  # the int8 modules that replaced the float ones are built on the host
+            layer.to(device)  # modules quantize_layer builds on the host (fused experts, weight-only linears)
             del stats, probe, outputs
             report.seconds = time.perf_counter() - layer_start
         specs.update({f"{prefix}.{k}": v for k, v in layer_specs.items()})

@@ -202,8 +202,9 @@ def _plan_experts_up(layer: nn.Module, group: SmoothGroup, stats: LayerStats) ->
         if not references:
             references.update({e: x @ downs[e].t().float() for e, x in samples.items()})
         s = None if alpha is None else scales(alpha)
-        return sum(consumer_error(x, [downs[e]], [references[e]], torch.ones(x.shape[1], device=x.device) if s is None else s[e],
-                                  recipe) for e, x in samples.items())
+        return sum(consumer_error(x, [downs[e]], [references[e]],
+                                  torch.ones(x.shape[1], device=x.device) if s is None else s[e], recipe)
+                   for e, x in samples.items())
 
     return GroupPlan(scales, apply, proxy, view)
 

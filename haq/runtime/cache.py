@@ -110,7 +110,7 @@ class ExpertCache:
 
     def next_victim(self, nbytes: int) -> Key | None:
         """The first key `admit(key, nbytes)` would evict now, None when nothing would go."""
-        if self.budget_bytes - self.pinned_bytes - self._lru_bytes >= nbytes:  # free_bytes, inline: a hot path
+        if self.free_bytes >= nbytes:
             return None
         return next(iter(self._lru), None)
 

@@ -90,7 +90,8 @@ class PathPredictor:
 
     def predict(self, layer: int, chosen: Sequence[int], previous: Sequence[int] = ()) -> np.ndarray:
         """[E] probability of each expert in the top-k of `layer` + distance, given the experts
-        `chosen` at `layer` and `previous` at `layer` - 1 (empty at the first layer)."""
+        `chosen` at `layer` and `previous` at `layer` - 1 (empty at the first layer). One token and
+        layer at a time: the readable form of `predict_paths`, which the tests hold it equal to."""
         if not 0 <= layer < self.layers - self.distance:
             raise HaqError(f"a prediction {self.distance} layer(s) ahead needs a layer in "
                            f"[0, {self.layers - self.distance - 1}], got {layer}")
