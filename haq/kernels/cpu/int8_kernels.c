@@ -76,8 +76,8 @@ static void dot_rows(const uint8_t *xu, const int8_t *w, int64_t K, int rows, co
     __m512i a[ROWS];
     for (int r = 0; r < ROWS; r++) a[r] = _mm512_setzero_si512();
     /* Row after row, so the block's weights are read in address order (the rows are contiguous):
-     * one sequential stream. Interleaving the rows' loads (four streams K bytes apart) halved the
-     * read rate on AMD Zen 4 (about 9.5 against 17 GB/s on one core); the activation row stays in L1. */
+     * one sequential stream. Interleaving the rows' loads (four streams K bytes apart) read markedly
+     * slower on AMD Zen 4 (bench/results/gemv-order.md); the activation row stays in L1. */
     const int64_t full = K / 64 * 64;
     const __mmask64 mask = full < K ? _cvtu64_mask64((~0ULL) >> (64 - (K - full))) : 0;
     for (int r = 0; r < rows; r++) {
