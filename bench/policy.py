@@ -15,7 +15,8 @@
     from the profile half) had in their top-k, d = 1 and 2;
 (c) prefill (512 and 2048 prompt tokens: TTFT, prefill tokens/s) and decode at batch 1/4/16, the
     synthetic Mixtral trace, each policy's own rule for large calls (llamacpp: copy when >= 32 tokens;
-    fiddler: linear CPU cost; haq: the predictor's list scheduling);
+    fiddler: linear CPU cost; haq: the predictor's list scheduling, with its copies started a layer
+    ahead, and "haq, not pipelined": prefetch off, each layer's copies start with the layer);
 (d) replay speed: expert calls replayed per second per policy on a synthetic trace of 64 experts,
     top-6, 26 layers (DeepSeek-V2-Lite's shape);
 (e) the memory claim at equal service: FP16 experts all resident (plus FP16 attention) against
@@ -116,11 +117,16 @@ def batch_rows(budgets: list[int]) -> list[dict]:
     rows = []
     for prompt in (512, 2048):
         profile, replayed = split_by_sequence(generate_synthetic_trace(num_sequences=8, seq_len=prompt + 16, seed=1))
+        plain = simulate(replayed, hw, [total * b // 100 for b in budgets], MIXTRAL_EXPERT_BYTES, ["haq"],
+                         prefill_tokens=prompt, profile_trace=profile, prefetch="off", **kw)
+        for r in plain:
+            r.policy = "haq, not pipelined"
         for r in simulate(replayed, hw, [total * b // 100 for b in budgets], MIXTRAL_EXPERT_BYTES, POLICIES,
-                          prefill_tokens=prompt, profile_trace=profile, **kw):
+                          prefill_tokens=prompt, profile_trace=profile, **kw) + plain:
             rows.append({"phase": f"prefill {prompt}", "budget_pct": round(100 * r.budget_frac), "policy": r.policy,
                          "ttft_ms": r.ttft_mean_s * 1e3, "prefill_tok_s": r.prefill_tokens_per_s,
-                         "cpu_share": r.cpu_share})
+                         "cpu_share": r.cpu_share, "ahead_per_token": r.ahead_per_prefill_token,
+                         "device_gib": r.device_bytes / 2**30})
         print(f"prefill {prompt} done", flush=True)
     short = generate_synthetic_trace(num_sequences=32, seq_len=64, seed=2)
     for batch in (1, 4, 16):
@@ -149,7 +155,8 @@ def speed_rows(tokens: int, repeats: int = 3) -> list[dict]:
     from haq.runtime.predictor import CostPredictor
     from haq.runtime.synthetic import generate_synthetic_trace
     from haq.runtime.trace import split_by_sequence
-    from haq.sim.timeline import lookahead_for, replay_steps, run_policy
+    from haq.sim.lookahead import lookahead_for
+    from haq.sim.timeline import replay_steps, run_policy
 
     L, E, K = 26, 64, 6
     popularity = np.random.default_rng(0).dirichlet(np.full(E, 0.5), size=L) * 1e4 + 1
@@ -359,12 +366,16 @@ def main() -> None:
           + "\n## (b) Prediction accuracy (share of called experts in the predicted top-k; replayed half)\n\n"
           + md_table(accuracy, ["model", "source", "distance", "mean", "min_layer"])
           + "\n## (c) Prefill and batched decode (synthetic Mixtral-8x7B trace, 25% budget)\n\n"
+          + "ahead_per_token: prefill copies started a layer ahead per prompt token; device_gib: resident experts, "
+          "staging buffers (one for copies not kept, plus the most copies started ahead for one layer) and "
+          "attention projections.\n\n"
           + md_table(batch, ["phase", "budget_pct", "policy", "ttft_ms", "prefill_tok_s", "decode_tok_s", "step_ms",
-                             "cpu_share", "ratio_vs_best_other"])
+                             "cpu_share", "ahead_per_token", "device_gib", "ratio_vs_best_other"])
           + "\n## (d) Replay speed (64 experts, top-6, 26 layers)\n\n"
           + md_table(speed, ["policy", "calls", "seconds", "calls_per_s"])
           + "\n## (e) Device memory at equal service: int8 + haq at >= 90% of FP16 all-resident tokens/s\n\n"
-          "Device bytes: resident experts (+ a staging buffer if a copy is not kept) + attention projections "
+          "Device bytes: resident experts + staging buffers (one if a copy is not kept, plus the prefill copies "
+          "started a layer ahead) + attention projections "
           "(embeddings, norms and the KV cache are not counted); FP16 non-expert bytes are twice int8's. "
           "Recorded traces (256-token windows) have no 512-token prefill row.\n\n"
           + md_table(memory, ["trace", "phase", "fp16_tok_s", "fp16_device_gib", "int8_budget_pct", "int8_tok_s",

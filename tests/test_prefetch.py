@@ -21,7 +21,8 @@ from haq.runtime.prefetch import (PathPredictor, path_accuracy, pregate_accuracy
                                   pregate_rates, prediction_accuracy)
 from haq.runtime.synthetic import MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS, generate_synthetic_trace
 from haq.runtime.trace import Trace, TraceMeta, load_trace, save_trace, split_by_sequence
-from haq.sim.timeline import lookahead_for, oracle_lookahead, replay_steps, run_policy
+from haq.sim.lookahead import lookahead_for, oracle_lookahead
+from haq.sim.timeline import replay_steps, run_policy, summarize
 
 
 def _trace(experts: np.ndarray, E: int, pregate: np.ndarray | None = None, distance: int | None = None) -> Trace:
@@ -144,6 +145,9 @@ class _Idle:
     def ready_in_s(self, key) -> float:
         return 0.0
 
+    def copied_ahead(self, key) -> bool:
+        return False
+
 
 ops = st.lists(st.tuples(st.booleans(), st.integers(0, 31), st.lists(st.floats(0, 1), min_size=8, max_size=8)),
                max_size=40)
@@ -194,6 +198,46 @@ def test_simulated_prefetch_with_an_oracle_is_used_and_within_budget(mixtral_ctx
     assert replay.peak_resident_bytes <= ctx.budget_bytes
     assert replay.hits_per_layer.sum() > plain.hits_per_layer.sum()
     assert plain.prefetches == 0
+
+
+def test_prefill_copies_ahead_are_the_absent_experts_the_layer_would_copy(mixtral_ctx):
+    """Only absent experts with a token expected, the busiest first, and only what beats the CPU;
+    none for one token, with prefetch off, or when the device is the host."""
+    _, stats, predictor = mixtral_ctx
+    ctx = PolicyContext(budget_bytes=64 * MIXTRAL_EXPERT_BYTES, expert_bytes=MIXTRAL_EXPERT_BYTES,
+                        predictor=predictor, stats=stats, pin_share=1.0)
+    policy = Haq(ctx)
+    keys = policy.prefill_ahead(5, 512, _Idle(), lead_s=0.01)
+    expected = 512 * policy.p_rows[5]
+    assert keys and all(not policy.resident[k] and k[0] == 5 for k in keys)
+    assert [expected[e] for _, e in keys] == sorted((expected[e] for _, e in keys), reverse=True)
+    if len(keys) + int(policy.resident[5].sum()) < 8:  # the rest went to the CPU: each beats its copy
+        assert predictor.t_cpu(int(round(expected[keys[-1][1]]))) > predictor.t_transfer()
+    assert not policy.prefill_ahead(5, 1, _Idle(), lead_s=0.01)
+    assert not Haq(dataclasses.replace(ctx, prefetch=False)).prefill_ahead(5, 512, _Idle(), lead_s=0.01)
+    host = CostPredictor(dataclasses.replace(load_profile("rtx4090-pcie4"), device_is_host=True), MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS)
+    assert not Haq(dataclasses.replace(ctx, predictor=host)).prefill_ahead(5, 512, _Idle(), lead_s=0.01)
+
+
+def test_simulated_prefill_pipelining_is_faster_and_counts_its_buffers(mixtral_ctx):
+    """Copies started a layer ahead land in the link's idle time before their calls: a shorter
+    prefill over the same calls, the budget kept (those admitted from staging too), and their
+    staging buffers in the device bytes."""
+    trace, stats, predictor = mixtral_ctx
+    ctx = PolicyContext(budget_bytes=64 * MIXTRAL_EXPERT_BYTES, expert_bytes=MIXTRAL_EXPERT_BYTES,
+                        predictor=predictor, stats=stats, pin_share=0.5)
+    steps = replay_steps(trace, prefill_tokens=16)
+    ahead = run_policy(Haq(ctx), steps, predictor, 32)
+    plain = run_policy(Haq(dataclasses.replace(ctx, prefetch=False)), steps, predictor, 32)
+    prefill = np.array([st.prefill for st in steps])
+    assert ahead.ahead_copies > 0 and ahead.ahead_peak >= 1 and plain.ahead_copies == plain.ahead_peak == 0
+    assert ahead.step_latency[prefill].sum() < plain.step_latency[prefill].sum()
+    assert (ahead.calls_per_layer == plain.calls_per_layer).all()
+    assert ahead.peak_resident_bytes <= ctx.budget_bytes
+    result = summarize("haq", ahead, steps, ctx.budget_bytes, 256 * MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_BYTES, 0,
+                       predictor.times.profile)
+    assert result.device_bytes == ahead.peak_resident_bytes + (int(ahead.staged) + ahead.ahead_peak) * MIXTRAL_EXPERT_BYTES
+    assert result.ahead_per_prefill_token == ahead.ahead_copies / sum(st.tokens for st in steps if st.prefill)
 
 
 def test_lookahead_sources_and_their_errors(mixtral_ctx):
@@ -249,7 +293,7 @@ def test_engine_prefetch_by_pregating_keeps_tokens_and_budget(tiny_dir):
 
 def test_simulate_cli_prefetch_and_batch_flags(capsys):
     from haq.cli import build_parser, main
-    from haq.sim.timeline import PREFETCH_SOURCES
+    from haq.sim.lookahead import PREFETCH_SOURCES
 
     simulate = next(a for a in build_parser()._subparsers._group_actions[0].choices["simulate"]._actions
                     if a.dest == "prefetch")

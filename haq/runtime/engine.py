@@ -27,6 +27,7 @@ from haq.kernels.grouped_moe import MAX_TOKENS
 from haq.kernels.moe import ExpertCall, combine, route
 from haq.models.adapters import adapter_for
 from haq.runtime.hardware import HardwareProfile
+from haq.runtime.engine_view import EngineView
 from haq.runtime.generation import BatchGenerator, TokenEvent
 from haq.runtime.policies import PolicyContext, make_policy
 from haq.runtime.predictor import CostPredictor
@@ -35,24 +36,6 @@ from haq.runtime.pregate import PreGate
 from haq.runtime.sampling import SamplingParams
 from haq.runtime.store import ExpertStore, ExpertWeights, Key, common_math, extract_experts
 from haq.runtime.trace import Trace
-
-
-class _View:
-    """ExecView for the policies, from the engine's own queues and CUDA events."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def link_backlog_s(self) -> float:
-        pending = sum(1 for ev in self.engine.pending.values() if ev is not None and not ev.query())
-        return pending * self.engine.predictor.t_transfer()
-
-    def cpu_backlog_s(self) -> float:
-        return self.engine.cpu_assigned_s
-
-    def ready_in_s(self, key: Key) -> float:
-        ev = self.engine.pending.get(key)
-        return self.engine.predictor.t_transfer() if ev is not None and not ev.query() else 0.0
 
 
 class OffloadedExperts(nn.Module):
@@ -107,7 +90,7 @@ class Engine:
         self.cpu_assigned_s = 0.0
         self.pregate = PreGate([layer.get_submodule(adapter.moe.router) for layer in layers], adapter.moe.choices,
                                getattr(model.config, adapter.moe.top_k_attr), self.store.num_experts)
-        self.view = _View(self)
+        self.view = EngineView(self)
         self.peak_expert_bytes = 0
         self._reset_counters()
 

@@ -31,6 +31,14 @@ class Haq:
         q (1 + X[H]) + H p[key] - value(victim, its age) > break_even_reuse,
     q the predicted probability of the call (once called, the expert is just used: X[H] more).
     A wrong guess costs link time, CPU bandwidth and an LRU slot, never a wrong result.
+
+    Prefill, pipelined (`prefill_ahead`): while layer l runs, the link's idle time before layer l+1
+    (lead minus its backlog) copies layer l+1's absent experts, the most tokens expected first
+    (batch x profile rate, >= 1), into staging buffers, not the cache. A copy that has landed beats
+    any CPU run of its call, so the schedule is only which experts; on a saturated link it starts
+    nothing, since moving copies earlier there only reorders them. A call that finds its copy ahead
+    decides as if resident and landing (the device, or the CPU when the copy is late), and is
+    admitted from its staging buffer when a copy made for the call would be.
     """
 
     name = "haq"
@@ -62,6 +70,7 @@ class Haq:
         self.calls = 0
         self.last_use: dict[Key, int] = {}  # key -> call counter at its last use
         self.prefetching = ctx.prefetch and self.lru_slots > 0 and not ctx.predictor.shared
+        self.pipelining = ctx.prefetch and not ctx.predictor.shared  # prefill copies a layer ahead
 
     def _excess(self, layer: int, age: float, span: float) -> float:
         X, top = self.X[layer], self.X_top
@@ -92,6 +101,16 @@ class Haq:
     def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         p = self.predictor
         self.calls += 1
+        if view.copied_ahead(key):  # never cached: only absent experts are copied ahead
+            d = p.decide(n, True, ready_in_s=view.ready_in_s(key), cpu_backlog_s=view.cpu_backlog_s())
+            d.ahead = d.where == "device"
+            if d.ahead and self.lru_slots and self.expected_reuse(key) > 0.0:  # kept as a copy for the call is
+                evicted = self.cache.admit(key, self.expert_bytes)
+                if key in self.cache:
+                    self._admitted(key, evicted)
+                    d.admit, d.evicted = True, tuple(evicted)
+            self._count(d.admit)
+            return d
         if key in self.cache:
             d = p.decide(n, True, ready_in_s=view.ready_in_s(key), cpu_backlog_s=view.cpu_backlog_s())
             if d.where == "device":
@@ -155,6 +174,22 @@ class Haq:
             issued.add(key)
             out.append(Prefetch(key, tuple(evicted)))
             victim = self._victim_value(horizon)
+        return out
+
+    def prefill_ahead(self, layer: int, tokens: int, view: ExecView, lead_s: float) -> list[Key]:
+        if not self.pipelining or tokens < 2:
+            return []
+        p = self.predictor
+        room = int((lead_s - view.link_backlog_s()) // p.t_transfer())  # copies the idle link lands in time
+        if room <= 0:
+            return []
+        expected = tokens * self.p_rows[layer]
+        out: list[Key] = []
+        for e in np.argsort(-expected, kind="stable"):  # the busiest first: likeliest called, and on the link
+            if len(out) == room or expected[e] < 1.0:
+                break
+            if not self.resident[layer, e]:
+                out.append((layer, int(e)))
         return out
 
     def _admitted(self, key: Key, evicted: list[Key]) -> None:

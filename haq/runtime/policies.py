@@ -62,6 +62,10 @@ class ExecView(Protocol):
         """Seconds until the copy of `key` lands (0 if it has landed or was never copied)."""
         ...
 
+    def copied_ahead(self, key: Key) -> bool:
+        """Whether a `Policy.prefill_ahead` copy of `key` sits in a staging buffer for this layer."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Prefetch:
@@ -80,6 +84,13 @@ class Policy(Protocol):
         """Copies to start now for `layer`, whose calls are expected in about `lead_s` seconds;
         `probs` [E]: each expert's probability of being called there (a path or pre-gate
         prediction). The executor enqueues them on the link in order, after the copies it has."""
+        ...
+
+    def prefill_ahead(self, layer: int, tokens: int, view: ExecView, lead_s: float) -> list[Key]:
+        """Prefill, pipelined: copies of `layer`'s experts to start now, during the layer before it,
+        into staging buffers (not kept), for a batch of `tokens` tokens whose calls there come in about
+        `lead_s` seconds. The executor queues them after its own copies, frees the buffers when the
+        layer is done, and answers `ExecView.copied_ahead` for them meanwhile."""
         ...
 
     def preload(self) -> list[Key]:
@@ -122,6 +133,9 @@ class NoPrefetch:
     """Policies that copy an expert only when a call asks for it."""
 
     def prefetch(self, layer: int, probs: np.ndarray, view: ExecView, lead_s: float) -> list[Prefetch]:
+        return []
+
+    def prefill_ahead(self, layer: int, tokens: int, view: ExecView, lead_s: float) -> list[Key]:
         return []
 
 

@@ -39,6 +39,7 @@ class Decision:
     admit: bool  # keep the copied weights in the device cache
     est_s: float  # predicted finish time of the call from now (queued work and copies included)
     evicted: tuple[Key, ...] = ()  # cache entries the admission pushed out (the engine frees their slots)
+    ahead: bool = False  # on the device from the copy `Policy.prefill_ahead` started (not a cache hit)
 
 
 class CostPredictor:

@@ -31,14 +31,16 @@ Timeline assumptions, per layer of a step (one decode token or one prefill batch
      may queue copies for layer l+d (`Policy.prefetch`) behind the layer's own copies, given the
      prediction for l+d and, as the lead time, d times the previous layer's duration. They take
      link time and slow CPU streaming like any copy.
+  9. prefill pipelining: once layer l's calls are decided, the policy may start copies of layer
+     l+1's experts (`Policy.prefill_ahead`), behind the layer's own copies, into staging buffers
+     freed when layer l+1 has run; a call there served from one waits for its copy (not a hit).
 Hit: a call served on the device from cached weights (no copy made for it; a background copy
 still landing is waited for). Latency statistics are over decode tokens; prefill is TTFT.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import numpy as np
 
@@ -46,11 +48,10 @@ from haq.errors import HaqError
 from haq.runtime.cache import Key
 from haq.runtime.hardware import HardwareProfile
 from haq.runtime.predictor import CostPredictor
-from haq.runtime.prefetch import (PREFETCH_DISTANCE, PathPredictor, pregate_accuracy, pregate_distance,
-                                  pregate_probabilities)
 from haq.runtime.trace import Trace
 from haq.runtime.policies import Policy
 from haq.sim import native_replay
+from haq.sim.lookahead import PREDICT_BLOCK, Lookahead
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,12 @@ class SimResult:
     tokens_per_s: float  # decode: tokens of every decode step over their time (steps hold decode_batch tokens)
     ttft_mean_s: float | None  # prefill latency per sequence, when prefill is simulated
     prefill_tokens_per_s: float | None  # prompt tokens over prefill time
-    device_bytes: int  # peak expert bytes resident (+ one staging buffer if copies are not kept) + non-expert
+    device_bytes: int  # peak expert bytes resident + staging buffers (one if copies are not kept, and
+    # the most prefill copies started a layer ahead) + non-expert
     fits_device: bool
     prefetches_per_token: float  # prefetch copies per replayed token
     prefetch_used: float  # share of prefetched experts called (on the device) before their eviction
+    ahead_per_prefill_token: float  # prefill copies started a layer ahead, per prompt token
     latency_s: np.ndarray = field(repr=False)  # [decode tokens]
     cum_hit_rate: np.ndarray = field(repr=False)  # [decode tokens] hit rate of all calls so far
     layer_hit_rate: np.ndarray = field(repr=False)  # [layers] device hit rate of each layer's calls
@@ -99,6 +102,7 @@ class SimView:
         self.free_at = 0.0  # when the link has sent everything queued
         self.cpu_assigned = 0.0  # predicted CPU seconds assigned in the current layer
         self.ready_at: dict[Key, float] = {}
+        self.ahead: set[Key] = set()  # this layer's `prefill_ahead` copies, in staging buffers
 
     def link_backlog_s(self) -> float:
         return max(0.0, self.free_at - self.now)
@@ -108,6 +112,9 @@ class SimView:
 
     def ready_in_s(self, key: Key) -> float:
         return max(0.0, self.ready_at.get(key, 0.0) - self.now)
+
+    def copied_ahead(self, key: Key) -> bool:
+        return key in self.ahead
 
     def enqueue(self, seconds: float, key: Key | None) -> float:
         self.free_at = max(self.now, self.free_at) + seconds
@@ -169,78 +176,6 @@ def _cpu_call_time(predictor: CostPredictor, n: int, start: float, link_free: fl
     return predictor.t_cpu(n) - nbytes / bw + stream
 
 
-PrefetchSource = Literal["auto", "path", "pregate", "oracle", "off"]
-PREFETCH_SOURCES: tuple[str, ...] = get_args(PrefetchSource)
-
-
-@dataclass(frozen=True)
-class Lookahead:
-    """What a replay's prefetch knows: `probs(steps)` [len(steps), L - distance, E], [s, l] the
-    probability that each expert is called at layer l + `distance` of one-token step s, used when
-    its layer l runs. It depends on the trace alone, not on the policy's state, so the replay asks
-    for a block of steps at once (`PREDICT_BLOCK`)."""
-
-    distance: int
-    probs: Callable[[Sequence[Step]], np.ndarray]
-    source: str
-
-
-PREDICT_BLOCK = 64  # steps predicted in one batch: the per-call overhead gone, a few MB of arrays
-
-
-def path_lookahead(predictor: PathPredictor) -> Lookahead:
-    """Profile path statistics, given the step's sets at l and l-1."""
-    def probs(steps: Sequence[Step]) -> np.ndarray:
-        return predictor.predict_paths(np.stack([st.experts for st in steps]))
-    return Lookahead(predictor.distance, probs, "path")
-
-
-def pregate_lookahead(accuracy: np.ndarray, distance: int, num_experts: int, top_k: int) -> Lookahead:
-    """The replayed trace's recorded pre-gate predictions, calibrated by each layer's `accuracy`
-    measured on the profile part (`pregate_accuracy`)."""
-    def probs(steps: Sequence[Step]) -> np.ndarray:
-        return np.stack([[pregate_probabilities(st.pregate[target], float(accuracy[target]), num_experts, top_k)
-                          for target in range(distance, len(st.pregate))] for st in steps])
-    return Lookahead(distance, probs, "pregate")
-
-
-def oracle_lookahead(num_experts: int, distance: int) -> Lookahead:
-    """The replayed routing itself (probability 1 for the experts layer l+d calls): the ceiling of
-    what any predictor could let prefetch save, not a policy anyone can run."""
-    def probs(steps: Sequence[Step]) -> np.ndarray:
-        out = np.zeros((len(steps), len(steps[0].calls) - distance, num_experts))
-        for rows, st in zip(out, steps):
-            for row, calls in zip(rows, st.calls[distance:]):
-                row[[e for e, _ in calls]] = 1.0
-        return out
-    return Lookahead(distance, probs, "oracle")
-
-
-def lookahead_for(kind: PrefetchSource, profile: Trace, replayed: Trace,
-                  distance: int = PREFETCH_DISTANCE) -> Lookahead | None:
-    """The prediction a replay's prefetch uses, learned from `profile` only: "pregate" (recorded by
-    `haq trace`, at the distance it was recorded, calibrated per layer on the profile), "path"
-    (`PathPredictor`), "oracle" (a ceiling), "off"; "auto": pregate when both traces have it."""
-    if kind not in PREFETCH_SOURCES:
-        raise HaqError(f"unknown prefetch source {kind!r}; choose from {list(PREFETCH_SOURCES)}")
-    L = profile.meta.layers
-    if kind == "off" or L < 2:
-        return None
-    if kind == "auto":
-        kind = "pregate" if profile.pregate is not None and replayed.pregate is not None else "path"
-    E, K = profile.meta.num_experts, profile.meta.top_k
-    if kind == "pregate":
-        d = pregate_distance(replayed)
-        if pregate_distance(profile) != d:
-            raise HaqError(f"the profile trace's pre-gate looks {pregate_distance(profile)} layer(s) ahead, "
-                           f"the replayed trace's {d}: record both with the same distance")
-        return pregate_lookahead(pregate_accuracy(profile), d, E, K)
-    distance = min(distance, L - 1)
-    if kind == "oracle":
-        return oracle_lookahead(E, distance)
-    return path_lookahead(PathPredictor.from_trace(profile, distance))
-
-
 @dataclass
 class Replay:
     """Raw counters of one policy's replay; `summarize` turns them into a SimResult."""
@@ -256,6 +191,8 @@ class Replay:
     step_calls: np.ndarray  # [steps]
     prefetches: int = 0
     prefetch_hits: int = 0  # prefetched experts served on the device before being evicted
+    ahead_copies: int = 0  # prefill copies started a layer ahead (`Policy.prefill_ahead`)
+    ahead_peak: int = 0  # the most staging buffers those held at once (one layer's)
 
 
 def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, layers: int,
@@ -275,7 +212,8 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
     peak = policy.resident_bytes()
     step_latency, step_hits, step_calls = [], [], []
     prefetched: set[Key] = set()  # prefetched and not yet called or evicted
-    prefetches = prefetch_hits = 0
+    prefetches = prefetch_hits = ahead_copies = ahead_peak = 0
+    ahead_next: set[Key] = set()  # copies started for the next layer of a prefill step
     lead = t_cpu(1)  # the previous layer's duration: lead * d, when layer l+d's calls are expected
 
     def evict(keys: Sequence[Key]) -> None:
@@ -312,6 +250,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
             dev_copied: list[tuple[float, int]] = []  # copied calls: (copy lands at, tokens)
             layer_calls = step.calls[layer]
             layer_copies = 0
+            view.ahead, ahead_next = ahead_next, set()
             for expert, n in layer_calls:
                 key = (layer, expert)
                 d = policy.decide(key, n, view)
@@ -327,6 +266,10 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
                     cpu_work.append(n)
                 elif d.transfer:
                     dev_copied.append((done, n))
+                elif d.ahead:
+                    dev_copied.append((view.ready_at[key], n))
+                    if d.admit:  # out of the staging buffers into the cache
+                        view.ahead.discard(key)
                 else:
                     hits_l[layer] += 1
                     hits += 1
@@ -343,6 +286,16 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
                     copies += 1
                     layer_copies += 1
                     prefetches += 1
+            for key in view.ahead:  # their buffers are freed once the layer has run
+                view.ready_at.pop(key, None)
+            if step.prefill and layer + 1 < layers:
+                for key in policy.prefill_ahead(layer + 1, step.tokens, view, lead):
+                    view.enqueue(t_copy, key)
+                    ahead_next.add(key)
+                    copies += 1
+                    layer_copies += 1
+                ahead_copies += len(ahead_next)
+                ahead_peak = max(ahead_peak, len(ahead_next))
             calls_l[layer] += len(layer_calls)
             calls += len(layer_calls)
             cpu_calls += len(cpu_work)
@@ -370,7 +323,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
         peak = max(peak, policy.resident_bytes())
     return Replay(np.array(hits_l, dtype=np.float64), np.array(calls_l, dtype=np.float64), cpu_calls, copies,
                   staged, peak, np.array(step_latency), np.array(step_hits), np.array(step_calls),
-                  prefetches, prefetch_hits)
+                  prefetches, prefetch_hits, ahead_copies, ahead_peak)
 
 
 def summarize(name: str, replay: Replay, steps: Sequence[Step], budget_bytes: int, total_expert_bytes: int,
@@ -384,7 +337,8 @@ def summarize(name: str, replay: Replay, steps: Sequence[Step], budget_bytes: in
     cum_hits = np.cumsum(replay.step_hits)[decode]
     cum_calls = np.maximum(np.cumsum(replay.step_calls)[decode], 1)
     layer_rate = replay.hits_per_layer / np.maximum(replay.calls_per_layer, 1)
-    device_bytes = int(replay.peak_resident_bytes + (expert_bytes if replay.staged else 0) + nonexpert_bytes)
+    staging = int(replay.staged) + replay.ahead_peak  # buffers of copies not kept
+    device_bytes = int(replay.peak_resident_bytes + staging * expert_bytes + nonexpert_bytes)
     return SimResult(
         policy=name,
         budget_bytes=budget_bytes,
@@ -406,6 +360,7 @@ def summarize(name: str, replay: Replay, steps: Sequence[Step], budget_bytes: in
         fits_device=device_bytes <= profile.device_memory.value,
         prefetches_per_token=replay.prefetches / max(tokens, 1),
         prefetch_used=replay.prefetch_hits / max(replay.prefetches, 1),
+        ahead_per_prefill_token=replay.ahead_copies / max(sum(st.tokens for st in steps if st.prefill), 1),
         latency_s=lat,
         cum_hit_rate=cum_hits / cum_calls,
         layer_hit_rate=layer_rate,

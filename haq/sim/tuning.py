@@ -14,7 +14,8 @@ from haq.runtime.placement import ProfileStats, profile_statistics
 from haq.runtime.policies import PolicyContext, PolicyName, make_policy
 from haq.runtime.predictor import CostPredictor
 from haq.runtime.trace import Trace, split_by_sequence
-from haq.sim.timeline import PrefetchSource, SimResult, lookahead_for, replay_steps, run_policy, summarize
+from haq.sim.lookahead import PrefetchSource, lookahead_for
+from haq.sim.timeline import SimResult, replay_steps, run_policy, summarize
 
 
 def _context(stats: ProfileStats, budget: int, expert_bytes: int, predictor: CostPredictor, *,
