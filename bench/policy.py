@@ -276,8 +276,10 @@ def summary(payload: dict) -> str:
     table = ("| trace | budget | best other (tok/s) | haq | haq + path / pregate prefetch | haq + oracle prefetch "
              "(ceiling) | layer hit std haq / lru / fiddler |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines))
     acc = "; ".join(f"{r['model']} {r['source']} +{r['distance']}: {r['mean']:.2f}" for r in payload["accuracy"])
-    batch = "; ".join(f"{r['phase']}: haq {r['ratio_vs_best_other']:.2f}x" for r in payload["batch"]
-                      if r["policy"] == "haq")
+    plain = {r["phase"]: r["ratio_vs_best_other"] for r in payload["batch"] if r["policy"] == "haq, not pipelined"}
+    batch = "; ".join(f"{r['phase']}: haq {r['ratio_vs_best_other']:.3f}x"
+                      + (f" ({plain[r['phase']]:.3f}x not pipelined)" if r["phase"] in plain else "")
+                      for r in payload["batch"] if r["policy"] == "haq")
     dedicated = RESULTS / "policy-speed.json"  # the longer, repeated run of --speed-only, when there is one
     measured = json.loads(dedicated.read_text())["rows"] if dedicated.exists() else payload["replay_speed"]
     speed = ", ".join(f"{r['policy']} {r['calls_per_s'] / 1e3:.0f}k" for r in measured)
