@@ -88,3 +88,34 @@ def test_other_dtypes_and_prefill_run_hf_attention(tiny_dir, monkeypatch) -> Non
     monkeypatch.setattr(lib, "haq_decode_attention", lambda *a: pytest.fail("the kernel ran on bfloat16"))
     tokens = BatchGenerator(model).generate([[5, 6, 7]], SamplingParams(max_tokens=4))[0]
     assert len(tokens) == 4
+
+
+@pytest.mark.parametrize("D", [8, 16, 32, 64, 128])  # the scalar, one-vector and four-vector score loops
+def test_kernel_attention_equals_a_torch_reference_for_every_head_width(D: int) -> None:
+    """RoPE on q and the new k, the cache write at column `length`, GQA softmax attention over
+    each row's unpadded columns, against the same in torch (float64)."""
+    B, nh, kvh, cap, length = 2, 6, 2, 40, 30
+    g = torch.Generator().manual_seed(D)
+    q, k, v = (torch.randn(B, n * D, generator=g) for n in (nh, kvh, kvh))
+    kbuf, vbuf = torch.randn(B, kvh, cap, D, generator=g), torch.randn(B, kvh, cap, D, generator=g)
+    angle = torch.rand(B, D // 2, generator=g) * 6.0
+    cos, sin = torch.cat([angle.cos()] * 2, dim=1), torch.cat([angle.sin()] * 2, dim=1)
+    pads, out, scale = torch.tensor([0, 7]), torch.empty(B, nh * D), D ** -0.5
+
+    def rope(x: torch.Tensor) -> torch.Tensor:  # [B, heads, D], HF's rotate_half layout
+        return x * cos[:, None] + torch.cat([-x[..., D // 2:], x[..., :D // 2]], dim=-1) * sin[:, None]
+
+    keys, values = kbuf.double().clone(), vbuf.double().clone()
+    keys[:, :, length] = rope(k.view(B, kvh, D)).double()
+    values[:, :, length] = v.view(B, kvh, D).double()
+    cpu.library().haq_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), nh * D, kvh * D, B, nh, kvh, D,
+                                       cos.data_ptr(), sin.data_ptr(), kbuf.data_ptr(), vbuf.data_ptr(), cap, length,
+                                       pads.data_ptr(), scale, out.data_ptr(), 1)
+    torch.testing.assert_close(kbuf[:, :, length].double(), keys[:, :, length], rtol=1e-6, atol=1e-6)
+    qr = rope(q.view(B, nh, D)).double()
+    for b in range(B):
+        for h in range(nh):
+            cols = slice(int(pads[b]), length + 1)
+            kk, vv = keys[b, h // (nh // kvh), cols], values[b, h // (nh // kvh), cols]
+            expected = torch.softmax(kk @ qr[b, h] * scale, dim=0) @ vv
+            torch.testing.assert_close(out[b, h * D:(h + 1) * D].double(), expected, rtol=1e-5, atol=1e-5)
