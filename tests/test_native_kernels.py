@@ -62,6 +62,11 @@ def test_linear_equals_the_pytorch_backend_bit_for_bit(kernels, mode: str) -> No
         assert torch.equal(out, ref), (M, K, N)
     w = levels(N, 64, gen=g)
     assert torch.equal(int8_linear(torch.zeros(1, 64), w.t(), scale, bias, impl="native"), bias[None])  # levels 0
+    ties = torch.cat([torch.tensor([127.0]), torch.arange(-31, 32) + 0.5])[None]  # scale 1: every x / scale a tie
+    w = levels(N, ties.shape[1], gen=g)  # 64 columns: four 16-lane blocks; 40 below: two and a scalar tail
+    for x in (ties, ties[:, :40]):
+        ref = int8_linear(x, w[:, :x.shape[1]].t(), scale, bias, impl="float")
+        assert torch.equal(int8_linear(x, w[:, :x.shape[1]].t(), scale, bias, impl="native"), ref)
 
 
 @settings(max_examples=40, deadline=None)
