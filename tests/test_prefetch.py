@@ -149,23 +149,38 @@ class _Idle:
         return False
 
 
-ops = st.lists(st.tuples(st.booleans(), st.integers(0, 31), st.lists(st.floats(0, 1), min_size=8, max_size=8)),
-               max_size=40)
+class _Ahead(_Idle):
+    """Every key's copy is in a staging buffer (`Policy.prefill_ahead`) and has landed."""
+
+    def copied_ahead(self, key) -> bool:
+        return True
+
+
+ops = st.lists(st.tuples(st.sampled_from(["call", "prefetch", "ahead"]), st.integers(0, 31),
+                         st.lists(st.floats(0, 1), min_size=8, max_size=8)), max_size=40)
 
 
 @settings(max_examples=60, deadline=None)
 @given(slots=st.integers(1, 40), pin_share=st.sampled_from([0.0, 0.25, 0.5]), ops=ops)
 def test_budget_never_exceeded_with_prefetch(mixtral_ctx, slots, pin_share, ops):
-    """Any mix of calls and prefetches (any probabilities, an idle link): the resident bytes stay
-    within the budget, pinned experts stay, and what a prefetch returns is resident."""
+    """Any mix of calls, prefetches and prefill copies started a layer ahead (any probabilities,
+    any tokens, an idle link): the resident bytes stay within the budget, pinned experts stay,
+    what a prefetch returns is resident, and a call on a copy ahead is never a cache hit."""
     _, stats, predictor = mixtral_ctx
     ctx = PolicyContext(budget_bytes=slots * MIXTRAL_EXPERT_BYTES, expert_bytes=MIXTRAL_EXPERT_BYTES,
                         predictor=predictor, stats=stats, pin_share=pin_share)
     policy = Haq(ctx)
     pinned = set(policy.cache.pinned)
-    for is_call, layer, probs in ops:
-        if is_call:
+    for kind, layer, probs in ops:
+        if kind == "call":
             policy.decide((layer, int(np.argmax(probs))), 1, _Idle())
+        elif kind == "ahead":
+            tokens = 2 + int(1000 * probs[0])
+            for key in policy.prefill_ahead(layer, tokens, _Idle(), lead_s=10 * predictor.t_transfer()):
+                assert key not in policy.cache
+                d = policy.decide(key, max(1, int(tokens * probs[1])), _Ahead())
+                assert d.ahead == (d.where == "device") and not d.transfer
+                assert (key in policy.cache) == d.admit and not set(d.evicted) & pinned
         else:
             for pf in policy.prefetch(layer, np.array(probs), _Idle(), lead_s=1.0):
                 assert pf.key in policy.cache and not set(pf.evicted) & pinned
