@@ -16,7 +16,8 @@
 (c) prefill (512 and 2048 prompt tokens: TTFT, prefill tokens/s) and decode at batch 1/4/16, the
     synthetic Mixtral trace, each policy's own rule for large calls (llamacpp: copy when >= 32 tokens;
     fiddler: linear CPU cost; haq: the predictor's list scheduling, with its copies started a layer
-    ahead, and "haq, not pipelined": prefetch off, each layer's copies start with the layer);
+    ahead, and "haq, not pipelined": the same tuned shares and prefetch, each layer's copies
+    starting with the layer);
 (d) replay speed: expert calls replayed per second per policy on a synthetic trace of 64 experts,
     top-6, 26 layers (DeepSeek-V2-Lite's shape);
 (e) the memory claim at equal service: FP16 experts all resident (plus FP16 attention) against
@@ -118,7 +119,7 @@ def batch_rows(budgets: list[int]) -> list[dict]:
     for prompt in (512, 2048):
         profile, replayed = split_by_sequence(generate_synthetic_trace(num_sequences=8, seq_len=prompt + 16, seed=1))
         plain = simulate(replayed, hw, [total * b // 100 for b in budgets], MIXTRAL_EXPERT_BYTES, ["haq"],
-                         prefill_tokens=prompt, profile_trace=profile, prefetch="off", **kw)
+                         prefill_tokens=prompt, profile_trace=profile, pipeline=False, **kw)
         for r in plain:
             r.policy = "haq, not pipelined"
         for r in simulate(replayed, hw, [total * b // 100 for b in budgets], MIXTRAL_EXPERT_BYTES, POLICIES,

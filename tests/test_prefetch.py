@@ -216,21 +216,23 @@ def test_simulated_prefetch_with_an_oracle_is_used_and_within_budget(mixtral_ctx
 
 
 def test_prefill_copies_ahead_are_the_absent_experts_the_layer_would_copy(mixtral_ctx):
-    """Only absent experts with a token expected, the busiest first, and only what beats the CPU;
-    none for one token, with prefetch off, or when the device is the host."""
+    """Only absent experts with a token expected, the busiest first, no more than the idle link
+    lands before the layer; none for one token, a busy link, pipelining off, or when the device is
+    the host."""
     _, stats, predictor = mixtral_ctx
     ctx = PolicyContext(budget_bytes=64 * MIXTRAL_EXPERT_BYTES, expert_bytes=MIXTRAL_EXPERT_BYTES,
                         predictor=predictor, stats=stats, pin_share=1.0)
     policy = Haq(ctx)
-    keys = policy.prefill_ahead(5, 512, _Idle(), lead_s=0.01)
+    keys = policy.prefill_ahead(5, 512, _Idle(), lead_s=0.05)
     expected = 512 * policy.p_rows[5]
     assert keys and all(not policy.resident[k] and k[0] == 5 for k in keys)
     assert [expected[e] for _, e in keys] == sorted((expected[e] for _, e in keys), reverse=True)
-    if len(keys) + int(policy.resident[5].sum()) < 8:  # the rest went to the CPU: each beats its copy
-        assert predictor.t_cpu(int(round(expected[keys[-1][1]]))) > predictor.t_transfer()
+    assert 1 < len(keys) <= 0.05 // predictor.t_transfer()
     assert not policy.prefill_ahead(5, 1, _Idle(), lead_s=0.01)
-    assert not Haq(dataclasses.replace(ctx, prefetch=False)).prefill_ahead(5, 512, _Idle(), lead_s=0.01)
-    host = CostPredictor(dataclasses.replace(load_profile("rtx4090-pcie4"), device_is_host=True), MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS)
+    assert not policy.prefill_ahead(5, 512, _Idle(), lead_s=0.5 * predictor.t_transfer())
+    assert not Haq(dataclasses.replace(ctx, pipeline=False)).prefill_ahead(5, 512, _Idle(), lead_s=0.01)
+    host = CostPredictor(dataclasses.replace(load_profile("rtx4090-pcie4"), device_is_host=True),
+                         MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS)
     assert not Haq(dataclasses.replace(ctx, predictor=host)).prefill_ahead(5, 512, _Idle(), lead_s=0.01)
 
 
@@ -243,7 +245,7 @@ def test_simulated_prefill_pipelining_is_faster_and_counts_its_buffers(mixtral_c
                         predictor=predictor, stats=stats, pin_share=0.5)
     steps = replay_steps(trace, prefill_tokens=16)
     ahead = run_policy(Haq(ctx), steps, predictor, 32)
-    plain = run_policy(Haq(dataclasses.replace(ctx, prefetch=False)), steps, predictor, 32)
+    plain = run_policy(Haq(dataclasses.replace(ctx, pipeline=False)), steps, predictor, 32)
     prefill = np.array([st.prefill for st in steps])
     assert ahead.ahead_copies > 0 and ahead.ahead_peak >= 1 and plain.ahead_copies == plain.ahead_peak == 0
     assert ahead.step_latency[prefill].sum() < plain.step_latency[prefill].sum()

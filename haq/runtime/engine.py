@@ -26,8 +26,8 @@ from haq.errors import HaqError
 from haq.kernels.grouped_moe import MAX_TOKENS
 from haq.kernels.moe import ExpertCall, combine, route
 from haq.models.adapters import adapter_for
-from haq.runtime.hardware import HardwareProfile
 from haq.runtime.engine_view import EngineView
+from haq.runtime.hardware import HardwareProfile
 from haq.runtime.generation import BatchGenerator, TokenEvent
 from haq.runtime.policies import PolicyContext, make_policy
 from haq.runtime.predictor import CostPredictor

@@ -70,7 +70,7 @@ class Haq:
         self.calls = 0
         self.last_use: dict[Key, int] = {}  # key -> call counter at its last use
         self.prefetching = ctx.prefetch and self.lru_slots > 0 and not ctx.predictor.shared
-        self.pipelining = ctx.prefetch and not ctx.predictor.shared  # prefill copies a layer ahead
+        self.pipelining = ctx.pipeline and not ctx.predictor.shared  # prefill copies a layer ahead
 
     def _excess(self, layer: int, age: float, span: float) -> float:
         X, top = self.X[layer], self.X_top

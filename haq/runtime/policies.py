@@ -115,6 +115,7 @@ class PolicyContext:
     pin_share: float = 0.5  # haq: share of the budget pinned by placement, the rest is LRU
     path_share: float = 0.0  # haq: share of the pinned slots spent on path coverage (stage 1)
     prefetch: bool = True  # haq: copy the predicted experts of later layers into idle link time
+    pipeline: bool = True  # haq: in prefill, copy the next layer's experts while a layer runs (`prefill_ahead`)
 
     @property
     def slots(self) -> int:

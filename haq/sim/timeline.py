@@ -192,7 +192,7 @@ class Replay:
     prefetches: int = 0
     prefetch_hits: int = 0  # prefetched experts served on the device before being evicted
     ahead_copies: int = 0  # prefill copies started a layer ahead (`Policy.prefill_ahead`)
-    ahead_peak: int = 0  # the most staging buffers those held at once (one layer's)
+    ahead_peak: int = 0  # the most staging buffers those held at once (a layer's still in use + the next's)
 
 
 def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, layers: int,
@@ -239,7 +239,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
         if lookahead is not None and index % PREDICT_BLOCK == 0:
             block = [i for i in range(index, min(index + PREDICT_BLOCK, len(steps))) if steps[i].tokens == 1]
             predicted = dict(zip(block, lookahead.probs([steps[i] for i in block]))) if block else {}
-        ahead = predicted.get(index)
+        guess = predicted.get(index)
         for layer in range(layers):
             layer_start = clock
             clock += ne
@@ -277,9 +277,9 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
                     if key in prefetched:
                         prefetch_hits += 1
                         prefetched.discard(key)
-            if ahead is not None and layer < len(ahead):
+            if guess is not None and layer < len(guess):
                 target = layer + lookahead.distance
-                for pf in policy.prefetch(target, ahead[layer], view, lead * lookahead.distance):
+                for pf in policy.prefetch(target, guess[layer], view, lead * lookahead.distance):
                     evict(pf.evicted)
                     view.enqueue(t_copy, pf.key)
                     prefetched.add(pf.key)
@@ -295,7 +295,7 @@ def run_policy(policy: Policy, steps: Sequence[Step], predictor: CostPredictor, 
                     copies += 1
                     layer_copies += 1
                 ahead_copies += len(ahead_next)
-                ahead_peak = max(ahead_peak, len(ahead_next))
+                ahead_peak = max(ahead_peak, len(view.ahead) + len(ahead_next))  # this layer's still held
             calls_l[layer] += len(layer_calls)
             calls += len(layer_calls)
             cpu_calls += len(cpu_work)
@@ -337,7 +337,9 @@ def summarize(name: str, replay: Replay, steps: Sequence[Step], budget_bytes: in
     cum_hits = np.cumsum(replay.step_hits)[decode]
     cum_calls = np.maximum(np.cumsum(replay.step_calls)[decode], 1)
     layer_rate = replay.hits_per_layer / np.maximum(replay.calls_per_layer, 1)
-    staging = int(replay.staged) + replay.ahead_peak  # buffers of copies not kept
+    # staging buffers: copies made for a call and not kept, copies started ahead; peaks of different
+    # moments added, so an upper bound
+    staging = int(replay.staged) + replay.ahead_peak
     device_bytes = int(replay.peak_resident_bytes + staging * expert_bytes + nonexpert_bytes)
     return SimResult(
         policy=name,

@@ -20,10 +20,10 @@ from haq.sim.timeline import SimResult, replay_steps, run_policy, summarize
 
 def _context(stats: ProfileStats, budget: int, expert_bytes: int, predictor: CostPredictor, *,
              pin_share: float, path_share: float, ranking: list[Key] | None = None,
-             future: list[Key] | None = None, prefetch: bool = True) -> PolicyContext:
+             future: list[Key] | None = None, prefetch: bool = True, pipeline: bool = True) -> PolicyContext:
     return PolicyContext(budget_bytes=int(budget), expert_bytes=expert_bytes, predictor=predictor, stats=stats,
                          ranking=ranking, future=future, pin_share=pin_share, path_share=path_share,
-                         prefetch=prefetch)
+                         prefetch=prefetch, pipeline=pipeline)
 
 
 PIN_SHARES = (1.0, 0.75, 0.5, 0.25)
@@ -120,6 +120,7 @@ def simulate(
     path_share: float | None = None,
     ranking: list[Key] | None = None,
     prefetch: PrefetchSource = "auto",
+    pipeline: bool = True,
 ) -> list[SimResult]:
     """One SimResult per (budget, policy), budgets in the outer loop.
 
@@ -130,7 +131,9 @@ def simulate(
     the non-expert part of a layer. `prefill_tokens` and `decode_batch`: see `replay_steps`. haq's
     `pin_share` and its stage-1 `path_share` are tuned per budget on the profile part when None
     (`tune_shares`; a given pin share without a path share means 0). `prefetch`: where haq's
-    predictions come from (`lookahead_for`; "off": no prefetch).
+    predictions come from (`lookahead_for`; "off": no prefetch). `pipeline`: haq's prefill copies a
+    layer ahead (`Policy.prefill_ahead`); off, the shares are still tuned with it, so a replay
+    with and one without differ by the pipelining alone.
     """
     if profile_trace is None:
         profile_trace, trace = split_by_sequence(trace, profile_frac)
@@ -154,7 +157,7 @@ def simulate(
     rows = []
     for budget, (share, path) in zip(budgets, shares):
         ctx = _context(stats, budget, expert_bytes, predictor, pin_share=share, path_share=path,
-                       ranking=ranking, future=future, prefetch=lookahead is not None)
+                       ranking=ranking, future=future, prefetch=lookahead is not None, pipeline=pipeline)
         for name in policies:
             replay = run_policy(make_policy(name, ctx), steps, predictor, L, nonexpert_bytes_per_layer,
                                 nonexpert_s_per_layer, lookahead)

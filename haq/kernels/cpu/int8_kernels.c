@@ -42,13 +42,14 @@ void haq_row_sums(const int8_t *w, int64_t N, int64_t K, int32_t *sums) {
     }
 }
 
-/* max |x| over n floats (max is exact in any order, so the vector form gives the scalar's value). */
+/* max |x| over n floats, NaN ignored as fmaxf does (vmaxps returns its second operand when either is
+ * NaN, so the running max goes second); max is exact in any order: the scalar loop's value. */
 static float abs_max(const float *x, int64_t n) {
     float amax = 0.f;
     int64_t k = 0;
 #if defined(__AVX512F__)
     __m512 m = _mm512_setzero_ps();
-    for (; k + 16 <= n; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    for (; k + 16 <= n; k += 16) m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + k)), m);
     amax = _mm512_reduce_max_ps(m);
 #endif
     for (; k < n; k++) amax = fmaxf(amax, fabsf(x[k]));
@@ -180,8 +181,8 @@ void haq_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const int
 static float silu(float v) { return v / (1.f + expf(-v)); }
 
 /* g[i] = silu(g[i]) * u[i] over n floats. In 16 lanes e^x is Cephes' expf (x = n ln2 + r, a degree-7
- * polynomial in r, times 2^n; within about 1 ulp of libm's expf): the scalar call was a tenth of
- * the experts' time at decode. */
+ * polynomial in r, times 2^n): silu within 3e-7 of the scalar one (relative, over [-100, 100]); gcc
+ * leaves the scalar loop, one libm call per element, unvectorised. */
 static void silu_mul(float *g, const float *u, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__)
