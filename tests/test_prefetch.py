@@ -253,7 +253,8 @@ def test_simulated_prefill_pipelining_is_faster_and_counts_its_buffers(mixtral_c
     assert ahead.peak_resident_bytes <= ctx.budget_bytes
     result = summarize("haq", ahead, steps, ctx.budget_bytes, 256 * MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_BYTES, 0,
                        predictor.times.profile)
-    assert result.device_bytes == ahead.peak_resident_bytes + (int(ahead.staged) + ahead.ahead_peak) * MIXTRAL_EXPERT_BYTES
+    staging = int(ahead.staged) + ahead.ahead_peak
+    assert result.device_bytes == ahead.peak_resident_bytes + staging * MIXTRAL_EXPERT_BYTES
     assert result.ahead_per_prefill_token == ahead.ahead_copies / sum(st.tokens for st in steps if st.prefill)
 
 
