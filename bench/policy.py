@@ -370,7 +370,7 @@ def main() -> None:
           + md_table(accuracy, ["model", "source", "distance", "mean", "min_layer"])
           + "\n## (c) Prefill and batched decode (synthetic Mixtral-8x7B trace, 25% budget)\n\n"
           + "ahead_per_token: prefill copies started a layer ahead per prompt token; device_gib: resident experts, "
-          "staging buffers (one for copies not kept, plus the most copies started ahead for one layer) and "
+          "staging buffers (one for copies not kept, plus the most copies started ahead held at once) and "
           "attention projections.\n\n"
           + md_table(batch, ["phase", "budget_pct", "policy", "ttft_ms", "prefill_tok_s", "decode_tok_s", "step_ms",
                              "cpu_share", "ahead_per_token", "device_gib", "ratio_vs_best_other"])
