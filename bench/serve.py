@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from common import machine, md_table, write_results
+from common import git_rev, machine, md_table, write_results
 
 
 def _rss_mb(pid: int) -> float:
@@ -177,7 +177,8 @@ def main() -> None:
     one_by_one = {r["budget_pct"]: r["tokens_per_s"] for r in rows if r["concurrency"] == 1}
     for r in rows:
         r["vs_concurrency_1"] = r["tokens_per_s"] / one_by_one[r["budget_pct"]]
-    md = ("# Serving (`haq serve`, real HTTP, streaming completions)\n\n"
+    md = (f"# Serving (`haq serve`, real HTTP, streaming completions; {machine()['cpu']})\n\n"
+          f"`python bench/serve.py {args.model}` at git {git_rev()}: "
           f"{path.name}, {args.requests} requests of {args.max_tokens} tokens per level, greedy, "
           f"medians of {args.rounds} interleaved rounds, server threads {args.threads}; "
           "concurrency 1 = the same prompts one after another.\n\n"
