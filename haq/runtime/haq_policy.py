@@ -101,16 +101,6 @@ class Haq:
     def decide(self, key: Key, n: int, view: ExecView) -> Decision:
         p = self.predictor
         self.calls += 1
-        if view.copied_ahead(key):  # never cached: only absent experts are copied ahead
-            d = p.decide(n, True, ready_in_s=view.ready_in_s(key), cpu_backlog_s=view.cpu_backlog_s())
-            d.ahead = d.where == "device"
-            if d.ahead and self.lru_slots and self.expected_reuse(key) > 0.0:  # kept as a copy for the call is
-                evicted = self.cache.admit(key, self.expert_bytes)
-                if key in self.cache:
-                    self._admitted(key, evicted)
-                    d.admit, d.evicted = True, tuple(evicted)
-            self._count(d.admit)
-            return d
         if key in self.cache:
             d = p.decide(n, True, ready_in_s=view.ready_in_s(key), cpu_backlog_s=view.cpu_backlog_s())
             if d.where == "device":
@@ -118,13 +108,21 @@ class Haq:
                 self.last_use[key] = self.calls
             self.admits_per_call += self.ema * (False - self.admits_per_call)  # _count(False), inline: the hot path
             return d
+        if view.copied_ahead(key):  # only absent experts are copied ahead
+            d = p.decide(n, True, ready_in_s=view.ready_in_s(key), cpu_backlog_s=view.cpu_backlog_s())
+            d.ahead = d.where == "device"
+            if d.ahead and self.lru_slots and self.expected_reuse(key) > 0.0:  # kept as a copy for the call is
+                evicted = self._keep(key)
+                if evicted is not None:
+                    d.admit, d.evicted = True, evicted
+            self._count(d.admit)
+            return d
         d = p.decide(n, False, link_backlog_s=view.link_backlog_s(), cpu_backlog_s=view.cpu_backlog_s(),
                      expected_reuse=self.expected_reuse(key) if self.lru_slots else 0.0)
         if d.admit:
-            evicted = self.cache.admit(key, self.expert_bytes)
-            if key in self.cache:
-                self._admitted(key, evicted)
-                d.evicted = tuple(evicted)
+            evicted = self._keep(key)
+            if evicted is not None:
+                d.evicted = evicted
             else:
                 d.admit, d.transfer = False, d.where == "device"
         self._count(d.admit)
@@ -166,13 +164,12 @@ class Haq:
             key, start = (layer, int(order[at])), at + 1
             if issued.intersection(self.cache.victims(self.expert_bytes)):
                 break  # the LRU part is full of this layer's prefetches: a likelier one would go
-            evicted = self.cache.admit(key, self.expert_bytes)
-            if key not in self.cache:
+            evicted = self._keep(key)
+            if evicted is None:
                 break
-            self._admitted(key, evicted)
             self.admits_per_call += self.ema  # an admission between calls: the LRU turns over faster
             issued.add(key)
-            out.append(Prefetch(key, tuple(evicted)))
+            out.append(Prefetch(key, evicted))
             victim = self._victim_value(horizon)
         return out
 
@@ -192,13 +189,18 @@ class Haq:
                 out.append((layer, int(e)))
         return out
 
-    def _admitted(self, key: Key, evicted: list[Key]) -> None:
-        """Ages count from admission; evicted keys have none."""
+    def _keep(self, key: Key) -> tuple[Key, ...] | None:
+        """Admit `key` to the cache: the keys it evicted, or None when the cache refuses it (then
+        nothing is evicted). Ages count from admission; evicted keys have none."""
+        evicted = self.cache.admit(key, self.expert_bytes)
+        if key not in self.cache:
+            return None
         self.last_use[key] = self.calls
         self.resident[key] = True
         for old in evicted:
             self.last_use.pop(old, None)
             self.resident[old] = False
+        return tuple(evicted)
 
     def _count(self, admitted: bool) -> None:
         self.admits_per_call += self.ema * (admitted - self.admits_per_call)

@@ -334,6 +334,7 @@ def summarize(name: str, replay: Replay, steps: Sequence[Step], budget_bytes: in
     decode_tokens = np.array([st.tokens for st in steps if not st.prefill], dtype=np.float64)
     calls = int(replay.calls_per_layer.sum())
     tokens = sum(st.tokens for st in steps)
+    prompt_tokens = sum(st.tokens for st in steps if st.prefill)
     cum_hits = np.cumsum(replay.step_hits)[decode]
     cum_calls = np.maximum(np.cumsum(replay.step_calls)[decode], 1)
     layer_rate = replay.hits_per_layer / np.maximum(replay.calls_per_layer, 1)
@@ -356,13 +357,13 @@ def summarize(name: str, replay: Replay, steps: Sequence[Step], budget_bytes: in
         latency_p99_s=float(np.percentile(lat, 99)) if len(lat) else 0.0,
         tokens_per_s=float(decode_tokens.sum() / lat.sum()) if len(lat) and lat.sum() > 0 else 0.0,
         ttft_mean_s=float(replay.step_latency[prefill].mean()) if prefill.any() else None,
-        prefill_tokens_per_s=float(sum(st.tokens for st in steps if st.prefill) / replay.step_latency[prefill].sum())
+        prefill_tokens_per_s=float(prompt_tokens / replay.step_latency[prefill].sum())
         if prefill.any() and replay.step_latency[prefill].sum() > 0 else None,
         device_bytes=device_bytes,
         fits_device=device_bytes <= profile.device_memory.value,
         prefetches_per_token=replay.prefetches / max(tokens, 1),
         prefetch_used=replay.prefetch_hits / max(replay.prefetches, 1),
-        ahead_per_prefill_token=replay.ahead_copies / max(sum(st.tokens for st in steps if st.prefill), 1),
+        ahead_per_prefill_token=replay.ahead_copies / max(prompt_tokens, 1),
         latency_s=lat,
         cum_hit_rate=cum_hits / cum_calls,
         layer_hit_rate=layer_rate,
