@@ -36,7 +36,7 @@ def run(args) -> dict:
     from haq.quant.pipeline import quantize_model
     from haq.quant.recipe import Recipe
     from haq.api import build_engine
-    from haq.runtime.profile_hw import profile_hardware
+    from haq.runtime.profile_hw import measure_overhead_s_per_layer, profile_hardware
     from haq.runtime.record import record_trace
     from haq.runtime.store import extract_experts
     from haq.sim.tuning import simulate
@@ -66,7 +66,7 @@ def run(args) -> dict:
             engine = build_engine(copy.deepcopy(model), budget_bytes=total * pct // 100, hardware=hardware, policy="haq",
                             profile=profile, device=args.device)
             engine.generate(prompt, 4)  # warm-up: CUDA context, kernels, caches
-            overhead_s = engine.measure_overhead_s_per_layer(prompt)  # non-expert work + dispatch
+            overhead_s = measure_overhead_s_per_layer(engine, prompt)  # non-expert work + dispatch
             tokens, metrics = engine.generate(prompt, args.new_tokens)
             trace = engine.last_trace("tiny-mixtral")
             engine.close()

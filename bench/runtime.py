@@ -55,7 +55,7 @@ def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[
     from haq.api import profile_trace_for
     from haq.api import build_engine
     from haq.runtime.hardware import load_profile
-    from haq.runtime.profile_hw import profile_hardware
+    from haq.runtime.profile_hw import measure_overhead_s_per_layer, profile_hardware
     from haq.runtime.record import record_trace
     from haq.runtime.store import extract_experts
     from haq.sim.tuning import simulate
@@ -74,7 +74,7 @@ def run_model(name: str, budgets: list[int], new_tokens: int, sim_budgets: list[
         engine = build_engine(copy.deepcopy(model), budget_bytes=total * pct // 100, hardware=measured, policy="haq",
                         profile=profile)
         engine.generate(prompt, max_new_tokens=4)  # warm-up: first-touch page faults, allocator, caches
-        overhead_s = engine.measure_overhead_s_per_layer(prompt)  # non-expert work + the engine's dispatch
+        overhead_s = measure_overhead_s_per_layer(engine, prompt)  # non-expert work + the engine's dispatch
         tokens, m = engine.generate(prompt, max_new_tokens=new_tokens)
         trace = engine.last_trace(name)
         engine.close()

@@ -269,33 +269,41 @@ def test_lookahead_sources_and_their_errors(mixtral_ctx):
         lookahead_for("psychic", trace, trace)
 
 
+def _tiny_engine_setup(tiny_dir, prompt_len: int, new_tokens: int):
+    """tiny-qwen3-moe, its routing profile, a prompt, the plain model's greedy tokens, a quarter of
+    its expert bytes, and the 4090 preset with a slow CPU dispatch (so that device copies of these
+    tiny experts pay)."""
+    from transformers import AutoModelForCausalLM
+
+    from haq.runtime.record import record_trace
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-qwen3-moe")).eval()
+    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
+    profile = record_trace(model, ids, "tiny", progress=False)
+    prompt = torch.randint(0, 1000, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = []
+        context = prompt
+        for _ in range(new_tokens):
+            expected.append(int(model(context).logits[0, -1].argmax()))
+            context = torch.cat([context, torch.tensor([[expected[-1]]])], dim=1)
+    experts_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "experts" in n)
+    hardware = load_profile("rtx4090-pcie4")
+    hardware = dataclasses.replace(hardware, cpu=dataclasses.replace(hardware.cpu, overhead=Quantity(1e-3, "s", "test")))
+    return model, profile, prompt, expected, experts_bytes // 4, hardware
+
+
 def test_engine_prefetch_by_pregating_keeps_tokens_and_budget(tiny_dir):
     """An engine whose haq policy prefetches every pre-gated expert it can (value ignored): the
     same greedy tokens as the plain model, the budget held, the pre-gate scored and recorded."""
-    from transformers import AutoModelForCausalLM
-
     from haq.api import build_engine
-    from haq.runtime.record import record_trace
 
     class Eager(Haq):
         def prefetch_gain(self, layer, probs, horizon):
             return probs * 1e9
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-qwen3-moe")).eval()
-    ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
-    profile = record_trace(model, ids, "tiny", progress=False)
-    prompt = torch.randint(0, 1000, (1, 10), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = []
-        context = prompt
-        for _ in range(6):
-            expected.append(int(model(context).logits[0, -1].argmax()))
-            context = torch.cat([context, torch.tensor([[expected[-1]]])], dim=1)
-    experts_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "experts" in n)
-    hardware = load_profile("rtx4090-pcie4")  # with a slow CPU dispatch, so that a device copy of these tiny experts pays
-    hardware = dataclasses.replace(hardware, cpu=dataclasses.replace(hardware.cpu, overhead=Quantity(1e-3, "s", "test")))
-    engine = build_engine(copy.deepcopy(model), budget_bytes=experts_bytes // 4, hardware=hardware,
-                          policy="haq", profile=profile)
+    model, profile, prompt, expected, budget, hardware = _tiny_engine_setup(tiny_dir, 10, 6)
+    engine = build_engine(copy.deepcopy(model), budget_bytes=budget, hardware=hardware, policy="haq", profile=profile)
     engine.use_policy("haq", dataclasses.replace(engine.policy_ctx, pin_share=0.0))  # all of it LRU
     engine.policy = Eager(engine.policy_ctx)
     tokens, metrics = engine.generate(prompt, max_new_tokens=6)
@@ -307,6 +315,41 @@ def test_engine_prefetch_by_pregating_keeps_tokens_and_budget(tiny_dir):
     assert trace.meta.extra["pregate_distance"] == 1
     np.testing.assert_allclose(accuracy, metrics.pregate_accuracy)
     assert 0.0 < accuracy[1] <= 1.0
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_engine_prefill_copies_a_layer_ahead_keeps_tokens_and_budget(tiny_dir, pipeline):
+    """Prefill pipelined in the engine, by the policy code the simulator runs (`prefill_ahead`):
+    copies of layer l+1's experts start during layer l, layer l+1 serves calls from them (device
+    calls, not hits), the cache stays in budget with the staging buffers counted apart, and the
+    tokens are the plain model's. Off, nothing is copied ahead."""
+    from haq.api import build_engine
+
+    model, profile, prompt, expected, budget, hardware = _tiny_engine_setup(tiny_dir, 48, 4)
+    engine = build_engine(copy.deepcopy(model), budget_bytes=budget, hardware=hardware, policy="haq", profile=profile)
+    engine.use_policy("haq", dataclasses.replace(engine.policy_ctx, pipeline=pipeline))
+    served_ahead = []
+    decide = engine.policy.decide
+
+    def counting(key, n, view):
+        d = decide(key, n, view)
+        served_ahead.append(d.ahead)
+        return d
+
+    engine.policy.decide = counting
+    engine.generate(prompt, max_new_tokens=4)  # a first forward has no layer timed yet: no lead for copies
+    served_ahead.clear()
+    tokens, metrics = engine.generate(prompt, max_new_tokens=4)
+    engine.close()
+    assert tokens == expected
+    staging = metrics.device_bytes["staging_peak"]
+    assert metrics.device_bytes["experts_peak"] <= engine.budget_bytes
+    if pipeline:
+        assert metrics.copies_ahead > 0 and any(served_ahead)
+        assert 0 < staging <= metrics.copies_ahead * engine.expert_bytes
+    else:
+        assert metrics.copies_ahead == 0 and not any(served_ahead) and staging == 0
+    assert not engine.ahead and not engine.ahead_next  # every staging buffer freed
 
 
 def test_simulate_cli_prefetch_and_batch_flags(capsys):

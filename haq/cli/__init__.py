@@ -133,7 +133,7 @@ def cmd_profile_hw(args: argparse.Namespace) -> None:
     from haq.models.adapters import adapter_for
     from haq.loading import load_model
     from haq.runtime.hardware import ModelCosts, Quantity
-    from haq.runtime.profile_hw import profile_hardware
+    from haq.runtime.profile_hw import measure_overhead_s_per_layer, profile_hardware
     from haq.runtime.store import extract_experts
 
     if args.repeats < 1:
@@ -151,7 +151,7 @@ def cmd_profile_hw(args: argparse.Namespace) -> None:
     engine = build_engine(model, budget_bytes=0, hardware=profile, policy="all-cpu", profile=trace,
                           device=args.device or "cpu")
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
-    nonexpert = engine.measure_overhead_s_per_layer(prompt, steps=max(8, args.repeats))
+    nonexpert = measure_overhead_s_per_layer(engine, prompt, steps=max(8, args.repeats))
     engine.close()
     flops = 2.0 * (weights[0].gate_up.numel() + weights[0].down.numel())
     source = (f"measured: median decode step of {path.name} with expert math taken out (attention, norms, router, "

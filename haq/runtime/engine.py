@@ -7,7 +7,10 @@ When the "device" is the CPU itself there is nothing to overlap: every call runs
 calling thread (a worker would only add a thread hand-off per call on the same cores).
 
 Each MoE layer also pre-gates a later one (`haq.runtime.pregate`): the policy's `prefetch` sees that
-prediction, and the copies it asks for start at once (on CUDA, on the copy stream).
+prediction, and the copies it asks for start at once (on CUDA, on the copy stream). In prefill, once a
+layer's calls are decided, the policy's `prefill_ahead` may start copies of the next layer's experts
+into staging buffers (the simulator's pipelining, same policy code); the next layer serves its calls
+from them or keeps them, and the rest are freed once that layer has run.
 
 The engine knows nothing about tokenization: it takes and returns token ids.
 """
@@ -88,11 +91,15 @@ class Engine:
         self.pool = (ThreadPoolExecutor(max_workers=cpu_workers, thread_name_prefix="haq-cpu-expert")
                      if self.device.type != "cpu" else None)
         self.cpu_assigned_s = 0.0
+        self.ahead: dict[Key, ExpertWeights] = {}  # this layer's prefill copies started a layer ahead
+        self.ahead_next: dict[Key, ExpertWeights] = {}  # the next layer's
+        self.layer_lead_s = 0.0  # the last layer's wall time: how long a copy started now has to land
+        self._layer_started: float | None = None
         self.pregate = PreGate([layer.get_submodule(adapter.moe.router) for layer in layers], adapter.moe.choices,
                                getattr(model.config, adapter.moe.top_k_attr), self.store.num_experts)
         self.view = EngineView(self)
-        self.peak_expert_bytes = 0
-        self._reset_counters()
+        self.peak_expert_bytes = self.peak_staging_bytes = 0
+        self.reset_counters()
 
     def use_policy(self, name: str, ctx: PolicyContext) -> None:
         """Install policy `name` with its context and copy the experts it preloads (a previous
@@ -159,6 +166,18 @@ class Engine:
         if resident > self.budget_bytes:
             raise AssertionError(f"device expert bytes {resident} exceed the budget {self.budget_bytes}")
         self.peak_expert_bytes = max(self.peak_expert_bytes, resident)
+        staged = (sum(k not in self.cache for k in self.ahead) + len(self.ahead_next)) * self.expert_bytes
+        self.peak_staging_bytes = max(self.peak_staging_bytes, staged)
+
+    def _free_ahead(self) -> None:
+        """Drop this layer's staging buffers (those the cache did not take); a copy still landing
+        in one finishes first, as on eviction."""
+        for key in self.ahead:
+            if key not in self.cache:
+                event = self.pending.pop(key, None)
+                if event is not None:
+                    event.synchronize()
+        self.ahead = {}
 
     # -- one MoE layer -------------------------------------------------------------------------
     def run_experts(self, layer: int, hidden: torch.Tensor, top_k_index: torch.Tensor,
@@ -166,11 +185,15 @@ class Engine:
         """hidden [T, H]; top_k_index, top_k_weights [T, K]. Same result as the model's experts."""
         if self.record_routing:
             self.routing[layer].append(top_k_index.to("cpu", torch.int16))
+        self._time_layer(layer)
         self.pregate.start_layer(layer)
         self.pregate.score(layer, top_k_index, self.record_routing)
         calls = route(top_k_index)
+        self.ahead, self.ahead_next = self.ahead_next, {}
         results, cpu_calls = self._run_calls(layer, hidden, calls)
         self._prefetch(layer, hidden)
+        self._prefill_ahead(layer, hidden.shape[0])
+        self._free_ahead()
         grouped = (self.store.grouped[layer] if self.store.grouped is not None and hidden.shape[0] <= MAX_TOKENS
                    else None)
         if grouped is not None and len(cpu_calls) == len(calls) and hidden.device.type == "cpu":
@@ -206,6 +229,10 @@ class Engine:
                     weights = self._copy(key)
                     if decision.admit:
                         self.cache[key] = weights
+                elif decision.ahead:
+                    weights = self.ahead[key]
+                    if decision.admit:  # out of the staging buffer into the cache
+                        self.cache[key] = weights
                 else:
                     if key not in self.cache:
                         raise AssertionError(f"policy {self.policy_name} reused {key}, which is not resident")
@@ -233,6 +260,22 @@ class Engine:
             self.prefetches += 1
             self._check_resident()
 
+    def _prefill_ahead(self, layer: int, tokens: int) -> None:
+        """Prefill: start the copies of layer l + 1's experts the policy asks for, while layer l runs."""
+        if tokens < 2 or layer + 1 >= self.store.num_layers:
+            return
+        for key in self.policy.prefill_ahead(layer + 1, tokens, self.view, self.layer_lead_s):
+            self.ahead_next[key] = self._copy(key)
+            self.copies_ahead += 1
+        self._check_resident()
+
+    def _time_layer(self, layer: int) -> None:
+        """The lead a copy started during this layer has: the wall time of the layer before it."""
+        now = time.perf_counter()
+        if layer > 0 and self._layer_started is not None:
+            self.layer_lead_s = now - self._layer_started
+        self._layer_started = now
+
     def _run_cpu(self, layer: int, hidden: torch.Tensor, calls: list[ExpertCall], top_k_weights: torch.Tensor,
                  grouped) -> list[torch.Tensor]:
         """The CPU calls' outputs: one grouped kernel call when the store has one, else call by
@@ -250,16 +293,16 @@ class Engine:
         return [y.to(hidden.device) for y in outputs]
 
     # -- generation and metrics ----------------------------------------------------------------
-    def _reset_counters(self) -> None:
+    def reset_counters(self) -> None:
         n = self.store.num_layers
         self.calls, self.hits = [0] * n, [0] * n
         self.cpu_calls = self.copies = 0
         self.routing: list[list[torch.Tensor]] = [[] for _ in range(n)]  # per layer, per forward: [T, K]
         self.pregate.reset()
         self.prefetched: set[Key] = set()
-        self.prefetches = self.prefetch_hits = 0
+        self.prefetches = self.prefetch_hits = self.copies_ahead = 0
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -302,17 +345,17 @@ class Engine:
                        batch_invariant: bool = False) -> tuple[list[list[int]], EngineMetrics]:
         """Decode `prompts` together (continuous batching, `max_batch` at a time); `on_token` sees
         every token as it is sampled. Latency statistics are per decode step."""
-        self._reset_counters()
+        self.reset_counters()
         gen = self.generator(max_batch, eos_token_ids, batch_invariant)
         ids = [gen.add(prompt, params) for prompt in prompts]
         out: dict[int, list[int]] = {i: [] for i in ids}
         latencies, cum_hits, kv_peak, decoded = [], [], 0, 0
-        self._sync()
+        self.sync()
         start = time.perf_counter()
         ttft = None
         while gen.has_work:
             events = gen.step()
-            self._sync()
+            self.sync()
             if ttft is None and events:
                 ttft = time.perf_counter() - start
             if gen.last_step.decode_rows and not gen.last_step.prefill_tokens:
@@ -347,11 +390,12 @@ class Engine:
             latency_p50_ms=float(np.percentile(lat_ms, 50)), latency_p99_ms=float(np.percentile(lat_ms, 99)),
             ttft_ms=ttft * 1000, tokens_per_s=float(1000.0 / lat_ms.mean()) if lat_ms.mean() > 0 else 0.0,
             device_bytes={"experts_peak": self.peak_expert_bytes, "budget": self.budget_bytes,
-                          "non_expert": non_expert, "kv_cache": kv,
-                          "total": self.peak_expert_bytes + non_expert + kv},
+                          "staging_peak": self.peak_staging_bytes, "non_expert": non_expert, "kv_cache": kv,
+                          "total": self.peak_expert_bytes + self.peak_staging_bytes + non_expert + kv},
             token_latency_ms=[round(float(x), 4) for x in lat_ms],
             pregate_accuracy=self.pregate.accuracy(),
             prefetches=self.prefetches, prefetch_used=self.prefetch_hits / max(self.prefetches, 1),
+            copies_ahead=self.copies_ahead,
         )
 
     def last_trace(self, model_name: str) -> Trace:
@@ -367,37 +411,6 @@ class Engine:
         return Trace(experts=experts, seq_id=np.zeros(T, dtype=np.int32), pos=np.arange(T, dtype=np.int32), meta=meta,
                      pregate=pregate)
 
-    @torch.no_grad()
-    def measure_overhead_s_per_layer(self, prompt: torch.Tensor, steps: int = 8) -> float:
-        """Seconds per layer of one decode step with expert arithmetic taken out: attention, norms,
-        router, sampling and this engine's own per-call dispatch (gather, policy, scatter), which
-        the simulator's per-expert times do not include; measured on the generator's own decode path
-        (its KV cache and attention), as a run decodes. The engine's math is swapped for one that
-        returns zeros and its policy for all-cpu (no copies), then both are restored."""
-        math, policy, grouped = self.store.math, self.policy, self.store.grouped
-        self.store.math, self.store.grouped = _ZeroMath(), None  # the grouped kernel would do the expert math
-        self.policy = make_policy("all-cpu", self.policy_ctx)
-        try:
-            gen = self.generator(max_batch=1)
-            gen.add(prompt.reshape(-1).tolist(), SamplingParams(max_tokens=steps + 2, ignore_eos=True))
-            times = []
-            while gen.has_work:
-                gen.step()
-                self._sync()
-                if gen.last_step.decode_rows and not gen.last_step.prefill_tokens:
-                    times.append(gen.last_step.seconds)
-        finally:
-            self.store.math, self.policy, self.store.grouped = math, policy, grouped
-            self._reset_counters()
-        return float(np.median(times[1:] or times)) / self.store.num_layers  # the first decode step warms up
-
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
-
-
-class _ZeroMath:
-    """Expert math that costs nothing: what is left of a decode step is the engine's overhead."""
-
-    def forward(self, w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(x)

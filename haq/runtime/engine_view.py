@@ -27,4 +27,4 @@ class EngineView:
         return self.engine.predictor.t_transfer() if ev is not None and not ev.query() else 0.0
 
     def copied_ahead(self, key: Key) -> bool:
-        return False  # the engine copies a prefill's experts call by call (no `Policy.prefill_ahead`)
+        return key in self.engine.ahead

@@ -32,6 +32,7 @@ class EngineMetrics:
     pregate_accuracy: list[float] = field(default_factory=list)  # per layer: called experts pre-gated d layers early
     prefetches: int = 0
     prefetch_used: float = 0.0  # share of prefetched experts served on the device before eviction
+    copies_ahead: int = 0  # prefill: copies of a layer's experts started during the layer before it
 
     def to_dict(self) -> dict:
         return asdict(self)

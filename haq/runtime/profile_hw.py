@@ -5,18 +5,26 @@ tokens on the CPU and on the device, using the engine's own expert math; a / b b
 bytes / mem_bw and flops_per_token / int8_ops (the per-call overhead is folded into a, so it is
 recorded as the smallest positive value). Host -> device copies are timed from (pinned) host
 memory. Without CUDA the "device" is the CPU itself, and a copy is a host memory copy.
+`measure_overhead_s_per_layer` times the rest of a decode step on the engine itself (attention,
+router, dispatch): the simulator's non-expert time per layer.
 """
 from __future__ import annotations
 
 import platform
 import statistics
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from haq.runtime.hardware import HardwareProfile, Link, Processor, Quantity
+from haq.runtime.policies import make_policy
+from haq.runtime.sampling import SamplingParams
 from haq.runtime.store import ExpertMath, ExpertWeights
+
+if TYPE_CHECKING:
+    from haq.runtime.engine import Engine
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -107,3 +115,35 @@ def profile_hardware(weights: ExpertWeights, math: ExpertMath, device: str = "cp
     return HardwareProfile(name=name or f"measured-{dev.type}", description=f"measured by haq profile-hw on {where}",
                            cpu=cpu, device=device_proc, link=link, host_memory_bw=host_bw, device_memory=memory,
                            device_is_host=dev.type == "cpu")
+
+
+@torch.no_grad()
+def measure_overhead_s_per_layer(engine: Engine, prompt: torch.Tensor, steps: int = 8) -> float:
+    """Seconds per layer of one decode step with expert arithmetic taken out: attention, norms,
+    router, sampling and this engine's own per-call dispatch (gather, policy, scatter), which
+    the simulator's per-expert times do not include; measured on the generator's own decode path
+    (its KV cache and attention), as a run decodes. The engine's math is swapped for one that
+    returns zeros and its policy for all-cpu (no copies), then both are restored."""
+    math, policy, grouped = engine.store.math, engine.policy, engine.store.grouped
+    engine.store.math, engine.store.grouped = _ZeroMath(), None  # the grouped kernel would do the expert math
+    engine.policy = make_policy("all-cpu", engine.policy_ctx)
+    try:
+        gen = engine.generator(max_batch=1)
+        gen.add(prompt.reshape(-1).tolist(), SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+        times = []
+        while gen.has_work:
+            gen.step()
+            engine.sync()
+            if gen.last_step.decode_rows and not gen.last_step.prefill_tokens:
+                times.append(gen.last_step.seconds)
+    finally:
+        engine.store.math, engine.policy, engine.store.grouped = math, policy, grouped
+        engine.reset_counters()
+    return float(np.median(times[1:] or times)) / engine.store.num_layers  # the first decode step warms up
+
+
+class _ZeroMath:
+    """Expert math that costs nothing: what is left of a decode step is the engine's overhead."""
+
+    def forward(self, w: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)

@@ -127,7 +127,7 @@ def simulate(
     Without `profile_trace` the trace is split by sequence (`profile_frac` of the sequences build the
     placement statistics, the rest is replayed). `ranking` is what policy fiddler-list places
     (e.g. `load_fiddler_ranking()` for Mixtral-8x7B). `nonexpert_s_per_layer`, when measured
-    (`Engine.measure_overhead_s_per_layer`: attention, router and dispatch), replaces the bytes-derived time of
+    (`haq.runtime.profile_hw.measure_overhead_s_per_layer`: attention, router and dispatch), replaces the bytes-derived time of
     the non-expert part of a layer. `prefill_tokens` and `decode_batch`: see `replay_steps`. haq's
     `pin_share` and its stage-1 `path_share` are tuned per budget on the profile part when None
     (`tune_shares`; a given pin share without a path share means 0). `prefetch`: where haq's
