@@ -7,7 +7,7 @@ STAMP := $(VENV)/.haq-installed
 TORCH_SPEC ?= torch==2.13.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test bench-zoo bench-quant bench-kernels bench-runtime bench-peers bench-engine bench-faults bench-scale clean
+.PHONY: setup demo test bench-zoo bench-quant bench-kernels bench-runtime bench-peers bench-engine bench-faults bench-scale gpu-text clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,12 @@ BENCH_START := $(shell date +%s)
 bench-peers: $(STAMP)
 	PYTHON=$(PYTHON) TORCH_SPEC=$(TORCH_SPEC) bash bench/peers/setup.sh
 	$(PY) bench/peers.py --started-at $(BENCH_START) --budget-min 55
+
+# For a lent GPU (the device tool): the text gpu_all.sh's perplexity reads, into .gpu/ (git-ignored),
+# which the device call carries: command `TEXT=.gpu/text.txt OUT=$$OUT bash bench/gpu_all.sh`, carry [".gpu"].
+gpu-text: $(STAMP)
+	mkdir -p .gpu
+	$(PY) -c "from haq.data import wiki_offline; print(wiki_offline.text('test'))" > .gpu/text.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -9,7 +9,8 @@
    CPU's seconds per layer in scale.md (another machine: both are stated).
 
 Writes OUT/quant-device.{json,md} (OUT: --out, default bench/results). `--smoke` runs both parts
-at toy width on the CPU to check the script. Random token windows: the GPU machine has no dataset.
+at toy width on the CPU to check the script. tiny-mixtral reads --text (a carried file: the GPU machine
+has no dataset package), else random token windows; the wide layer always random tokens.
 """
 from __future__ import annotations
 
@@ -66,15 +67,29 @@ def compare(a, b, ids: torch.Tensor) -> dict:
             "ppl_device": ppl(la), "ppl_cpu": ppl(lb)}
 
 
-def tiny_part(device: str, nsamples: int, seqlen: int) -> dict:
+def text_windows(text: str, n: int, seqlen: int) -> torch.Tensor:
+    """The first n windows of `text` in tiny-mixtral's tokens."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(TINY)(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < n * seqlen:
+        raise SystemExit(f"--text has {ids.numel()} tokens, need {n * seqlen}")
+    return ids[:n * seqlen].view(n, seqlen)
+
+
+def tiny_part(device: str, nsamples: int, seqlen: int, text: str | None) -> dict:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(TINY, torch_dtype=torch.float32).eval()
-    calib = windows(model.config.vocab_size, nsamples, seqlen, 0)
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    if text is None:
+        calib, held_out = windows(model.config.vocab_size, nsamples, seqlen, 0), windows(model.config.vocab_size, 4, seqlen, 1)
+    else:
+        data = text_windows(text, nsamples + 4, seqlen)
+        calib, held_out = data[:nsamples], data[nsamples:]
     on_device, device_s, _ = quantize_on(model, device, calib)
     on_cpu, cpu_s, _ = quantize_on(model, "cpu", calib)
     return {"model": "tiny-mixtral", "device_s": round(device_s, 2), "cpu_s": round(cpu_s, 2),
-            **compare(on_device, on_cpu, windows(model.config.vocab_size, 4, seqlen, 1))}
+            **compare(on_device, on_cpu, held_out)}
 
 
 def wide_part(device: str, shape: dict, nsamples: int, seqlen: int) -> dict:
@@ -108,13 +123,16 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--smoke", action="store_true", help="toy width on the CPU: checks the script")
     parser.add_argument("--skip-wide", action="store_true")
+    parser.add_argument("--text", help="a text file for tiny-mixtral's calibration and held-out windows "
+                                       "(default: random tokens; the device has no dataset package)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     shape = dict(MIXTRAL_LAYER, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2) if args.smoke else MIXTRAL_LAYER
     results = {"device": args.device, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "torch": torch.__version__, "nsamples": args.nsamples, "seqlen": args.seqlen}
-    results["tiny"] = tiny_part(args.device, args.nsamples, args.seqlen)
+    results["windows"] = f"text from {Path(args.text).name}" if args.text else "random-token"
+    results["tiny"] = tiny_part(args.device, args.nsamples, args.seqlen, Path(args.text).read_text() if args.text else None)
     print(json.dumps(results["tiny"]), flush=True)
     out = Path(args.out)
     scale = ROOT / "bench" / "results" / "scale.json"
@@ -129,7 +147,7 @@ def main() -> None:
     atomic_write_text(out / "quant-device.json", json.dumps(results, indent=2) + "\n")
     t = results["tiny"]
     lines = [f"# The quantizer on {results['gpu'] or 'the CPU'} (`bench/gpu_quant.py`, device {args.device}, "
-             f"torch {results['torch']}, {args.nsamples} x {args.seqlen} random-token windows)", "",
+             f"torch {results['torch']}, {args.nsamples} x {args.seqlen} {results['windows']} windows)", "",
              "| model | device s | cpu s | logits rel. mean abs diff | argmax agreement | ppl device | ppl cpu |",
              "|---|---|---|---|---|---|---|",
              f"| {t['model']} | {t['device_s']} | {t['cpu_s']} | {t['rel_mean_abs_diff']:.4f} | "
