@@ -1,6 +1,6 @@
 """A whole decode step in one kernel call (haq.runtime.native_decode): the same logits and routing
-as the module path for left-padded batches of int8 Mixtral and Llama checkpoints (up to float
-rounding), the engine at budget 0 decodes through it and still counts and records every call,
+as the module path for left-padded batches of int8 Mixtral and Llama checkpoints and of the float
+models (up to float rounding), the engine at budget 0 decodes through it and still counts and records every call,
 and every model it cannot run goes the module path with the reason said."""
 from __future__ import annotations
 
@@ -65,6 +65,24 @@ def test_a_step_equals_the_module_path_for_a_padded_batch(int8_dir, name: str, l
     if name == "tiny-llama":
         assert (model.model.layers[0].mlp.down_proj.online_rotation is not None) == rotate
     assert isinstance(model.lm_head, Int8Linear) == lm_head
+    _check_step_against_the_module_path(model, name)
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral-random", "tiny-llama"])
+def test_a_float_step_equals_the_module_path_for_a_padded_batch(tiny_dir, name: str) -> None:
+    """The unquantized model through the same step (every linear and expert float32); its q/k/v and
+    gate/up weights now views of one tensor per layer, with the same values."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir(name)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _check_step_against_the_module_path(model, name)
+    attn = model.model.layers[0].self_attn
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _check_step_against_the_module_path(model, name: str) -> None:
     gen = padded_generator(model)
     assert gen.native is not None, gen.native_reason
     rows, pads = gen.running, list(gen.pads)
@@ -100,19 +118,23 @@ def test_the_rotary_table_equals_the_models_rotary_module_at_every_position(int8
         assert torch.equal(cos, want[0][:, 0].float()) and torch.equal(sin, want[1][:, 0].float())
 
 
-def test_the_engine_at_budget_0_decodes_natively_and_counts_every_call(int8_dir) -> None:
+@pytest.mark.parametrize("weights", ["int8", "float32"])
+def test_the_engine_at_budget_0_decodes_natively_and_counts_every_call(int8_dir, tiny_dir, weights: str) -> None:
+    from transformers import AutoModelForCausalLM
+
     from haq.api import build_engine
     from haq.checkpoint.native import load_quantized
     from haq.runtime.hardware import load_profile
     from haq.runtime.record import record_trace
 
-    path = int8_dir("tiny-mixtral-random")
-    trace = record_trace(load_quantized(path), torch.randint(0, 4096, (2, 32)), "q", progress=False)
+    path = int8_dir("tiny-mixtral-random") if weights == "int8" else tiny_dir("tiny-mixtral-random")
+    load = load_quantized if weights == "int8" else (lambda p: AutoModelForCausalLM.from_pretrained(p).eval())
+    trace = record_trace(load(path), torch.randint(0, 4096, (2, 32)), "q", progress=False)
     prompts = [[5, 9, 200, 31, 7], [44, 3]]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     runs = []
     for native in (True, False):
-        engine = build_engine(load_quantized(path), budget_bytes=0, hardware=load_profile("laptop"), profile=trace)
+        engine = build_engine(load(path), budget_bytes=0, hardware=load_profile("laptop"), profile=trace)
         make = engine.generator
         engine.generator = lambda *a, _make=make, _native=native, **k: _set_native(_make(*a, **k), _native)
         tokens, metrics = engine.generate_batch(prompts, params)
@@ -136,14 +158,19 @@ def test_models_it_cannot_run_go_the_module_path_with_a_reason(tiny_dir, int8_di
 
     from haq.checkpoint.native import load_quantized
 
-    float_model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-mixtral-random")).eval()
-    decoder, why = NativeDecoder.build(float_model)
-    assert decoder is None and "Int8Linear" in why
-    decoder, why = NativeDecoder.build(AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-deepseek-v2")))
+    bf16_model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-mixtral-random")).eval().to(torch.bfloat16)
+    decoder, why = NativeDecoder.build(bf16_model)
+    assert decoder is None and "not float32" in why
+    mixed = load_quantized(int8_dir("tiny-llama"))
+    mixed.model.layers[1].self_attn.o_proj = torch.nn.Linear(64, 64, bias=False)
+    decoder, why = NativeDecoder.build(mixed)
+    assert decoder is None and "layer 1 o_proj" in why and "Int8Linear" in why
+    deepseek = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-deepseek-v2"))
+    decoder, why = NativeDecoder.build(deepseek)
     assert decoder is None and "DeepseekV2DecoderLayer" in why
     gen = BatchGenerator(load_quantized(int8_dir("tiny-llama")), batch_invariant=True)
     assert gen.native is None  # the batch-invariant mode keeps its own fixed-order kernels
-    tokens = BatchGenerator(float_model).generate([[5, 6, 7]], SamplingParams(max_tokens=3))[0]
+    tokens = BatchGenerator(bf16_model).generate([[5, 6, 7]], SamplingParams(max_tokens=3))[0]
     assert len(tokens) == 3
 
 

@@ -5,7 +5,9 @@ quantized per (token, expert) pair, down, and the weighted sum in the ascending-
 results equal up to the activation function's rounding (libm's expf against PyTorch's).
 
 Supported: W8A8 with dynamic per-token activations (the default recipe) and a SiLU gate, on the
-CPU. Anything else (`GroupedExperts.supports` is False) runs call by call as before.
+CPU; and float32 SiLU experts (unquantized: the same steps without the quantization, floats equal
+to the module's up to summation order). Anything else (`GroupedExperts.supports` and
+`supports_float` are False) runs call by call as before.
 
 T = tokens, H = hidden, I = expert intermediate size, E = experts, P = (token, expert) pairs.
 """
@@ -38,20 +40,29 @@ def is_silu(act_fn: nn.Module) -> bool:
 
 class GroupedExperts:
     """One layer's experts as the kernel reads them: pointer tables into the caller's int8
-    tensors (kept alive here), plus each weight's int32 row sums."""
+    tensors (kept alive here), plus each weight's int32 row sums. Without scales (`float32`) the
+    experts are float32 and the kernel runs them unquantized (qmax 0)."""
 
-    def __init__(self, gate_up: Sequence[torch.Tensor], gate_up_scale: Sequence[torch.Tensor],
-                 down: Sequence[torch.Tensor], down_scale: Sequence[torch.Tensor], bits: int = 8,
+    def __init__(self, gate_up: Sequence[torch.Tensor], gate_up_scale: Sequence[torch.Tensor] | None,
+                 down: Sequence[torch.Tensor], down_scale: Sequence[torch.Tensor] | None, bits: int = 8,
                  down_rotation: OnlineRotation | None = None) -> None:
-        self.qmax = qmax_for(bits)
         self.tensors = [[t.contiguous() for t in group] for group in (gate_up, down)]
-        self.scales = [[s.float().contiguous() for s in group] for group in (gate_up_scale, down_scale)]
-        self.sums = [[cpu.row_sums(w) for w in group] for group in self.tensors]
         self.intermediate, self.hidden = self.tensors[1][0].shape[1], self.tensors[1][0].shape[0]
 
         def table(ts: list[torch.Tensor]) -> np.ndarray:
             return np.array([t.data_ptr() for t in ts], dtype=np.int64)
 
+        if gate_up_scale is None or down_scale is None:
+            if down_rotation is not None or any(t.dtype != torch.float32 for group in self.tensors for t in group):
+                raise ValueError("float experts must be float32 without a down rotation")
+            self.qmax = 0
+            none = np.zeros(len(self.tensors[0]), dtype=np.int64)
+            self.tables = [table(self.tensors[0]), none, none, table(self.tensors[1]), none, none]
+            self.rotation = cpu.Rotation()
+            return
+        self.qmax = qmax_for(bits)
+        self.scales = [[s.float().contiguous() for s in group] for group in (gate_up_scale, down_scale)]
+        self.sums = [[cpu.row_sums(w) for w in group] for group in self.tensors]
         self.tables = [table(ts) for ts in (self.tensors[0], self.sums[0], self.scales[0], self.tensors[1],
                                             self.sums[1], self.scales[1])]
         self.rotation = cpu.Rotation()  # of the down inputs (every expert's: one per layer); na = 0: none
@@ -64,6 +75,12 @@ class GroupedExperts:
     def supports(act_fn: nn.Module, act_bits: int, act_mode: str, static_scales: bool, device: torch.device) -> bool:
         return (device.type == "cpu" and act_bits <= 8 and act_mode == "per-token" and not static_scales
                 and is_silu(act_fn) and cpu.library() is not None)
+
+    @staticmethod
+    def supports_float(act_fn: nn.Module, weight: torch.Tensor) -> bool:
+        """Float experts the kernel runs: float32 SiLU experts on the CPU."""
+        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and is_silu(act_fn)
+                and cpu.library() is not None)
 
     def run(self, hidden: torch.Tensor, calls: Sequence[ExpertCall], top_k_weights: torch.Tensor,
             combined: bool = True) -> torch.Tensor | list[torch.Tensor]:

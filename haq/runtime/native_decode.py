@@ -11,6 +11,10 @@ dense MLPs), SiLU experts, float32 RMSNorms and router, a float32 or int8 (`quan
 lm_head, on the CPU, decoding float32 preallocated caches. Anything else (`NativeDecoder.build` says why not) runs the module path.
 The same integer products as the module path; floats equal up to rounding order (the norms'
 sums, expf, the lm_head's reduction order).
+
+The same models unquantized (every linear and expert float32) run the same step without the
+quantization: their q/k/v (and a dense MLP's gate/up) weights are moved into one tensor per
+layer, the modules keeping views of it (the same values, no second copy).
 """
 from __future__ import annotations
 
@@ -81,6 +85,42 @@ def _fused(members: Sequence[Int8Linear], what: str) -> _Linear:
     return _Linear(group.qweight, group.w_scale, group.bias)
 
 
+class _FloatLinear:
+    """A float32 [N, K] weight (and bias) as the step's `wf` reads it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.w, self.bias = weight, bias
+
+    def struct(self) -> cpu.QLinear:
+        return cpu.QLinear(None, None, None, None if self.bias is None else self.bias.data_ptr(), self.w.shape[0],
+                           self.w.shape[1], self.w.data_ptr())
+
+
+def _float_linear(m: nn.Module, what: str) -> nn.Linear:
+    if type(m) is not nn.Linear:
+        raise Unsupported(f"{what} is {type(m).__name__}, not a float nn.Linear")
+    _contiguous_f32(m.weight, what)
+    return m
+
+
+def _fused_float(members: Sequence[nn.Module], what: str) -> _FloatLinear:
+    """One float32 weight for `members` (rows in their order); each module's weight (and bias)
+    becomes a view of it, so the model holds one copy."""
+    linears = [_float_linear(m, f"{what} {i}") for i, m in enumerate(members)]
+    weight = torch.cat([m.weight.detach() for m in linears]).contiguous()
+    with_bias = [m.bias is not None for m in linears]
+    bias = torch.cat([m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_features)
+                      for m in linears]).contiguous() if any(with_bias) else None
+    start = 0
+    for m, has_bias in zip(linears, with_bias):
+        rows = slice(start, start + m.out_features)
+        m.weight.data = weight[rows]
+        if has_bias:
+            m.bias.data = bias[rows]
+        start += m.out_features
+    return _FloatLinear(weight, bias)
+
+
 class NativeDecoder:
     """The model's weights as the kernel reads them (pointers into the model's own tensors, plus
     row sums), built once; `step` runs one decode step."""
@@ -109,7 +149,8 @@ class NativeDecoder:
         if self.head_dim > MAX_HEAD_DIM or self.experts > MAX_EXPERTS or self.top_k > MAX_TOP_K:
             raise Unsupported("head dim, experts or top-k beyond the kernel's buffers")
         self.eps = None
-        self.qmax = None
+        self.float = type(first.q_proj) is nn.Linear  # an unquantized model: every linear float32
+        self.qmax = 0 if self.float else None
         self._held: list = []
         self.layers = (cpu.Layer * len(layers))()
         self.max_inter = 0
@@ -119,29 +160,31 @@ class NativeDecoder:
             spec.attn_norm = self._norm(layer.input_layernorm, f"layer {index} input_layernorm")
             spec.mlp_norm = self._norm(layer.post_attention_layernorm, f"layer {index} post_attention_layernorm")
             attn = layer.self_attn
-            qkv = [_plain_int8(getattr(attn, n), f"layer {index} {n}") for n in ("q_proj", "k_proj", "v_proj")]
-            self._qmax(qkv[0])
-            spec.qkv = self._hold(_fused(qkv, f"layer {index} q/k/v")).struct()
-            o = _plain_int8(attn.o_proj, f"layer {index} o_proj")
-            if o.bias is not None:
+            if getattr(attn.o_proj, "bias", None) is not None:
                 raise Unsupported("o_proj has a bias")
-            spec.o = self._hold(_Linear(o.qweight, o.w_scale, None)).struct()
+            if self.float:
+                spec.qkv = self._hold(_fused_float([attn.q_proj, attn.k_proj, attn.v_proj],
+                                                   f"layer {index} q/k/v")).struct()
+                spec.o = self._hold(_FloatLinear(_float_linear(attn.o_proj, f"layer {index} o_proj").weight.detach()
+                                                 .contiguous(), None)).struct()
+            else:
+                qkv = [_plain_int8(getattr(attn, n), f"layer {index} {n}") for n in ("q_proj", "k_proj", "v_proj")]
+                self._qmax(qkv[0])
+                spec.qkv = self._hold(_fused(qkv, f"layer {index} q/k/v")).struct()
+                o = _plain_int8(attn.o_proj, f"layer {index} o_proj")
+                spec.o = self._hold(_Linear(o.qweight, o.w_scale, None)).struct()
             mlp = layer.mlp
             if hasattr(mlp, "gate") and hasattr(mlp, "experts"):
                 grouped = experts[moe] if experts is not None else self._grouped(mlp.experts, index)
+                if grouped.qmax != self.qmax:
+                    raise Unsupported(f"layer {index} experts and linears differ in precision")
                 moe += 1
                 router = self._hold(_contiguous_f32(mlp.gate.weight, f"layer {index} router"))
                 if getattr(mlp.gate, "bias", None) is not None or router.shape != (self.experts, self.hidden):
                     raise Unsupported(f"layer {index} router is not a bias-free [experts, hidden] linear")
                 spec.router = router.data_ptr()
             else:
-                gate_up = [_plain_int8(getattr(mlp, n, None), f"layer {index} mlp.{n}") for n in ("gate_proj", "up_proj")]
-                down = _plain_int8(getattr(mlp, "down_proj", None), f"layer {index} mlp.down_proj", rotated=True)
-                if not is_silu(mlp.act_fn) or down.bias is not None or any(m.bias is not None for m in gate_up):
-                    raise Unsupported(f"layer {index} MLP is not a bias-free SiLU gated MLP")
-                fused = _fused(gate_up, f"layer {index} gate/up")
-                grouped = GroupedExperts([fused.w], [fused.scale], [down.qweight], [down.w_scale],
-                                         down_rotation=down.online_rotation)
+                grouped = self._dense_mlp(mlp, index)
                 spec.router = None
             self._hold(grouped)
             table = self._hold(np.concatenate(grouped.tables).astype(np.int64))
@@ -153,6 +196,8 @@ class NativeDecoder:
             raise Unsupported(f"{len(experts)} expert groups given for {moe} MoE layers")
         self.final_norm = self._norm(inner.norm, "model.norm")
         head = model.lm_head
+        if isinstance(head, Int8Linear) and self.float:
+            raise Unsupported("an int8 lm_head on a float model")
         if isinstance(head, Int8Linear):  # quantize_lm_head
             self._qmax(_plain_int8(head, "the lm_head"))
             self.lm_head, self.lm_head_q = None, self._hold(_Linear(head.qweight, head.w_scale, head.bias)).struct()
@@ -183,7 +228,30 @@ class NativeDecoder:
             raise Unsupported("linears with different activation bits")
         self.qmax = qmax
 
+    def _dense_mlp(self, mlp: nn.Module, index: int) -> GroupedExperts:
+        """A dense gated MLP as one expert that every row takes."""
+        names = [f"layer {index} mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
+        members = [getattr(mlp, n.split(".")[-1], None) for n in names]
+        if not is_silu(getattr(mlp, "act_fn", None)) or any(getattr(m, "bias", None) is not None for m in members):
+            raise Unsupported(f"layer {index} MLP is not a bias-free SiLU gated MLP")
+        if self.float:
+            fused = _fused_float(members[:2], f"layer {index} gate/up")
+            down = _float_linear(members[2], names[2]).weight.detach().contiguous()
+            return GroupedExperts([fused.w], None, [down], None)
+        gate_up = [_plain_int8(m, n) for m, n in zip(members[:2], names)]
+        down = _plain_int8(members[2], names[2], rotated=True)
+        fused = _fused(gate_up, f"layer {index} gate/up")
+        return GroupedExperts([fused.w], [fused.scale], [down.qweight], [down.w_scale],
+                              down_rotation=down.online_rotation)
+
     def _grouped(self, experts: nn.Module, index: int) -> GroupedExperts:
+        if self.float:
+            gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+            if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or \
+                    not GroupedExperts.supports_float(getattr(experts, "act_fn", None), gate_up) or \
+                    down.dtype != torch.float32 or getattr(experts, "has_bias", False):
+                raise Unsupported(f"layer {index} experts are not float32 SiLU experts (gate_up_proj, down_proj)")
+            return GroupedExperts(list(gate_up.detach()), None, list(down.detach()), None)
         if not isinstance(experts, Int8Experts):
             raise Unsupported(f"layer {index} experts are {type(experts).__name__}, not haq's Int8Experts")
         if not GroupedExperts.supports(experts.act_fn, experts.act_bits, experts.act_mode,

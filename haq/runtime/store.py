@@ -129,12 +129,16 @@ class ExpertStore:
         self.layers = [[w.pin() if pin else w for w in experts] for experts in per_layer]
         self.math = math
         # a layer's CPU calls in one kernel call, where the kernel supports the experts' math
-        static = per_layer[0][0].gate_up_in_scale is not None
-        grouped = (per_layer[0][0].gate_up_scale is not None and
-                   GroupedExperts.supports(math.act_fn, math.act_bits, math.act_mode, static, torch.device("cpu")))
-        self.grouped = [GroupedExperts([w.gate_up for w in experts], [w.gate_up_scale for w in experts],
-                                       [w.down for w in experts], [w.down_scale for w in experts], math.act_bits,
-                                       down_rotation=math.down_rotation)
+        first = per_layer[0][0]
+        if first.gate_up_scale is None:  # float experts
+            grouped = GroupedExperts.supports_float(math.act_fn, first.gate_up) and first.down.dtype == torch.float32
+        else:
+            grouped = GroupedExperts.supports(math.act_fn, math.act_bits, math.act_mode,
+                                              first.gate_up_in_scale is not None, torch.device("cpu"))
+        self.grouped = [GroupedExperts([w.gate_up for w in experts], None if first.gate_up_scale is None else
+                                       [w.gate_up_scale for w in experts], [w.down for w in experts],
+                                       None if first.gate_up_scale is None else [w.down_scale for w in experts],
+                                       math.act_bits, down_rotation=math.down_rotation)
                         for experts in self.layers] if grouped else None
 
     def __getitem__(self, key: Key) -> ExpertWeights:

@@ -116,9 +116,10 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
 
 
 class QLinear(ctypes.Structure):
-    """`haq_qlinear`: an int8 [n, k] weight, its row sums, per-row scales and optional bias."""
+    """`haq_qlinear`: an int8 [n, k] weight, its row sums, per-row scales and optional bias; or, in
+    a float32 model's step, `wf`, the float32 weight (and the bias)."""
     _fields_ = [("w", ctypes.c_void_p), ("sums", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
+                ("bias", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("wf", ctypes.c_void_p)]
 
 
 class Rotation(ctypes.Structure):

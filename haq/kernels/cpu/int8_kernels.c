@@ -166,6 +166,57 @@ static void linear_blocks(const uint8_t *xu, const float *xs, int64_t M, const i
     }
 }
 
+/* y[m, n] = x[m] . w[n] for float32 rows [n0, n1) and all M rows of x (row stride ldx; y's: ld):
+ * the lm_head and routers, and every linear of a float32 model. */
+static void f32_rows(const float *x, int64_t ldx, int64_t M, const float *w, int64_t K, int64_t n0, int64_t n1,
+                     float *y, int64_t ld) {
+    for (int64_t n = n0; n < n1; n += ROWS) {
+        int rows = (int)(n1 - n < ROWS ? n1 - n : ROWS);
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = x + m * ldx;
+#if defined(__AVX512F__)
+            __m512 a[ROWS];
+            for (int r = 0; r < ROWS; r++) a[r] = _mm512_setzero_ps();
+            const int64_t full = K / 16 * 16;
+            const __mmask16 mask = (__mmask16)((1u << (K - full)) - 1u);
+            for (int r = 0; r < rows; r++) { /* row after row: one sequential stream (see dot_rows) */
+                const float *wr = w + (n + r) * K;
+                for (int64_t k = 0; k < full; k += 16) {
+                    _mm_prefetch((const char *)(wr + k) + PF_BYTES, _MM_HINT_T0);
+                    a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k), _mm512_loadu_ps(wr + k), a[r]);
+                }
+                if (full < K)
+                    a[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, xr + full), _mm512_maskz_loadu_ps(mask, wr + full),
+                                           a[r]);
+            }
+            for (int r = 0; r < rows; r++) y[m * ld + n + r] = _mm512_reduce_add_ps(a[r]);
+#else
+            for (int r = 0; r < rows; r++) {
+                const float *wr = w + (n + r) * K;
+                float s = 0.f;
+                for (int64_t k = 0; k < K; k++) s += xr[k] * wr[k];
+                y[m * ld + n + r] = s;
+            }
+#endif
+        }
+    }
+}
+
+/* y [M, N] (row stride ld) = x [M, K] @ w^T (+ bias) for a float32 weight's blocks of output rows,
+ * shared out over the threads of the enclosing parallel region, as linear_blocks. */
+static void f32_linear_blocks(const float *x, int64_t M, const float *w, const float *bias, int64_t K, int64_t N,
+                              float *y, int64_t ld) {
+    int64_t rows = block_rows(4 * K), blocks = (N + rows - 1) / rows;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * rows, n1 = n0 + rows < N ? n0 + rows : N;
+        f32_rows(x, K, M, w, K, n0, n1, y, ld);
+        if (bias)
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t n = n0; n < n1; n++) y[m * ld + n] += bias[n];
+    }
+}
+
 /* y [M, N] = quant(x [M, K]) @ w^T * scales (+ bias): the fused W8A8 linear.
  * scratch: M * K bytes + M floats (levels and scales). */
 void haq_linear(const float *x, int64_t M, int64_t K, const int8_t *w, const int32_t *sums, const float *ws,
@@ -216,12 +267,14 @@ static void silu_mul(float *g, const float *u, int64_t n) {
  * pair order (the ascending-expert order of haq.kernels.moe.combine), or, with out NULL, y
  * written per pair. Pointer tables, indexed by expert, hold the layer's expert tensors (gate_up,
  * its row sums and scales; down, likewise): the weights stay where the caller keeps them.
+ * qmax = 0: float32 experts (moe_body_f32; the sums and scales tables are not read).
  * scratch: haq_moe_scratch(T, H, I, P) bytes. */
 static int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
 int64_t haq_moe_scratch(int64_t T, int64_t H, int64_t I, int64_t P) {
-    return align64(T * H) + align64(P * H) + align64(P * I) + align64(4 * (P * (2 * I + H) + T + 2 * P)) +
-           8 * (P + 2);
+    int64_t int8 = align64(T * H) + align64(P * H) + align64(P * I) + align64(4 * (P * (2 * I + H) + T + 2 * P));
+    int64_t f32 = align64(4 * P * H) * 2 + align64(4 * P * 2 * I) + align64(4 * P * I); /* moe_body_f32 */
+    return (int8 > f32 ? int8 : f32) + 8 * (P + 2);
 }
 
 /* An online rotation x -> x (A kron B) of an I = na * nb row, as haq.kernels.rotation's
@@ -250,6 +303,22 @@ static void rotate_row(float *x, const haq_rotation *r, float *tmp) {
             float w = r->a[i * na + k];
             const float *t = tmp + i * nb;
             for (int64_t l = 0; l < nb; l++) o[l] += w * t[l];
+        }
+    }
+}
+
+/* out[t] = sum over t's pairs, in pair order, of weight * y[pair]: the experts' weighted sum. */
+static void combine_pairs(const float *y, int64_t T, int64_t H, int64_t P, const int64_t *pair_token,
+                          const float *pair_weight, float *out) {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        float *o = out + t * H;
+        memset(o, 0, (size_t)H * sizeof(float));
+        for (int64_t p = 0; p < P; p++) {
+            if (pair_token[p] != t) continue;
+            float wgt = pair_weight[p];
+            const float *yp = y + p * H;
+            for (int64_t h = 0; h < H; h++) o[h] += yp[h] * wgt;
         }
     }
 }
@@ -303,18 +372,65 @@ static void moe_body(const float *x, int64_t T, int64_t H, int64_t I, int64_t P,
             gemm_rows(hu + p0 * I, hs + p0, seg[s + 1] - p0, (const int8_t *)dn_w[e], (const int32_t *)dn_sums[e],
                       (const float *)dn_ws[e], NULL, I, n0, n1, y + p0 * H, H);
         }
-    if (!out) return;
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; t++) { /* each token's pairs in pair order */
-        float *o = out + t * H;
-        memset(o, 0, (size_t)H * sizeof(float));
-        for (int64_t p = 0; p < P; p++) {
-            if (pair_token[p] != t) continue;
-            float wgt = pair_weight[p];
-            const float *yp = y + p * H;
-            for (int64_t h = 0; h < H; h++) o[h] += yp[h] * wgt;
+    if (out) combine_pairs(y, T, H, P, pair_token, pair_weight, out);
+}
+
+/* moe_body for float32 experts (tables of float32 gate_up [2I, H] and down [H, I]; no quantization,
+ * no rotation): the same segments, the rows of one expert through its weights together. */
+static void moe_body_f32(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const int64_t *pair_token,
+                         const int64_t *pair_expert, const float *pair_weight, const int64_t *gu_w,
+                         const int64_t *dn_w, float *out, float *y_pairs, uint8_t *scratch) {
+    float *xp = (float *)scratch, *y = (float *)(scratch + align64(4 * P * H));
+    float *g = (float *)((uint8_t *)y + align64(4 * P * H)), *h = (float *)((uint8_t *)g + align64(4 * P * 2 * I));
+    int64_t *seg = (int64_t *)((uint8_t *)h + align64(4 * P * I)), *nseg = seg + P + 1;
+    if (y_pairs) y = y_pairs;
+#pragma omp single
+    {
+        int64_t S = 0;
+        for (int64_t p = 0; p < P; p++) { /* rows in pair order; segments of one expert */
+            memcpy(xp + p * H, x + pair_token[p] * H, (size_t)H * sizeof(float));
+            if (p == 0 || pair_expert[p] != pair_expert[p - 1]) seg[S++] = p;
         }
+        seg[S] = P;
+        *nseg = S;
     }
+    int64_t S = *nseg;
+    int64_t rows_gu = block_rows(4 * H), blocks_gu = (2 * I + rows_gu - 1) / rows_gu;
+    int64_t rows_dn = block_rows(4 * I), blocks_dn = (H + rows_dn - 1) / rows_dn;
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t b = 0; b < blocks_gu; b++) {
+            int64_t n0 = b * rows_gu, n1 = n0 + rows_gu < 2 * I ? n0 + rows_gu : 2 * I;
+            int64_t p0 = seg[s];
+            f32_rows(xp + p0 * H, H, seg[s + 1] - p0, (const float *)gu_w[pair_expert[p0]], H, n0, n1, g + p0 * 2 * I,
+                     2 * I);
+        }
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < P; p++) {
+        float *gp = g + p * 2 * I;
+        silu_mul(gp, gp + I, I);
+        memcpy(h + p * I, gp, (size_t)I * sizeof(float));
+    }
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t b = 0; b < blocks_dn; b++) {
+            int64_t n0 = b * rows_dn, n1 = n0 + rows_dn < H ? n0 + rows_dn : H;
+            int64_t p0 = seg[s];
+            f32_rows(h + p0 * I, I, seg[s + 1] - p0, (const float *)dn_w[pair_expert[p0]], I, n0, n1, y + p0 * H, H);
+        }
+    if (out) combine_pairs(y, T, H, P, pair_token, pair_weight, out);
+}
+
+/* A MoE layer's experts, int8 (qmax > 0) or float32 (qmax = 0: only the gate_up and down tables are read). */
+static void moe_any(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const int64_t *pair_token,
+                    const int64_t *pair_expert, const float *pair_weight, const int64_t *gu_w, const int64_t *gu_sums,
+                    const int64_t *gu_ws, const int64_t *dn_w, const int64_t *dn_sums, const int64_t *dn_ws,
+                    const haq_rotation *down_rot, int qmax, float *out, float *y_pairs, uint8_t *scratch) {
+    if (qmax == 0)
+        moe_body_f32(x, T, H, I, P, pair_token, pair_expert, pair_weight, gu_w, dn_w, out, y_pairs, scratch);
+    else
+        moe_body(x, T, H, I, P, pair_token, pair_expert, pair_weight, gu_w, gu_sums, gu_ws, dn_w, dn_sums, dn_ws,
+                 down_rot, qmax, out, y_pairs, scratch);
 }
 
 void haq_moe(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const int64_t *pair_token,
@@ -322,8 +438,8 @@ void haq_moe(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const i
              const int64_t *gu_ws, const int64_t *dn_w, const int64_t *dn_sums, const int64_t *dn_ws,
              const haq_rotation *down_rot, int qmax, float *out, float *y_pairs, int threads, uint8_t *scratch) {
 #pragma omp parallel num_threads(threads) if (threads > 1 && P * I * H >= 65536)
-    moe_body(x, T, H, I, P, pair_token, pair_expert, pair_weight, gu_w, gu_sums, gu_ws, dn_w, dn_sums, dn_ws,
-             down_rot, qmax, out, y_pairs, scratch);
+    moe_any(x, T, H, I, P, pair_token, pair_expert, pair_weight, gu_w, gu_sums, gu_ws, dn_w, dn_sums, dn_ws,
+            down_rot, qmax, out, y_pairs, scratch);
 }
 
 /* One decode step of grouped-query attention for B rows, in float32, on a preallocated cache:
@@ -421,7 +537,9 @@ void haq_decode_attention(const float *q, const float *k, const float *v, int64_
  * linear, RoPE, the cache write and GQA attention, o_proj, the residual, RMSNorm, the router
  * (float32: softmax, top-k, renormalised; Mixtral's) and the routed experts (moe_body), or a
  * dense gated MLP as one expert that every row takes with weight 1 (exact: 0 + 1 * y = y), the
- * residual; then the final norm and the lm_head (float32, or int8 per token). One OpenMP parallel region for the
+ * residual; then the final norm and the lm_head (float32, or int8 per token). A float32 model
+ * (st->qmax = 0) runs the same step with every linear and expert in float32 (f32_rows), nothing
+ * quantized. One OpenMP parallel region for the
  * whole step: serial parts (norms, quantization, routing) in `single`, the weight reads shared
  * out; what Python did between those (some 40 ops a layer) is gone. The same integers as the
  * module path (the same kernels and grids); floats equal up to rounding order. */
@@ -430,6 +548,7 @@ typedef struct {
     const int32_t *sums;
     const float *scale, *bias; /* bias may be NULL */
     int64_t n, k;
+    const float *wf; /* a float32 model's weight [n, k] instead (then w, sums, scale unused) */
 } haq_qlinear;
 
 typedef struct {
@@ -460,41 +579,6 @@ static void rms_norm(const float *x, int64_t B, int64_t H, const float *w, float
         for (int64_t h = 0; h < H; h++) ss += (double)r[h] * r[h];
         float inv = 1.f / sqrtf((float)(ss / (double)H) + eps);
         for (int64_t h = 0; h < H; h++) out[b * H + h] = w[h] * (r[h] * inv);
-    }
-}
-
-/* y[m, n] = x[m] . w[n] for float32 rows [n0, n1) and all M rows of x (the lm_head and routers). */
-static void f32_rows(const float *x, int64_t M, const float *w, int64_t K, int64_t n0, int64_t n1, float *y,
-                     int64_t ld) {
-    for (int64_t n = n0; n < n1; n += ROWS) {
-        int rows = (int)(n1 - n < ROWS ? n1 - n : ROWS);
-        for (int64_t m = 0; m < M; m++) {
-            const float *xr = x + m * K;
-#if defined(__AVX512F__)
-            __m512 a[ROWS];
-            for (int r = 0; r < ROWS; r++) a[r] = _mm512_setzero_ps();
-            const int64_t full = K / 16 * 16;
-            const __mmask16 mask = (__mmask16)((1u << (K - full)) - 1u);
-            for (int r = 0; r < rows; r++) { /* row after row: one sequential stream (see dot_rows) */
-                const float *wr = w + (n + r) * K;
-                for (int64_t k = 0; k < full; k += 16) {
-                    _mm_prefetch((const char *)(wr + k) + PF_BYTES, _MM_HINT_T0);
-                    a[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr + k), _mm512_loadu_ps(wr + k), a[r]);
-                }
-                if (full < K)
-                    a[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, xr + full), _mm512_maskz_loadu_ps(mask, wr + full),
-                                           a[r]);
-            }
-            for (int r = 0; r < rows; r++) y[m * ld + n + r] = _mm512_reduce_add_ps(a[r]);
-#else
-            for (int r = 0; r < rows; r++) {
-                const float *wr = w + (n + r) * K;
-                float s = 0.f;
-                for (int64_t k = 0; k < K; k++) s += xr[k] * wr[k];
-                y[m * ld + n + r] = s;
-            }
-#endif
-        }
     }
 }
 
@@ -531,6 +615,15 @@ static void route_rows(float *logits, int64_t B, int64_t E, int64_t K, int16_t *
                 pair_token[p] = b, pair_expert[p] = e, pair_weight[p] = weights[b * E + e];
                 p++;
             }
+}
+
+/* A decode step's linear: int8 on the levels xu and scales xs of x, or (qmax = 0) float32 on x. */
+static void step_linear(const haq_qlinear *q, const float *x, const uint8_t *xu, const float *xs, int64_t M,
+                        int64_t K, int64_t N, float *y, int64_t ld, int qmax) {
+    if (qmax == 0)
+        f32_linear_blocks(x, M, q->wf, q->bias, K, N, y, ld);
+    else
+        linear_blocks(xu, xs, M, q->w, q->sums, q->scale, q->bias, K, N, y, ld);
 }
 
 int64_t haq_decode_scratch(const haq_step *st, int64_t max_inter) {
@@ -578,10 +671,10 @@ void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, floa
 #pragma omp single
         {
             rms_norm(x, B, H, L->attn_norm, st->eps, xn);
-            quantize(xn, B, H, st->qmax, 0, 0.f, xu, xs);
+            if (st->qmax) quantize(xn, B, H, st->qmax, 0, 0.f, xu, xs);
         }
         MARK(seconds, PART_OTHER);
-        linear_blocks(xu, xs, B, L->qkv.w, L->qkv.sums, L->qkv.scale, L->qkv.bias, H, nq, qkv, nq);
+        step_linear(&L->qkv, xn, xu, xs, B, H, nq, qkv, nq, st->qmax);
 #pragma omp single
         write_kv(qkv + nh * D, qkv + (nh + kvh) * D, nq, B, kvh, D, st->cos, st->sin, L->kbuf, L->vbuf, L->cap,
                  st->length);
@@ -591,8 +684,8 @@ void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, floa
                 attend_head(qkv, nq, b, h, nh, kvh, D, st->cos, st->sin, L->kbuf, L->vbuf, L->cap, st->length,
                             st->pads, st->attn_scale, att);
 #pragma omp single
-        quantize(att, B, nh * D, st->qmax, 0, 0.f, xu, xs);
-        linear_blocks(xu, xs, B, L->o.w, L->o.sums, L->o.scale, L->o.bias, nh * D, H, tmp, H);
+        if (st->qmax) quantize(att, B, nh * D, st->qmax, 0, 0.f, xu, xs);
+        step_linear(&L->o, att, xu, xs, B, nh * D, H, tmp, H, st->qmax);
         MARK(seconds, PART_ATTENTION);
 #pragma omp single
         {
@@ -603,15 +696,15 @@ void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, floa
 #pragma omp single
         {
             if (L->router) {
-                f32_rows(xn, B, L->router, H, 0, E, rl, E);
+                f32_rows(xn, H, B, L->router, H, 0, E, rl, E);
                 route_rows(rl, B, E, st->top_k, routing + l * B * st->top_k, pair_token, pair_expert, pair_weight);
             } else {
                 for (int64_t b = 0; b < B; b++) pair_token[b] = b, pair_expert[b] = 0, pair_weight[b] = 1.f;
             }
         }
         MARK(seconds, PART_ROUTER);
-        moe_body(xn, B, H, L->inter, P, pair_token, pair_expert, pair_weight, t, t + Ex, t + 2 * Ex, t + 3 * Ex,
-                 t + 4 * Ex, t + 5 * Ex, &L->down_rot, st->qmax, tmp, NULL, moe_scratch);
+        moe_any(xn, B, H, L->inter, P, pair_token, pair_expert, pair_weight, t, t + Ex, t + 2 * Ex, t + 3 * Ex,
+                t + 4 * Ex, t + 5 * Ex, &L->down_rot, st->qmax, tmp, NULL, moe_scratch);
         MARK(seconds, PART_EXPERTS);
 #pragma omp single
         for (int64_t i = 0; i < B * H; i++) x[i] += tmp[i];
@@ -632,7 +725,7 @@ void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, floa
 #pragma omp parallel for schedule(static) num_threads(st->threads)
         for (int64_t b = 0; b < blocks; b++) {
             int64_t n0 = b * rows, n1 = n0 + rows < st->vocab ? n0 + rows : st->vocab;
-            f32_rows(xn, B, st->lm_head, H, n0, n1, logits, st->vocab);
+            f32_rows(xn, H, B, st->lm_head, H, n0, n1, logits, st->vocab);
         }
     }
     if (seconds) seconds[PART_LM_HEAD] += omp_get_wtime() - seconds[STEP_PARTS];
