@@ -65,7 +65,8 @@ bench-peers: $(STAMP)
 # which the device call carries: command `TEXT=.gpu/text.txt OUT=$$OUT bash bench/gpu_all.sh`, carry [".gpu"].
 gpu-text: $(STAMP)
 	mkdir -p .gpu
-	$(PY) -c "from haq.data import wiki_offline; print(wiki_offline.text('test'))" > .gpu/text.txt
+	$(PY) -c "from haq.data import wiki_offline; print(wiki_offline.text('test'))" > .gpu/text.txt.tmp
+	mv .gpu/text.txt.tmp .gpu/text.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

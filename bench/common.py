@@ -20,6 +20,14 @@ def machine() -> dict:
             "cpu": cpu_name(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def gpu_slug(name: str) -> str:
+    """A results-file tag for a GPU name: "NVIDIA H100 80GB HBM3" -> "h100" (its first model-like word)."""
+    import re
+
+    found = re.search(r"\b(RTX\s?\d{4}|[A-Z]{1,3}\d{1,4}[A-Z]?)\b", name)
+    return found.group(1).lower().replace(" ", "") if found else "gpu"
+
+
 def cpu_name() -> str:
     """The CPU model from /proc/cpuinfo ("x86_64" says little about speed)."""
     try:

@@ -8,7 +8,7 @@
 2. engine: the bundled tiny-mixtral, bf16 experts against int8 (RTN) at the same device bytes
    (the budget the int8 experts need in full), decode tokens/s, on each int8 backend.
 
-Writes OUT/kernels-h200-int8.{json,md} and OUT/engine-h200-int8.{json,md} (OUT: --out, default
+Writes OUT/kernels-GPU-int8.{json,md} and OUT/engine-GPU-int8.{json,md} (GPU: h200, h100, ...; OUT: --out, default
 bench/results). `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 to check the script.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import gpu_slug  # noqa: E402
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -148,7 +150,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)"
-    suffix = "smoke" if args.smoke else "h200"
+    suffix = "smoke" if args.smoke else gpu_slug(gpu)
     krows = kernels(device, shapes, ms, 3 if args.smoke else args.repeats)
     erows = engine_runs(device, 8 if args.smoke else 32)
     for name, rows, title in [(f"kernels-{suffix}-int8", krows, "int8 kernels vs bf16 F.linear"),

@@ -1,7 +1,7 @@
-"""Issue 14's memory claim in the engine, one short script for a lent GPU (a minute or two):
+"""Issue 14's memory claim in the engine, one short script for a lent GPU (about two minutes):
 the bundled tiny-mixtral with 16-bit (bf16) experts all resident on the device (the fiddler policy
-preloads them all) against int8 (RTN W8A8) experts under the haq policy at budgets of 5..100% of
-the int8 expert bytes. Per configuration: decode tokens/s (a 32-token prompt, then --new-tokens),
+preloads them all) against int8 (RTN W8A8) experts under the haq policy at budgets of 5-100% of
+the int8 expert bytes (--budgets). Per configuration: decode tokens/s (a 32-token prompt, then --new-tokens),
 prefill tokens/s (a --prefill-token prompt over its time to first token), medians of --repeats,
 and the device bytes the engine counted (peak resident experts + staging buffers + the non-expert
 weights + the KV cache). Then, per phase, the smallest int8 budget that keeps >= 90% of the bf16
@@ -9,7 +9,8 @@ all-resident tokens/s and its device bytes against bf16's, and the perplexity of
 on --text (default: the wiki-offline test split when installed; the device has no dataset package,
 so carry a file made with `python -c "from haq.data import wiki_offline; print(wiki_offline.text('test'))"`).
 
-Writes OUT/engine-memory-{h200|smoke}.{json,md} and a plot of tokens/s vs device MiB (OUT: --out,
+Writes OUT/engine-memory-GPU.{json,md} (GPU: h200, h100, ..., or smoke; the JSON after every
+configuration, so a run cut short keeps what it measured) and a plot of tokens/s vs device MiB (OUT: --out,
 default bench/results; `--no-plot` leaves the plot out, for a machine without matplotlib or with a
 limit on the files it returns, and `--replot JSON` draws it later from the JSON). `--smoke` runs a
 few budgets on the CPU (the device is the host there: the figures check the script, they are not
@@ -27,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import gpu_slug  # noqa: E402
+
 TINY = ROOT / "haq" / "zoo" / "assets" / "tiny-mixtral"
 
 
@@ -43,19 +46,19 @@ def measure(engine, prompt, long_prompt, new_tokens: int, repeats: int) -> dict:
     most device bytes any run held."""
     engine.generate(prompt, max_new_tokens=4)
     engine.generate(long_prompt, max_new_tokens=1)
-    decode, prefill, device = [], [], 0
+    decode, prefill, peak = [], [], 0
     for _ in range(repeats):
         _, m = engine.generate(prompt, max_new_tokens=new_tokens)
         decode.append(m.tokens_per_s)
-        device = max(device, m.device_bytes["total"])
+        peak = max(peak, m.device_bytes["total"])
         _, m = engine.generate(long_prompt, max_new_tokens=1)
         prefill.append(long_prompt.shape[1] / (m.ttft_ms / 1e3))
-        device = max(device, m.device_bytes["total"])
+        peak = max(peak, m.device_bytes["total"])
     return {"decode_tok_s": statistics.median(decode), "prefill_tok_s": statistics.median(prefill),
-            "device_mib": device / 2**20}
+            "device_mib": peak / 2**20}
 
 
-def run(args, device) -> dict:
+def run(args, device, save) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,6 +93,7 @@ def run(args, device) -> dict:
     bf16_weights, _ = extract_experts(bf16.model.layers[0].mlp.experts)
     bf16_total = bf16_weights[0].nbytes * len(bf16_weights) * L
     rows = []
+    result = {"ppl": ppl, "rows": rows, "expert_mib": {"bf16": bf16_total / 2**20, "int8": int8_total / 2**20}}
 
     def add(label: str, model, budget: int, policy: str, pct: int) -> None:
         engine = build_engine(copy.deepcopy(model), budget_bytes=budget, hardware=hardware, policy=policy,
@@ -100,12 +104,13 @@ def run(args, device) -> dict:
         finally:
             engine.close()
         print(rows[-1], flush=True)
+        save(result)
 
     add("bf16 all resident", bf16, bf16_total, "fiddler", 100)
     for pct in args.budgets:
         add("int8", int8, int8_total * pct // 100, "haq", pct)
-    return {"ppl": ppl, "rows": rows, "summary": summarize(rows),
-            "expert_mib": {"bf16": bf16_total / 2**20, "int8": int8_total / 2**20}}
+    result["summary"] = summarize(rows)
+    return result
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -151,7 +156,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--text", help="a text file (default: the wiki-offline test split)")
     parser.add_argument("--smoke", action="store_true", help="a few budgets on the CPU, to check the script")
-    parser.add_argument("--budgets", type=int, nargs="+", default=list(range(5, 101, 5)))
+    parser.add_argument("--budgets", type=int, nargs="+", default=[5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 100])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prefill-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
@@ -172,13 +177,17 @@ def main() -> None:
         sys.exit("no CUDA device: run on the GPU machine, or --smoke on the CPU")
     if args.smoke:
         args.budgets, args.new_tokens, args.prefill_tokens, args.repeats = [25, 100], 8, 64, 1
-    result = run(args, device)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)"
-    name = f"engine-memory-{'smoke' if args.smoke else 'h200'}"
+    name = f"engine-memory-{'smoke' if args.smoke else gpu_slug(gpu)}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"gpu": gpu, "torch": torch.__version__, "args": vars(args), **result}
-    atomic_write_text(out / f"{name}.json", json.dumps(payload, indent=1) + "\n")
+
+    def save(partial: dict) -> None:
+        payload = {"gpu": gpu, "torch": torch.__version__, "args": vars(args), **partial}
+        atomic_write_text(out / f"{name}.json", json.dumps(payload, indent=1) + "\n")
+
+    result = run(args, device, save)
+    save(result)
     if not args.no_plot:
         plot(result["rows"], out / f"{name}.png")
     ppl = result["ppl"]

@@ -80,6 +80,8 @@ def test_a_float_step_equals_the_module_path_for_a_padded_batch(tiny_dir, name: 
     attn = model.model.layers[0].self_attn
     assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    where = attn.q_proj.weight.data_ptr()
+    assert NativeDecoder.build(model)[0] is not None and attn.q_proj.weight.data_ptr() == where  # fused once
 
 
 def _check_step_against_the_module_path(model, name: str) -> None:

@@ -17,6 +17,7 @@ from haq.runtime.placement import profile_statistics
 from haq.runtime.haq_policy import Haq
 from haq.runtime.policies import PolicyContext
 from haq.runtime.predictor import CostPredictor
+from haq.runtime.sampling import SamplingParams
 from haq.runtime.prefetch import (PathPredictor, path_accuracy, pregate_accuracy, pregate_probabilities,
                                   pregate_rates, prediction_accuracy)
 from haq.runtime.synthetic import MIXTRAL_EXPERT_BYTES, MIXTRAL_EXPERT_FLOPS, generate_synthetic_trace
@@ -337,18 +338,25 @@ def test_engine_prefill_copies_a_layer_ahead_keeps_tokens_and_budget(tiny_dir, p
         return d
 
     engine.policy.decide = counting
-    engine.generate(prompt, max_new_tokens=4)  # a first forward has no layer timed yet: no lead for copies
+    asked = []  # the tokens of each forward the policy was asked to pipeline
+    ahead = engine.policy.prefill_ahead
+    engine.policy.prefill_ahead = lambda layer, tokens, view, lead: asked.append(tokens) or ahead(layer, tokens, view, lead)
+    # the engine's first forward has no layer timed before its layer 0, this 2-layer model's only chance
+    engine.generate(prompt, max_new_tokens=4)
     served_ahead.clear()
     tokens, metrics = engine.generate(prompt, max_new_tokens=4)
-    engine.close()
     assert tokens == expected
-    staging = metrics.device_bytes["staging_peak"]
+    staging = metrics.device_bytes["staging_peak"]  # copies ahead, and a copy made for one call and not kept
     assert metrics.device_bytes["experts_peak"] <= engine.budget_bytes
     if pipeline:
         assert metrics.copies_ahead > 0 and any(served_ahead)
-        assert 0 < staging <= metrics.copies_ahead * engine.expert_bytes
+        assert 0 < staging <= (metrics.copies_ahead + 1) * engine.expert_bytes
     else:
-        assert metrics.copies_ahead == 0 and not any(served_ahead) and staging == 0
+        assert metrics.copies_ahead == 0 and not any(served_ahead) and staging <= engine.expert_bytes
+    asked.clear()
+    engine.generate_batch([prompt[0].tolist(), prompt[0, :40].tolist()], SamplingParams(max_tokens=4))
+    engine.close()
+    assert set(asked) <= {48, 40}  # prefill forwards only, never a decode step of two rows
     assert not engine.ahead and not engine.ahead_next  # every staging buffer freed
 
 

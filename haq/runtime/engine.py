@@ -7,10 +7,12 @@ When the "device" is the CPU itself there is nothing to overlap: every call runs
 calling thread (a worker would only add a thread hand-off per call on the same cores).
 
 Each MoE layer also pre-gates a later one (`haq.runtime.pregate`): the policy's `prefetch` sees that
-prediction, and the copies it asks for start at once (on CUDA, on the copy stream). In prefill, once a
-layer's calls are decided, the policy's `prefill_ahead` may start copies of the next layer's experts
-into staging buffers (the simulator's pipelining, same policy code); the next layer serves its calls
-from them or keeps them, and the rest are freed once that layer has run.
+prediction, and the copies it asks for start at once (on CUDA, on the copy stream). In a prefill forward
+(the generator says which forwards are), once a layer's calls are decided, the policy's
+`prefill_ahead` may start copies of the next layer's experts into staging buffers (the simulator's
+pipelining, same policy code); the next layer serves its calls from them or keeps them, and the
+rest are dropped once its calls are issued (on CUDA, weights read on the compute stream are
+recorded on it, so no block is handed out again before those reads are done).
 
 The engine knows nothing about tokenization: it takes and returns token ids.
 """
@@ -93,12 +95,10 @@ class Engine:
         self.cpu_assigned_s = 0.0
         self.ahead: dict[Key, ExpertWeights] = {}  # this layer's prefill copies started a layer ahead
         self.ahead_next: dict[Key, ExpertWeights] = {}  # the next layer's
-        self.layer_lead_s = 0.0  # the last layer's wall time: how long a copy started now has to land
-        self._layer_started: float | None = None
+        self.prefill_forward = False  # the current forward is a prefill chunk (told by the generator)
         self.pregate = PreGate([layer.get_submodule(adapter.moe.router) for layer in layers], adapter.moe.choices,
                                getattr(model.config, adapter.moe.top_k_attr), self.store.num_experts)
         self.view = EngineView(self)
-        self.peak_expert_bytes = self.peak_staging_bytes = 0
         self.reset_counters()
 
     def use_policy(self, name: str, ctx: PolicyContext) -> None:
@@ -156,27 +156,31 @@ class Engine:
         if event is not None:
             event.synchronize()
 
-    def _ready(self, key: Key) -> None:
+    def _ready(self, key: Key, weights: ExpertWeights) -> None:
+        """Device compute on `weights` waits for their copy; the first use records the compute stream
+        on them, so their memory is not handed out again before its reads are done."""
         event = self.pending.pop(key, None)
         if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for t in weights.tensors():
+                t.record_stream(stream)
 
-    def _check_resident(self) -> None:
+    def _check_resident(self, passing: int = 0) -> None:
+        """The budget holds; peaks of cached and staging bytes (`passing`: a copy made for one call
+        and not kept, in a staging buffer while the call runs)."""
         resident = len(self.cache) * self.expert_bytes  # every expert has the same shape and bytes
         if resident > self.budget_bytes:
             raise AssertionError(f"device expert bytes {resident} exceed the budget {self.budget_bytes}")
         self.peak_expert_bytes = max(self.peak_expert_bytes, resident)
-        staged = (sum(k not in self.cache for k in self.ahead) + len(self.ahead_next)) * self.expert_bytes
-        self.peak_staging_bytes = max(self.peak_staging_bytes, staged)
+        staged = sum(k not in self.cache for k in self.ahead) + len(self.ahead_next) + passing
+        self.peak_staging_bytes = max(self.peak_staging_bytes, staged * self.expert_bytes)
 
     def _free_ahead(self) -> None:
-        """Drop this layer's staging buffers (those the cache did not take); a copy still landing
-        in one finishes first, as on eviction."""
+        """Drop this layer's staging buffers the cache did not take (its calls are issued)."""
         for key in self.ahead:
             if key not in self.cache:
-                event = self.pending.pop(key, None)
-                if event is not None:
-                    event.synchronize()
+                self.pending.pop(key, None)  # never used: only the copy stream touched the buffer
         self.ahead = {}
 
     # -- one MoE layer -------------------------------------------------------------------------
@@ -185,7 +189,6 @@ class Engine:
         """hidden [T, H]; top_k_index, top_k_weights [T, K]. Same result as the model's experts."""
         if self.record_routing:
             self.routing[layer].append(top_k_index.to("cpu", torch.int16))
-        self._time_layer(layer)
         self.pregate.start_layer(layer)
         self.pregate.score(layer, top_k_index, self.record_routing)
         calls = route(top_k_index)
@@ -241,9 +244,9 @@ class Engine:
                     if key in self.prefetched:
                         self.prefetch_hits += 1
                         self.prefetched.discard(key)
-                self._ready(key)
+                self._ready(key, weights)
                 results[e] = self.store.math.forward(weights, hidden[call.token_idx])
-            self._check_resident()
+            self._check_resident(passing=int(decision.transfer and not decision.admit))
         return results, sorted(cpu_calls, key=lambda c: c.expert)
 
     def _prefetch(self, layer: int, hidden: torch.Tensor) -> None:
@@ -262,19 +265,12 @@ class Engine:
 
     def _prefill_ahead(self, layer: int, tokens: int) -> None:
         """Prefill: start the copies of layer l + 1's experts the policy asks for, while layer l runs."""
-        if tokens < 2 or layer + 1 >= self.store.num_layers:
+        if not self.prefill_forward or layer + 1 >= self.store.num_layers:
             return
-        for key in self.policy.prefill_ahead(layer + 1, tokens, self.view, self.layer_lead_s):
+        for key in self.policy.prefill_ahead(layer + 1, tokens, self.view, self.pregate.last_layer_s):
             self.ahead_next[key] = self._copy(key)
             self.copies_ahead += 1
         self._check_resident()
-
-    def _time_layer(self, layer: int) -> None:
-        """The lead a copy started during this layer has: the wall time of the layer before it."""
-        now = time.perf_counter()
-        if layer > 0 and self._layer_started is not None:
-            self.layer_lead_s = now - self._layer_started
-        self._layer_started = now
 
     def _run_cpu(self, layer: int, hidden: torch.Tensor, calls: list[ExpertCall], top_k_weights: torch.Tensor,
                  grouped) -> list[torch.Tensor]:
@@ -301,6 +297,7 @@ class Engine:
         self.pregate.reset()
         self.prefetched: set[Key] = set()
         self.prefetches = self.prefetch_hits = self.copies_ahead = 0
+        self.peak_expert_bytes, self.peak_staging_bytes = len(self.cache) * self.expert_bytes, 0  # this run's
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -327,7 +324,10 @@ class Engine:
         return BatchGenerator(self.model, max_batch=max_batch, eos_token_ids=eos_token_ids,
                               batch_invariant=batch_invariant, prefill_chunk=prefill_chunk,
                               native=every_call_on_cpu, native_experts=self.store.grouped,
-                              on_native_routing=self._count_native_step)
+                              on_native_routing=self._count_native_step, on_forward=self._set_prefill)
+
+    def _set_prefill(self, prefill: bool) -> None:
+        self.prefill_forward = prefill
 
     def _count_native_step(self, routing: np.ndarray) -> None:
         """A native decode step's routing [decoder layers, rows, top_k]: its calls, all on the CPU."""

@@ -73,11 +73,13 @@ class BatchGenerator:
     def __init__(self, model: nn.Module, *, max_batch: int = 8, prefill_chunk: int = 512,
                  eos_token_ids: tuple[int, ...] = (), max_context: int | None = None,
                  batch_invariant: bool = False, native: bool = True, native_experts=None,
-                 on_native_routing: Callable[[np.ndarray], None] | None = None) -> None:
+                 on_native_routing: Callable[[np.ndarray], None] | None = None,
+                 on_forward: Callable[[bool], None] | None = None) -> None:
         """`native`: decode steps in one kernel call where the model allows it
         (`haq.runtime.native_decode`; `native_reason` says why not); `native_experts`, the
         experts' kernel tables when the model's own expert modules are not haq's (the engine's
-        store), and `on_native_routing` sees each such step's routing [layers, rows, top_k]."""
+        store), and `on_native_routing` sees each such step's routing [layers, rows, top_k].
+        `on_forward(prefill)` is told before each module forward whether it is a prefill chunk."""
         if max_batch < 1:
             raise HaqError(f"max_batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
@@ -103,6 +105,7 @@ class BatchGenerator:
 
             self.native, self.native_reason = NativeDecoder.build(self.model, native_experts)
         self.on_native_routing = on_native_routing
+        self.on_forward = on_forward or (lambda prefill: None)
         self.waiting: deque[Sequence] = deque()
         self.prefilling: Sequence | None = None
         self.running: list[Sequence] = []
@@ -203,6 +206,7 @@ class BatchGenerator:
         chunk = seq.prompt[seq.prefilled:seq.prefilled + size]
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(seq.prefilled, seq.prefilled + len(chunk), device=self.device)[None]
+        self.on_forward(True)
         out = self.model(ids, past_key_values=seq.cache, position_ids=positions, use_cache=True, logits_to_keep=1)
         seq.prefilled += len(chunk)
         self.last_step.prefill_tokens += len(chunk)
@@ -240,6 +244,7 @@ class BatchGenerator:
             mask[b, :pad] = 0
         self.cache.haq_pads = list(self.pads)  # the rows' left padding, for haq.runtime.decode_attention
         mode = _fixed_rows() if self.batch_invariant else nullcontext()
+        self.on_forward(False)
         with mode:
             out = self.model(ids, past_key_values=self.cache, attention_mask=mask, position_ids=positions,
                              use_cache=True, logits_to_keep=1)

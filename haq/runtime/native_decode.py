@@ -103,10 +103,28 @@ def _float_linear(m: nn.Module, what: str) -> nn.Linear:
     return m
 
 
+def _still_views(fused: _FloatLinear, linears: Sequence[nn.Linear]) -> bool:
+    """Whether each module's weight (and bias) is still its rows of `fused` (a decoder built before)."""
+    start, size = 0, fused.w.element_size()
+    for m in linears:
+        rows = m.out_features
+        if m.weight.data_ptr() != fused.w.data_ptr() + start * fused.w.stride(0) * size or \
+                tuple(m.weight.shape) != (rows, fused.w.shape[1]) or not m.weight.is_contiguous():
+            return False
+        if m.bias is not None and (fused.bias is None or m.bias.data_ptr() != fused.bias.data_ptr() + start * size):
+            return False
+        start += rows
+    return start == fused.w.shape[0]
+
+
 def _fused_float(members: Sequence[nn.Module], what: str) -> _FloatLinear:
     """One float32 weight for `members` (rows in their order); each module's weight (and bias)
-    becomes a view of it, so the model holds one copy."""
+    becomes a view of it, so the model holds one copy. A later decoder finds it on the first
+    member and reuses it while the modules still view it."""
     linears = [_float_linear(m, f"{what} {i}") for i, m in enumerate(members)]
+    held = linears[0].__dict__.get("_haq_fused")
+    if held is not None and _still_views(held, linears):
+        return held
     weight = torch.cat([m.weight.detach() for m in linears]).contiguous()
     with_bias = [m.bias is not None for m in linears]
     bias = torch.cat([m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_features)
@@ -118,7 +136,8 @@ def _fused_float(members: Sequence[nn.Module], what: str) -> _FloatLinear:
         if has_bias:
             m.bias.data = bias[rows]
         start += m.out_features
-    return _FloatLinear(weight, bias)
+    linears[0]._haq_fused = _FloatLinear(weight, bias)
+    return linears[0]._haq_fused
 
 
 class NativeDecoder:
@@ -177,7 +196,8 @@ class NativeDecoder:
             if hasattr(mlp, "gate") and hasattr(mlp, "experts"):
                 grouped = experts[moe] if experts is not None else self._grouped(mlp.experts, index)
                 if grouped.qmax != self.qmax:
-                    raise Unsupported(f"layer {index} experts and linears differ in precision")
+                    raise Unsupported(f"layer {index} experts and linears differ in precision (activation "
+                                      f"levels {grouped.qmax} vs {self.qmax}; 0: float32)")
                 moe += 1
                 router = self._hold(_contiguous_f32(mlp.gate.weight, f"layer {index} router"))
                 if getattr(mlp.gate, "bias", None) is not None or router.shape != (self.experts, self.hidden):
@@ -230,8 +250,8 @@ class NativeDecoder:
 
     def _dense_mlp(self, mlp: nn.Module, index: int) -> GroupedExperts:
         """A dense gated MLP as one expert that every row takes."""
-        names = [f"layer {index} mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")]
-        members = [getattr(mlp, n.split(".")[-1], None) for n in names]
+        attrs = ("gate_proj", "up_proj", "down_proj")
+        members, names = [getattr(mlp, a, None) for a in attrs], [f"layer {index} mlp.{a}" for a in attrs]
         if not is_silu(getattr(mlp, "act_fn", None)) or any(getattr(m, "bias", None) is not None for m in members):
             raise Unsupported(f"layer {index} MLP is not a bias-free SiLU gated MLP")
         if self.float:
@@ -251,6 +271,10 @@ class NativeDecoder:
                     not GroupedExperts.supports_float(getattr(experts, "act_fn", None), gate_up) or \
                     down.dtype != torch.float32 or getattr(experts, "has_bias", False):
                 raise Unsupported(f"layer {index} experts are not float32 SiLU experts (gate_up_proj, down_proj)")
+            E, H = gate_up.shape[0], self.hidden
+            if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[2] != H or down.shape[:2] != (E, H) \
+                    or gate_up.shape[1] != 2 * down.shape[2]:
+                raise Unsupported(f"layer {index} experts are not laid out as gate_up [E, 2I, H], down [E, H, I]")
             return GroupedExperts(list(gate_up.detach()), None, list(down.detach()), None)
         if not isinstance(experts, Int8Experts):
             raise Unsupported(f"layer {index} experts are {type(experts).__name__}, not haq's Int8Experts")

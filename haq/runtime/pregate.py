@@ -20,6 +20,7 @@ class PreGate:
         self.top_k, self.num_experts = top_k, num_experts
         self.distance = min(PREFETCH_DISTANCE, len(routers) - 1)  # 0: one MoE layer, nothing to pre-gate
         self.layer_s = 0.0  # moving average of one MoE layer's duration: a prefetch's lead is d of them
+        self.last_layer_s = 0.0  # the last one's: the lead of prefill copies a layer ahead (the simulator's)
         self._started: tuple[int, float] | None = None  # (MoE layer, when it started)
         self.reset()
 
@@ -30,11 +31,12 @@ class PreGate:
         self.hits, self.total = [0] * n, [0] * n
 
     def start_layer(self, layer: int) -> None:
-        """Average the time between consecutive MoE layers of a step."""
+        """Time consecutive MoE layers of a step: the last interval, and its moving average."""
         now = time.perf_counter()
         previous, started = self._started or (-2, now)
         if layer == previous + 1:
             step = now - started
+            self.last_layer_s = step
             self.layer_s = step if self.layer_s == 0.0 else 0.9 * self.layer_s + 0.1 * step
         self._started = (layer, now)
 

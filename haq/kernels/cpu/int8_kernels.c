@@ -273,7 +273,7 @@ static int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
 int64_t haq_moe_scratch(int64_t T, int64_t H, int64_t I, int64_t P) {
     int64_t int8 = align64(T * H) + align64(P * H) + align64(P * I) + align64(4 * (P * (2 * I + H) + T + 2 * P));
-    int64_t f32 = align64(4 * P * H) * 2 + align64(4 * P * 2 * I) + align64(4 * P * I); /* moe_body_f32 */
+    int64_t f32 = align64(4 * P * H) * 2 + align64(4 * P * 2 * I); /* moe_body_f32 */
     return (int8 > f32 ? int8 : f32) + 8 * (P + 2);
 }
 
@@ -381,8 +381,8 @@ static void moe_body_f32(const float *x, int64_t T, int64_t H, int64_t I, int64_
                          const int64_t *pair_expert, const float *pair_weight, const int64_t *gu_w,
                          const int64_t *dn_w, float *out, float *y_pairs, uint8_t *scratch) {
     float *xp = (float *)scratch, *y = (float *)(scratch + align64(4 * P * H));
-    float *g = (float *)((uint8_t *)y + align64(4 * P * H)), *h = (float *)((uint8_t *)g + align64(4 * P * 2 * I));
-    int64_t *seg = (int64_t *)((uint8_t *)h + align64(4 * P * I)), *nseg = seg + P + 1;
+    float *g = (float *)((uint8_t *)y + align64(4 * P * H));
+    int64_t *seg = (int64_t *)((uint8_t *)g + align64(4 * P * 2 * I)), *nseg = seg + P + 1;
     if (y_pairs) y = y_pairs;
 #pragma omp single
     {
@@ -406,17 +406,14 @@ static void moe_body_f32(const float *x, int64_t T, int64_t H, int64_t I, int64_
                      2 * I);
         }
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < P; p++) {
-        float *gp = g + p * 2 * I;
-        silu_mul(gp, gp + I, I);
-        memcpy(h + p * I, gp, (size_t)I * sizeof(float));
-    }
+    for (int64_t p = 0; p < P; p++) silu_mul(g + p * 2 * I, g + p * 2 * I + I, I); /* h: the gate half */
 #pragma omp for collapse(2) schedule(static)
     for (int64_t s = 0; s < S; s++)
         for (int64_t b = 0; b < blocks_dn; b++) {
             int64_t n0 = b * rows_dn, n1 = n0 + rows_dn < H ? n0 + rows_dn : H;
             int64_t p0 = seg[s];
-            f32_rows(h + p0 * I, I, seg[s + 1] - p0, (const float *)dn_w[pair_expert[p0]], I, n0, n1, y + p0 * H, H);
+            f32_rows(g + p0 * 2 * I, 2 * I, seg[s + 1] - p0, (const float *)dn_w[pair_expert[p0]], I, n0, n1,
+                     y + p0 * H, H);
         }
     if (out) combine_pairs(y, T, H, P, pair_token, pair_weight, out);
 }
@@ -535,7 +532,7 @@ void haq_decode_attention(const float *q, const float *k, const float *v, int64_
 /* ---- A whole decode step of a llama-layout W8A8 model in one call --------------------------
  * For B rows (one new token each) through every decoder layer: RMSNorm, the fused q/k/v int8
  * linear, RoPE, the cache write and GQA attention, o_proj, the residual, RMSNorm, the router
- * (float32: softmax, top-k, renormalised; Mixtral's) and the routed experts (moe_body), or a
+ * (float32: softmax, top-k, renormalised; Mixtral's) and the routed experts (moe_any), or a
  * dense gated MLP as one expert that every row takes with weight 1 (exact: 0 + 1 * y = y), the
  * residual; then the final norm and the lm_head (float32, or int8 per token). A float32 model
  * (st->qmax = 0) runs the same step with every linear and expert in float32 (f32_rows), nothing
