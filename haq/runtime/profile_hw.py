@@ -121,25 +121,43 @@ def profile_hardware(weights: ExpertWeights, math: ExpertMath, device: str = "cp
 def measure_overhead_s_per_layer(engine: Engine, prompt: torch.Tensor, steps: int = 8) -> float:
     """Seconds per layer of one decode step with expert arithmetic taken out: attention, norms,
     router, sampling and this engine's own per-call dispatch (gather, policy, scatter), which
-    the simulator's per-expert times do not include; measured on the generator's own decode path
-    (its KV cache and attention), as a run decodes. The engine's math is swapped for one that
-    returns zeros and its policy for all-cpu (no copies), then both are restored."""
+    the simulator's per-expert times do not include; measured on the decode path a run takes (its
+    KV cache and attention). Where the engine decodes in one kernel call (budget 0 on the CPU,
+    `native_decode`), that is the step's time less its expert math, timed inside the kernel.
+    Otherwise the engine's math is swapped for one that returns zeros and its policy for all-cpu
+    (no copies), then both are restored."""
+    native = engine.generator(max_batch=1).native is not None
     math, policy, grouped = engine.store.math, engine.policy, engine.store.grouped
-    engine.store.math, engine.store.grouped = _ZeroMath(), None  # the grouped kernel would do the expert math
-    engine.policy = make_policy("all-cpu", engine.policy_ctx)
+    if not native:
+        engine.store.math, engine.store.grouped = _ZeroMath(), None  # the grouped kernel would do the expert math
+        engine.policy = make_policy("all-cpu", engine.policy_ctx)
     try:
-        gen = engine.generator(max_batch=1)
-        gen.add(prompt.reshape(-1).tolist(), SamplingParams(max_tokens=steps + 2, ignore_eos=True))
-        times = []
-        while gen.has_work:
-            gen.step()
-            engine.sync()
-            if gen.last_step.decode_rows and not gen.last_step.prefill_tokens:
-                times.append(gen.last_step.seconds)
+        times = _decode_step_seconds(engine, prompt, steps, native)
     finally:
         engine.store.math, engine.policy, engine.store.grouped = math, policy, grouped
         engine.reset_counters()
     return float(np.median(times[1:] or times)) / engine.store.num_layers  # the first decode step warms up
+
+
+def _decode_step_seconds(engine: Engine, prompt: torch.Tensor, steps: int, native: bool) -> list[float]:
+    """Wall seconds of each decode step of one sequence on the engine's generator; `native`: less
+    the expert math the kernel timed inside the step."""
+    from haq.runtime.native_decode import STEP_PARTS
+
+    gen = engine.generator(max_batch=1)
+    parts, expert = np.zeros(len(STEP_PARTS) + 1), STEP_PARTS.index("expert math")
+    if native:
+        step = gen.native.step
+        gen.native.step = lambda *a, **k: step(*a, **k, seconds=parts)
+    gen.add(prompt.reshape(-1).tolist(), SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    times = []
+    while gen.has_work:
+        before = parts[expert]
+        gen.step()
+        engine.sync()
+        if gen.last_step.decode_rows and not gen.last_step.prefill_tokens:
+            times.append(gen.last_step.seconds - (parts[expert] - before))
+    return times
 
 
 class _ZeroMath:
