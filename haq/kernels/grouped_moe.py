@@ -14,7 +14,7 @@ T = tokens, H = hidden, I = expert intermediate size, E = experts, P = (token, e
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -86,6 +86,14 @@ class GroupedExperts:
             combined: bool = True) -> torch.Tensor | list[torch.Tensor]:
         """hidden [T, H] float; `calls` in ascending expert order. Combined: the layer's output
         [T, H] (sum over the calls of weight * expert output); else one [n, H] output per call."""
+        launch, outputs = self.prepare(hidden, calls, top_k_weights, combined)
+        launch()
+        return outputs()
+
+    def prepare(self, hidden: torch.Tensor, calls: Sequence[ExpertCall], top_k_weights: torch.Tensor,
+                combined: bool = True) -> tuple[Callable[[], None], Callable]:
+        """`run` in two halves: the kernel call with its inputs laid out (the closure holds them;
+        it may be called again, as `haq profile-hw` times it), and what reads its outputs."""
         x = hidden.float().contiguous()  # held here while the kernel reads it
         T, H, I = x.shape[0], self.hidden, self.intermediate
         token = torch.cat([c.token_idx for c in calls])
@@ -97,11 +105,14 @@ class GroupedExperts:
         y = None if combined else torch.empty(P, H, dtype=torch.float32)
         work = cpu.scratch(cpu.library().haq_moe_scratch(T, H, I, P))
         t = self.tables
-        cpu.library().haq_moe(
-            x.data_ptr(), T, H, I, P, token.data_ptr(), expert.data_ptr(), weight.data_ptr(),
-            t[0].ctypes.data, t[1].ctypes.data, t[2].ctypes.data, t[3].ctypes.data, t[4].ctypes.data,
-            t[5].ctypes.data, ctypes.byref(self.rotation), self.qmax, None if out is None else out.data_ptr(), None if y is None else y.data_ptr(),
-            torch.get_num_threads(), work.data_ptr())
+
+        def launch() -> None:
+            cpu.library().haq_moe(
+                x.data_ptr(), T, H, I, P, token.data_ptr(), expert.data_ptr(), weight.data_ptr(),
+                t[0].ctypes.data, t[1].ctypes.data, t[2].ctypes.data, t[3].ctypes.data, t[4].ctypes.data,
+                t[5].ctypes.data, ctypes.byref(self.rotation), self.qmax, None if out is None else out.data_ptr(),
+                None if y is None else y.data_ptr(), torch.get_num_threads(), work.data_ptr())
+
         if combined:
-            return out.to(hidden.dtype)
-        return list(y.to(hidden.dtype).split([c.tokens for c in calls]))
+            return launch, lambda: out.to(hidden.dtype)
+        return launch, lambda: list(y.to(hidden.dtype).split([c.tokens for c in calls]))

@@ -21,7 +21,9 @@ import torch
 from haq.runtime.hardware import HardwareProfile, Link, Processor, Quantity
 from haq.runtime.policies import make_policy
 from haq.runtime.sampling import SamplingParams
-from haq.runtime.store import ExpertMath, ExpertWeights
+from haq.kernels.grouped_moe import MAX_TOKENS
+from haq.kernels.moe import ExpertCall
+from haq.runtime.store import ExpertMath, ExpertStore, ExpertWeights
 
 if TYPE_CHECKING:
     from haq.runtime.engine import Engine
@@ -59,16 +61,30 @@ cache and look several times faster than it is in a run)."""
 
 
 def measure_expert_times(weights: ExpertWeights, math: ExpertMath, device: torch.device,
-                         repeats: int = 5) -> tuple[list[int], list[float]]:
+                         repeats: int = 5, grouped: bool = True) -> tuple[list[int], list[float]]:
+    """Seconds of one expert call of n tokens, n in TOKEN_COUNTS, as the engine runs it on `device`.
+    On the CPU with `grouped`, calls of layers of up to MAX_TOKENS tokens go through the grouped
+    kernel where the store has one for these experts (`ExpertStore.grouped`), as the engine's CPU
+    calls and its one-call decode steps do: the kernel alone is timed (its Python around is per
+    layer, not per call, and counted in the non-expert time). Without (the CPU as the "device",
+    whose calls go one by one), and for larger calls, the expert math call by call."""
     copies = 1 if device.type == "cuda" else max(1, min(64, -(-COLD_BYTES // weights.nbytes)))
     ws = [weights.to(device) if i == 0 else weights.to(device).copy() for i in range(copies)]
     hidden = ws[0].gate_up.shape[1]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    kernel = ExpertStore([ws], math).grouped if device.type == "cpu" and grouped else None
     turn = iter(range(10**9))
     times = []
     for n in TOKEN_COUNTS:
         x = torch.randn(n, hidden, device=device)
-        times.append(_median_time(lambda: math.forward(ws[next(turn) % copies], x), max(repeats, copies), sync))
+        if kernel is not None and n <= MAX_TOKENS:
+            rows, slots, gates = torch.arange(n), torch.zeros(n, dtype=torch.long), torch.ones(n, 1)
+            launches = [kernel[0].prepare(x, [ExpertCall(e, rows, slots)], gates, combined=False)[0]
+                        for e in range(copies)]
+            call = lambda: launches[next(turn) % copies]()  # noqa: E731
+        else:
+            call = lambda: math.forward(ws[next(turn) % copies], x)  # noqa: E731
+        times.append(_median_time(call, max(repeats, copies), sync))
     return list(TOKEN_COUNTS), times
 
 
@@ -96,8 +112,9 @@ def profile_hardware(weights: ExpertWeights, math: ExpertMath, device: str = "cp
                          overhead=Quantity(1e-9, "s", "folded into a (bytes / mem_bw)"))
 
     cpu = processor(*measure_expert_times(weights, math, torch.device("cpu"), repeats), "CPU")
-    device_proc = cpu if dev.type == "cpu" else processor(*measure_expert_times(weights, math, dev, repeats),
-                                                          torch.cuda.get_device_name(dev))
+    device_proc = (processor(*measure_expert_times(weights, math, dev, repeats, grouped=False), "CPU, one by one")
+                   if dev.type == "cpu" else
+                   processor(*measure_expert_times(weights, math, dev, repeats), torch.cuda.get_device_name(dev)))
     copy_s = measure_copy(weights, dev, repeats)
     link_src = f"measured: {nbytes} B expert copied host -> {dev} in {copy_s * 1e6:.0f} us on {where}"
     link = Link(bw=Quantity(nbytes / copy_s, "B/s", link_src), latency=Quantity(1e-9, "s", "folded into bw"))
