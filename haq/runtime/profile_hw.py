@@ -1,7 +1,8 @@
 """`haq profile-hw`: measure this machine for one expert shape and write a HardwareProfile.
 
 t(n) = a + b n is fitted (through the measured t(1), medians of repeats) to expert calls with n
-tokens on the CPU and on the device, using the engine's own expert math; a / b become the profile's
+tokens on the CPU and on the device, as the engine runs them (on the CPU its grouped kernel where
+it has one; a CPU "device" call by call); a / b become the profile's
 bytes / mem_bw and flops_per_token / int8_ops (the per-call overhead is folded into a, so it is
 recorded as the smallest positive value). Host -> device copies are timed from (pinned) host
 memory. Without CUDA the "device" is the CPU itself, and a copy is a host memory copy.
