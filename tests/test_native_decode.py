@@ -84,6 +84,20 @@ def test_a_float_step_equals_the_module_path_for_a_padded_batch(tiny_dir, name: 
     assert NativeDecoder.build(model)[0] is not None and attn.q_proj.weight.data_ptr() == where  # fused once
 
 
+def test_a_float_step_with_qkv_biases_equals_the_module_path() -> None:
+    """Qwen2's q/k/v biases move into the fused bias with their weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         use_sliding_window=False)).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.data.normal_(0, 0.5)  # zero at init: make them count
+    _check_step_against_the_module_path(model, "qwen2")
+
+
 def _check_step_against_the_module_path(model, name: str) -> None:
     gen = padded_generator(model)
     assert gen.native is not None, gen.native_reason
