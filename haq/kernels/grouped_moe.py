@@ -77,9 +77,9 @@ class GroupedExperts:
                 and is_silu(act_fn) and cpu.library() is not None)
 
     @staticmethod
-    def supports_float(act_fn: nn.Module, weight: torch.Tensor) -> bool:
+    def supports_float(act_fn: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
         """Float experts the kernel runs: float32 SiLU experts on the CPU."""
-        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and is_silu(act_fn)
+        return (all(w.device.type == "cpu" and w.dtype == torch.float32 for w in (gate_up, down)) and is_silu(act_fn)
                 and cpu.library() is not None)
 
     def run(self, hidden: torch.Tensor, calls: Sequence[ExpertCall], top_k_weights: torch.Tensor,

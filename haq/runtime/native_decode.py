@@ -268,8 +268,8 @@ class NativeDecoder:
         if self.float:
             gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
             if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or \
-                    not GroupedExperts.supports_float(getattr(experts, "act_fn", None), gate_up) or \
-                    down.dtype != torch.float32 or getattr(experts, "has_bias", False):
+                    not GroupedExperts.supports_float(getattr(experts, "act_fn", None), gate_up, down) or \
+                    getattr(experts, "has_bias", False):
                 raise Unsupported(f"layer {index} experts are not float32 SiLU experts (gate_up_proj, down_proj)")
             E, H = gate_up.shape[0], self.hidden
             if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[2] != H or down.shape[:2] != (E, H) \

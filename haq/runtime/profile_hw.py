@@ -28,6 +28,7 @@ from haq.runtime.store import ExpertMath, ExpertStore, ExpertWeights
 
 if TYPE_CHECKING:
     from haq.runtime.engine import Engine
+    from haq.runtime.generation import BatchGenerator
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -144,27 +145,26 @@ def measure_overhead_s_per_layer(engine: Engine, prompt: torch.Tensor, steps: in
     `native_decode`), that is the step's time less its expert math, timed inside the kernel.
     Otherwise the engine's math is swapped for one that returns zeros and its policy for all-cpu
     (no copies), then both are restored."""
-    native = engine.generator(max_batch=1).native is not None
+    gen = engine.generator(max_batch=1)  # its decode path is fixed here; the engine's math is read per call
     math, policy, grouped = engine.store.math, engine.policy, engine.store.grouped
-    if not native:
+    if gen.native is None:
         engine.store.math, engine.store.grouped = _ZeroMath(), None  # the grouped kernel would do the expert math
         engine.policy = make_policy("all-cpu", engine.policy_ctx)
     try:
-        times = _decode_step_seconds(engine, prompt, steps, native)
+        times = _decode_step_seconds(engine, gen, prompt, steps)
     finally:
         engine.store.math, engine.policy, engine.store.grouped = math, policy, grouped
         engine.reset_counters()
     return float(np.median(times[1:] or times)) / engine.store.num_layers  # the first decode step warms up
 
 
-def _decode_step_seconds(engine: Engine, prompt: torch.Tensor, steps: int, native: bool) -> list[float]:
-    """Wall seconds of each decode step of one sequence on the engine's generator; `native`: less
-    the expert math the kernel timed inside the step."""
+def _decode_step_seconds(engine: Engine, gen: BatchGenerator, prompt: torch.Tensor, steps: int) -> list[float]:
+    """Wall seconds of each decode step of one sequence on the engine's generator `gen`; where it
+    decodes in one kernel call, less the expert math the kernel timed inside the step."""
     from haq.runtime.native_decode import STEP_PARTS
 
-    gen = engine.generator(max_batch=1)
     parts, expert = np.zeros(len(STEP_PARTS) + 1), STEP_PARTS.index("expert math")
-    if native:
+    if gen.native is not None:
         step = gen.native.step
         gen.native.step = lambda *a, **k: step(*a, **k, seconds=parts)
     gen.add(prompt.reshape(-1).tolist(), SamplingParams(max_tokens=steps + 2, ignore_eos=True))

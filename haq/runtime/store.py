@@ -131,7 +131,7 @@ class ExpertStore:
         # a layer's CPU calls in one kernel call, where the kernel supports the experts' math
         first = per_layer[0][0]
         if first.gate_up_scale is None:  # float experts
-            grouped = (GroupedExperts.supports_float(math.act_fn, first.gate_up) and first.down.dtype == torch.float32
+            grouped = (GroupedExperts.supports_float(math.act_fn, first.gate_up, first.down)
                        and math.down_rotation is None)
         else:
             grouped = GroupedExperts.supports(math.act_fn, math.act_bits, math.act_mode,

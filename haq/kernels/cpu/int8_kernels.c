@@ -323,6 +323,15 @@ static void combine_pairs(const float *y, int64_t T, int64_t H, int64_t P, const
     }
 }
 
+/* seg[s] = the first pair of segment s (the pairs of one expert, sorted by expert), seg[S] = P; returns S. */
+static int64_t expert_segments(const int64_t *pair_expert, int64_t P, int64_t *seg) {
+    int64_t S = 0;
+    for (int64_t p = 0; p < P; p++)
+        if (p == 0 || pair_expert[p] != pair_expert[p - 1]) seg[S++] = p;
+    seg[S] = P;
+    return S;
+}
+
 /* The MoE layer inside a parallel region: serial parts in `single`, the GEMMs shared out. What
  * every thread must read (the segment count) lives in scratch, not in a thread's locals. */
 static void moe_body(const float *x, int64_t T, int64_t H, int64_t I, int64_t P, const int64_t *pair_token,
@@ -337,14 +346,11 @@ static void moe_body(const float *x, int64_t T, int64_t H, int64_t I, int64_t P,
 #pragma omp single
     {
         quantize(x, T, H, qmax, 0, 0.f, xu_tok, xs_tok);
-        int64_t S = 0;
-        for (int64_t p = 0; p < P; p++) { /* levels in pair order; segments of one expert */
+        for (int64_t p = 0; p < P; p++) { /* levels in pair order */
             memcpy(xu + p * H, xu_tok + pair_token[p] * H, (size_t)H);
             xs[p] = xs_tok[pair_token[p]];
-            if (p == 0 || pair_expert[p] != pair_expert[p - 1]) seg[S++] = p;
         }
-        seg[S] = P;
-        *nseg = S;
+        *nseg = expert_segments(pair_expert, P, seg);
     }
     int64_t S = *nseg;
     int64_t rows_gu = block_rows(H), blocks_gu = (2 * I + rows_gu - 1) / rows_gu;
@@ -386,13 +392,9 @@ static void moe_body_f32(const float *x, int64_t T, int64_t H, int64_t I, int64_
     if (y_pairs) y = y_pairs;
 #pragma omp single
     {
-        int64_t S = 0;
-        for (int64_t p = 0; p < P; p++) { /* rows in pair order; segments of one expert */
+        for (int64_t p = 0; p < P; p++) /* rows in pair order */
             memcpy(xp + p * H, x + pair_token[p] * H, (size_t)H * sizeof(float));
-            if (p == 0 || pair_expert[p] != pair_expert[p - 1]) seg[S++] = p;
-        }
-        seg[S] = P;
-        *nseg = S;
+        *nseg = expert_segments(pair_expert, P, seg);
     }
     int64_t S = *nseg;
     int64_t rows_gu = block_rows(4 * H), blocks_gu = (2 * I + rows_gu - 1) / rows_gu;
@@ -718,12 +720,8 @@ void haq_decode_step(const haq_step *st, const haq_layer *layers, float *x, floa
 #pragma omp parallel num_threads(st->threads)
         linear_blocks(xu, xs, B, q->w, q->sums, q->scale, q->bias, H, st->vocab, logits, st->vocab);
     } else {
-        int64_t rows = block_rows(4 * H), blocks = (st->vocab + rows - 1) / rows;
-#pragma omp parallel for schedule(static) num_threads(st->threads)
-        for (int64_t b = 0; b < blocks; b++) {
-            int64_t n0 = b * rows, n1 = n0 + rows < st->vocab ? n0 + rows : st->vocab;
-            f32_rows(xn, H, B, st->lm_head, H, n0, n1, logits, st->vocab);
-        }
+#pragma omp parallel num_threads(st->threads)
+        f32_linear_blocks(xn, B, st->lm_head, NULL, H, st->vocab, logits, st->vocab);
     }
     if (seconds) seconds[PART_LM_HEAD] += omp_get_wtime() - seconds[STEP_PARTS];
 }
