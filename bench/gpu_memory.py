@@ -34,11 +34,19 @@ TINY = ROOT / "haq" / "zoo" / "assets" / "tiny-mixtral"
 
 
 def load_text(path: str | None) -> str:
+    """--text, or the wiki-offline test split; a missing one ends the script with a one-line reason."""
+    from haq.errors import HaqError
+
     if path:
+        if not Path(path).is_file():
+            sys.exit(f"--text {path}: no such file (`make gpu-text` writes .gpu/text.txt)")
         return Path(path).read_text()
     from haq.data import wiki_offline
 
-    return wiki_offline.text("test")
+    try:
+        return wiki_offline.text("test")
+    except HaqError as e:
+        sys.exit(f"{e}; or pass --text FILE")
 
 
 def measure(engine, prompt, long_prompt, new_tokens: int, repeats: int) -> dict:

@@ -132,7 +132,10 @@ def main() -> None:
     results = {"device": args.device, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "torch": torch.__version__, "nsamples": args.nsamples, "seqlen": args.seqlen}
     results["windows"] = f"text from {Path(args.text).name}" if args.text else "random-token"
-    results["tiny"] = tiny_part(args.device, args.nsamples, args.seqlen, Path(args.text).read_text() if args.text else None)
+    if args.text and not Path(args.text).is_file():
+        sys.exit(f"--text {args.text}: no such file (`make gpu-text` writes .gpu/text.txt)")
+    text = Path(args.text).read_text() if args.text else None
+    results["tiny"] = tiny_part(args.device, args.nsamples, args.seqlen, text)
     print(json.dumps(results["tiny"]), flush=True)
     out = Path(args.out)
     scale = ROOT / "bench" / "results" / "scale.json"
