@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from haq.kernels import device_moe, triton_int8
 from haq.kernels.backends import get_backend
 from haq.kernels.int8 import int8_linear
 from haq.kernels.moe import dispatch, gated_mlp, per_expert
@@ -56,9 +57,22 @@ class Int8Experts(nn.Module):
                                    self.down_in_scale[e] if static else None),
             self.act_fn)
 
+    def grouped_on_device(self, hidden_states: torch.Tensor) -> bool:
+        """Whether the layer runs as grouped Triton launches with the routing kept on the device
+        (`haq.kernels.device_moe`: no host sync, CUDA-graph capturable): dynamic per-token W8A8 on
+        CUDA under "auto" or "triton", or "triton" under the interpreter (the tests)."""
+        device = hidden_states.device
+        return (self.act_bits <= 8 and self.act_mode == "per-token" and self.gate_up_in_scale is None
+                and (self.impl == "triton" or (self.impl == "auto" and device.type == "cuda"))
+                and triton_int8.available(device))
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         # hidden_states [T, H]; top_k_index, top_k_weights [T, K]
+        if self.grouped_on_device(hidden_states):
+            return device_moe.int8_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_q,
+                                           self.gate_up_scale, self.down_q, self.down_scale, self.act_fn,
+                                           self.act_bits, self.down_rotation)
         return dispatch(hidden_states, top_k_index, top_k_weights, per_expert(self.expert_forward))
 
     def extra_repr(self) -> str:

@@ -100,11 +100,7 @@ def w8a8_grouped(xq: torch.Tensor, x_scale: torch.Tensor, counts: list[int], wei
                  scales: torch.Tensor) -> torch.Tensor:
     """Every expert's rows in one launch. xq int8 [P, K]: the rows sorted by expert, `counts[e]`
     rows for expert e; x_scale [P]; weights int8 [E, N, K]; scales [E, N] -> float32 [P, N]."""
-    _check(xq, weights)
-    triton, _, _, kernel = _kernels()
-    P, K = xq.shape
-    E, N, _ = weights.shape
-    bm, bn, bk = _blocks(max(counts) if counts else 1)
+    bm = _blocks(max(counts) if counts else 1)[0]
     experts, starts, ends, start = [], [], [], 0
     for e, n in enumerate(counts):
         for s in range(start, start + n, bm):
@@ -112,12 +108,25 @@ def w8a8_grouped(xq: torch.Tensor, x_scale: torch.Tensor, counts: list[int], wei
             starts.append(s)
             ends.append(start + n)
         start += n
-    y = torch.empty(P, N, dtype=torch.float32, device=xq.device)
     if not experts:
-        return y
-    meta = [torch.tensor(v, dtype=torch.int64, device=xq.device) for v in (experts, starts, ends)]
+        return torch.empty(xq.shape[0], weights.shape[1], dtype=torch.float32, device=xq.device)
+    blocks = [torch.tensor(v, dtype=torch.int64, device=xq.device) for v in (experts, starts, ends)]
+    return w8a8_grouped_blocks(xq, x_scale, blocks, weights, scales, bm)
+
+
+def w8a8_grouped_blocks(xq: torch.Tensor, x_scale: torch.Tensor, blocks: list[torch.Tensor],
+                        weights: torch.Tensor, scales: torch.Tensor, block_m: int) -> torch.Tensor:
+    """The grouped GEMM over block tables already on the device: `blocks` = (expert, start, end)
+    int64 [B] each, at most `block_m` rows per block; a block with start >= end does nothing, so
+    a fixed grid can cover any routing (`haq.kernels.device_moe`)."""
+    _check(xq, weights)
+    triton, _, _, kernel = _kernels()
+    P, K = xq.shape
+    E, N, _ = weights.shape
+    _, bn, bk = _blocks(block_m)
+    y = torch.empty(P, N, dtype=torch.float32, device=xq.device)
     weights, scales = weights.contiguous(), scales.float().contiguous()
-    kernel[(len(experts), triton.cdiv(N, bn))](xq.contiguous(), x_scale.float().contiguous(), weights, scales, y,
-                                               *meta, N, K, weights.stride(0), weights.stride(1), scales.stride(0),
-                                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    kernel[(blocks[0].numel(), triton.cdiv(N, bn))](xq.contiguous(), x_scale.float().contiguous(), weights, scales,
+                                                    y, *blocks, N, K, weights.stride(0), weights.stride(1),
+                                                    scales.stride(0), BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk)
     return y
