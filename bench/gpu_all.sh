@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check the open issues owe a GPU, for one lent machine in one call (about 9 minutes at most):
+# Every check the open issues owe a GPU, for one lent machine in one call (about 9.5 minutes at most):
 # #12's int8 kernels and engine (gpu_int8.py), #13's quantizer device path (gpu_quant.py) and #14's
 # engine memory at equal service (gpu_memory.py). Each part runs under its own time cap, so a part
 # that fails or overruns loses only itself; results go to $OUT (8 files: the device returns no more).
@@ -15,7 +15,7 @@ part() {
   timeout "$cap" "$PY" "$@" || { echo "== failed or over its cap (exit $?): $*"; status=1; }
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-part 200 bench/gpu_int8.py --out "$OUT"
+part 230 bench/gpu_int8.py --out "$OUT"
 part 180 bench/gpu_quant.py --out "$OUT" ${TEXT:+--text "$TEXT"}
 part 150 bench/gpu_memory.py --out "$OUT" --no-plot ${TEXT:+--text "$TEXT"}
 exit $status

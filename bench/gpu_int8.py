@@ -7,8 +7,10 @@
    timings; exactness of every int8 path checked against the float backend first.
 2. engine: the bundled tiny-mixtral, bf16 experts against int8 (RTN) at the same device bytes
    (the budget the int8 experts need in full), decode tokens/s, on each int8 backend.
+3. graphed: tiny-mixtral with every weight on the GPU, the static decode step
+   (haq.runtime.graphed_decode) eager and replayed from a CUDA graph, bf16 against int8.
 
-Writes OUT/kernels-GPU-int8.{json,md} and OUT/engine-GPU-int8.{json,md} (GPU: h200, h100, ...; OUT: --out, default
+Writes OUT/kernels-GPU-int8 and OUT/engine-GPU-int8 (.json and .md; the graphed rows in the engine's) (GPU: h200, h100, ...; OUT: --out, default
 bench/results). `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 to check the script.
 """
 from __future__ import annotations
@@ -83,21 +85,30 @@ def kernels(device, shapes, ms, repeats: int) -> list[dict]:
     return rows
 
 
-def engine_runs(device, new_tokens: int) -> list[dict]:
+def tiny_mixtral_pair():
+    """The bundled tiny-mixtral in float32 and its int8 RTN W8A8 copy."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from haq.api import build_engine
     from haq.quant.pipeline import quantize_model
     from haq.quant.recipe import Recipe
-    from haq.runtime.hardware import load_profile
-    from haq.runtime.record import record_trace
-    from haq.runtime.store import extract_experts
 
     folder = ROOT / "haq" / "zoo" / "assets" / "tiny-mixtral"
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     int8 = copy.deepcopy(base)
     quantize_model(int8, Recipe(method="rtn"), torch.randint(0, base.config.vocab_size, (2, 64)), progress=False)
+    return base, int8
+
+
+def engine_runs(device, new_tokens: int) -> list[dict]:
+    import torch
+
+    from haq.api import build_engine
+    from haq.runtime.hardware import load_profile
+    from haq.runtime.record import record_trace
+    from haq.runtime.store import extract_experts
+
+    base, int8 = tiny_mixtral_pair()
     weights, _ = extract_experts(int8.model.layers[0].mlp.experts)
     budget = weights[0].nbytes * len(weights) * base.config.num_hidden_layers  # every int8 expert resident
     g = torch.Generator().manual_seed(0)
@@ -122,6 +133,48 @@ def engine_runs(device, new_tokens: int) -> list[dict]:
                      "p50_ms": round(metrics.latency_p50_ms, 3), "hit_rate": round(metrics.hit_rate, 3),
                      "tokens": tokens[:8]})
         print(rows[-1], flush=True)
+    return rows
+
+
+def graphed_runs(device, new_tokens: int) -> list[dict]:
+    """Every weight on the device (no engine): the static decode step (haq.runtime.graphed_decode)
+    run eagerly and replayed from a CUDA graph; bf16 experts on transformers' grouped_mm, int8
+    experts on haq's device MoE (Triton, routing kept on the device). A failure is a row."""
+    import torch
+
+    from haq.runtime.graphed_decode import GraphedDecoder
+
+    base, int8 = tiny_mixtral_pair()
+    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    bf16.set_experts_implementation("grouped_mm")
+    for module in int8.modules():
+        if hasattr(module, "impl"):
+            module.impl = "triton"
+    prompt = torch.randint(0, base.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name, model in [("bf16 grouped_mm", bf16), ("int8 triton", int8)]:
+        model = model.to(device)
+        for graphs in ((False, True) if device.type == "cuda" else (False,)):
+            row = {"weights": name, "step": "CUDA graph" if graphs else "eager"}
+            try:
+                decoder = GraphedDecoder(model, max_len=prompt.shape[1] + new_tokens + 8, graphs=graphs)
+                token = decoder.prefill(prompt).argmax(-1)
+                for _ in range(3):  # warm-up (the capture happens here)
+                    token = decoder.step(token).argmax(-1)
+                decoder.prefill(prompt)
+                steps = []
+                for _ in range(new_tokens):
+                    torch.cuda.synchronize() if device.type == "cuda" else None
+                    t = time.perf_counter()
+                    token = decoder.step(token).argmax(-1)
+                    torch.cuda.synchronize() if device.type == "cuda" else None
+                    steps.append(time.perf_counter() - t)
+                p50 = statistics.median(steps)
+                row.update(decode_tok_s=round(1 / p50, 1), p50_ms=round(p50 * 1e3, 3))
+            except Exception as error:  # noqa: BLE001 - recorded, so the other rows still run
+                row.update(error=f"{type(error).__name__}: {error}"[:300])
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
@@ -153,16 +206,20 @@ def main() -> None:
     suffix = "smoke" if args.smoke else gpu_slug(gpu)
     krows = kernels(device, shapes, ms, 3 if args.smoke else args.repeats)
     erows = engine_runs(device, 8 if args.smoke else 32)
-    for name, rows, title in [(f"kernels-{suffix}-int8", krows, "int8 kernels vs bf16 F.linear"),
-                              (f"engine-{suffix}-int8", erows, "engine decode, bf16 vs int8 experts at one budget")]:
+    grows = graphed_runs(device, 8 if args.smoke else 64)
+    graphed_title = "The static decode step, eager and from a CUDA graph (every weight resident, no engine)"
+    for name, rows, title, extra in [
+            (f"kernels-{suffix}-int8", krows, "int8 kernels vs bf16 F.linear", []),
+            (f"engine-{suffix}-int8", erows, "engine decode, bf16 vs int8 experts at one budget",
+             [("graphed", grows, graphed_title)])]:  # one file pair: the device returns at most 8 files
         if not rows:
             continue
-        meta = {"gpu": gpu, "torch": torch.__version__, "rows": rows}
+        meta = {"gpu": gpu, "torch": torch.__version__, "rows": rows, **{key: r for key, r, _ in extra}}
         atomic_write_text(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
         atomic_write_text(out / f"{name}.md", f"# {title} ({gpu}, torch {torch.__version__})\n\n"
-                          "`python bench/gpu_int8.py` (median of CUDA-event timings, ms).\n\n" + table(rows))
+                          "`python bench/gpu_int8.py` (median of CUDA-event timings, ms).\n\n" + table(rows)
+                          + "".join(f"\n## {t}\n\n" + table(r) for _, r, t in extra if r))
         print(f"wrote {out / name}.json and .md")
-
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,109 @@
+"""Decode steps replayed from a CUDA graph, for a model whose every weight is on the device.
+
+At decode sizes a GPU step is launch-bound: a layer is a few dozen small kernels, each one
+Python dispatch and launch, and the per-call expert path adds a host sync per MoE layer. Here one
+step is captured once and replayed: the KV cache is transformers' `StaticCache` (fixed buffers,
+written at a device-side length), the inputs are fixed buffers the step reads, and the routed
+experts run without a host round trip (int8: `haq.kernels.device_moe`; float experts: transformers'
+`grouped_mm` implementation). On a CPU the same step runs eagerly, which is what the tests
+compare with transformers' own decoding.
+
+The offloading engine cannot be captured whole: its policy decides every expert call on the host
+from the routing. This serves the all-resident configuration (the bf16 baseline and int8 at
+full budget) and is the step a piecewise capture of the engine would reuse.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from haq.errors import HaqError
+
+WARMUP_STEPS = 2
+"""Eager steps on a side stream before the capture: kernels compiled, lazy buffers allocated."""
+
+
+class GraphedDecoder:
+    """A fixed batch of equal-length sequences: `prefill` the prompts, then `step` one token per row."""
+
+    def __init__(self, model: nn.Module, max_len: int, batch: int = 1, graphs: bool | None = None) -> None:
+        from transformers import StaticCache
+
+        if max_len < 2 or batch < 1:
+            raise HaqError(f"a graphed decoder needs max_len >= 2 and batch >= 1, got {max_len} and {batch}")
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        if self.graphs and self.device.type != "cuda":
+            raise HaqError(f"CUDA graphs need the model on a CUDA device, not {self.device}")
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.max_len, self.batch = max_len, batch
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.length = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.position, use_cache=True)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, prompts: torch.Tensor) -> torch.Tensor:
+        """prompts [batch, L] -> the last position's logits [batch, V]; the cache starts over."""
+        if prompts.dim() != 2 or prompts.shape[0] != self.batch or prompts.shape[1] < 1:
+            raise HaqError(f"prefill takes [{self.batch}, L >= 1] token ids, got {tuple(prompts.shape)}")
+        if prompts.shape[1] >= self.max_len:
+            raise HaqError(f"a prompt of {prompts.shape[1]} tokens leaves no room in max_len {self.max_len}")
+        self.cache.reset()  # in place: a captured step keeps its buffers
+        L = prompts.shape[1]
+        out = self.model(input_ids=prompts.to(self.device), past_key_values=self.cache,
+                         cache_position=torch.arange(L, device=self.device), use_cache=True)
+        self.length = L
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [batch] (the last sampled) -> next logits [batch, V]; a view of a fixed buffer
+        under graphs, valid until the next step."""
+        if self.length == 0:
+            raise HaqError("step before prefill: give the prompts first")
+        if self.length >= self.max_len:
+            raise HaqError(f"the static cache is full ({self.max_len} positions): make the decoder with a larger max_len")
+        self.ids.copy_(tokens.reshape(self.batch, 1))
+        self.position.fill_(self.length)
+        if not self.graphs:
+            logits = self._forward()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits
+        self.length += 1
+        return logits
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (the cache's write lengths are put back after), then capture."""
+        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._forward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for layer, length in zip(self.cache.layers, lengths):
+            layer.cumulative_length.copy_(length)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward()
+
+
+@torch.no_grad()
+def greedy(decoder: GraphedDecoder, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    """Greedy continuation of each row of prompts [batch, L] by `new_tokens` tokens."""
+    token = decoder.prefill(prompts).argmax(-1)
+    out = [token]
+    for _ in range(new_tokens - 1):
+        token = decoder.step(token).argmax(-1)
+        out.append(token)
+    return torch.stack(out, dim=1).tolist()

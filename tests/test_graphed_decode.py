@@ -1,0 +1,79 @@
+"""The static decode step (haq.runtime.graphed_decode): on the CPU it runs eagerly and must equal
+transformers' own decoding; its int8 MoE step must read nothing on the host (what a CUDA graph
+capture needs), checked with fake tensors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from haq.errors import HaqError
+from haq.kernels import triton_int8
+from haq.kernels.experts import Int8Experts
+from haq.quant.pipeline import quantize_model
+from haq.quant.recipe import Recipe
+from haq.runtime.graphed_decode import GraphedDecoder, greedy
+
+
+def hf_decode(model, prompts: torch.Tensor, new_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens and each step's logits through transformers' dynamic cache."""
+    cache = DynamicCache(config=model.config)
+    out = model(prompts, past_key_values=cache, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for _ in range(new_tokens - 1):
+        out = model(logits[-1].argmax(-1, keepdim=True), past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack([t.argmax(-1) for t in logits], 1).tolist(), logits
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tiny_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-mixtral-random"), dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def test_the_static_step_equals_transformers_decoding(tiny_mixtral) -> None:
+    prompts = torch.randint(0, tiny_mixtral.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    tokens, ref_logits = hf_decode(tiny_mixtral, prompts, 6)
+    decoder = GraphedDecoder(tiny_mixtral, max_len=16, batch=2)
+    assert not decoder.graphs  # a CPU model runs the step eagerly
+    logits = [decoder.prefill(prompts)]
+    for t in range(5):
+        logits.append(decoder.step(torch.tensor([row[t] for row in tokens])).clone())
+    for ours, ref in zip(logits, ref_logits):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert greedy(decoder, prompts, 6) == tokens  # and it starts over cleanly on new prompts
+
+
+def test_misuse_is_a_one_line_error(tiny_mixtral) -> None:
+    decoder = GraphedDecoder(tiny_mixtral, max_len=4)
+    with pytest.raises(HaqError, match="before prefill"):
+        decoder.step(torch.tensor([1]))
+    with pytest.raises(HaqError, match="no room"):
+        decoder.prefill(torch.ones(1, 4, dtype=torch.long))
+    decoder.prefill(torch.ones(1, 3, dtype=torch.long))
+    decoder.step(torch.tensor([1]))
+    with pytest.raises(HaqError, match="cache is full"):
+        decoder.step(torch.tensor([1]))
+    with pytest.raises(HaqError, match="CUDA graphs need"):
+        GraphedDecoder(tiny_mixtral.cpu(), max_len=4, graphs=True)
+
+
+@pytest.mark.skipif(not triton_int8.available(torch.device("cpu")), reason="needs triton (TRITON_INTERPRET=1)")
+@torch.no_grad()
+def test_an_int8_moe_decode_step_reads_no_routing_on_the_host(tiny_dir) -> None:
+    """The whole step (attention on the static cache, the router, the int8 experts on the device
+    path) under fake tensors: a `tolist`, `nonzero` or data-sized output anywhere would raise."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-mixtral-random"), dtype=torch.float32).eval()
+    quantize_model(model, Recipe(method="rtn"), torch.randint(0, model.config.vocab_size, (1, 16)), progress=False)
+    experts = [m for m in model.modules() if isinstance(m, Int8Experts)]
+    assert experts
+    for module in model.modules():
+        if hasattr(module, "impl"):  # linears on the plain float GEMMs (fake-able), experts on Triton's
+            module.impl = "triton" if isinstance(module, Int8Experts) else "float"
+    decoder = GraphedDecoder(model, max_len=12)
+    decoder.prefill(torch.randint(0, model.config.vocab_size, (1, 5)))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        decoder.ids, decoder.position = mode.from_tensor(decoder.ids), mode.from_tensor(decoder.position)
+        assert decoder._forward().shape == (1, model.config.vocab_size)
