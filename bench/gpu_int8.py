@@ -6,12 +6,13 @@
    math), and the ``int_mm`` backend (PyTorch ops around ``torch._int_mm``). Median of CUDA-event
    timings; exactness of every int8 path checked against the float backend first.
 2. engine: the bundled tiny-mixtral, bf16 experts against int8 (RTN) at the same device bytes
-   (the budget the int8 experts need in full), decode tokens/s, on each int8 backend.
+   (the budget the int8 experts need in full), decode tokens/s, on each int8 backend; then each
+   with every expert resident as the engine's static step (haq.runtime.resident, a CUDA graph).
 3. graphed: tiny-mixtral with every weight on the GPU, the static decode step
    (haq.runtime.graphed_decode) eager and replayed from a CUDA graph, bf16 against int8.
 
-Writes OUT/kernels-GPU-int8 and OUT/engine-GPU-int8 (.json and .md; the graphed rows in the engine's) (GPU: h200, h100, ...; OUT: --out, default
-bench/results). `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 to check the script.
+Writes OUT/kernels-GPU-int8 and OUT/engine-GPU-int8 (.json and .md; the graphed rows in the
+engine's; GPU: h200, h100, ...; OUT: --out, default bench/results). `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 to check the script.
 """
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ def engine_runs(device, new_tokens: int) -> list[dict]:
     from haq.api import build_engine
     from haq.runtime.hardware import load_profile
     from haq.runtime.record import record_trace
+    from haq.runtime.resident import static_step
     from haq.runtime.store import extract_experts
 
     base, int8 = tiny_mixtral_pair()
@@ -128,12 +130,47 @@ def engine_runs(device, new_tokens: int) -> list[dict]:
                               policy="lru", profile=profile)
         engine.generate(prompt, max_new_tokens=4)
         tokens, metrics = engine.generate(prompt, max_new_tokens=new_tokens)
-        engine.close()
-        rows.append({"experts": name, "budget_mib": round(budget / 2**20, 2), "decode_tok_s": round(metrics.tokens_per_s, 1),
-                     "p50_ms": round(metrics.latency_p50_ms, 3), "hit_rate": round(metrics.hit_rate, 3),
-                     "tokens": tokens[:8]})
+        rows.append({"experts": name, "step": "per call", "budget_mib": round(budget / 2**20, 2),
+                     "decode_tok_s": round(metrics.tokens_per_s, 1), "p50_ms": round(metrics.latency_p50_ms, 3),
+                     "hit_rate": round(metrics.hit_rate, 3), "tokens": tokens[:8]})
         print(rows[-1], flush=True)
+        engine.close()
+    for name, model in [("bf16", base.to(torch.bfloat16)), ("int8 triton", int8)][:1 if device.type == "cpu" else 2]:
+        own, _ = extract_experts(model.model.layers[0].mlp.experts)
+        full = own[0].nbytes * len(own) * base.config.num_hidden_layers  # its own experts, all resident
+        engine = build_engine(copy.deepcopy(model), budget_bytes=full, hardware=load_profile("laptop"),
+                              device=str(device), policy="fiddler", profile=profile)
+        row = {"experts": name, "step": "static" + (", CUDA graph" if device.type == "cuda" else ", eager"),
+               "budget_mib": round(full / 2**20, 2)}
+        try:
+            with static_step(engine, max_len=prompt.shape[1] + new_tokens + 8) as decoder:
+                row.update(step_rate(decoder, prompt, new_tokens, device))
+        except Exception as error:  # noqa: BLE001 - recorded, so the other rows still run
+            row.update(error=f"{type(error).__name__}: {error}"[:300])
+        engine.close()
+        rows.append(row)
+        print(row, flush=True)
     return rows
+
+
+def step_rate(decoder, prompt, new_tokens: int, device) -> dict:
+    """Median decode step of a `GraphedDecoder` after a warm-up (where a capture happens), and the greedy tokens."""
+    import torch
+
+    token = decoder.prefill(prompt).argmax(-1)
+    for _ in range(3):
+        token = decoder.step(token).argmax(-1)
+    token = decoder.prefill(prompt).argmax(-1)
+    steps, tokens = [], [int(token[0])]
+    for _ in range(new_tokens - 1):
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        t = time.perf_counter()
+        token = decoder.step(token).argmax(-1)
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        steps.append(time.perf_counter() - t)
+        tokens.append(int(token[0]))
+    p50 = statistics.median(steps)
+    return {"decode_tok_s": round(1 / p50, 1), "p50_ms": round(p50 * 1e3, 3), "tokens": tokens[:8]}
 
 
 def graphed_runs(device, new_tokens: int) -> list[dict]:
@@ -158,19 +195,7 @@ def graphed_runs(device, new_tokens: int) -> list[dict]:
             row = {"weights": name, "step": "CUDA graph" if graphs else "eager"}
             try:
                 decoder = GraphedDecoder(model, max_len=prompt.shape[1] + new_tokens + 8, graphs=graphs)
-                token = decoder.prefill(prompt).argmax(-1)
-                for _ in range(3):  # warm-up (the capture happens here)
-                    token = decoder.step(token).argmax(-1)
-                decoder.prefill(prompt)
-                steps = []
-                for _ in range(new_tokens):
-                    torch.cuda.synchronize() if device.type == "cuda" else None
-                    t = time.perf_counter()
-                    token = decoder.step(token).argmax(-1)
-                    torch.cuda.synchronize() if device.type == "cuda" else None
-                    steps.append(time.perf_counter() - t)
-                p50 = statistics.median(steps)
-                row.update(decode_tok_s=round(1 / p50, 1), p50_ms=round(p50 * 1e3, 3))
+                row.update(step_rate(decoder, prompt, new_tokens, device))
             except Exception as error:  # noqa: BLE001 - recorded, so the other rows still run
                 row.update(error=f"{type(error).__name__}: {error}"[:300])
             rows.append(row)
@@ -179,9 +204,9 @@ def graphed_runs(device, new_tokens: int) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # a failed row has an error column instead
     return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] +
-                     ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]) + "\n"
+                     ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]) + "\n"
 
 
 def main() -> None:

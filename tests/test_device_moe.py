@@ -81,3 +81,20 @@ def test_the_device_path_reads_no_routing_on_the_host() -> None:
         assert out.shape == (T, H)
         with pytest.raises((DataDependentOutputException, DynamicOutputShapeException)):  # the per-call path reads it
             m(mode.from_tensor(x), mode.from_tensor(index), mode.from_tensor(weights))
+
+
+def test_float_experts_on_grouped_mm_equal_the_call_by_call_experts() -> None:
+    from torch.nn import functional as F
+
+    from haq.kernels.moe import dispatch, gated_mlp, per_expert
+
+    g = torch.Generator().manual_seed(9)
+    E, H, I, T, K = 6, 40, 24, 5, 2
+    gate_up, down = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
+    x = torch.randn(T, H, generator=g)
+    index, weights = routing(T, K, E, seed=4)
+    act = nn.SiLU()
+    ref = dispatch(x, index, weights, per_expert(lambda e, v: gated_mlp(
+        v, lambda a: F.linear(a, gate_up[e]), lambda h: F.linear(h, down[e]), act)))
+    out = device_moe.float_experts(x, index, weights, gate_up, down, act)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
