@@ -62,22 +62,22 @@ def grouped_kernel(xq_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, block_expert_ptr, block
                    N, K, stride_we, stride_wn, stride_se,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Rows [start, end) of the sorted, already quantized input belong to expert e; a block with
-    start >= end (an unused expert in a fixed grid) reads nothing."""
+    start >= end (an unused expert in a fixed grid) reads no weights and stores nothing."""
     pid_b, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_b)
     start, end = tl.load(block_start_ptr + pid_b), tl.load(block_end_ptr + pid_b)
-    if start < end:
-        rm = start + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            q = tl.load(xq_ptr + rm[:, None] * K + (k0 + rk)[None, :],
-                        mask=(rm[:, None] < end) & ((k0 + rk)[None, :] < K), other=0)
-            w = tl.load(w_ptr + e * stride_we + rn[None, :] * stride_wn + (k0 + rk)[:, None],
-                        mask=(rn[None, :] < N) & ((k0 + rk)[:, None] < K), other=0)
-            acc += tl.dot(q, w, out_dtype=tl.int32)
-        xs = tl.load(xs_ptr + rm, mask=rm < end, other=0.0)
-        ws = tl.load(ws_ptr + e * stride_se + rn, mask=rn < N, other=0.0)
-        y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], y, mask=(rm[:, None] < end) & (rn[None, :] < N))
+    k_stop = tl.where(start < end, K, 0)
+    rm = start + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, k_stop, BLOCK_K):
+        q = tl.load(xq_ptr + rm[:, None] * K + (k0 + rk)[None, :],
+                    mask=(rm[:, None] < end) & ((k0 + rk)[None, :] < K), other=0)
+        w = tl.load(w_ptr + e * stride_we + rn[None, :] * stride_wn + (k0 + rk)[:, None],
+                    mask=(rn[None, :] < N) & ((k0 + rk)[:, None] < K), other=0)
+        acc += tl.dot(q, w, out_dtype=tl.int32)
+    xs = tl.load(xs_ptr + rm, mask=rm < end, other=0.0)
+    ws = tl.load(ws_ptr + e * stride_se + rn, mask=rn < N, other=0.0)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], y, mask=(rm[:, None] < end) & (rn[None, :] < N))
