@@ -54,7 +54,11 @@ def static_step_refusal(engine) -> str | None:
         return (f"{missing} experts are not resident: a static step needs every expert on the device "
                 f"(a budget of at least {engine.store.total_bytes} B, all of the experts' bytes)")
     if first.gate_up_scale is None:
-        return "rotated float experts have no grouped path" if math.down_rotation is not None else None
+        if math.down_rotation is not None:
+            return "rotated float experts have no grouped path"
+        if engine.device.type == "cuda" and first.gate_up.dtype != torch.bfloat16:
+            return f"float experts run on torch._grouped_mm, which on CUDA takes bfloat16, not {first.gate_up.dtype}"
+        return None
     if math.act_bits > 8 or math.act_mode != "per-token" or first.gate_up_in_scale is not None:
         return "only dynamic per-token W8A8 int8 experts have a device path (a weight-only or static-scale checkpoint)"
     if not triton_int8.available(engine.device):
