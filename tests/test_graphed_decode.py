@@ -60,6 +60,24 @@ def test_misuse_is_a_one_line_error(tiny_mixtral) -> None:
         GraphedDecoder(tiny_mixtral.cpu(), max_len=4, graphs=True)
 
 
+@torch.no_grad()
+def test_the_warm_up_before_a_capture_leaves_the_step_as_it_was(tiny_mixtral) -> None:
+    """Even at the cache's last column (a capture on the last step must not write past it)."""
+    prompt = torch.randint(0, tiny_mixtral.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+    plain, warmed = GraphedDecoder(tiny_mixtral, max_len=6), GraphedDecoder(tiny_mixtral, max_len=6)
+    token = plain.prefill(prompt).argmax(-1)
+    warmed.prefill(prompt)
+    warmed.ids.copy_(token.reshape(1, 1))
+    warmed._warm_up()
+    torch.testing.assert_close(warmed.step(token), plain.step(token), rtol=0, atol=0)
+
+
+def test_sliding_window_attention_is_refused(tiny_dir) -> None:
+    gemma = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-gemma3")).eval()
+    with pytest.raises(HaqError, match="sliding-window"):
+        GraphedDecoder(gemma, max_len=8)
+
+
 @pytest.mark.skipif(not triton_int8.available(torch.device("cpu")), reason="needs triton (TRITON_INTERPRET=1)")
 @torch.no_grad()
 def test_an_int8_moe_decode_step_reads_no_routing_on_the_host(tiny_dir) -> None:
@@ -75,5 +93,5 @@ def test_an_int8_moe_decode_step_reads_no_routing_on_the_host(tiny_dir) -> None:
     decoder = GraphedDecoder(model, max_len=12)
     decoder.prefill(torch.randint(0, model.config.vocab_size, (1, 5)))
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        decoder.ids, decoder.position = mode.from_tensor(decoder.ids), mode.from_tensor(decoder.position)
+        decoder.ids = mode.from_tensor(decoder.ids)
         assert decoder._forward().shape == (1, model.config.vocab_size)

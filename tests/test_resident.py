@@ -45,10 +45,13 @@ def test_the_static_step_gives_the_engines_tokens(models, weights: str) -> None:
     engine = engine_at(int8 if weights == "int8" else model, trace, 1.0)
     prompt = torch.randint(0, 4096, (1, 10), generator=torch.Generator().manual_seed(3))
     expected, _ = engine.generate(prompt, max_new_tokens=6)
+    def storages():
+        return {w.gate_up.untyped_storage().data_ptr() for w in engine.cache.values()}
+
     with static_step(engine, max_len=24) as decoder:
+        assert len(storages()) == engine.store.num_layers  # the cache holds views of one stack per layer
         assert greedy(decoder, prompt, 6) == [expected]
-    storage = {(layer, w.gate_up.untyped_storage().data_ptr()) for (layer, _), w in engine.cache.items()}
-    assert len(storage) == engine.store.num_layers  # the cache holds views of one stack per layer
+    assert len(storages()) == len(engine.cache)  # and its own copies again afterwards
     assert all(isinstance(m, OffloadedExperts) for m in engine.model.modules() if "Experts" in type(m).__name__)
     again, _ = engine.generate(prompt, max_new_tokens=6)  # the per-call path on the stacked views
     engine.close()

@@ -3,7 +3,8 @@
 At decode sizes a GPU step is launch-bound: a layer is a few dozen small kernels, each one
 Python dispatch and launch, and the per-call expert path adds a host sync per MoE layer. Here one
 step is captured once and replayed: the KV cache is transformers' `StaticCache` (fixed buffers,
-written at a device-side length), the inputs are fixed buffers the step reads, and the routed
+written at a device-side length, from which positions and masks follow too), the input ids are
+a fixed buffer the step reads, and the routed
 experts run without a host round trip (int8: `haq.kernels.device_moe`; float experts: transformers'
 `grouped_mm` implementation). On a CPU the same step runs eagerly, which is what the tests
 compare with transformers' own decoding.
@@ -36,16 +37,19 @@ class GraphedDecoder:
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise HaqError(f"CUDA graphs need the model on a CUDA device, not {self.device}")
+        if self.graphs and model.config._attn_implementation != "sdpa":
+            raise HaqError(f"CUDA graphs need SDPA attention ({model.config._attn_implementation!r} masks copy from the host)")
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        if any(layer.is_sliding for layer in self.cache.layers):
+            raise HaqError("sliding-window attention keeps its cache length on the host: no static step for it")
         self.max_len, self.batch = max_len, batch
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
         self.length = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
     def _forward(self) -> torch.Tensor:
-        out = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.position, use_cache=True)
+        out = self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -57,8 +61,7 @@ class GraphedDecoder:
             raise HaqError(f"a prompt of {prompts.shape[1]} tokens leaves no room in max_len {self.max_len}")
         self.cache.reset()  # in place: a captured step keeps its buffers
         L = prompts.shape[1]
-        out = self.model(input_ids=prompts.to(self.device), past_key_values=self.cache,
-                         cache_position=torch.arange(L, device=self.device), use_cache=True)
+        out = self.model(input_ids=prompts.to(self.device), past_key_values=self.cache, use_cache=True)
         self.length = L
         return out.logits[:, -1]
 
@@ -71,7 +74,6 @@ class GraphedDecoder:
         if self.length >= self.max_len:
             raise HaqError(f"the static cache is full ({self.max_len} positions): make the decoder with a larger max_len")
         self.ids.copy_(tokens.reshape(self.batch, 1))
-        self.position.fill_(self.length)
         if not self.graphs:
             logits = self._forward()
         else:
@@ -82,17 +84,23 @@ class GraphedDecoder:
         self.length += 1
         return logits
 
-    def _capture(self) -> None:
-        """Warm up on a side stream (the cache's write lengths are put back after), then capture."""
+    def _warm_up(self) -> None:
+        """Run the step WARMUP_STEPS times without moving on: each advances the cache's write
+        length, which is put back after each, so every run writes the step's own column (the
+        cache's last one, possibly) and the next real step overwrites it."""
         lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        for _ in range(WARMUP_STEPS):
+            self._forward()
+            for layer, length in zip(self.cache.layers, lengths):
+                layer.cumulative_length.copy_(length)
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (kernels compiled, lazy buffers allocated), then capture."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._forward()
+            self._warm_up()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        for layer, length in zip(self.cache.layers, lengths):
-            layer.cumulative_length.copy_(length)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._forward()

@@ -9,7 +9,8 @@ counts), and the layer runs from the stacks with the routing kept on the device
 captured once and replayed.
 
 Steps taken this way are not the engine's calls: no routing is recorded and no counter moves
-(every call would be a hit). The offloading modules come back when the block is left.
+(every call would be a hit). When the block is left the offloading modules come back and the
+cache entries get their own copies again, a layer at a time.
 """
 from __future__ import annotations
 
@@ -56,8 +57,11 @@ def static_step_refusal(engine) -> str | None:
     if first.gate_up_scale is None:
         if math.down_rotation is not None:
             return "rotated float experts have no grouped path"
-        if engine.device.type == "cuda" and first.gate_up.dtype != torch.bfloat16:
-            return f"float experts run on torch._grouped_mm, which on CUDA takes bfloat16, not {first.gate_up.dtype}"
+        if engine.device.type == "cuda" and (first.gate_up.dtype != torch.bfloat16
+                                             or torch.cuda.get_device_capability(engine.device)[0] not in (9, 10)):
+            return ("float experts run on torch._grouped_mm, whose sync-free CUDA path takes bfloat16 on "
+                    f"Hopper or Blackwell GPUs (here {first.gate_up.dtype} on "
+                    f"sm{''.join(map(str, torch.cuda.get_device_capability(engine.device)))})")
         return None
     if math.act_bits > 8 or math.act_mode != "per-token" or first.gate_up_in_scale is not None:
         return "only dynamic per-token W8A8 int8 experts have a device path (a weight-only or static-scale checkpoint)"
@@ -93,5 +97,16 @@ def static_step(engine, max_len: int, batch: int = 1, graphs: bool | None = None
             layer.set_submodule(adapter.moe.experts, ResidentExperts(_stack(engine, index), engine.store.math))
         yield GraphedDecoder(engine.model, max_len, batch, graphs)
     finally:
-        for layer, module in zip(layers, offloaded):
+        for index, (layer, module) in enumerate(zip(layers, offloaded)):
             layer.set_submodule(adapter.moe.experts, module)
+            _unstack(engine, index)
+
+
+def _unstack(engine, layer: int) -> None:
+    """Own copies for the layer's cache entries again (one layer at a time), so evicting one
+    expert frees its bytes, as the engine counts them."""
+    for e in range(engine.store.num_experts):
+        key = (layer, e)
+        if key in engine.cache:
+            engine.cache[key] = ExpertWeights(*(None if t is None else t.clone() for t in
+                                                (getattr(engine.cache[key], f) for f in FIELDS)))
