@@ -41,15 +41,15 @@ def int8_dir(tiny_dir, tmp_path_factory):
     return make
 
 
-def padded_generator(model, **kwargs) -> BatchGenerator:
-    """Three running rows of different lengths (rows 0 and 1 left-padded), four steps in."""
-    gen = BatchGenerator(model, max_batch=3, **kwargs)
+def padded_generator(model, lengths: tuple[int, ...] = (7, 2, 12), **kwargs) -> BatchGenerator:
+    """Running rows of different lengths (all but the longest left-padded), four steps in."""
+    gen = BatchGenerator(model, max_batch=len(lengths), **kwargs)
     g = torch.Generator().manual_seed(0)
-    for n in (7, 2, 12):
+    for n in lengths:
         gen.add(torch.randint(1, 200, (n,), generator=g).tolist(), SamplingParams(max_tokens=20, ignore_eos=True))
     for _ in range(4):
         gen.step()
-    assert len(gen.running) == 3 and max(gen.pads) > 0
+    assert len(gen.running) == len(lengths) and max(gen.pads) > 0
     return gen
 
 
@@ -68,15 +68,17 @@ def test_a_step_equals_the_module_path_for_a_padded_batch(int8_dir, name: str, l
     _check_step_against_the_module_path(model, name)
 
 
-@pytest.mark.parametrize("name", ["tiny-mixtral-random", "tiny-llama"])
-def test_a_float_step_equals_the_module_path_for_a_padded_batch(tiny_dir, name: str) -> None:
+@pytest.mark.parametrize("name,lengths", [("tiny-mixtral-random", (7, 2, 12)), ("tiny-llama", (7, 2, 12)),
+                                          ("tiny-llama", (7, 2, 12, 5, 9, 3))])
+def test_a_float_step_equals_the_module_path_for_a_padded_batch(tiny_dir, name: str, lengths) -> None:
     """The unquantized model through the same step (every linear and expert float32); its q/k/v and
-    gate/up weights now views of one tensor per layer, with the same values."""
+    gate/up weights now views of one tensor per layer, with the same values. Six rows: a tile of
+    four rows per weight read, and two rows on their own."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir(name)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _check_step_against_the_module_path(model, name)
+    _check_step_against_the_module_path(model, name, lengths)
     attn = model.model.layers[0].self_attn
     assert attn.k_proj.weight.untyped_storage().data_ptr() == attn.q_proj.weight.untyped_storage().data_ptr()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -98,8 +100,8 @@ def test_a_float_step_with_qkv_biases_equals_the_module_path() -> None:
     _check_step_against_the_module_path(model, "qwen2")
 
 
-def _check_step_against_the_module_path(model, name: str) -> None:
-    gen = padded_generator(model)
+def _check_step_against_the_module_path(model, name: str, lengths: tuple[int, ...] = (7, 2, 12)) -> None:
+    gen = padded_generator(model, lengths)
     assert gen.native is not None, gen.native_reason
     rows, pads = gen.running, list(gen.pads)
     routed = {}  # the routers' top-k indices per layer, from the module path
