@@ -126,15 +126,19 @@ def engine_runs(device, new_tokens: int) -> list[dict]:
         for module in model.modules():
             if impl is not None and hasattr(module, "impl"):
                 module.impl = impl
-        engine = build_engine(model, budget_bytes=budget, hardware=load_profile("laptop"), device=str(device),
-                              policy="lru", profile=profile)
-        engine.generate(prompt, max_new_tokens=4)
-        tokens, metrics = engine.generate(prompt, max_new_tokens=new_tokens)
-        rows.append({"experts": name, "step": "per call", "budget_mib": round(budget / 2**20, 2),
-                     "decode_tok_s": round(metrics.tokens_per_s, 1), "p50_ms": round(metrics.latency_p50_ms, 3),
-                     "hit_rate": round(metrics.hit_rate, 3), "tokens": tokens[:8]})
-        print(rows[-1], flush=True)
-        engine.close()
+        row = {"experts": name, "step": "per call", "budget_mib": round(budget / 2**20, 2)}
+        try:
+            engine = build_engine(model, budget_bytes=budget, hardware=load_profile("laptop"), device=str(device),
+                                  policy="lru", profile=profile)
+            engine.generate(prompt, max_new_tokens=4)
+            tokens, metrics = engine.generate(prompt, max_new_tokens=new_tokens)
+            engine.close()
+            row.update(decode_tok_s=round(metrics.tokens_per_s, 1), p50_ms=round(metrics.latency_p50_ms, 3),
+                       hit_rate=round(metrics.hit_rate, 3), tokens=tokens[:8])
+        except Exception as error:  # noqa: BLE001 - recorded, so the other rows still run
+            row.update(error=f"{type(error).__name__}: {error}"[:300])
+        rows.append(row)
+        print(row, flush=True)
     for name, model in [("bf16", base.to(torch.bfloat16)), ("int8 triton", int8)][:1 if device.type == "cpu" else 2]:
         own, _ = extract_experts(model.model.layers[0].mlp.experts)
         full = own[0].nbytes * len(own) * base.config.num_hidden_layers  # its own experts, all resident
@@ -229,22 +233,28 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke)"
     suffix = "smoke" if args.smoke else gpu_slug(gpu)
-    krows = kernels(device, shapes, ms, 3 if args.smoke else args.repeats)
-    erows = engine_runs(device, 8 if args.smoke else 32)
-    grows = graphed_runs(device, 8 if args.smoke else 64)
-    graphed_title = "The static decode step, eager and from a CUDA graph (every weight resident, no engine)"
-    for name, rows, title, extra in [
-            (f"kernels-{suffix}-int8", krows, "int8 kernels vs bf16 F.linear", []),
-            (f"engine-{suffix}-int8", erows, "engine decode, bf16 vs int8 experts at one budget",
-             [("graphed", grows, graphed_title)])]:  # one file pair: the device returns at most 8 files
-        if not rows:
-            continue
+
+    def write(name: str, rows: list[dict], title: str, extra: list = ()) -> None:
+        """One file pair (the device returns at most 8 files), written as soon as its part is done."""
         meta = {"gpu": gpu, "torch": torch.__version__, "rows": rows, **{key: r for key, r, _ in extra}}
         atomic_write_text(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
         atomic_write_text(out / f"{name}.md", f"# {title} ({gpu}, torch {torch.__version__})\n\n"
                           "`python bench/gpu_int8.py` (median of CUDA-event timings, ms).\n\n" + table(rows)
                           + "".join(f"\n## {t}\n\n" + table(r) for _, r, t in extra if r))
-        print(f"wrote {out / name}.json and .md")
+        print(f"wrote {out / name}.json and .md", flush=True)
+
+    try:
+        krows = kernels(device, shapes, ms, 3 if args.smoke else args.repeats)
+    except Exception as error:  # noqa: BLE001 - recorded; the engine parts still run
+        krows = [{"error": f"{type(error).__name__}: {error}"[:300]}]
+    write(f"kernels-{suffix}-int8", krows, "int8 kernels vs bf16 F.linear")
+    engine_title = "engine decode, bf16 vs int8 experts at one budget"
+    erows = engine_runs(device, 8 if args.smoke else 32)
+    write(f"engine-{suffix}-int8", erows, engine_title)
+    graphed = ("graphed", graphed_runs(device, 8 if args.smoke else 64),
+               "The static decode step, eager and from a CUDA graph (every weight resident, no engine)")
+    write(f"engine-{suffix}-int8", erows, engine_title, [graphed])
+
 
 if __name__ == "__main__":
     main()

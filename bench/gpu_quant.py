@@ -42,11 +42,12 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def quantize_on(model, device: str, calib: torch.Tensor) -> tuple:
+def quantize_on(model, device: str, calib: torch.Tensor, keep: bool = True) -> tuple:
+    """`model` quantized on `device` (a copy of it when `keep`), the seconds and the report."""
     from haq.quant.pipeline import quantize_model
     from haq.quant.recipe import Recipe
 
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model) if keep else model
     start = time.perf_counter()
     report = quantize_model(model, Recipe(method="haq"), calib, progress=False, device=device)
     synchronize(device)
@@ -107,7 +108,7 @@ def wide_part(device: str, shape: dict, nsamples: int, seqlen: int) -> dict:
     build_s = time.perf_counter() - start
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _, seconds, report = quantize_on(model, device, windows(config.vocab_size, nsamples, seqlen, 0))
+    _, seconds, report = quantize_on(model, device, windows(config.vocab_size, nsamples, seqlen, 0), keep=False)
     row = {"model": f"mixtral-width layer (hidden {shape['hidden_size']}, {shape['num_local_experts']} x "
                     f"{shape['intermediate_size']})", "device": device, "s_per_layer": round(report.layers[0].seconds, 1),
            "total_s": round(seconds, 1), "build_s": round(build_s, 1)}
@@ -135,18 +136,27 @@ def main() -> None:
     if args.text and not Path(args.text).is_file():
         sys.exit(f"--text {args.text}: no such file (`make gpu-text` writes .gpu/text.txt)")
     text = Path(args.text).read_text() if args.text else None
+    out = Path(args.out)
     results["tiny"] = tiny_part(args.device, args.nsamples, args.seqlen, text)
     print(json.dumps(results["tiny"]), flush=True)
-    out = Path(args.out)
+    write(out, results, args)  # now, so a wide part that fails or runs over its cap loses only itself
     scale = ROOT / "bench" / "results" / "scale.json"
     if not args.skip_wide:
-        results["wide"] = wide_part(args.device, shape, args.nsamples, args.seqlen)
+        try:
+            results["wide"] = wide_part(args.device, shape, args.nsamples, args.seqlen)
+        except Exception as error:  # noqa: BLE001 - recorded beside the tiny part
+            results["wide"] = {"error": f"{type(error).__name__}: {error}"[:300]}
         print(json.dumps(results["wide"]), flush=True)
         if scale.is_file():  # the CPU reference: the haq cell of scale.md (its machine and calibration)
             reference = json.loads(scale.read_text())
             row = next((r for r in reference["rows"] if r["method"] == "haq" and r["offload"]), None)
             results["cpu_reference"] = row and {"s_per_layer": row.get("s_per_layer"), "cpu": reference["machine"]["cpu"],
                                                 "threads": reference["machine"]["threads"], **reference["calibration"]}
+        write(out, results, args)
+
+
+def write(out: Path, results: dict, args) -> None:
+    """quant-device.json and .md from what has been measured so far."""
     atomic_write_text(out / "quant-device.json", json.dumps(results, indent=2) + "\n")
     t = results["tiny"]
     lines = [f"# The quantizer on {results['gpu'] or 'the CPU'} (`bench/gpu_quant.py`, device {args.device}, "
@@ -155,8 +165,10 @@ def main() -> None:
              "|---|---|---|---|---|---|---|",
              f"| {t['model']} | {t['device_s']} | {t['cpu_s']} | {t['rel_mean_abs_diff']:.4f} | "
              f"{t['argmax_agreement']:.3f} | {t['ppl_device']:.3f} | {t['ppl_cpu']:.3f} |"]
-    if "wide" in results:
-        w = results["wide"]
+    w = results.get("wide")
+    if w is not None and "error" in w:
+        lines += ["", f"The Mixtral-width layer failed: {w['error']}"]
+    elif w is not None:
         lines += ["", f"{w['model']}, default haq: **{w['s_per_layer']} s per layer** on {args.device}"
                   + (f", peak GPU memory {w['peak_gpu_gb']} GB" if "peak_gpu_gb" in w else "") + "."]
         ref = results.get("cpu_reference")
@@ -164,8 +176,7 @@ def main() -> None:
             lines.append(f"CPU reference (scale.md's haq cell): {ref['s_per_layer']} s per layer on {ref['cpu']}, "
                          f"{ref['threads']} threads, {ref['nsamples']} x {ref['seqlen']} wiki-offline windows.")
     atomic_write_text(out / "quant-device.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    print("\n".join(lines), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -374,10 +374,10 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
             layer_specs, report = resumed
             layer.to(device)
         else:
+            layer.to(device)  # first: the rotation's float64 products run where the layer runs
             if Q is not None:
-                rotate_layer(model.config, index, layer, Q, online=recipe.quant_acts,
+                rotate_layer(model.config, index, layer, Q.to(device), online=recipe.quant_acts,
                              hadamard_only=recipe.rotate == "auto")
-            layer.to(device)
             report = LayerReport(index)
             with observe_layer(layer, spec, recipe.calibrate_all_experts, recipe.uses_gptq) as stats:
                 outputs = run_layer(layer, inputs, kwargs, index)

@@ -36,7 +36,7 @@ from haq.runtime.hardware import HardwareProfile
 from haq.runtime.generation import BatchGenerator, TokenEvent
 from haq.runtime.policies import PolicyContext, make_policy
 from haq.runtime.predictor import CostPredictor
-from haq.runtime.metrics import EngineMetrics, kv_cache_bytes
+from haq.runtime.metrics import EngineMetrics, engine_metrics, kv_cache_bytes
 from haq.runtime.pregate import PreGate
 from haq.runtime.sampling import SamplingParams
 from haq.runtime.store import ExpertStore, ExpertWeights, Key, common_math, extract_experts
@@ -192,6 +192,8 @@ class Engine:
         self.pregate.start_layer(layer)
         self.pregate.score(layer, top_k_index, self.record_routing)
         calls = route(top_k_index)
+        # the CPU calls' inputs, copied before any device call is queued (they need not wait for those)
+        on_host = (hidden.cpu(), top_k_weights.cpu()) if hidden.device.type != "cpu" else (hidden, top_k_weights)
         self.ahead, self.ahead_next = self.ahead_next, {}
         results, cpu_calls = self._run_calls(layer, hidden, calls)
         self._prefetch(layer, hidden)
@@ -201,7 +203,7 @@ class Engine:
                    else None)
         if grouped is not None and len(cpu_calls) == len(calls) and hidden.device.type == "cpu":
             return grouped.run(hidden, calls, top_k_weights)  # the whole layer in one kernel call
-        for call, y in zip(cpu_calls, self._run_cpu(layer, hidden, cpu_calls, top_k_weights, grouped)):
+        for call, y in zip(cpu_calls, self._run_cpu(layer, *on_host, cpu_calls, grouped, hidden.device)):
             results[call.expert] = y
         return combine(hidden, calls, [results[call.expert] for call in calls], top_k_weights)
 
@@ -272,21 +274,21 @@ class Engine:
             self.copies_ahead += 1
         self._check_resident()
 
-    def _run_cpu(self, layer: int, hidden: torch.Tensor, calls: list[ExpertCall], top_k_weights: torch.Tensor,
-                 grouped) -> list[torch.Tensor]:
-        """The CPU calls' outputs: one grouped kernel call when the store has one, else call by
-        call; on the worker thread when the device is a GPU (it overlaps the device calls)."""
+    def _run_cpu(self, layer: int, host: torch.Tensor, host_weights: torch.Tensor, calls: list[ExpertCall],
+                 grouped, device: torch.device) -> list[torch.Tensor]:
+        """The CPU calls' outputs on `device`: one grouped kernel call when the store has one, else call
+        by call; on the worker thread when the device is a GPU (it overlaps the device calls)."""
         if not calls:
             return []
-        host = hidden.to("cpu")
+        if device.type != "cpu":  # the kernel reads the calls' token indices from host memory
+            calls = [ExpertCall(c.expert, c.token_idx.cpu(), c.k_pos.cpu()) for c in calls]
         if grouped is not None:
-            run = lambda: grouped.run(host, calls, top_k_weights.to("cpu"), combined=False)  # noqa: E731
+            run = lambda: grouped.run(host, calls, host_weights, combined=False)  # noqa: E731
         else:
             math = self.store.math
-            run = lambda: [math.forward(self.store[(layer, c.expert)], host[c.token_idx.to("cpu")])  # noqa: E731
-                           for c in calls]
+            run = lambda: [math.forward(self.store[(layer, c.expert)], host[c.token_idx]) for c in calls]  # noqa: E731
         outputs = run() if self.pool is None else self.pool.submit(run).result()
-        return [y.to(hidden.device) for y in outputs]
+        return [y.to(device) for y in outputs]
 
     # -- generation and metrics ----------------------------------------------------------------
     def reset_counters(self) -> None:
@@ -368,35 +370,11 @@ class Engine:
                 if on_token is not None:
                     on_token(event)
         lat = np.array(latencies)
-        metrics = self._metrics(lat, ttft or 0.0, sum(len(p) for p in prompts) + sum(map(len, out.values())), kv_peak)
+        metrics = engine_metrics(self, lat, ttft or 0.0, sum(len(p) for p in prompts) + sum(map(len, out.values())), kv_peak)
         if len(lat):
             metrics.tokens_per_s = decoded / float(lat.sum())
         metrics.cum_hit_rate = [round(x, 5) for x in cum_hits]
         return [out[i] for i in ids], metrics
-
-    def _metrics(self, lat: np.ndarray, ttft: float, tokens: int, kv: int) -> EngineMetrics:
-        calls = sum(self.calls)
-        layer_rates = [h / c if c else 0.0 for h, c in zip(self.hits, self.calls)]
-        non_expert = sum(t.numel() * t.element_size() for t in
-                         list(self.model.parameters()) + list(self.model.buffers()))
-        lat_ms = lat * 1000 if len(lat) else np.zeros(1)
-        return EngineMetrics(
-            policy=self.policy_name, budget_bytes=self.budget_bytes, expert_bytes=self.expert_bytes,
-            total_expert_bytes=self.store.total_bytes, calls=calls, hit_rate=sum(self.hits) / max(calls, 1),
-            layer_hit_rates=layer_rates, layer_hit_mean=float(np.mean(layer_rates)),
-            layer_hit_std=float(np.std(layer_rates)), cpu_share=self.cpu_calls / max(calls, 1),
-            bytes_moved_per_token=self.copies * self.expert_bytes / max(tokens, 1),
-            latency_mean_ms=float(lat_ms.mean()), latency_std_ms=float(lat_ms.std()),
-            latency_p50_ms=float(np.percentile(lat_ms, 50)), latency_p99_ms=float(np.percentile(lat_ms, 99)),
-            ttft_ms=ttft * 1000, tokens_per_s=float(1000.0 / lat_ms.mean()) if lat_ms.mean() > 0 else 0.0,
-            device_bytes={"experts_peak": self.peak_expert_bytes, "budget": self.budget_bytes,
-                          "staging_peak": self.peak_staging_bytes, "non_expert": non_expert, "kv_cache": kv,
-                          "total": self.peak_expert_bytes + self.peak_staging_bytes + non_expert + kv},
-            token_latency_ms=[round(float(x), 4) for x in lat_ms],
-            pregate_accuracy=self.pregate.accuracy(),
-            prefetches=self.prefetches, prefetch_used=self.prefetch_hits / max(self.prefetches, 1),
-            copies_ahead=self.copies_ahead,
-        )
 
     def last_trace(self, model_name: str) -> Trace:
         """Routing of the last `generate` (prompt, then each decode input) as a trace, for replay."""

@@ -62,3 +62,29 @@ def kv_cache_bytes(cache) -> int:
         return 0
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
                if isinstance(t, torch.Tensor))
+
+
+def engine_metrics(engine, lat: np.ndarray, ttft: float, tokens: int, kv: int) -> EngineMetrics:
+    """An engine run's metrics from its counters: `lat` the decode steps' seconds, `tokens` prompt + generated."""
+    calls = sum(engine.calls)
+    layer_rates = [h / c if c else 0.0 for h, c in zip(engine.hits, engine.calls)]
+    non_expert = sum(t.numel() * t.element_size() for t in
+                     list(engine.model.parameters()) + list(engine.model.buffers()))
+    lat_ms = lat * 1000 if len(lat) else np.zeros(1)
+    return EngineMetrics(
+        policy=engine.policy_name, budget_bytes=engine.budget_bytes, expert_bytes=engine.expert_bytes,
+        total_expert_bytes=engine.store.total_bytes, calls=calls, hit_rate=sum(engine.hits) / max(calls, 1),
+        layer_hit_rates=layer_rates, layer_hit_mean=float(np.mean(layer_rates)),
+        layer_hit_std=float(np.std(layer_rates)), cpu_share=engine.cpu_calls / max(calls, 1),
+        bytes_moved_per_token=engine.copies * engine.expert_bytes / max(tokens, 1),
+        latency_mean_ms=float(lat_ms.mean()), latency_std_ms=float(lat_ms.std()),
+        latency_p50_ms=float(np.percentile(lat_ms, 50)), latency_p99_ms=float(np.percentile(lat_ms, 99)),
+        ttft_ms=ttft * 1000, tokens_per_s=float(1000.0 / lat_ms.mean()) if lat_ms.mean() > 0 else 0.0,
+        device_bytes={"experts_peak": engine.peak_expert_bytes, "budget": engine.budget_bytes,
+                      "staging_peak": engine.peak_staging_bytes, "non_expert": non_expert, "kv_cache": kv,
+                      "total": engine.peak_expert_bytes + engine.peak_staging_bytes + non_expert + kv},
+        token_latency_ms=[round(float(x), 4) for x in lat_ms],
+        pregate_accuracy=engine.pregate.accuracy(),
+        prefetches=engine.prefetches, prefetch_used=engine.prefetch_hits / max(engine.prefetches, 1),
+        copies_ahead=engine.copies_ahead,
+    )
