@@ -170,8 +170,9 @@ static void linear_blocks(const uint8_t *xu, const float *xs, int64_t M, const i
 #define TILE_M 4 /* activation rows per register tile of f32_tile: 4 x ROWS accumulators */
 
 /* One full tile of f32_rows: rows m0..m0+TILE_M of x against weight rows n..n+ROWS, k outermost, so
- * each loaded vector of x or w feeds TILE_M or ROWS FMAs (0.5 loads per FMA, against 2 row by row).
- * Each (m, n) accumulates over k in the same order as the row-by-row loop: the same floats. */
+ * each loaded vector of x or w feeds TILE_M or ROWS FMAs (0.5 loads per FMA, against 2 row by row);
+ * the weight rows prefetched as in the GEMV (the lm_head streams from DRAM). Each (m, n)
+ * accumulates over k in the same order as the row-by-row loop: the same floats. */
 static void f32_tile(const float *x, int64_t ldx, const float *w, int64_t K, int64_t n, float *y, int64_t ld) {
     __m512 a[TILE_M][ROWS], xv[TILE_M];
     const int64_t full = K / 16 * 16;
@@ -188,6 +189,7 @@ static void f32_tile(const float *x, int64_t ldx, const float *w, int64_t K, int
         for (int i = 0; i < TILE_M; i++) xv[i] = _mm512_maskz_loadu_ps(km, x + i * ldx + k);
 #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) {
+            _mm_prefetch((const char *)(w + (n + r) * K + k) + PF_BYTES, _MM_HINT_T0);
             const __m512 wv = _mm512_maskz_loadu_ps(km, w + (n + r) * K + k);
 #pragma GCC unroll 4
             for (int i = 0; i < TILE_M; i++) a[i][r] = _mm512_fmadd_ps(xv[i], wv, a[i][r]);
