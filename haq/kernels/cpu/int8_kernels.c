@@ -89,17 +89,6 @@ static void quantize(const float *x, int64_t M, int64_t K, int qmax, int mode, f
     }
 }
 
-#if HAQ_VNNI
-/* The four accumulators' horizontal sums at once: pairwise interleaved adds, then the lanes. */
-static inline __m128i sum4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
-    __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
-    __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
-    __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
-    return _mm_add_epi32(_mm_add_epi32(_mm512_castsi512_si128(u), _mm512_extracti32x4_epi32(u, 1)),
-                         _mm_add_epi32(_mm512_extracti32x4_epi32(u, 2), _mm512_extracti32x4_epi32(u, 3)));
-}
-#endif
-
 /* Exact int32 dot products of one u8 activation row with ROWS consecutive weight rows. */
 static void dot_rows(const uint8_t *xu, const int8_t *w, int64_t K, int rows, const int32_t *sums, int32_t *acc) {
 #if HAQ_VNNI
@@ -121,8 +110,14 @@ static void dot_rows(const uint8_t *xu, const int8_t *w, int64_t K, int rows, co
             a[r] = _mm512_dpbusd_epi32(a[r], _mm512_maskz_loadu_epi8(mask, xu + full),
                                        _mm512_maskz_loadu_epi8(mask, wr + full));
     }
+    /* the four accumulators' horizontal sums at once: pairwise interleaved adds, then the lanes */
+    __m512i t0 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[0], a[1]), _mm512_unpackhi_epi32(a[0], a[1]));
+    __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2], a[3]), _mm512_unpackhi_epi32(a[2], a[3]));
+    __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t0, t1), _mm512_unpackhi_epi64(t0, t1));
+    __m128i v = _mm_add_epi32(_mm_add_epi32(_mm512_castsi512_si128(u), _mm512_extracti32x4_epi32(u, 1)),
+                              _mm_add_epi32(_mm512_extracti32x4_epi32(u, 2), _mm512_extracti32x4_epi32(u, 3)));
     int32_t lanes[ROWS];
-    _mm_storeu_si128((__m128i *)lanes, sum4(a[0], a[1], a[2], a[3]));
+    _mm_storeu_si128((__m128i *)lanes, v);
     for (int r = 0; r < rows; r++) acc[r] = lanes[r] - 128 * sums[r];
 #else
     (void)sums;
@@ -135,64 +130,15 @@ static void dot_rows(const uint8_t *xu, const int8_t *w, int64_t K, int rows, co
 #endif
 }
 
-#if HAQ_VNNI
-#define TILE_Q 4 /* activation rows per register tile of dot_tile */
-
-/* dot_rows for TILE_Q activation rows at once (row stride K) against ROWS full weight rows, k
- * outermost: each loaded vector feeds TILE_Q or ROWS dot products, and the weight block is read
- * once for all of them. Exact integers, as dot_rows. acc [TILE_Q][ROWS]. */
-static void dot_tile(const uint8_t *xu, const int8_t *w, int64_t K, const int32_t *sums, int32_t *acc) {
-    __m512i a[TILE_Q][ROWS], xv[TILE_Q];
-#pragma GCC unroll 4
-    for (int i = 0; i < TILE_Q; i++)
-#pragma GCC unroll 4
-        for (int r = 0; r < ROWS; r++) a[i][r] = _mm512_setzero_si512();
-    const int64_t full = K / 64 * 64;
-    const __mmask64 mask = full < K ? _cvtu64_mask64((~0ULL) >> (64 - (K - full))) : 0;
-    for (int64_t k = 0; k <= full; k += 64) {
-        const __mmask64 km = k < full ? _cvtu64_mask64(~0ULL) : mask;
-        if (!_cvtmask64_u64(km))
-            break;
-#pragma GCC unroll 4
-        for (int i = 0; i < TILE_Q; i++) xv[i] = _mm512_maskz_loadu_epi8(km, xu + i * K + k);
-#pragma GCC unroll 4
-        for (int r = 0; r < ROWS; r++) {
-            _mm_prefetch((const char *)(w + r * K + k) + PF_BYTES, _MM_HINT_T0);
-            const __m512i wv = _mm512_maskz_loadu_epi8(km, w + r * K + k);
-#pragma GCC unroll 4
-            for (int i = 0; i < TILE_Q; i++) a[i][r] = _mm512_dpbusd_epi32(a[i][r], xv[i], wv);
-        }
-    }
-    for (int i = 0; i < TILE_Q; i++) {
-        int32_t lanes[ROWS];
-        _mm_storeu_si128((__m128i *)lanes, sum4(a[i][0], a[i][1], a[i][2], a[i][3]));
-        for (int r = 0; r < ROWS; r++) acc[i * ROWS + r] = lanes[r] - 128 * sums[r];
-    }
-}
-#endif
-
 /* y[m, n] = acc * x_scale[m] * w_scale[n] (+ bias[n]) for rows [n0, n1) of the weight and all M
  * activation rows (ld: y's row stride); each block of ROWS weight rows is read once, from L1 for
- * every activation row after the first; with VNNI, full tiles of TILE_Q rows go through dot_tile. */
+ * every activation row after the first. */
 static void gemm_rows(const uint8_t *xu, const float *xs, int64_t M, const int8_t *w, const int32_t *sums,
                       const float *ws, const float *bias, int64_t K, int64_t n0, int64_t n1, float *y, int64_t ld) {
     int32_t acc[ROWS];
     for (int64_t n = n0; n < n1; n += ROWS) {
         int rows = (int)(n1 - n < ROWS ? n1 - n : ROWS);
-        int64_t m = 0;
-#if HAQ_VNNI
-        if (rows == ROWS)
-            for (; m + TILE_Q <= M; m += TILE_Q) {
-                int32_t tile[TILE_Q * ROWS];
-                dot_tile(xu + m * K, w + n * K, K, sums + n, tile);
-                for (int i = 0; i < TILE_Q; i++)
-                    for (int r = 0; r < ROWS; r++) {
-                        float v = (float)tile[i * ROWS + r] * xs[m + i] * ws[n + r];
-                        y[(m + i) * ld + n + r] = bias ? v + bias[n + r] : v;
-                    }
-            }
-#endif
-        for (; m < M; m++) {
+        for (int64_t m = 0; m < M; m++) {
             dot_rows(xu + m * K, w + n * K, K, rows, sums + n, acc);
             for (int r = 0; r < rows; r++) {
                 float v = (float)acc[r] * xs[m] * ws[n + r];
