@@ -192,8 +192,10 @@ class Engine:
         self.pregate.start_layer(layer)
         self.pregate.score(layer, top_k_index, self.record_routing)
         calls = route(top_k_index)
-        # the CPU calls' inputs, copied before any device call is queued (they need not wait for those)
-        on_host = (hidden.cpu(), top_k_weights.cpu()) if hidden.device.type != "cpu" else (hidden, top_k_weights)
+        # the CPU calls' inputs, copied before any device call is queued (they need not wait for those),
+        # unless every routed expert is resident (then the copy is taken only if a call goes to the CPU)
+        resident = all((layer, c.expert) in self.cache for c in calls)
+        on_host = (hidden, top_k_weights) if hidden.device.type == "cpu" or resident else (hidden.cpu(), top_k_weights.cpu())
         self.ahead, self.ahead_next = self.ahead_next, {}
         results, cpu_calls = self._run_calls(layer, hidden, calls)
         self._prefetch(layer, hidden)
@@ -280,7 +282,8 @@ class Engine:
         by call; on the worker thread when the device is a GPU (it overlaps the device calls)."""
         if not calls:
             return []
-        if device.type != "cpu":  # the kernel reads the calls' token indices from host memory
+        if device.type != "cpu":  # the kernel reads the inputs and the calls' token indices from host memory
+            host, host_weights = host.cpu(), host_weights.cpu()
             calls = [ExpertCall(c.expert, c.token_idx.cpu(), c.k_pos.cpu()) for c in calls]
         if grouped is not None:
             run = lambda: grouped.run(host, calls, host_weights, combined=False)  # noqa: E731
