@@ -142,16 +142,18 @@ def engine_runs(device, new_tokens: int) -> list[dict]:
     for name, model in [("bf16", base.to(torch.bfloat16)), ("int8 triton", int8)][:1 if device.type == "cpu" else 2]:
         own, _ = extract_experts(model.model.layers[0].mlp.experts)
         full = own[0].nbytes * len(own) * base.config.num_hidden_layers  # its own experts, all resident
-        engine = build_engine(copy.deepcopy(model), budget_bytes=full, hardware=load_profile("laptop"),
-                              device=str(device), policy="fiddler", profile=profile)
         row = {"experts": name, "step": "static" + (", CUDA graph" if device.type == "cuda" else ", eager"),
                "budget_mib": round(full / 2**20, 2)}
         try:
-            with static_step(engine, max_len=prompt.shape[1] + new_tokens + 8) as decoder:
-                row.update(step_rate(decoder, prompt, new_tokens, device))
+            engine = build_engine(copy.deepcopy(model), budget_bytes=full, hardware=load_profile("laptop"),
+                                  device=str(device), policy="fiddler", profile=profile)
+            try:
+                with static_step(engine, max_len=prompt.shape[1] + new_tokens + 8) as decoder:
+                    row.update(step_rate(decoder, prompt, new_tokens, device))
+            finally:
+                engine.close()
         except Exception as error:  # noqa: BLE001 - recorded, so the other rows still run
             row.update(error=f"{type(error).__name__}: {error}"[:300])
-        engine.close()
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -167,10 +169,12 @@ def step_rate(decoder, prompt, new_tokens: int, device) -> dict:
     token = decoder.prefill(prompt).argmax(-1)
     steps, tokens = [], [int(token[0])]
     for _ in range(new_tokens - 1):
-        torch.cuda.synchronize() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t = time.perf_counter()
         token = decoder.step(token).argmax(-1)
-        torch.cuda.synchronize() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         steps.append(time.perf_counter() - t)
         tokens.append(int(token[0]))
     p50 = statistics.median(steps)

@@ -178,5 +178,6 @@ def write(out: Path, results: dict, args) -> None:
     atomic_write_text(out / "quant-device.md", "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -34,7 +34,7 @@ def routing(T: int, K: int, E: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     return index, torch.rand(T, K, generator=g)
 
 
-@pytest.mark.parametrize("T,K", [(1, 2), (3, 2), (5, 4), (16, 2), (20, 2)])
+@pytest.mark.parametrize("T,K", [(1, 2), (3, 2), (5, 4), (16, 2), (20, 2), (130, 2)])
 def test_sorted_slots_cover_each_experts_rows_once(T: int, K: int) -> None:
     E = 8
     index, _ = routing(T, K, E, seed=T * 7 + K)

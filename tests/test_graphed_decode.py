@@ -56,8 +56,14 @@ def test_misuse_is_a_one_line_error(tiny_mixtral) -> None:
     decoder.step(torch.tensor([1]))
     with pytest.raises(HaqError, match="cache is full"):
         decoder.step(torch.tensor([1]))
+    pair = GraphedDecoder(tiny_mixtral, max_len=6, batch=2)
+    pair.prefill(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(HaqError, match="one token per row"):
+        pair.step(torch.tensor([1]))
     with pytest.raises(HaqError, match="CUDA graphs need"):
         GraphedDecoder(tiny_mixtral.cpu(), max_len=4, graphs=True)
+    with pytest.raises(HaqError, match="new_tokens"):
+        greedy(GraphedDecoder(tiny_mixtral, max_len=4), torch.ones(1, 2, dtype=torch.long), 0)
 
 
 @torch.no_grad()
@@ -70,6 +76,20 @@ def test_the_warm_up_before_a_capture_leaves_the_step_as_it_was(tiny_mixtral) ->
     warmed.ids.copy_(token.reshape(1, 1))
     warmed._warm_up()
     torch.testing.assert_close(warmed.step(token), plain.step(token), rtol=0, atol=0)
+
+
+def test_experts_that_read_the_routing_on_the_host_cannot_be_captured(tiny_dir) -> None:
+    """Checked before any capture (here directly: a capture needs CUDA): transformers' eager experts,
+    haq's call-by-call int8 experts, the engine's offloaded ones."""
+    from haq.runtime.graphed_decode import capture_refusal
+
+    eager = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-mixtral-random"), experts_implementation="eager")
+    assert "set_experts_implementation" in capture_refusal(eager)
+    eager.set_experts_implementation("grouped_mm")
+    assert capture_refusal(eager) is None
+    int8 = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-mixtral-random"), dtype=torch.float32).eval()
+    quantize_model(int8, Recipe(method="rtn"), torch.randint(0, 4096, (1, 16)), progress=False)
+    assert "call by call" in capture_refusal(int8)  # on the CPU, "auto" experts go call by call
 
 
 def test_sliding_window_attention_is_refused(tiny_dir) -> None:

@@ -212,3 +212,36 @@ def test_an_int8_lm_head_saves_loads_and_refuses_export(int8_dir, tiny_dir, tmp_
     assert (int8_head - float_head).abs().max() < 0.05 * float_head.abs().max()
     with pytest.raises(HaqError, match="lm_head is int8"):
         export_checkpoint(path, tmp_path / "export")
+
+
+def _odd_width_llama():
+    """A float32 Llama whose widths are not multiples of 16 (the kernels' masked tails)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=20, vocab_size=203, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def _native_logits(model, prompts: list[list[int]]) -> torch.Tensor:
+    """Two steps in, the next native step's logits for `prompts` decoded together (no padding)."""
+    gen = BatchGenerator(model, max_batch=len(prompts))
+    for prompt in prompts:
+        gen.add(prompt, SamplingParams(max_tokens=20, ignore_eos=True))
+    for _ in range(2):
+        gen.step()
+    assert gen.native is not None, gen.native_reason
+    rows = gen.running
+    return gen.native.step([s.tokens[-1] for s in rows], [s.length for s in rows], list(gen.pads), gen.cache)[0]
+
+
+def test_float_rows_in_tiles_give_the_floats_of_one_row_at_a_time() -> None:
+    """Four rows go through the 4 x 4 register tiles, one row alone through the row-by-row loop:
+    the same floats, bit for bit (each output accumulates in the same order), masked tails included."""
+    model = _odd_width_llama()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 200, (7,), generator=g).tolist() for _ in range(5)]
+    together = _native_logits(model, prompts)
+    for i, prompt in enumerate(prompts):
+        assert torch.equal(together[i], _native_logits(model, [prompt])[0]), i

@@ -44,24 +44,31 @@ def test_the_static_step_gives_the_engines_tokens(models, weights: str) -> None:
         pytest.skip("the int8 device path needs triton (TRITON_INTERPRET=1 on the CPU)")
     engine = engine_at(int8 if weights == "int8" else model, trace, 1.0)
     prompt = torch.randint(0, 4096, (1, 10), generator=torch.Generator().manual_seed(3))
-    expected, _ = engine.generate(prompt, max_new_tokens=6)
+
     def storages():
         return {w.gate_up.untyped_storage().data_ptr() for w in engine.cache.values()}
 
-    with static_step(engine, max_len=24) as decoder:
-        assert len(storages()) == engine.store.num_layers  # the cache holds views of one stack per layer
-        assert greedy(decoder, prompt, 6) == [expected]
-    assert len(storages()) == len(engine.cache)  # and its own copies again afterwards
-    assert all(isinstance(m, OffloadedExperts) for m in engine.model.modules() if "Experts" in type(m).__name__)
-    again, _ = engine.generate(prompt, max_new_tokens=6)  # the per-call path on the stacked views
-    engine.close()
+    try:
+        expected, _ = engine.generate(prompt, max_new_tokens=6)
+        with static_step(engine, max_len=24) as decoder:
+            assert len(storages()) == engine.store.num_layers  # the cache holds views of one stack per layer
+            assert greedy(decoder, prompt, 6) == [expected]
+        assert len(storages()) == len(engine.cache)  # and its own copies again afterwards
+        assert all(isinstance(m, OffloadedExperts) for m in engine.model.modules() if "Experts" in type(m).__name__)
+        with pytest.raises(HaqError, match="closed"):  # its graph would read the freed stacks
+            decoder.step(torch.tensor([1]))
+        again, _ = engine.generate(prompt, max_new_tokens=6)  # the per-call path, on the cache's own copies
+    finally:
+        engine.close()
     assert again == expected
 
 
 def test_a_missing_expert_is_a_clear_refusal(models) -> None:
     model, _, trace = models
     engine = engine_at(model, trace, 0.5)
-    with pytest.raises(HaqError, match="not resident"):
-        with static_step(engine, max_len=24):
-            pass
-    engine.close()
+    try:
+        with pytest.raises(HaqError, match="not resident"):
+            with static_step(engine, max_len=24):
+                pass
+    finally:
+        engine.close()

@@ -92,10 +92,8 @@ for block_m in (16, 64):
                                     constexprs={"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 64, **constants})
         try:
             compiled = compiler.compile(source, target=GPUTarget("cuda", 90, 32))
-        except (RuntimeError, FileNotFoundError) as error:
-            if "ptxas" in str(error):
-                sys.exit(f"SKIP no ptxas: {error}")
-            raise
+        except FileNotFoundError as error:  # no ptxas bundled: nothing to compile with (an error in it fails)
+            sys.exit(f"SKIP no ptxas: {error}")
         assert compiled.asm["cubin"], kernel.fn.__name__
 print("compiled")
 """

@@ -5,8 +5,9 @@ sync per MoE layer, and then launches a few kernels per routed expert. Here the 
 device tensor: the layer's T x K slots are sorted by expert on the device, and each projection is
 one grouped launch: int8 experts on `triton_int8.w8a8_grouped_blocks`, over a fixed grid of
 E x ceil(T / BLOCK_M) row blocks whose blocks of unused experts read nothing; float experts on
-PyTorch's `_grouped_mm` with the sorted rows' expert offsets (as transformers' grouped_mm experts). Every shape and launch follows from T
-alone, so a decode step through it can be captured in a CUDA graph (`haq.runtime.graphed_decode`).
+PyTorch's `_grouped_mm` with the sorted rows' expert offsets (as transformers' grouped_mm
+experts). Every shape and launch follows from T alone, so a decode step through it can be
+captured in a CUDA graph (`haq.runtime.graphed_decode`).
 
 A token routes to an expert at most once (top-k picks distinct experts), so an expert has at most
 T rows. Each slot's output is weighted, put back in slot order and summed over the K slots of its

@@ -5,7 +5,9 @@ the fake-quant experts, the offloading engine) goes through `dispatch`: the rout
 grouped into one call per expert (`route`), the caller's `run` computes the calls, and the
 results are weighted and summed back in ascending expert order, as transformers' fused experts do.
 What differs between them is only `run`: the engine decides per call where it runs, the observer
-records statistics. A grouped or fused MoE kernel plugs in here, as one `run` over all calls.
+records statistics. A grouped or fused MoE kernel plugs in here, as one `run` over all calls. The
+one exception is `haq.kernels.device_moe` (int8 experts on CUDA): it keeps the routing on the
+device, so it sums a token's experts in slot order, without `route`'s host lists.
 
 T = tokens, H = hidden, I = expert intermediate size, K = top-k, n = tokens of one call.
 """

@@ -351,6 +351,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
     # Rotations are seeded, so a resumed run rotates the same way; each layer turns as it is reached
     # (an offloaded one as it loads), a resumed one comes back from disk already turned.
     Q = rotate_ends(model) if rotates(recipe, adapter) else None
+    Q = None if Q is None else Q.to(device)  # once: each layer rotates where it runs
     probe_windows = max(1, math.ceil(recipe.search_tokens / calib.shape[1]))  # haq's block-error probe
     if work_dir is not None:
         try:
@@ -376,7 +377,7 @@ def quantize_model(model: nn.Module, recipe: Recipe, calib: torch.Tensor, work_d
         else:
             layer.to(device)  # first: the rotation's float64 products run where the layer runs
             if Q is not None:
-                rotate_layer(model.config, index, layer, Q.to(device), online=recipe.quant_acts,
+                rotate_layer(model.config, index, layer, Q, online=recipe.quant_acts,
                              hadamard_only=recipe.rotate == "auto")
             report = LayerReport(index)
             with observe_layer(layer, spec, recipe.calibrate_all_experts, recipe.uses_gptq) as stats:

@@ -156,7 +156,7 @@ class Engine:
         if event is not None:
             event.synchronize()
 
-    def _ready(self, key: Key, weights: ExpertWeights) -> None:
+    def ready(self, key: Key, weights: ExpertWeights) -> None:
         """Device compute on `weights` waits for their copy; the first use records the compute stream
         on them, so their memory is not handed out again before its reads are done."""
         event = self.pending.pop(key, None)
@@ -192,10 +192,13 @@ class Engine:
         self.pregate.start_layer(layer)
         self.pregate.score(layer, top_k_index, self.record_routing)
         calls = route(top_k_index)
-        # the CPU calls' inputs, copied before any device call is queued (they need not wait for those),
-        # unless every routed expert is resident (then the copy is taken only if a call goes to the CPU)
-        resident = all((layer, c.expert) in self.cache for c in calls)
-        on_host = (hidden, top_k_weights) if hidden.device.type == "cpu" or resident else (hidden.cpu(), top_k_weights.cpu())
+        # the CPU calls' inputs and token indices, copied before any device call is queued (they need
+        # not wait for those), unless every routed expert is resident (then only if a call goes to the CPU)
+        on_host = None
+        if hidden.device.type == "cpu":
+            on_host = hidden, top_k_weights, calls
+        elif not all((layer, c.expert) in self.cache for c in calls):
+            on_host = hidden.cpu(), top_k_weights.cpu(), route(top_k_index.cpu())
         self.ahead, self.ahead_next = self.ahead_next, {}
         results, cpu_calls = self._run_calls(layer, hidden, calls)
         self._prefetch(layer, hidden)
@@ -205,7 +208,9 @@ class Engine:
                    else None)
         if grouped is not None and len(cpu_calls) == len(calls) and hidden.device.type == "cpu":
             return grouped.run(hidden, calls, top_k_weights)  # the whole layer in one kernel call
-        for call, y in zip(cpu_calls, self._run_cpu(layer, *on_host, cpu_calls, grouped, hidden.device)):
+        if cpu_calls and on_host is None:
+            on_host = hidden.cpu(), top_k_weights.cpu(), route(top_k_index.cpu())
+        for call, y in zip(cpu_calls, self._run_cpu(layer, on_host, cpu_calls, grouped, hidden.device)):
             results[call.expert] = y
         return combine(hidden, calls, [results[call.expert] for call in calls], top_k_weights)
 
@@ -248,7 +253,7 @@ class Engine:
                     if key in self.prefetched:
                         self.prefetch_hits += 1
                         self.prefetched.discard(key)
-                self._ready(key, weights)
+                self.ready(key, weights)
                 results[e] = self.store.math.forward(weights, hidden[call.token_idx])
             self._check_resident(passing=int(decision.transfer and not decision.admit))
         return results, sorted(cpu_calls, key=lambda c: c.expert)
@@ -276,15 +281,16 @@ class Engine:
             self.copies_ahead += 1
         self._check_resident()
 
-    def _run_cpu(self, layer: int, host: torch.Tensor, host_weights: torch.Tensor, calls: list[ExpertCall],
-                 grouped, device: torch.device) -> list[torch.Tensor]:
+    def _run_cpu(self, layer: int, on_host: tuple, calls: list[ExpertCall], grouped,
+                 device: torch.device) -> list[torch.Tensor]:
         """The CPU calls' outputs on `device`: one grouped kernel call when the store has one, else call
-        by call; on the worker thread when the device is a GPU (it overlaps the device calls)."""
+        by call; on the worker thread when the device is a GPU (it overlaps the device calls).
+        `on_host`: the layer's input, top-k weights and calls with everything in host memory."""
         if not calls:
             return []
-        if device.type != "cpu":  # the kernel reads the inputs and the calls' token indices from host memory
-            host, host_weights = host.cpu(), host_weights.cpu()
-            calls = [ExpertCall(c.expert, c.token_idx.cpu(), c.k_pos.cpu()) for c in calls]
+        host, host_weights, host_calls = on_host
+        by_expert = {c.expert: c for c in host_calls}
+        calls = [by_expert[c.expert] for c in calls]  # the kernel reads the token indices from host memory
         if grouped is not None:
             run = lambda: grouped.run(host, calls, host_weights, combined=False)  # noqa: E731
         else:

@@ -3,11 +3,11 @@
 At decode sizes a GPU step is launch-bound: a layer is a few dozen small kernels, each one
 Python dispatch and launch, and the per-call expert path adds a host sync per MoE layer. Here one
 step is captured once and replayed: the KV cache is transformers' `StaticCache` (fixed buffers,
-written at a device-side length, from which positions and masks follow too), the input ids are
-a fixed buffer the step reads, and the routed
-experts run without a host round trip (int8: `haq.kernels.device_moe`; float experts: transformers'
-`grouped_mm` implementation). On a CPU the same step runs eagerly, which is what the tests
-compare with transformers' own decoding.
+written at a device-side length, from which positions and masks follow too), the input ids are a
+fixed buffer the step reads, and the routed experts run without a host round trip (int8:
+`haq.kernels.device_moe`; float experts: transformers' `grouped_mm` implementation, which the
+caller sets). On a CPU the same step runs eagerly, which is what the tests compare with
+transformers' own decoding.
 
 The offloading engine cannot be captured whole: its policy decides every expert call on the host
 from the routing. This serves the all-resident configuration (the bf16 baseline and int8 at
@@ -19,9 +19,28 @@ import torch
 from torch import nn
 
 from haq.errors import HaqError
+from haq.kernels.experts import Int8Experts
 
+SYNC_FREE_EXPERTS = ("grouped_mm", "batched_mm")
+"""transformers' experts implementations that keep the routing on the device."""
 WARMUP_STEPS = 2
 """Eager steps on a side stream before the capture: kernels compiled, lazy buffers allocated."""
+
+
+def capture_refusal(model: nn.Module) -> str | None:
+    """Why a decode step of `model` cannot be captured (its experts read the routing on the host), or None."""
+    device = next(model.parameters()).device
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Experts) and not module.grouped_on_device(torch.empty(0, device=device)):
+            return (f"{name} runs its experts call by call (a weight-only or static-scale checkpoint, or no "
+                    "triton): only dynamic per-token W8A8 experts have a device path")
+        if type(module).__name__ == "OffloadedExperts":
+            return "the engine's offloaded experts are decided on the host: use haq.runtime.resident.static_step"
+        implementation = getattr(model.config, "_experts_implementation", None)
+        if hasattr(module, "gate_up_proj") and implementation not in SYNC_FREE_EXPERTS:
+            return (f"{name} uses transformers' {implementation!r} experts, which read the "
+                    "routing on the host: model.set_experts_implementation('grouped_mm') first")
+    return None
 
 
 class GraphedDecoder:
@@ -39,6 +58,9 @@ class GraphedDecoder:
             raise HaqError(f"CUDA graphs need the model on a CUDA device, not {self.device}")
         if self.graphs and model.config._attn_implementation != "sdpa":
             raise HaqError(f"CUDA graphs need SDPA attention ({model.config._attn_implementation!r} masks copy from the host)")
+        why = capture_refusal(model) if self.graphs else None
+        if why is not None:
+            raise HaqError(f"no CUDA graph for this model: {why}")
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         if any(layer.is_sliding for layer in self.cache.layers):
             raise HaqError("sliding-window attention keeps its cache length on the host: no static step for it")
@@ -47,6 +69,11 @@ class GraphedDecoder:
         self.length = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        """Drop the graph: the weights it reads may be freed (the engine's static step ends)."""
+        self.graph, self.logits, self.closed = None, None, True
 
     def _forward(self) -> torch.Tensor:
         out = self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True)
@@ -55,6 +82,8 @@ class GraphedDecoder:
     @torch.no_grad()
     def prefill(self, prompts: torch.Tensor) -> torch.Tensor:
         """prompts [batch, L] -> the last position's logits [batch, V]; the cache starts over."""
+        if self.closed:
+            raise HaqError("this decoder is closed (its static step has ended): make a new one")
         if prompts.dim() != 2 or prompts.shape[0] != self.batch or prompts.shape[1] < 1:
             raise HaqError(f"prefill takes [{self.batch}, L >= 1] token ids, got {tuple(prompts.shape)}")
         if prompts.shape[1] >= self.max_len:
@@ -69,8 +98,12 @@ class GraphedDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [batch] (the last sampled) -> next logits [batch, V]; a view of a fixed buffer
         under graphs, valid until the next step."""
+        if self.closed:
+            raise HaqError("this decoder is closed (its static step has ended): make a new one")
         if self.length == 0:
             raise HaqError("step before prefill: give the prompts first")
+        if tokens.numel() != self.batch:
+            raise HaqError(f"step takes one token per row ({self.batch}), got {tokens.numel()}")
         if self.length >= self.max_len:
             raise HaqError(f"the static cache is full ({self.max_len} positions): make the decoder with a larger max_len")
         self.ids.copy_(tokens.reshape(self.batch, 1))
@@ -109,6 +142,8 @@ class GraphedDecoder:
 @torch.no_grad()
 def greedy(decoder: GraphedDecoder, prompts: torch.Tensor, new_tokens: int) -> list[list[int]]:
     """Greedy continuation of each row of prompts [batch, L] by `new_tokens` tokens."""
+    if new_tokens < 1:
+        raise HaqError(f"new_tokens must be >= 1, got {new_tokens}")
     token = decoder.prefill(prompts).argmax(-1)
     out = [token]
     for _ in range(new_tokens - 1):

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from haq.runtime.engine import Engine
 
 
 @dataclass
@@ -64,7 +68,7 @@ def kv_cache_bytes(cache) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def engine_metrics(engine, lat: np.ndarray, ttft: float, tokens: int, kv: int) -> EngineMetrics:
+def engine_metrics(engine: Engine, lat: np.ndarray, ttft: float, tokens: int, kv: int) -> EngineMetrics:
     """An engine run's metrics from its counters: `lat` the decode steps' seconds, `tokens` prompt + generated."""
     calls = sum(engine.calls)
     layer_rates = [h / c if c else 0.0 for h, c in zip(engine.hits, engine.calls)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from haq.kernels import device_moe, triton_int8
 from haq.models.adapters import adapter_for
 from haq.runtime.graphed_decode import GraphedDecoder
 from haq.runtime.store import ExpertMath, ExpertWeights
+
+if TYPE_CHECKING:
+    from haq.runtime.engine import Engine
 
 FIELDS = ("gate_up", "down", "gate_up_scale", "down_scale")
 
@@ -47,7 +51,7 @@ class ResidentExperts(nn.Module):
                                        self.math.down_rotation)
 
 
-def static_step_refusal(engine) -> str | None:
+def static_step_refusal(engine: Engine) -> str | None:
     """Why the engine's experts cannot run as a static step, or None."""
     math, first = engine.store.math, engine.store[(0, 0)]
     missing = engine.store.num_layers * engine.store.num_experts - len(engine.cache)
@@ -70,11 +74,11 @@ def static_step_refusal(engine) -> str | None:
     return None
 
 
-def _stack(engine, layer: int) -> dict[str, torch.Tensor | None]:
+def _stack(engine: Engine, layer: int) -> dict[str, torch.Tensor | None]:
     """The layer's cached copies as one tensor per weight; the cache keeps views of them."""
     keys = [(layer, e) for e in range(engine.store.num_experts)]
     for key in keys:
-        engine._ready(key, engine.cache[key])  # a copy still landing is waited for on the compute stream
+        engine.ready(key, engine.cache[key])  # a copy still landing is waited for on the compute stream
     stacks = {f: (None if getattr(engine.cache[keys[0]], f) is None else
                   torch.stack([getattr(engine.cache[k], f) for k in keys])) for f in FIELDS}
     for e, key in enumerate(keys):
@@ -83,7 +87,7 @@ def _stack(engine, layer: int) -> dict[str, torch.Tensor | None]:
 
 
 @contextmanager
-def static_step(engine, max_len: int, batch: int = 1, graphs: bool | None = None) -> Iterator[GraphedDecoder]:
+def static_step(engine: Engine, max_len: int, batch: int = 1, graphs: bool | None = None) -> Iterator[GraphedDecoder]:
     """A `GraphedDecoder` over the engine's model with every expert resident (CUDA graphs on a GPU,
     eager elsewhere); the engine's offloading modules are put back afterwards."""
     why = static_step_refusal(engine)
@@ -92,17 +96,21 @@ def static_step(engine, max_len: int, batch: int = 1, graphs: bool | None = None
     adapter = adapter_for(engine.model.config)
     layers = [adapter.decoder_layers(engine.model)[i] for i in engine.moe_layer_index]
     offloaded = [layer.get_submodule(adapter.moe.experts) for layer in layers]
+    decoder = None
     try:
         for index, layer in enumerate(layers):
             layer.set_submodule(adapter.moe.experts, ResidentExperts(_stack(engine, index), engine.store.math))
-        yield GraphedDecoder(engine.model, max_len, batch, graphs)
+        decoder = GraphedDecoder(engine.model, max_len, batch, graphs)
+        yield decoder
     finally:
+        if decoder is not None:
+            decoder.close()  # its graph reads the stacks, which go below
         for index, (layer, module) in enumerate(zip(layers, offloaded)):
             layer.set_submodule(adapter.moe.experts, module)
             _unstack(engine, index)
 
 
-def _unstack(engine, layer: int) -> None:
+def _unstack(engine: Engine, layer: int) -> None:
     """Own copies for the layer's cache entries again (one layer at a time), so evicting one
     expert frees its bytes, as the engine counts them."""
     for e in range(engine.store.num_experts):
