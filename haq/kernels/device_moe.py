@@ -35,11 +35,6 @@ class SortedSlots:
     block_m: int
 
 
-def block_rows(tokens: int) -> int:
-    """Rows per block: the Triton dot needs >= 16; decode-sized layers fit one block per expert."""
-    return 16 if tokens <= 16 else 64
-
-
 def sort_slots(top_k_index: torch.Tensor, num_experts: int) -> SortedSlots:
     """top_k_index [T, K] -> its slots sorted by expert, and the fixed grid of row blocks."""
     T, K = top_k_index.shape
@@ -48,7 +43,7 @@ def sort_slots(top_k_index: torch.Tensor, num_experts: int) -> SortedSlots:
     order = torch.argsort(flat, stable=True)
     counts = (flat[:, None] == torch.arange(num_experts, device=device)).sum(0)  # no bincount: it syncs
     ends = counts.cumsum(0)
-    block_m = block_rows(T)
+    block_m = triton_int8.block_rows(T)  # decode-sized layers: one block per expert
     per_expert = -(-T // block_m)
     starts = (ends - counts)[:, None] + torch.arange(per_expert, device=device) * block_m
     stops = torch.minimum(starts + block_m, ends[:, None])  # <= start: an empty block

@@ -62,9 +62,9 @@ class Int8Experts(nn.Module):
         (`haq.kernels.device_moe`: no host sync, CUDA-graph capturable): dynamic per-token W8A8 on
         CUDA under "auto" or "triton", or "triton" under the interpreter (the tests)."""
         device = hidden_states.device
-        return (self.act_bits <= 8 and self.act_mode == "per-token" and self.gate_up_in_scale is None
-                and (self.impl == "triton" or (self.impl == "auto" and device.type == "cuda"))
-                and triton_int8.available(device))
+        return ((self.impl == "triton" or (self.impl == "auto" and device.type == "cuda"))
+                and triton_int8.device_path_refusal(self.act_bits, self.act_mode, self.gate_up_in_scale is not None,
+                                                    device) is None)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:

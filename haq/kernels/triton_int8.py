@@ -60,9 +60,14 @@ def _check(*tensors: torch.Tensor) -> None:
         raise HaqError(f"the triton int8 kernels are unavailable: {why}")
 
 
+def block_rows(M: int) -> int:
+    """Rows per tile for M rows: tl.dot needs every dimension >= 16; decode-sized M fit one tile."""
+    return 16 if M <= 16 else 64
+
+
 def _blocks(M: int) -> tuple[int, int, int]:
-    """Tile sizes: tl.dot needs every dimension >= 16."""
-    return (16 if M <= 16 else 64), 64, 64
+    """Tile sizes (rows, output columns, reduction) for M rows."""
+    return block_rows(M), 64, 64
 
 
 def _linear_launch(x: torch.Tensor, qweight: torch.Tensor, out_dtype: torch.dtype):
@@ -96,11 +101,21 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Te
     return y
 
 
+def device_path_refusal(act_bits: int, act_mode: str, static_scales: bool, device: torch.device) -> str | None:
+    """Why int8 experts with these activation settings cannot run as grouped launches on `device`
+    (`haq.kernels.device_moe`), or None: that path quantizes per token, dynamically, in Triton."""
+    if act_bits > 8 or act_mode != "per-token" or static_scales:
+        return "only dynamic per-token W8A8 int8 experts have a device path (a weight-only or static-scale checkpoint)"
+    if not available(device):
+        return "the int8 device path is Triton's: install triton (pip install triton) and run on CUDA"
+    return None
+
+
 def w8a8_grouped(xq: torch.Tensor, x_scale: torch.Tensor, counts: list[int], weights: torch.Tensor,
                  scales: torch.Tensor) -> torch.Tensor:
     """Every expert's rows in one launch. xq int8 [P, K]: the rows sorted by expert, `counts[e]`
     rows for expert e; x_scale [P]; weights int8 [E, N, K]; scales [E, N] -> float32 [P, N]."""
-    bm = _blocks(max(counts) if counts else 1)[0]
+    bm = block_rows(max(counts) if counts else 1)
     experts, starts, ends, start = [], [], [], 0
     for e, n in enumerate(counts):
         for s in range(start, start + n, bm):

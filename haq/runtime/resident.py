@@ -61,17 +61,15 @@ def static_step_refusal(engine: Engine) -> str | None:
     if first.gate_up_scale is None:
         if math.down_rotation is not None:
             return "rotated float experts have no grouped path"
-        if engine.device.type == "cuda" and (first.gate_up.dtype != torch.bfloat16
-                                             or torch.cuda.get_device_capability(engine.device)[0] not in (9, 10)):
+        if engine.device.type != "cuda":
+            return None
+        major, minor = torch.cuda.get_device_capability(engine.device)
+        if first.gate_up.dtype != torch.bfloat16 or major not in (9, 10):
             return ("float experts run on torch._grouped_mm, whose sync-free CUDA path takes bfloat16 on "
-                    f"Hopper or Blackwell GPUs (here {first.gate_up.dtype} on "
-                    f"sm{''.join(map(str, torch.cuda.get_device_capability(engine.device)))})")
+                    f"Hopper or Blackwell GPUs (here {first.gate_up.dtype} on sm{major}{minor})")
         return None
-    if math.act_bits > 8 or math.act_mode != "per-token" or first.gate_up_in_scale is not None:
-        return "only dynamic per-token W8A8 int8 experts have a device path (a weight-only or static-scale checkpoint)"
-    if not triton_int8.available(engine.device):
-        return "the int8 device path is Triton's: install triton (pip install triton) and run on CUDA"
-    return None
+    return triton_int8.device_path_refusal(math.act_bits, math.act_mode, first.gate_up_in_scale is not None,
+                                           engine.device)
 
 
 def _stack(engine: Engine, layer: int) -> dict[str, torch.Tensor | None]:
