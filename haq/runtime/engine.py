@@ -43,6 +43,14 @@ from haq.runtime.store import ExpertStore, ExpertWeights, Key, common_math, extr
 from haq.runtime.trace import Trace
 
 
+def _on_host(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+             calls: list[ExpertCall]) -> tuple[torch.Tensor, torch.Tensor, list[ExpertCall]]:
+    """A layer's input, top-k weights and calls in host memory, where the CPU calls read them."""
+    if hidden.device.type == "cpu":
+        return hidden, top_k_weights, calls
+    return hidden.cpu(), top_k_weights.cpu(), route(top_k_index.cpu())
+
+
 class OffloadedExperts(nn.Module):
     """Stands in for a layer's fused experts module; same forward signature."""
 
@@ -194,11 +202,8 @@ class Engine:
         calls = route(top_k_index)
         # the CPU calls' inputs and token indices, copied before any device call is queued (they need
         # not wait for those), unless every routed expert is resident (then only if a call goes to the CPU)
-        on_host = None
-        if hidden.device.type == "cpu":
-            on_host = hidden, top_k_weights, calls
-        elif not all((layer, c.expert) in self.cache for c in calls):
-            on_host = hidden.cpu(), top_k_weights.cpu(), route(top_k_index.cpu())
+        resident = hidden.device.type != "cpu" and all((layer, c.expert) in self.cache for c in calls)
+        on_host = None if resident else _on_host(hidden, top_k_index, top_k_weights, calls)
         self.ahead, self.ahead_next = self.ahead_next, {}
         results, cpu_calls = self._run_calls(layer, hidden, calls)
         self._prefetch(layer, hidden)
@@ -209,7 +214,7 @@ class Engine:
         if grouped is not None and len(cpu_calls) == len(calls) and hidden.device.type == "cpu":
             return grouped.run(hidden, calls, top_k_weights)  # the whole layer in one kernel call
         if cpu_calls and on_host is None:
-            on_host = hidden.cpu(), top_k_weights.cpu(), route(top_k_index.cpu())
+            on_host = _on_host(hidden, top_k_index, top_k_weights, calls)
         for call, y in zip(cpu_calls, self._run_cpu(layer, on_host, cpu_calls, grouped, hidden.device)):
             results[call.expert] = y
         return combine(hidden, calls, [results[call.expert] for call in calls], top_k_weights)

@@ -30,13 +30,13 @@ WARMUP_STEPS = 2
 def capture_refusal(model: nn.Module) -> str | None:
     """Why a decode step of `model` cannot be captured (its experts read the routing on the host), or None."""
     device = next(model.parameters()).device
+    implementation = getattr(model.config, "_experts_implementation", None)
     for name, module in model.named_modules():
         if isinstance(module, Int8Experts) and not module.grouped_on_device(torch.empty(0, device=device)):
             return (f"{name} runs its experts call by call (a weight-only or static-scale checkpoint, or no "
                     "triton): only dynamic per-token W8A8 experts have a device path")
         if type(module).__name__ == "OffloadedExperts":
             return "the engine's offloaded experts are decided on the host: use haq.runtime.resident.static_step"
-        implementation = getattr(model.config, "_experts_implementation", None)
         if hasattr(module, "gate_up_proj") and implementation not in SYNC_FREE_EXPERTS:
             return (f"{name} uses transformers' {implementation!r} experts, which read the "
                     "routing on the host: model.set_experts_implementation('grouped_mm') first")
@@ -75,6 +75,10 @@ class GraphedDecoder:
         """Drop the graph: the weights it reads may be freed (the engine's static step ends)."""
         self.graph, self.logits, self.closed = None, None, True
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise HaqError("this decoder is closed (its static step has ended): make a new one")
+
     def _forward(self) -> torch.Tensor:
         out = self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True)
         return out.logits[:, -1]
@@ -82,8 +86,7 @@ class GraphedDecoder:
     @torch.no_grad()
     def prefill(self, prompts: torch.Tensor) -> torch.Tensor:
         """prompts [batch, L] -> the last position's logits [batch, V]; the cache starts over."""
-        if self.closed:
-            raise HaqError("this decoder is closed (its static step has ended): make a new one")
+        self._check_open()
         if prompts.dim() != 2 or prompts.shape[0] != self.batch or prompts.shape[1] < 1:
             raise HaqError(f"prefill takes [{self.batch}, L >= 1] token ids, got {tuple(prompts.shape)}")
         if prompts.shape[1] >= self.max_len:
@@ -98,8 +101,7 @@ class GraphedDecoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [batch] (the last sampled) -> next logits [batch, V]; a view of a fixed buffer
         under graphs, valid until the next step."""
-        if self.closed:
-            raise HaqError("this decoder is closed (its static step has ended): make a new one")
+        self._check_open()
         if self.length == 0:
             raise HaqError("step before prefill: give the prompts first")
         if tokens.numel() != self.batch:
