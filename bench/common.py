@@ -47,7 +47,11 @@ def write_results(name: str, payload: dict, markdown: str) -> None:
     print(f"wrote {RESULTS / name}.json and .md")
 
 
-def md_table(rows: list[dict], columns: list[str]) -> str:
+def md_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A markdown table; without `columns`, every key of the rows in first-seen order (a row
+    missing a key, e.g. a failed one with an error instead, gets an empty cell)."""
+    columns = columns or list(dict.fromkeys(c for r in rows for c in r))
+
     def fmt(v):
         return f"{v:.6g}" if isinstance(v, float) else str(v)  # 6 digits: ppl 226.441 vs 226.506 must differ
 
@@ -76,3 +80,8 @@ def git_rev(repo: Path = ROOT) -> str:
 
     rev = git("rev-parse", "--short", "HEAD") or "unknown"
     return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def failure(error: Exception) -> dict:
+    """What a benchmark part that failed records in place of its numbers (the other parts still run)."""
+    return {"error": f"{type(error).__name__}: {error}"[:300]}

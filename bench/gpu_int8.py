@@ -12,7 +12,8 @@
    (haq.runtime.graphed_decode) eager and replayed from a CUDA graph, bf16 against int8.
 
 Writes OUT/kernels-GPU-int8 and OUT/engine-GPU-int8 (.json and .md; the graphed rows in the
-engine's; GPU: h200, h100, ...; OUT: --out, default bench/results). `--smoke` runs tiny shapes on the CPU under TRITON_INTERPRET=1 to check the script.
+engine's; GPU: h200, h100, ...; OUT: --out, default bench/results). `--smoke` runs tiny shapes on
+the CPU under TRITON_INTERPRET=1 to check the script.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import gpu_slug  # noqa: E402
+from common import failure, gpu_slug, md_table  # noqa: E402
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -101,7 +102,7 @@ def tiny_mixtral_pair():
     return base, int8
 
 
-def engine_runs(device, new_tokens: int) -> list[dict]:
+def engine_runs(device, new_tokens: int, base, int8) -> list[dict]:
     import torch
 
     from haq.api import build_engine
@@ -110,7 +111,6 @@ def engine_runs(device, new_tokens: int) -> list[dict]:
     from haq.runtime.resident import static_step
     from haq.runtime.store import extract_experts
 
-    base, int8 = tiny_mixtral_pair()
     weights, _ = extract_experts(int8.model.layers[0].mlp.experts)
     budget = weights[0].nbytes * len(weights) * base.config.num_hidden_layers  # every int8 expert resident
     g = torch.Generator().manual_seed(0)
@@ -136,10 +136,10 @@ def engine_runs(device, new_tokens: int) -> list[dict]:
             row.update(decode_tok_s=round(metrics.tokens_per_s, 1), p50_ms=round(metrics.latency_p50_ms, 3),
                        hit_rate=round(metrics.hit_rate, 3), tokens=tokens[:8])
         except Exception as error:  # noqa: BLE001 - recorded, so the other rows still run
-            row.update(error=f"{type(error).__name__}: {error}"[:300])
+            row.update(failure(error))
         rows.append(row)
         print(row, flush=True)
-    for name, model in [("bf16", base.to(torch.bfloat16)), ("int8 triton", int8)][:1 if device.type == "cpu" else 2]:
+    for name, model in [("bf16", copy.deepcopy(base).to(torch.bfloat16)), ("int8 triton", int8)][:1 if device.type == "cpu" else 2]:
         own, _ = extract_experts(model.model.layers[0].mlp.experts)
         full = own[0].nbytes * len(own) * base.config.num_hidden_layers  # its own experts, all resident
         row = {"experts": name, "step": "static" + (", CUDA graph" if device.type == "cuda" else ", eager"),
@@ -153,7 +153,7 @@ def engine_runs(device, new_tokens: int) -> list[dict]:
             finally:
                 engine.close()
         except Exception as error:  # noqa: BLE001 - recorded, so the other rows still run
-            row.update(error=f"{type(error).__name__}: {error}"[:300])
+            row.update(failure(error))
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -181,7 +181,7 @@ def step_rate(decoder, prompt, new_tokens: int, device) -> dict:
     return {"decode_tok_s": round(1 / p50, 1), "p50_ms": round(p50 * 1e3, 3), "tokens": tokens[:8]}
 
 
-def graphed_runs(device, new_tokens: int) -> list[dict]:
+def graphed_runs(device, new_tokens: int, base, int8) -> list[dict]:
     """Every weight on the device (no engine): the static decode step (haq.runtime.graphed_decode)
     run eagerly and replayed from a CUDA graph; bf16 experts on transformers' grouped_mm, int8
     experts on haq's device MoE (Triton, routing kept on the device). A failure is a row."""
@@ -189,8 +189,7 @@ def graphed_runs(device, new_tokens: int) -> list[dict]:
 
     from haq.runtime.graphed_decode import GraphedDecoder
 
-    base, int8 = tiny_mixtral_pair()
-    bf16 = copy.deepcopy(base).to(torch.bfloat16)
+    bf16, int8 = copy.deepcopy(base).to(torch.bfloat16), copy.deepcopy(int8)
     bf16.set_experts_implementation("grouped_mm")
     for module in int8.modules():
         if hasattr(module, "impl"):
@@ -205,16 +204,10 @@ def graphed_runs(device, new_tokens: int) -> list[dict]:
                 decoder = GraphedDecoder(model, max_len=prompt.shape[1] + new_tokens + 8, graphs=graphs)
                 row.update(step_rate(decoder, prompt, new_tokens, device))
             except Exception as error:  # noqa: BLE001 - recorded, so the other rows still run
-                row.update(error=f"{type(error).__name__}: {error}"[:300])
+                row.update(failure(error))
             rows.append(row)
             print(row, flush=True)
     return rows
-
-
-def table(rows: list[dict]) -> str:
-    cols = list(dict.fromkeys(c for r in rows for c in r))  # a failed row has an error column instead
-    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] +
-                     ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]) + "\n"
 
 
 def main() -> None:
@@ -243,19 +236,20 @@ def main() -> None:
         meta = {"gpu": gpu, "torch": torch.__version__, "rows": rows, **{key: r for key, r, _ in extra}}
         atomic_write_text(out / f"{name}.json", json.dumps(meta, indent=1) + "\n")
         atomic_write_text(out / f"{name}.md", f"# {title} ({gpu}, torch {torch.__version__})\n\n"
-                          "`python bench/gpu_int8.py` (median of CUDA-event timings, ms).\n\n" + table(rows)
-                          + "".join(f"\n## {t}\n\n" + table(r) for _, r, t in extra if r))
+                          "`python bench/gpu_int8.py` (median of CUDA-event timings, ms).\n\n" + md_table(rows)
+                          + "".join(f"\n## {t}\n\n" + md_table(r) for _, r, t in extra if r))
         print(f"wrote {out / name}.json and .md", flush=True)
 
     try:
         krows = kernels(device, shapes, ms, 3 if args.smoke else args.repeats)
     except Exception as error:  # noqa: BLE001 - recorded; the engine parts still run
-        krows = [{"error": f"{type(error).__name__}: {error}"[:300]}]
+        krows = [failure(error)]
     write(f"kernels-{suffix}-int8", krows, "int8 kernels vs bf16 F.linear")
     engine_title = "engine decode, bf16 vs int8 experts at one budget"
-    erows = engine_runs(device, 8 if args.smoke else 32)
+    pair = tiny_mixtral_pair()  # float32 and int8 RTN; each part works on copies
+    erows = engine_runs(device, 8 if args.smoke else 32, *pair)
     write(f"engine-{suffix}-int8", erows, engine_title)
-    graphed = ("graphed", graphed_runs(device, 8 if args.smoke else 64),
+    graphed = ("graphed", graphed_runs(device, 8 if args.smoke else 64, *pair),
                "The static decode step, eager and from a CUDA graph (every weight resident, no engine)")
     write(f"engine-{suffix}-int8", erows, engine_title, [graphed])
 

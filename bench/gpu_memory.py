@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import gpu_slug  # noqa: E402
+from common import gpu_slug, md_table  # noqa: E402
 
 TINY = ROOT / "haq" / "zoo" / "assets" / "tiny-mixtral"
 
@@ -135,13 +135,6 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] +
-                     ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]) + "\n"
-
-
 def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -203,7 +196,7 @@ def main() -> None:
                       f"{torch.__version__})\n\n`python bench/gpu_memory.py`: perplexity bf16 {ppl['bf16']:.3f}, "
                       f"int8 {ppl['int8']:.3f} ({len(result['rows']) - 1} int8 budgets; plot: {name}.png, or "
                       f"`--replot {name}.json`).\n\n"
-                      + table(result["summary"]) + "\n" + table(result["rows"]))
+                      + md_table(result["summary"]) + "\n" + md_table(result["rows"]))
     print(f"wrote {out / name}.json and .md" + ("" if args.no_plot else " and .png"))
 
 

@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import failure  # noqa: E402
 from haq.io import atomic_write_text  # noqa: E402
 
 TINY = ROOT / "haq" / "zoo" / "assets" / "tiny-mixtral"
@@ -145,7 +146,7 @@ def main() -> None:
         try:
             results["wide"] = wide_part(args.device, shape, args.nsamples, args.seqlen)
         except Exception as error:  # noqa: BLE001 - recorded beside the tiny part
-            results["wide"] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            results["wide"] = failure(error)
         print(json.dumps(results["wide"]), flush=True)
         if scale.is_file():  # the CPU reference: the haq cell of scale.md (its machine and calibration)
             reference = json.loads(scale.read_text())
