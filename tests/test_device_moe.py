@@ -11,21 +11,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 
 from haq.kernels import device_moe, triton_int8
-from haq.kernels.experts import Int8Experts
+from tests.test_native_kernels import random_experts
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_int8.available(DEVICE),
                                 reason="triton is not installed, or neither CUDA nor TRITON_INTERPRET=1")
-
-
-def random_experts(E: int, H: int, I: int, seed: int) -> Int8Experts:
-    g = torch.Generator().manual_seed(seed)
-    m = Int8Experts(E, H, I, nn.SiLU(), impl="float")
-    m.gate_up_q.copy_(torch.randint(-127, 128, (E, 2 * I, H), generator=g, dtype=torch.int8))
-    m.down_q.copy_(torch.randint(-127, 128, (E, H, I), generator=g, dtype=torch.int8))
-    m.gate_up_scale.copy_(torch.rand(E, 2 * I, generator=g) * 2e-3 + 1e-4)
-    m.down_scale.copy_(torch.rand(E, H, generator=g) * 2e-3 + 1e-4)
-    return m
 
 
 def routing(T: int, K: int, E: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +44,7 @@ def test_sorted_slots_cover_each_experts_rows_once(T: int, K: int) -> None:
 @pytest.mark.parametrize("T,K", [(1, 2), (4, 3), (16, 2), (20, 2)])
 def test_grouped_on_device_equals_the_call_by_call_experts(T: int, K: int) -> None:
     E, H, I = 8, 96, 72
-    plain = random_experts(E, H, I, seed=T + K)
+    plain = random_experts(E, H, I, torch.Generator().manual_seed(T + K))
     grouped = copy.deepcopy(plain)
     grouped.impl = "triton"
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
@@ -72,7 +62,7 @@ def test_the_device_path_reads_no_routing_on_the_host() -> None:
     """Under fake tensors any data-dependent step (`tolist`, `nonzero`, a bincount's size) raises:
     the layer's shapes follow from T alone, as a CUDA graph capture needs."""
     E, H, I, T, K = 8, 64, 48, 3, 2
-    m = random_experts(E, H, I, seed=1)
+    m = random_experts(E, H, I, torch.Generator().manual_seed(1))
     x = torch.randn(T, H)
     index, weights = routing(T, K, E, seed=2)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
