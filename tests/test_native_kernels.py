@@ -38,7 +38,9 @@ def levels(*shape, gen, extreme: bool = False) -> torch.Tensor:
 @pytest.mark.parametrize("extreme", [False, True])
 def test_matmul_is_exact(kernels, extreme: bool) -> None:
     g = torch.Generator().manual_seed(0)
-    for M, K, N in [(1, 576, 3072), (2, 1536, 576), (3, 100, 37), (1, 1, 1), (4, 64, 5), (2, 1100, 9)]:
+    # 5 rows and more: one row streams each block of 4 weight rows, tiles of 4 rows follow (dot_tile)
+    for M, K, N in [(1, 576, 3072), (2, 1536, 576), (3, 100, 37), (1, 1, 1), (4, 64, 5), (2, 1100, 9),
+                    (9, 576, 64), (5, 64, 8), (13, 100, 37), (22, 1100, 11)]:
         a, w = levels(M, K, gen=g, extreme=extreme), levels(N, K, gen=g, extreme=extreme)
         out = int8_matmul(a, w.t(), "native")
         exact = (a.long() @ w.long().t()).double()
@@ -70,7 +72,7 @@ def test_linear_equals_the_pytorch_backend_bit_for_bit(kernels, mode: str) -> No
 
 
 @settings(max_examples=40, deadline=None)
-@given(M=st.integers(1, 9), K=st.integers(1, 200), N=st.integers(1, 40), bits=st.sampled_from([4, 6, 8]),
+@given(M=st.integers(1, 20), K=st.integers(1, 200), N=st.integers(1, 40), bits=st.sampled_from([4, 6, 8]),
        seed=st.integers(0, 2**16))
 def test_linear_property(M: int, K: int, N: int, bits: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -90,7 +92,7 @@ def random_experts(E: int, H: int, I: int, gen: torch.Generator) -> Int8Experts:
     return m
 
 
-@pytest.mark.parametrize("T,K", [(1, 2), (2, 1), (4, 3), (3, 8), (16, 2)])
+@pytest.mark.parametrize("T,K", [(1, 2), (2, 1), (4, 3), (3, 8), (16, 2), (96, 2)])
 def test_grouped_layer_equals_the_experts_call_by_call(kernels, T: int, K: int) -> None:
     g = torch.Generator().manual_seed(T * 10 + K)
     E, H, I = 8, 96, 72
