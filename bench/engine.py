@@ -2,7 +2,11 @@
 and engine-profile.md (`--name` for another file; engine-profile-before.* is this profile of the
 engine before the issue-12 work, commit 611b616).
 
-`--profile` (the only mode so far): a warm engine decodes with wall-clock timers around the parts
+`--moe-layer --int8 CKPT`: every MoE layer of the checkpoint on T random tokens (random routing), the
+grouped kernel (`haq.kernels.grouped_moe`, the engine's CPU path) against the experts call by call on
+the "auto" backends, interleaved, medians: why the engine runs prefill chunks grouped too.
+
+`--profile`: a warm engine decodes with wall-clock timers around the parts
 of a step (forward hooks on modules, wrappers around the engine's functions; CPU, so no syncs):
   attention    the decoder's self-attention modules, their projections included
   router       the MoE routers
@@ -253,10 +257,49 @@ def check_tokens(args) -> None:
     write_results("engine-tokens", {"machine": machine(), "git": git_rev(), "rows": rows}, md)
 
 
+def moe_layer(args) -> None:
+    from haq.kernels.grouped_moe import GroupedExperts
+    from haq.kernels.moe import route
+    from haq.loading import load_model
+
+    model, _, _ = load_model(args.int8)
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    grouped = [GroupedExperts(list(m.gate_up_q), list(m.gate_up_scale), list(m.down_q), list(m.down_scale))
+               for m in experts]
+    E, K, H = model.config.num_local_experts, model.config.num_experts_per_tok, model.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for T in args.tokens:
+        x = torch.randn(T, H, generator=gen)
+        index = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+        weights = torch.softmax(torch.randn(T, K, generator=gen), -1)
+        calls = route(index)
+        ways = {"grouped": lambda: [g.run(x, calls, weights) for g in grouped],
+                "call by call": lambda: [m(x, index, weights) for m in experts]}
+        times: dict[str, list[float]] = {w: [] for w in ways}
+        for _ in range(args.repeats):
+            for way, fn in ways.items():  # interleaved
+                fn()  # warm: the weights in cache as far as they fit, the allocator
+                start = time.perf_counter()
+                fn()
+                times[way].append((time.perf_counter() - start) * 1e3)
+        ms = {way: float(np.median(t)) for way, t in times.items()}
+        rows.append({"tokens": T, "layers": len(experts), "grouped_ms": round(ms["grouped"], 2),
+                     "call_by_call_ms": round(ms["call by call"], 2),
+                     "speedup": round(ms["call by call"] / ms["grouped"], 3), "load": round(os.getloadavg()[0], 2)})
+        print(rows[-1], flush=True)
+    md = (f"# A checkpoint's MoE layers: grouped kernel vs call by call ({machine()['cpu']}, git {git_rev()})\n\n"
+          f"`python bench/engine.py --moe-layer --int8 {args.int8}`: all {len(experts)} MoE layers on T random tokens, "
+          f"random top-{K} routing, {args.threads} thread(s), medians of {args.repeats} interleaved runs.\n\n"
+          + md_table(rows))
+    write_results(args.name, {"machine": machine(), "git": git_rev(), "rows": rows}, md)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--profile", action="store_true", help="the decode-step breakdown")
+    mode.add_argument("--moe-layer", action="store_true", help="grouped MoE kernel vs call by call, by tokens")
     mode.add_argument("--check-tokens", action="store_true",
                       help="greedy tokens of the int8 RTN checkpoint vs the fake-quant reference")
     parser.add_argument("--prompts", type=int, default=4)
@@ -265,11 +308,18 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=None, help="decode steps (profile 16, check 32)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--name", default="engine-profile", help="results file name under bench/results/")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 16, 64, 256, 512], help="--moe-layer's T")
+    parser.add_argument("--repeats", type=int, default=5, help="--moe-layer's runs per T and way")
+    parser.add_argument("--name", help="results file name under bench/results/ (default: engine-profile, "
+                                       "engine-moe-layer)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.check_tokens:
         return check_tokens(args)
+    if args.moe_layer:
+        args.name = args.name or "engine-moe-layer"
+        return moe_layer(args)
+    args.name = args.name or "engine-profile"
     from haq.api import build_engine, profile_trace_for
     from haq.data.windows import eval_windows
     from haq.loading import load_model

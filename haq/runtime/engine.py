@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from haq.errors import HaqError
-from haq.kernels.grouped_moe import MAX_TOKENS
 from haq.kernels.moe import ExpertCall, combine, route
 from haq.models.adapters import adapter_for
 from haq.runtime.engine_view import EngineView
@@ -209,8 +208,7 @@ class Engine:
         self._prefetch(layer, hidden)
         self._prefill_ahead(layer, hidden.shape[0])
         self._free_ahead()
-        grouped = (self.store.grouped[layer] if self.store.grouped is not None and hidden.shape[0] <= MAX_TOKENS
-                   else None)
+        grouped = self.store.grouped[layer] if self.store.grouped is not None else None
         if grouped is not None and len(cpu_calls) == len(calls) and hidden.device.type == "cpu":
             return grouped.run(hidden, calls, top_k_weights)  # the whole layer in one kernel call
         if cpu_calls and on_host is None:

@@ -22,7 +22,6 @@ import torch
 from haq.runtime.hardware import HardwareProfile, Link, Processor, Quantity
 from haq.runtime.policies import make_policy
 from haq.runtime.sampling import SamplingParams
-from haq.kernels.grouped_moe import MAX_TOKENS
 from haq.kernels.moe import ExpertCall
 from haq.runtime.store import ExpertMath, ExpertStore, ExpertWeights
 
@@ -65,11 +64,11 @@ cache and look several times faster than it is in a run)."""
 def measure_expert_times(weights: ExpertWeights, math: ExpertMath, device: torch.device,
                          repeats: int = 5, grouped: bool = True) -> tuple[list[int], list[float]]:
     """Seconds of one expert call of n tokens, n in TOKEN_COUNTS, as the engine runs it on `device`.
-    On the CPU with `grouped`, calls of layers of up to MAX_TOKENS tokens go through the grouped
-    kernel where the store has one for these experts (`ExpertStore.grouped`), as the engine's CPU
-    calls and its one-call decode steps do: the kernel alone is timed (its Python around is per
-    layer, not per call, and counted in the non-expert time). Without (the CPU as the "device",
-    whose calls go one by one), and for larger calls, the expert math call by call."""
+    On the CPU with `grouped`, calls go through the grouped kernel where the store has one for these
+    experts (`ExpertStore.grouped`), as the engine's CPU calls and its one-call decode steps do: the
+    kernel alone is timed (its Python around is per layer, not per call, and counted in the
+    non-expert time). Without (the CPU as the "device", whose calls go one by one), the expert math
+    call by call."""
     copies = 1 if device.type == "cuda" else max(1, min(64, -(-COLD_BYTES // weights.nbytes)))
     ws = [weights.to(device) if i == 0 else weights.to(device).copy() for i in range(copies)]
     hidden = ws[0].gate_up.shape[1]
@@ -79,7 +78,7 @@ def measure_expert_times(weights: ExpertWeights, math: ExpertMath, device: torch
     times = []
     for n in TOKEN_COUNTS:
         x = torch.randn(n, hidden, device=device)
-        if kernel is not None and n <= MAX_TOKENS:
+        if kernel is not None:
             rows, slots, gates = torch.arange(n), torch.zeros(n, dtype=torch.long), torch.ones(n, 1)
             launches = [kernel[0].prepare(x, [ExpertCall(e, rows, slots)], gates, combined=False)[0]
                         for e in range(copies)]

@@ -192,11 +192,20 @@ static void gemm_rows(const uint8_t *xu, const float *xs, int64_t M, const int8_
             } else
 #endif
                 dot_rows(xu + m * K, w + n * K, K, rows, sums + n, acc);
-            for (int i = 0; i < tile; i++, m++)
+            for (int i = 0; i < tile; i++, m++) {
+#if defined(__AVX512F__)
+                if (rows == ROWS) { /* the scalar loop's operations, in its order, four lanes at once */
+                    __m128 v = _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(_mm_loadu_si128((const __m128i *)(acc + i * ROWS))),
+                                                     _mm_set1_ps(xs[m])), _mm_loadu_ps(ws + n));
+                    _mm_storeu_ps(y + m * ld + n, bias ? _mm_add_ps(v, _mm_loadu_ps(bias + n)) : v);
+                    continue;
+                }
+#endif
                 for (int r = 0; r < rows; r++) {
                     float v = (float)acc[i * ROWS + r] * xs[m] * ws[n + r];
                     y[m * ld + n + r] = bias ? v + bias[n + r] : v;
                 }
+            }
         }
     }
 }
