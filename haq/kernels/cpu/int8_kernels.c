@@ -105,23 +105,25 @@ static void reduce_rows(const __m512i a[ROWS], const int32_t *sums, int rows, in
     for (int r = 0; r < rows; r++) acc[r] = lanes[r] - 128 * sums[r];
 }
 
-/* Exact int32 dot products of TILE_Q activation rows (stride K) with ROWS weight rows, k outermost:
- * each of the 8 loads per step feeds 4 vpdpbusd (0.5 loads each, against 2 in dot_rows), for the
- * rows of a prefill or a large batch, once dot_rows has brought the weight rows into L1.
+/* Exact int32 dot products of q <= TILE_Q activation rows (stride K) with ROWS weight rows, k
+ * outermost: each of the ROWS + q loads per step feeds q or ROWS vpdpbusd (0.5 loads each for a full
+ * tile, against 2 in dot_rows), for the rows of a prefill or a large batch, once dot_rows has brought
+ * the weight rows into L1. Inlined with q constant, so the accumulators stay in registers.
  * acc[i * ROWS + r]: activation row i with weight row r. */
-static void dot_tile(const uint8_t *xu, const int8_t *w, int64_t K, const int32_t *sums, int32_t *acc) {
+static inline __attribute__((always_inline)) void dot_tile(const uint8_t *xu, const int8_t *w, int64_t K,
+                                                            const int32_t *sums, int32_t *acc, const int q) {
     __m512i a[TILE_Q][ROWS], wv[ROWS];
     const int64_t full = K / 64 * 64;
     const __mmask64 mask = full < K ? _cvtu64_mask64((~0ULL) >> (64 - (K - full))) : 0;
 #pragma GCC unroll 4
-    for (int i = 0; i < TILE_Q; i++)
+    for (int i = 0; i < q; i++)
 #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) a[i][r] = _mm512_setzero_si512();
     for (int64_t k = 0; k < full; k += 64) {
 #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) wv[r] = _mm512_loadu_si512((const void *)(w + r * K + k));
 #pragma GCC unroll 4
-        for (int i = 0; i < TILE_Q; i++) {
+        for (int i = 0; i < q; i++) {
             const __m512i xv = _mm512_loadu_si512((const void *)(xu + i * K + k));
 #pragma GCC unroll 4
             for (int r = 0; r < ROWS; r++) a[i][r] = _mm512_dpbusd_epi32(a[i][r], xv, wv[r]);
@@ -131,13 +133,23 @@ static void dot_tile(const uint8_t *xu, const int8_t *w, int64_t K, const int32_
 #pragma GCC unroll 4
         for (int r = 0; r < ROWS; r++) wv[r] = _mm512_maskz_loadu_epi8(mask, w + r * K + full);
 #pragma GCC unroll 4
-        for (int i = 0; i < TILE_Q; i++) {
+        for (int i = 0; i < q; i++) {
             const __m512i xv = _mm512_maskz_loadu_epi8(mask, xu + i * K + full);
 #pragma GCC unroll 4
             for (int r = 0; r < ROWS; r++) a[i][r] = _mm512_dpbusd_epi32(a[i][r], xv, wv[r]);
         }
     }
-    for (int i = 0; i < TILE_Q; i++) reduce_rows(a[i], sums, ROWS, acc + i * ROWS);
+#pragma GCC unroll 4
+    for (int i = 0; i < q; i++) reduce_rows(a[i], sums, ROWS, acc + i * ROWS);
+}
+
+/* dot_tile for the rows left, 2 to TILE_Q of them (one goes through dot_rows). */
+static void dot_tile_rows(const uint8_t *xu, const int8_t *w, int64_t K, const int32_t *sums, int32_t *acc, int q) {
+    switch (q) {
+    case 4: dot_tile(xu, w, K, sums, acc, 4); break;
+    case 3: dot_tile(xu, w, K, sums, acc, 3); break;
+    default: dot_tile(xu, w, K, sums, acc, 2); break;
+    }
 }
 #endif
 
@@ -177,7 +189,7 @@ static void dot_rows(const uint8_t *xu, const int8_t *w, int64_t K, int rows, co
 /* y[m, n] = acc * x_scale[m] * w_scale[n] (+ bias[n]) for rows [n0, n1) of the weight and all M
  * activation rows (ld: y's row stride); each block of ROWS weight rows is read once, row after row
  * for the first activation row (the DRAM-bound GEMV order), then from L1 for the others, in tiles of
- * TILE_Q rows where they fill one. The integers are exact either way, so the floats are the same. */
+ * up to TILE_Q rows. The integers are exact either way, so the floats are the same. */
 static void gemm_rows(const uint8_t *xu, const float *xs, int64_t M, const int8_t *w, const int32_t *sums,
                       const float *ws, const float *bias, int64_t K, int64_t n0, int64_t n1, float *y, int64_t ld) {
     int32_t acc[TILE_Q * ROWS];
@@ -186,9 +198,9 @@ static void gemm_rows(const uint8_t *xu, const float *xs, int64_t M, const int8_
         for (int64_t m = 0; m < M;) {
             int tile = 1;
 #if HAQ_VNNI
-            if (m > 0 && rows == ROWS && m + TILE_Q <= M) {
-                dot_tile(xu + m * K, w + n * K, K, sums + n, acc);
-                tile = TILE_Q;
+            if (m > 0 && rows == ROWS && m + 1 < M) {
+                tile = (int)(M - m < TILE_Q ? M - m : TILE_Q);
+                dot_tile_rows(xu + m * K, w + n * K, K, sums + n, acc, tile);
             } else
 #endif
                 dot_rows(xu + m * K, w + n * K, K, rows, sums + n, acc);
