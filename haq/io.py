@@ -106,6 +106,16 @@ def _remove_stale_temps(final: Path) -> None:
             pass  # another user's live process
 
 
+def _readable_like_any_file(folder: Path) -> None:
+    """Mode 0o666 under the umask for the files a writer made private: safetensors' writer creates
+    its files 0600, so a checkpoint would be unreadable to the group a shared model folder serves."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in folder.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(0o666 & ~mask)
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder beside `final`; when the block succeeds it replaces `final`, and
@@ -121,6 +131,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         tmp = _temp_name(final)
         tmp.mkdir(mode=0o777)  # under the umask: readable like any folder the user makes (mkdtemp: 0700)
         yield tmp
+        _readable_like_any_file(tmp)
         if final.exists():
             foreign = sorted({p.name for p in final.iterdir()} - {p.name for p in tmp.iterdir()})
             if foreign:

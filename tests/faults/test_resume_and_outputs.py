@@ -151,6 +151,9 @@ def test_outputs_are_readable_by_others_and_killed_saves_are_cleaned(tmp_path):
     temp folder a killed save left beside the output is removed by the next write."""
     import os
 
+    import torch
+    from safetensors.torch import save_file
+
     from haq.io import atomic_dir, atomic_write_text
 
     old = os.umask(0o022)
@@ -160,9 +163,11 @@ def test_outputs_are_readable_by_others_and_killed_saves_are_cleaned(tmp_path):
         (stale / "model.safetensors").write_bytes(b"half")
         with atomic_dir(tmp_path / "out") as tmp:
             (tmp / "a.txt").write_text("x")
+            save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # its writer makes the file 0600
         atomic_write_text(tmp_path / "r.json", "{}")
     finally:
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
     assert not stale.exists()
