@@ -122,3 +122,48 @@ def test_a_missing_recipe_file_is_a_one_line_error(capsys, tmp_path):
     code, err = run(capsys, "quantize", str(tmp_path), "--recipe", str(tmp_path / "none.yaml"), "-o",
                     str(tmp_path / "out"))
     assert code == 2 and "cannot read the recipe file" in err and "\n" not in err
+
+
+def test_serve_checks_its_address_before_loading_the_model(capsys):
+    import socket
+
+    with socket.socket() as taken:  # a port another process listens on
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, needle in ((["--port", "-1"], "0-65535"), (["--port", "70000"], "0-65535"),
+                              (["--port", str(port)], "cannot listen"), (["--host", "999.1.1.1"], "--host 999")):
+            code, err = run(capsys, "serve", "no-such-model", *flags)  # the address fails first, not the model
+            assert code == 2 and needle in err, (flags, err)
+
+
+def test_ctrl_c_is_one_line_not_a_traceback(capsys, monkeypatch):
+    import haq.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    assert cli.main(["eval", "tiny-llama"]) == 130
+    assert capsys.readouterr().err == "haq: interrupted\n"
+
+
+def test_every_help_shows_a_default_once_and_never_none():
+    import argparse
+    import re
+
+    from haq.cli import build_parser
+
+    def parsers(p: argparse.ArgumentParser):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    for p in parsers(build_parser()):
+        text = " ".join(p.format_help().split())
+        assert "(default: None)" not in text, p.prog
+        assert not re.search(r"\(default: [^)]*\) \(default:", text), p.prog
+    run_help = " ".join(build_parser()._subparsers._group_actions[0].choices["run"].format_help().split())
+    assert "--max-new-tokens MAX_NEW_TOKENS tokens generated per prompt (default: 32)" in run_help

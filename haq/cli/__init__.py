@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from haq.cli import engine_commands
+from haq.cli.parsing import Parser, add_recipe_flags
 from haq.cli.engine_commands import write_json as _write_json
 from haq.errors import HaqError
 
@@ -40,28 +41,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
           f"tokens {result.tokens}  ppl {result.ppl:.4f}  ({result.seconds:.1f}s)")
     if args.json:
         _write_json(args.json, {"model": str(path), "dataset": args.dataset, **result.to_dict()})
-
-
-def add_recipe_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per recipe field, typed and with its default in the help; unset flags leave the
-    field to --recipe FILE, then to the recipe's default."""
-    import dataclasses
-    import typing
-
-    from haq.quant.recipe import FIELD_HELP, Recipe
-
-    hints = typing.get_type_hints(Recipe)
-    for f in dataclasses.fields(Recipe):
-        kind, flag = hints[f.name], "--" + f.name.replace("_", "-")
-        extra: dict = {"type": kind} if kind in (int, float) else {}
-        if kind is bool:
-            extra = {"action": argparse.BooleanOptionalAction}
-        elif typing.get_origin(kind) is typing.Literal:
-            extra = {"choices": [c for c in typing.get_args(kind) if c != "fp"]}  # fp: nothing to quantize
-        if "type" in extra:
-            extra["metavar"] = f.name.upper()
-        p.add_argument(flag, dest=f"recipe_{f.name}", default=argparse.SUPPRESS,
-                       help=f"{FIELD_HELP[f.name]} (default: {f.default})", **extra)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -253,15 +232,15 @@ def _int8_backend_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="haq", description=__doc__)
+    parser = Parser(prog="haq", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     p = sub.add_parser("zoo", help="bundled models: list or build")
-    zsub = p.add_subparsers(dest="zoo_cmd", required=True)
+    zsub = p.add_subparsers(dest="zoo_cmd", metavar="{list,build}", required=True)
     zsub.add_parser("list", help="list the zoo")
     b = zsub.add_parser("build", help="build zoo models locally (no hub)")
-    b.add_argument("names", nargs="+")
+    b.add_argument("names", nargs="+", help="zoo names (`haq zoo list`)")
     b.add_argument("--force", action="store_true", help="rebuild even if built")
     p.set_defaults(func=cmd_zoo)
 
@@ -290,29 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder (replaced atomically)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("run", help="generate with experts offloaded between CPU and device, with metrics",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("run", help="generate with experts offloaded between CPU and device, with metrics")
     p.add_argument("model", help="MoE model folder, haq checkpoint or zoo name")
     _engine_options(p)
     p.add_argument("--prompt", action="append", help="prompt text; repeat for several, decoded as one batch "
                                                      "(default: 'The history of')")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: fresh entropy)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     _int8_backend_option(p)
     p.add_argument("--json", help="write the metrics as JSON")
     p.add_argument("--plot", help="folder for PNG plots")
     p.set_defaults(func=engine_commands.cmd_run)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming, metrics)")
     p.add_argument("model", help="model folder, haq checkpoint or zoo name (MoE models are offloaded)")
     _engine_options(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 429")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request gets 408")
@@ -324,28 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=engine_commands.cmd_serve)
 
     p = sub.add_parser("trace", help="record expert routing on a dataset into a .npz trace")
-    p.add_argument("model")
-    p.add_argument("--dataset", default="wiki-offline")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=16)
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("model", help="MoE model folder, haq checkpoint or zoo name")
+    p.add_argument("--dataset", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | PATH")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
+    p.add_argument("--max-windows", type=int, default=16, help="windows traced")
+    p.add_argument("-o", "--output", required=True, help="the trace file (.npz)")
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("profile", help="expert activation statistics and paths on a dataset (writes a trace)")
-    p.add_argument("model")
-    p.add_argument("--dataset", default="wiki-offline")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=16)
-    p.add_argument("--path-window", type=int, default=2)
+    p.add_argument("model", help="MoE model folder, haq checkpoint or zoo name")
+    p.add_argument("--dataset", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | PATH")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
+    p.add_argument("--max-windows", type=int, default=16, help="windows traced")
+    p.add_argument("--path-window", type=int, default=2, help="earlier layers a path statistic conditions on (1-4)")
     p.add_argument("-o", "--output", required=True, help="routing trace .npz (usable as `haq run --profile`)")
     p.add_argument("--plot", help="folder for the expert heat map PNG")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("simulate", help="compare offloading policies on a routing trace",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("simulate", help="compare offloading policies on a routing trace")
     p.add_argument("trace", help="trace .npz, or synthetic-mixtral (labelled synthetic, Mixtral-8x7B scale)")
     p.add_argument("--hardware", default="rtx4090-pcie4", help="preset or profile JSON")
-    p.add_argument("--gpu-budget", nargs="+", default=["25%", "50%", "75%"])
+    p.add_argument("--gpu-budget", nargs="+", default=["25%", "50%", "75%"], help="device budgets to simulate")
     p.add_argument("--expert-bytes", type=int, help="bytes of one expert (default: Mixtral's for synthetic-mixtral)")
     p.add_argument("--policies", nargs="+",
                    default=["all-cpu", "transfer-always", "lru", "fiddler", "llamacpp", "haq", "belady"])
@@ -354,22 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", choices=["auto", "path", "pregate", "oracle", "off"], default="auto",
                    help="haq's prefetch predictions: the trace's recorded pre-gate, profile paths, the oracle "
                         "(the replayed routing: a ceiling), off; auto: pregate when recorded, else path")
-    p.add_argument("--json")
-    p.add_argument("--plot")
+    p.add_argument("--json", help="write the results as JSON")
+    p.add_argument("--plot", help="folder for PNG plots")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("profile-hw", help="measure expert call and copy times on this machine")
     p.add_argument("model", help="MoE model whose expert shape is measured")
-    p.add_argument("--device", default=None)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is kept)")
+    p.add_argument("-o", "--output", required=True, help="the hardware profile (JSON)")
     p.set_defaults(func=cmd_profile_hw)
 
     p = sub.add_parser("eval", help="perplexity on non-overlapping windows (GPTQ protocol)")
     p.add_argument("model", help="model folder, quantized checkpoint or zoo name")
     p.add_argument("--dataset", default="wiki-offline", help="wiki-offline | wikitext2 | c4 | c4-new | PATH")
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
+    p.add_argument("--max-windows", type=int, default=None, help="windows evaluated (default: all)")
     _int8_backend_option(p)
     p.add_argument("--json", help="also write the result as JSON to this file")
     p.set_defaults(func=cmd_eval)
@@ -413,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"haq: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what a write left half-done is removed; quantize resumes on a rerun
+        print("haq: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `haq zoo list | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -39,6 +39,25 @@ def _check_run_args(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _check_listen(host: str, port: int) -> None:
+    """The address `serve` listens on, tried before the model loads (minutes for a large one)."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise HaqError(f"--port {port}: a port is in 0-65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise HaqError(f"--host {host}: not a name or address this machine can resolve ({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise HaqError(f"cannot listen on {host}:{port} ({exc.strerror}): choose another --port, or a --host "
+                           "of this machine") from None
+
+
 def _device_line(device: str) -> str:
     if device == "cpu":
         return "device: cpu (no GPU: the host CPU stands in for the GPU; 'device' experts are copies in host memory)"
@@ -49,6 +68,7 @@ def _device_line(device: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from haq.api import open_engine
+    from haq.runtime.generation import check_request
     from haq.runtime.sampling import SamplingParams
     from haq.serve import eos_ids
 
@@ -65,6 +85,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
                                          return_dict=False) if args.chat else tokenizer(p)["input_ids"]
            for p in prompts]
+    config = engine.model.config
+    for prompt in ids:  # before any text is shown
+        try:
+            check_request(prompt, params, config.vocab_size, getattr(config, "max_position_embeddings", None))
+        except HaqError:
+            engine.close()
+            raise
     streams = {i: [] for i in range(len(prompts))}
     shown = {i: 0 for i in range(len(prompts))}
     single = len(prompts) == 1
@@ -108,6 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from haq.serve import build_server
 
     _check_run_args(args)
+    _check_listen(args.host, args.port)
     print(_device_line(args.device), file=sys.stderr)
     server = build_server(args.model, args.gpu_budget, device=args.device, policy=args.policy,
                           hardware=args.hardware, profile=args.profile, max_batch=args.max_batch,

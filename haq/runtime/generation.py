@@ -69,6 +69,21 @@ def first_invalid_token(prompt: list, vocab: int | None):
                  or (vocab is not None and t >= vocab)), None)
 
 
+def check_request(prompt: list, params: SamplingParams, vocab: int | None, max_context: int | None) -> None:
+    """A request the model can take: a non-empty prompt of token ids in its vocabulary, with room
+    for `params.max_tokens` more in its context."""
+    if not prompt:
+        raise HaqError("the prompt is empty: give at least one token")
+    bad = first_invalid_token(prompt, vocab)
+    if bad is not None:
+        raise HaqError(f"the prompt must be token ids in [0, {vocab}): got {bad!r}")
+    if max_context is not None and len(prompt) + params.max_tokens > max_context:
+        room = max_context - len(prompt)
+        fix = f"lower max_tokens (--max-new-tokens) to {room} or less" if room > 0 else "shorten the prompt"
+        raise HaqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                       f"context of {max_context} tokens: {fix}")
+
+
 class BatchGenerator:
     def __init__(self, model: nn.Module, *, max_batch: int = 8, prefill_chunk: int = 512,
                  eos_token_ids: tuple[int, ...] = (), max_context: int | None = None,
@@ -116,17 +131,7 @@ class BatchGenerator:
 
     # -- requests ---------------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams) -> int:
-        if not prompt:
-            raise HaqError("the prompt is empty: give at least one token")
-        vocab = getattr(self.model.config, "vocab_size", None)
-        bad = first_invalid_token(prompt, vocab)
-        if bad is not None:
-            raise HaqError(f"the prompt must be token ids in [0, {vocab}): got {bad!r}")
-        if self.max_context is not None and len(prompt) + params.max_tokens > self.max_context:
-            room = self.max_context - len(prompt)
-            fix = f"lower max_tokens (--max-new-tokens) to {room} or less" if room > 0 else "shorten the prompt"
-            raise HaqError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                           f"context of {self.max_context} tokens: {fix}")
+        check_request(prompt, params, getattr(self.model.config, "vocab_size", None), self.max_context)
         generator = None
         if not params.greedy:
             generator = torch.Generator()

@@ -27,7 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks, tests)
 
     def __post_init__(self) -> None:
-        checks = [(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+        checks = [(self.max_tokens >= 1, f"max_tokens (--max-new-tokens) must be >= 1, got {self.max_tokens}"),
                   (0.0 <= self.temperature <= 2.0, f"temperature must be in [0, 2], got {self.temperature}"),
                   (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
                   (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),

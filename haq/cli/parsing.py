@@ -1,0 +1,43 @@
+"""The command line's parser pieces: help that shows each default once, and one flag per recipe field."""
+from __future__ import annotations
+
+import argparse
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, once: not for those whose help states it, nor for a None
+    or False one (an unset option, an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """haq's parsers and subparsers: defaults in the help (DefaultsHelp)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **{"formatter_class": DefaultsHelp, **kwargs})
+
+
+def add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per recipe field, typed and with its default in the help; unset flags leave the
+    field to --recipe FILE, then to the recipe's default."""
+    import dataclasses
+    import typing
+
+    from haq.quant.recipe import FIELD_HELP, Recipe
+
+    hints = typing.get_type_hints(Recipe)
+    for f in dataclasses.fields(Recipe):
+        kind, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        extra: dict = {"type": kind} if kind in (int, float) else {}
+        if kind is bool:
+            extra = {"action": argparse.BooleanOptionalAction}
+        elif typing.get_origin(kind) is typing.Literal:
+            extra = {"choices": [c for c in typing.get_args(kind) if c != "fp"]}  # fp: nothing to quantize
+        if "type" in extra:
+            extra["metavar"] = f.name.upper()
+        p.add_argument(flag, dest=f"recipe_{f.name}", default=argparse.SUPPRESS,
+                       help=f"{FIELD_HELP[f.name]} (default: {f.default})", **extra)
