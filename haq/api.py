@@ -115,16 +115,20 @@ def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "w
     return out
 
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+         "tib": 2**40}
 
 
 def parse_budget(text: str, total_expert_bytes: int) -> int:
     """'6GiB', '512MB', '123456' (bytes) or '25%' (of all expert bytes) -> bytes."""
     value = str(text).strip().lower()
-    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[kmg]i?b|b)?", value)
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[kmgt]i?b|b)?", value)
     if not match:
         raise HaqError(f"--gpu-budget {text!r}: expected bytes (e.g. 6GiB, 512MB, 1000000) or a percentage (25%)")
     number, unit = float(match.group(1)), match.group(2) or ""
+    if unit in ("", "b") and not number.is_integer():  # 0.5 is half a byte: the user meant a share
+        raise HaqError(f"--gpu-budget {text}: a byte count is a whole number; for a share of the expert bytes "
+                       f"write a percentage ({number * 100:g}%)")
     if unit == "%":
         if number > 100:
             raise HaqError(f"--gpu-budget {text}: a percentage of the expert bytes must be <= 100%")

@@ -5,6 +5,10 @@ class HaqError(Exception):
     """A problem with the user's input or environment, with a message that says what to change."""
 
 
+NOT_FINITE = ("the model's logits are NaN or infinite, so its weights hold NaN/Inf or overflow in their dtype: "
+              "check the checkpoint (its float model evaluated the same way shows which)")
+
+
 def validated(fn):
     """The Python API checks its arguments like the CLI does: a value of the wrong type (by the
     function's annotations, strictly: no silent coercion) is a HaqError naming the argument."""

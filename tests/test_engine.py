@@ -106,8 +106,11 @@ def test_budget_parsing():
     assert parse_budget("25%", 1000) == 250
     assert parse_budget("2MiB", 0) == 2 * 2**20
     assert parse_budget("1.5GB", 0) == 1_500_000_000
+    assert parse_budget("1TiB", 0) == 2**40
     with pytest.raises(HaqError, match="--gpu-budget"):
         parse_budget("lots", 1000)
+    with pytest.raises(HaqError, match="whole number.*50%"):  # half a byte: the user meant a share
+        parse_budget("0.5", 1000)
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-deepseek-v2", "tiny-deepseek-v3"])

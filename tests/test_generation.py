@@ -179,3 +179,19 @@ def test_ignore_eos_runs_to_max_tokens(models):
     free = BatchGenerator(model).generate([p], SamplingParams(max_tokens=8))[0]
     gen = BatchGenerator(model, eos_token_ids=(free[2],))
     assert gen.generate([p], SamplingParams(max_tokens=8, ignore_eos=True))[0] == free
+
+
+def test_nan_weights_are_an_error_not_a_silent_stop_or_a_nan_perplexity(tiny_dir):
+    """A damaged checkpoint (NaN in a weight) ends generation and perplexity with the reason, where
+    it used to stop at the first token (argmax of NaN logits) and print `ppl nan`."""
+    from transformers import AutoModelForCausalLM
+
+    from haq.eval.perplexity import perplexity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir("tiny-llama")).eval()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(HaqError, match="NaN or infinite"):
+        BatchGenerator(model).generate([prompts()[0]], SamplingParams(max_tokens=3))
+    with pytest.raises(HaqError, match="window 0: .*NaN or infinite"):
+        perplexity(model, torch.randint(0, 4096, (2, 16)), progress=False)

@@ -175,7 +175,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     trace = generate_synthetic_trace(num_sequences=16, seq_len=256, seed=0) if mixtral else load_trace(args.trace)
     hardware = load_profile(args.hardware)
     costs = None if mixtral else hardware.model_costs  # measured for the traced model by `haq profile-hw MODEL`
-    expert_bytes = args.expert_bytes or (MIXTRAL_EXPERT_BYTES if mixtral else costs.expert_bytes if costs else None)
+    expert_bytes = args.expert_bytes if args.expert_bytes is not None else (
+        MIXTRAL_EXPERT_BYTES if mixtral else costs.expert_bytes if costs else None)
     if args.prefill < 0:
         raise HaqError(f"--prefill must be >= 0 tokens, got {args.prefill}")
     if args.decode_batch < 1:

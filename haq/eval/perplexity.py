@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+from haq.errors import NOT_FINITE, HaqError
+
 
 CE_CHUNK = 256  # positions per float64 cross-entropy
 
@@ -49,8 +51,10 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True) -> Perplexit
     """windows: LongTensor [n, seqlen] of token ids."""
     start = time.perf_counter()
     nll_sum, count = 0.0, 0
-    for window in tqdm(windows, desc="perplexity", disable=not progress, leave=False):
+    for i, window in enumerate(tqdm(windows, desc="perplexity", disable=not progress, leave=False)):
         nll, n = window_nll(model, window)
+        if not math.isfinite(nll):
+            raise HaqError(f"window {i}: the loss is {nll}: {NOT_FINITE}")
         nll_sum += nll
         count += n
     return PerplexityResult(

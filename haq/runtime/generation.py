@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from haq.errors import HaqError
+from haq.errors import NOT_FINITE, HaqError
 from haq.runtime.sampling import SamplingParams, next_token
 
 
@@ -256,6 +256,8 @@ class BatchGenerator:
         return out.logits[:, -1]
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
+        if bool((logits.isnan() | logits.isposinf()).any()):  # -inf is a token a model rules out
+            raise HaqError(NOT_FINITE)
         token = next_token(logits, seq.tokens, seq.params, seq.generator)
         seq.tokens.append(token)
         if (token in self.eos and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:

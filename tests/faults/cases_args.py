@@ -82,7 +82,8 @@ def runtime_cases() -> list[Case]:
     with_json = [*RUN, "--json", "{case}/m.json"]
     cases = [Case(f"run-budget-{label}", "runtime", "error", [*RUN, "--gpu-budget", value])
              for label, value in (("negative", "-1"), ("word", "abc"), ("over-100pc", "200%"), ("unit", "5XB"),
-                                  ("empty", ""), ("two-values", "1GB 2GB"), ("pc-negative", "-5%"))]
+                                  ("empty", ""), ("two-values", "1GB 2GB"), ("pc-negative", "-5%"),
+                                  ("fraction-of-a-byte", "0.5"))]
     cases += [
         Case("run-budget-0-moves-nothing", "runtime", "ok", [*with_json, "--gpu-budget", "0"],
              check=lambda v, fx, f: _metrics(f)["bytes_moved_per_token"] == 0 and _metrics(f)["cpu_share"] == 1.0),
