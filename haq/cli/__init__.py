@@ -364,6 +364,8 @@ def _check_output_files(args: argparse.Namespace) -> None:
         check_output_file(Path(args.json), "--json")
     if args.cmd in FILE_OUTPUTS:
         check_output_file(Path(args.output), FILE_OUTPUTS[args.cmd])
+    if getattr(args, "plot", None) and Path(args.plot).exists() and not Path(args.plot).is_dir():
+        raise HaqError(f"--plot {args.plot} is a file: give a folder for the PNG plots")
 
 
 def _quiet_transformers() -> None:

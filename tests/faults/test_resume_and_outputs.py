@@ -136,7 +136,8 @@ def test_an_edited_haq_config_is_refused(two_llamas, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["eval", "tiny-llama", "--json", "{dir}"],
                                   ["trace", "tiny-mixtral", "-o", "{dir}"],
-                                  ["eval", "tiny-llama", "--json", "{file}/under-a-file.json"]])
+                                  ["eval", "tiny-llama", "--json", "{file}/under-a-file.json"],
+                                  ["run", "tiny-mixtral", "--plot", "{file}"]])
 def test_result_paths_are_checked_before_the_computation(tmp_path, capsys, monkeypatch, argv):
     from haq import loading
 
