@@ -61,6 +61,26 @@ def offload_needed(path: Path) -> bool:
     return 4 * elements > OFFLOAD_SHARE * psutil.virtual_memory().available
 
 
+ACTIVATION_SHARE = 0.8
+"""The calibration activations may take at most this share of the available RAM."""
+
+
+def check_activation_memory(hidden: int | None, nsamples: int, seqlen: int) -> None:
+    """A layer's input and output activations (float32, 8 n S H bytes: the term of the peak that
+    grows with the calibration set) must fit in host memory, or the kernel kills the run hours in."""
+    import psutil
+
+    if not isinstance(hidden, int) or hidden < 1:
+        return  # a config without a top-level width: the load checks it
+    need, available = 8 * nsamples * seqlen * hidden, psutil.virtual_memory().available
+    if need > ACTIVATION_SHARE * available:
+        fits = int(ACTIVATION_SHARE * available // (8 * seqlen * hidden))
+        fix = f"lower --nsamples to {fits} or --seqlen" if fits >= 1 else "lower --seqlen"
+        raise HaqError(f"--nsamples {nsamples} x --seqlen {seqlen}: the calibration activations take "
+                       f"{need / 2**30:.1f} GiB (8 x n x S x hidden {hidden} bytes) and {available / 2**30:.1f} GiB "
+                       f"of RAM are available: {fix}")
+
+
 @validated
 def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "wiki-offline",
              nsamples: int = 128, seqlen: int = 2048, seed: int = 0, progress: bool = True,
@@ -87,7 +107,9 @@ def quantize(model: str | Path, recipe: Recipe, out: str | Path, calib: str = "w
     path = resolve_model_path(model)
     if (path / CONFIG_NAME).is_file():
         raise HaqError(f"{model} is already a haq checkpoint: quantize the float model it was made from")
-    read_config(path)
+    config = read_config(path)
+    if device == "cpu":
+        check_activation_memory(config.get("hidden_size"), nsamples, seqlen)
     if offload is None:
         offload = offload_needed(path)
     source = None

@@ -190,8 +190,8 @@ NUMERIC = {
     "profile-path-window-0": ["profile", "{mixtral}", "--seqlen", "32", "--max-windows", "1", "--path-window", "0",
                               "-o", "{case}/t.npz"],
 }
-for flag, values in {"--nsamples": ("0", "-1"), "--seqlen": ("0", "1", "100000"), "--wbits": ("1", "9", "16"),
-                     "--abits": ("0", "1", "12"), "--alpha": ("-0.5", "2"), "--method": ("awq",),
+for flag, values in {"--nsamples": ("0", "-1", "100000000"), "--seqlen": ("0", "1", "100000"),
+                     "--wbits": ("1", "9", "16"), "--abits": ("0", "1", "12"), "--alpha": ("-0.5", "2"), "--method": ("awq",),
                      "--act": ("per-channel",), "--alpha-search": ("random",)}.items():
     for value in values:
         NUMERIC[f"quantize{flag[1:]}-{value}"] = ["quantize", "{llama}", "--method", "rtn", "--nsamples", "2",
