@@ -191,8 +191,8 @@ NUMERIC = {
                               "-o", "{case}/t.npz"],
 }
 for flag, values in {"--nsamples": ("0", "-1", "100000000"), "--seqlen": ("0", "1", "100000"),
-                     "--wbits": ("1", "9", "16"), "--abits": ("0", "1", "12"), "--alpha": ("-0.5", "2"), "--method": ("awq",),
-                     "--act": ("per-channel",), "--alpha-search": ("random",)}.items():
+                     "--wbits": ("1", "9", "16"), "--abits": ("0", "1", "12"), "--alpha": ("-0.5", "2"),
+                     "--method": ("awq",), "--act": ("per-channel",), "--alpha-search": ("random",)}.items():
     for value in values:
         NUMERIC[f"quantize{flag[1:]}-{value}"] = ["quantize", "{llama}", "--method", "rtn", "--nsamples", "2",
                                                    "--seqlen", "32", "-o", "{case}/q", flag, value]
