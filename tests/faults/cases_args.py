@@ -100,6 +100,8 @@ def runtime_cases() -> list[Case]:
                                                                              *RUN[4:]]))
     cases.append(Case("run-max-new-tokens-1", "runtime", "ok", [*RUN[:2], "--max-new-tokens", "1", *RUN[4:]]))
     cases += [
+        Case("serve-port-out-of-range", "runtime", "error", ["serve", "{mixtral}", "--port", "70000"]),
+        Case("serve-host-unresolvable", "runtime", "error", ["serve", "{mixtral}", "--host", "999.1.1.1"]),
         Case("run-prompt-empty", "runtime", "error", [*RUN, "--prompt", ""]),
         Case("run-prompt-beyond-context", "runtime", "error", [*RUN, "--prompt", "word " * 5000]),
         Case("run-two-prompts", "runtime", "ok", [*RUN, "--prompt", "One", "--prompt", "Two"]),
