@@ -37,13 +37,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: str, budget: str, max_batch: int, hardware: str | None, threads: int):
+def start(model: str, budget: str, max_batch: int, hardware: str | None, threads: int, prefill_chunk: int):
     """`haq serve` in its own process; returns (process, base URL) once it answers /health."""
     import httpx
 
     port = _port()
     cmd = [sys.executable, "-m", "haq.cli", "serve", model, "--gpu-budget", budget, "--port", str(port),
-           "--max-batch", str(max_batch), "--max-queue", "1024", "--served-model-name", "m", "--threads", str(threads)]
+           "--max-batch", str(max_batch), "--max-queue", "1024", "--served-model-name", "m", "--threads", str(threads),
+           "--prefill-chunk", str(prefill_chunk)]
     proc = subprocess.Popen(cmd + (["--hardware", hardware] if hardware else []))
     base = f"http://127.0.0.1:{port}"
     while proc.poll() is None:
@@ -142,51 +143,61 @@ def main() -> None:
     parser.add_argument("--soak-s", type=float, default=120.0)
     parser.add_argument("--hardware", help="hardware preset (default: measured on this machine)")
     parser.add_argument("--threads", type=int, default=1, help="the server's torch threads (the clients use a core)")
+    parser.add_argument("--prefill-chunks", type=int, nargs="+", default=[512],
+                        help="the server's prompt tokens per step; several: one server each, measured interleaved")
+    parser.add_argument("--name", default="serve", help="results file name under bench/results/")
     args = parser.parse_args()
     _, tokenizer, path = load_model(args.model)
     windows = eval_windows("wiki-offline", tokenizer, seqlen=48, max_windows=args.requests)
     prompts = [tokenizer.decode(w) for w in windows]
     rows, soak = [], {}
     for budget in args.budgets:
-        proc, base = start(args.model, budget, max(args.concurrency), args.hardware, args.threads)
-        asyncio.run(load(base, prompts[:2], 2, 4))  # warm-up: prepacking, allocator, first-touch pages
-        runs: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+        servers = {chunk: start(args.model, budget, max(args.concurrency), args.hardware, args.threads, chunk)
+                   for chunk in args.prefill_chunks}  # idle but for the one measured
+        for _, base in servers.values():
+            asyncio.run(load(base, prompts[:2], 2, 4))  # warm-up: prepacking, allocator, first-touch pages
+        levels = [(chunk, c) for chunk in args.prefill_chunks for c in args.concurrency]
+        runs: dict[tuple[int, int], list[dict]] = {level: [] for level in levels}
         loads = []
         for _ in range(args.rounds):
-            for c in args.concurrency:  # interleaved
-                runs[c].append(measure(base, prompts, c, args.max_tokens))
+            for chunk, c in levels:  # interleaved
+                runs[chunk, c].append(measure(servers[chunk][1], prompts, c, args.max_tokens))
                 loads.append(os.getloadavg()[0])
-                print(budget, c, runs[c][-1], flush=True)
-        for c in args.concurrency:
-            row = {"model": path.name, "budget_pct": int(budget.rstrip("%")), "concurrency": c}
-            for key in runs[c][0]:
-                values = [r[key] for r in runs[c]]
+                print(budget, chunk, c, runs[chunk, c][-1], flush=True)
+        for chunk, c in levels:
+            row = {"model": path.name, "budget_pct": int(budget.rstrip("%")), "prefill_chunk": chunk, "concurrency": c}
+            for key in runs[chunk, c][0]:
+                values = [r[key] for r in runs[chunk, c]]
                 row[key] = sum(values) if key == "failed" else statistics.median(values)
             row["load"] = round(statistics.median(loads), 2)
             rows.append(row)
         if budget == args.budgets[-1]:
+            proc, base = servers[args.prefill_chunks[0]]
             rss0, start_t, failed, total = _rss_mb(proc.pid), time.perf_counter(), 0, 0
             while time.perf_counter() - start_t < args.soak_s:
                 results, _ = asyncio.run(load(base, prompts, max(args.concurrency), args.max_tokens))
                 failed += sum(r["failed"] for r in results)
                 total += len(results)
-            soak = {"budget": budget, "seconds": round(time.perf_counter() - start_t, 1), "requests": total,
+            soak = {"budget": budget, "prefill_chunk": args.prefill_chunks[0],
+                    "seconds": round(time.perf_counter() - start_t, 1), "requests": total,
                     "failed": failed, "rss_start_mb": round(rss0, 1), "rss_end_mb": round(_rss_mb(proc.pid), 1)}
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    one_by_one = {r["budget_pct"]: r["tokens_per_s"] for r in rows if r["concurrency"] == 1}
+        for proc, _ in servers.values():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+    one_by_one = {(r["budget_pct"], r["prefill_chunk"]): r["tokens_per_s"] for r in rows if r["concurrency"] == 1}
     for r in rows:
-        r["vs_concurrency_1"] = r["tokens_per_s"] / one_by_one[r["budget_pct"]]
+        r["vs_concurrency_1"] = r["tokens_per_s"] / one_by_one[r["budget_pct"], r["prefill_chunk"]]
     md = (f"# Serving (`haq serve`, real HTTP, streaming completions; {machine()['cpu']})\n\n"
-          f"`python bench/serve.py {args.model}` at git {git_rev()}: "
-          f"{path.name}, {args.requests} requests of {args.max_tokens} tokens per level, greedy, "
-          f"medians of {args.rounds} interleaved rounds, server threads {args.threads}; "
-          "concurrency 1 = the same prompts one after another.\n\n"
-          + md_table(rows, ["model", "budget_pct", "concurrency", "tokens_per_s", "vs_concurrency_1", "ttft_p50_ms",
-                            "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "mean_batch", "hit_rate", "cpu_share",
-                            "failed", "load"])
+          f"`python bench/serve.py {args.model}"
+          + (f" --prefill-chunks {' '.join(map(str, args.prefill_chunks))}" if args.prefill_chunks != [512] else "")
+          + f"` at git {git_rev()}: {path.name}, {args.requests} requests of {args.max_tokens} tokens per level, "
+          f"greedy, medians of {args.rounds} interleaved rounds, server threads {args.threads}; concurrency 1 = the "
+          "same prompts one after another; prefill chunk = the server's prompt tokens per step.\n\n"
+          + md_table(rows, ["model", "budget_pct", "prefill_chunk", "concurrency", "tokens_per_s", "vs_concurrency_1",
+                            "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "mean_batch", "hit_rate",
+                            "cpu_share", "failed", "load"])
           + "\n## Soak\n\n" + md_table([soak], list(soak)))
-    write_results("serve", {"machine": machine(), "rows": rows, "soak": soak}, md)
+    write_results(args.name, {"machine": machine(), "rows": rows, "soak": soak}, md)
 
 
 if __name__ == "__main__":

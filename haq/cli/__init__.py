@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond this get 429")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step: smaller "
+                   "keeps the running requests' inter-token latency lower while new ones join, at some TTFT")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request gets 408")
     p.add_argument("--chat-template", help="Jinja chat template file (default: the tokenizer's)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")

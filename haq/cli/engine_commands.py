@@ -141,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           hardware=args.hardware, profile=args.profile, max_batch=args.max_batch,
                           max_queue=args.max_queue, request_timeout=args.request_timeout,
                           chat_template=args.chat_template, batch_invariant=args.batch_invariant,
-                          served_name=args.served_model_name, int8_backend=args.int8_backend)
+                          served_name=args.served_model_name, int8_backend=args.int8_backend,
+                          prefill_chunk=args.prefill_chunk)
     print(f"serving {server.model_name} on http://{args.host}:{args.port}/v1 (max batch {args.max_batch})",
           file=sys.stderr)
     # uvicorn drains running requests on SIGTERM, then re-raises the signal to the handler it found:

@@ -102,6 +102,8 @@ def runtime_cases() -> list[Case]:
     cases += [
         Case("serve-port-out-of-range", "runtime", "error", ["serve", "{mixtral}", "--port", "70000"]),
         Case("serve-host-unresolvable", "runtime", "error", ["serve", "{mixtral}", "--host", "999.1.1.1"]),
+        Case("serve-prefill-chunk-0", "runtime", "error", ["serve", "{mixtral}", "--prefill-chunk", "0", "--threads",
+                                                            "1", "--hardware", "rtx4090-pcie4", "--profile", "{trace}"]),
         Case("run-prompt-empty", "runtime", "error", [*RUN, "--prompt", ""]),
         Case("run-prompt-beyond-context", "runtime", "error", [*RUN, "--prompt", "word " * 5000]),
         Case("run-two-prompts", "runtime", "ok", [*RUN, "--prompt", "One", "--prompt", "Two"]),
