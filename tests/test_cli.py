@@ -49,8 +49,13 @@ def test_export_of_a_float_model_is_a_clear_error(capsys, tiny_dir, tmp_path):
     assert code == 2 and "not a haq checkpoint" in err and "\n" not in err
 
 
-def test_unknown_zoo_model_build(capsys):
+def test_unknown_zoo_model_build(capsys, monkeypatch):
     code, err = run(capsys, "zoo", "build", "nope")
+    assert code == 2 and "unknown zoo model 'nope'" in err
+    from haq import zoo
+
+    monkeypatch.setattr(zoo, "build", lambda *a, **k: pytest.fail("built before every name was checked"))
+    code, err = run(capsys, "zoo", "build", "tiny-llama", "nope")
     assert code == 2 and "unknown zoo model 'nope'" in err
 
 

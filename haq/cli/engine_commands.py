@@ -95,8 +95,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     streams = {i: [] for i in range(len(prompts))}
     shown = {i: 0 for i in range(len(prompts))}
     single = len(prompts) == 1
-    if single:
-        print(prompts[0], end="", flush=True)
+    if single:  # the answer continues the prompt's text; after a chat turn, on its own line
+        print(prompts[0], end="\n" if args.chat else "", flush=True)
 
     def decode(tokens: list[int]) -> str:  # no clean-up: BPE tokenizers warn about it mid-stream
         return tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
