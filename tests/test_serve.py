@@ -124,7 +124,31 @@ BAD = [
     ("max_tokens beyond the context", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 10**6}, 400),
     ("temperature out of range", "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": 5}, 400),
     ("bad role", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400),
+    ("a number as a string", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400),
+    ("a boolean as a number", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": True}, 400),
+    ("two different max tokens", "/v1/completions",
+     {"model": "tiny", "prompt": "x", "max_tokens": 3, "max_completion_tokens": 4}, 400),
+    ("an image part", "/v1/chat/completions",
+     {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400),
 ]
+
+
+def test_what_current_openai_clients_send_is_taken(live):
+    """max_completion_tokens, the developer role, content as text parts, null sampling fields: the
+    same answer as the classic request."""
+    _, base, client = live
+    classic = client.chat.completions.create(
+        model="tiny", max_tokens=6, temperature=0,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about Paris."}])
+    current = client.chat.completions.create(
+        model="tiny", max_completion_tokens=6, temperature=0,
+        messages=[{"role": "developer", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "text", "text": "Tell me about "},
+                                               {"type": "text", "text": "Paris."}]}])
+    assert current.choices[0].message.content == classic.choices[0].message.content
+    reply = httpx.post(f"{base}/v1/completions", timeout=30,
+                       json={"model": "tiny", "prompt": "x", "max_tokens": 2, "top_p": None, "temperature": None})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
 
 
 @pytest.mark.parametrize("case,path,payload,status", BAD, ids=[b[0] for b in BAD])

@@ -1,17 +1,23 @@
 """The OpenAI-compatible request bodies, validated where they are declared: bounds in `Field`,
-unknown fields rejected (a typo is an error, not a silent default), one validator per rule."""
+unknown fields rejected (a typo is an error, not a silent default), types strict ("5" is not a
+number, true is not 1), one validator per rule. What current OpenAI clients send is taken:
+`max_completion_tokens`, null for a sampling field (its default), a message's content as a list of
+text parts, and the `developer` role (the system prompt, as OpenAI's reasoning models name it)."""
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1, description="tokens to generate (default 16, chat: 256)")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="OpenAI's newer name of max_tokens")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
@@ -19,11 +25,24 @@ class _Request(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     stop: str | list[str] | None = None
-    stream: bool = Field(default=False, strict=True)  # "yes" is not a boolean
+    stream: bool = False
     stream_options: dict | None = None
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
-    ignore_eos: bool = Field(default=False, strict=True, description="vLLM's extension: generate max_tokens tokens")
+    ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens tokens")
     user: str | None = None
+
+    @field_validator(*SAMPLING_DEFAULTS, mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value, info):
+        return SAMPLING_DEFAULTS[info.field_name] if value is None else value
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self):
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_tokens and max_completion_tokens differ: send one")
+            self.max_tokens = self.max_completion_tokens
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -43,11 +62,25 @@ class CompletionRequest(_Request):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict]
     name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _developer_is_system(cls, value: str) -> str:
+        return "system" if value == "developer" else value
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, value):
+        if isinstance(value, str):
+            return value
+        if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in value):
+            raise ValueError("content parts must be text ({\"type\": \"text\", \"text\": ...}): this model reads text only")
+        return "".join(part["text"] for part in value)
 
 
 class ChatCompletionRequest(_Request):
