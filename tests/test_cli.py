@@ -172,3 +172,19 @@ def test_every_help_shows_a_default_once_and_never_none():
         assert not re.search(r"\(default: [^)]*\) \(default:", text), p.prog
     run_help = " ".join(build_parser()._subparsers._group_actions[0].choices["run"].format_help().split())
     assert "--max-new-tokens MAX_NEW_TOKENS tokens generated per prompt (default: 32)" in run_help
+
+
+def test_a_recipe_flag_the_method_does_not_read_is_a_warning(capsys, caplog, monkeypatch):
+    from haq import api
+    from haq.errors import HaqError
+
+    def stop(*args, **kwargs):
+        raise HaqError("stopped before the work")
+
+    monkeypatch.setattr(api, "quantize", stop)
+    run(capsys, "quantize", "tiny-llama", "--method", "rtn", "--alpha", "0.7", "--percdamp", "0.1", "-o", "x")
+    assert "--alpha has no effect with --method rtn" in caplog.text
+    assert "--percdamp has no effect with --method rtn" in caplog.text
+    caplog.clear()
+    run(capsys, "quantize", "tiny-llama", "--method", "smoothquant", "--alpha", "0.7", "-o", "x")
+    assert "no effect" not in caplog.text

@@ -52,7 +52,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     fields = Recipe.from_file(args.recipe) if args.recipe else {}
     fields.update({k[len("recipe_"):]: v for k, v in vars(args).items() if k.startswith("recipe_")})
-    out = quantize(args.model, Recipe.from_dict(fields), args.output, calib=args.calib, nsamples=args.nsamples,
+    recipe = Recipe.from_dict(fields)
+    for name in recipe.ignored(set(fields)):
+        logging.warning("--%s has no effect with --method %s", name.replace("_", "-"), recipe.method)
+    out = quantize(args.model, recipe, args.output, calib=args.calib, nsamples=args.nsamples,
                    seqlen=args.seqlen, seed=args.seed, offload=args.offload, device=args.device)
     print_quant_summary(out)
 

@@ -105,6 +105,14 @@ class Recipe:
     def uses_gptq(self) -> bool:
         return self.method in ("gptq", "haq")
 
+    def ignored(self, given: set[str]) -> list[str]:
+        """The fields among `given` (set by the user) that this method does not read."""
+        reads = {"alpha": self.method == "smoothquant",
+                 **dict.fromkeys(("alpha_step", "alpha_search", "proxy_keep", "search_tokens"), self.method == "haq"),
+                 **dict.fromkeys(("percdamp", "blocksize", "actorder", "calibrate_all_experts", "min_expert_tokens",
+                                  "expert_shrink"), self.uses_gptq)}
+        return sorted(name for name in given if not reads.get(name, True))
+
     @property
     def quant_acts(self) -> bool:
         return self.abits <= 8
