@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -63,6 +64,11 @@ def _first_line(exc: Exception) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:400] or type(exc).__name__
 
 
+QUIET_WHILE_LOADING = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+"""transformers' loggers whose warnings a load does not show: its multi-line load report (haq refuses
+a folder whose tensors do not fit, naming them) and tensor-parallel notes (haq loads on one device)."""
+
+
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int8_backend: str | None = None):
     """(model, tokenizer, path); a haq quantized checkpoint loads with its int8 modules (on
     `int8_backend`, default the one its specs record)."""
@@ -76,14 +82,23 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int
         model = load_quantized(path, backend=int8_backend)
     else:
         refuse_orphaned_checkpoint(path)
-        try:
-            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        quiet = [logging.getLogger(name) for name in QUIET_WHILE_LOADING]
+        levels = [logger.level for logger in quiet]
+        for logger in quiet:
+            logger.setLevel(logging.ERROR)
+        try:  # mismatched sizes come back in `info` (refused below), not as an error that points at the report
+            model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
+                                                               ignore_mismatched_sizes=True)
         except Exception as exc:  # noqa: BLE001 - transformers, huggingface_hub's config validation and
             # safetensors raise a dozen types for a malformed folder; each is the folder's fault here
             raise HaqError(f"cannot load the model in {path} ({type(exc).__name__}): {_first_line(exc)}") from None
+        finally:
+            for logger, level in zip(quiet, levels):
+                logger.setLevel(level)
         extra = info.get("mismatched_keys") or info.get("unexpected_keys")
-        if extra:
-            names = sorted(map(str, extra))
+        if extra:  # a mismatch comes as (name, shape in the files, shape the config gives)
+            names = sorted(f"{k[0]} {list(k[1])} in the files, {list(k[2])} by the config" if isinstance(k, tuple)
+                           else str(k) for k in extra)
             raise HaqError(f"{path}: {len(names)} tensors in its files do not fit its config.json "
                            f"({', '.join(names[:3])}...): the config does not describe these weights")
         if info["missing_keys"]:  # transformers would initialize them at random: a model that is not this one
