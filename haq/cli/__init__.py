@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from haq.cli import engine_commands
-from haq.cli.parsing import Parser, add_recipe_flags
+from haq.cli.parsing import Parser, add_recipe_flags, add_threads_option, apply_threads
 from haq.cli.engine_commands import write_json as _write_json
 from haq.errors import HaqError
 
@@ -226,9 +226,7 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="haq", help="offloading policy")
     p.add_argument("--hardware", help="hardware preset or profile JSON (default: measure this machine)")
     p.add_argument("--profile", help="routing trace (.npz) for placement (default: recorded on wiki-offline train)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's, one per core); on a busy or 2-core machine 1 "
-                        "avoids OpenMP stalls in the many small ops of a decode step")
+    add_threads_option(p)
 
 
 def _int8_backend_option(p: argparse.ArgumentParser) -> None:
@@ -267,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where each decoder layer is calibrated: cpu or cuda[:N] (the "
                    "layer and the activations on the GPU, the model in host memory) (default: %(default)s)")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
+    add_threads_option(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("export", help="write a W8A8 checkpoint in another engine's format (vLLM: compressed-tensors)")
@@ -315,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
     p.add_argument("--max-windows", type=int, default=16, help="windows traced")
     p.add_argument("-o", "--output", required=True, help="the trace file (.npz)")
+    add_threads_option(p)
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("profile", help="expert activation statistics and paths on a dataset (writes a trace)")
@@ -325,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path-window", type=int, default=2, help="earlier layers a path statistic conditions on (1-4)")
     p.add_argument("-o", "--output", required=True, help="routing trace .npz (usable as `haq run --profile`)")
     p.add_argument("--plot", help="folder for the expert heat map PNG")
+    add_threads_option(p)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("simulate", help="compare offloading policies on a routing trace")
@@ -348,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is kept)")
     p.add_argument("-o", "--output", required=True, help="the hardware profile (JSON)")
+    add_threads_option(p)
     p.set_defaults(func=cmd_profile_hw)
 
     p = sub.add_parser("eval", help="perplexity on non-overlapping windows (GPTQ protocol)")
@@ -357,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None, help="windows evaluated (default: all)")
     _int8_backend_option(p)
     p.add_argument("--json", help="also write the result as JSON to this file")
+    add_threads_option(p)
     p.set_defaults(func=cmd_eval)
     return parser
 
@@ -394,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_transformers()
     try:
         _check_output_files(args)
+        apply_threads(args)
         args.func(args)
     except HaqError as exc:
         if args.verbose:

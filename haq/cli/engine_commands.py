@@ -19,10 +19,7 @@ def write_json(path: str, payload: dict) -> None:
 
 
 def _check_run_args(args: argparse.Namespace) -> None:
-    """Everything `run` and `serve` can check before a model is loaded or a machine profiled;
-    then the thread setting."""
-    import torch
-
+    """Everything `run` and `serve` can check before a model is loaded or a machine profiled."""
     from haq.runtime.policies import policy_names
 
     if args.policy not in policy_names():
@@ -33,10 +30,6 @@ def _check_run_args(args: argparse.Namespace) -> None:
     parse_budget(args.gpu_budget, 1)  # the syntax; the bytes it means need the model
     if getattr(args, "max_batch", 1) < 1:
         raise HaqError(f"--max-batch must be >= 1, got {args.max_batch}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise HaqError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
 
 
 def _check_listen(host: str, port: int) -> None:

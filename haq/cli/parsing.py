@@ -1,4 +1,5 @@
-"""The command line's parser pieces: help that shows each default once, and one flag per recipe field."""
+"""The command line's parser pieces: help that shows each default once, one flag per recipe field, and
+the thread count every command that computes takes."""
 from __future__ import annotations
 
 import argparse
@@ -41,3 +42,23 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
             extra["metavar"] = f.name.upper()
         p.add_argument(flag, dest=f"recipe_{f.name}", default=argparse.SUPPRESS,
                        help=f"{FIELD_HELP[f.name]} (default: {f.default})", **extra)
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's, one per core); on a busy or 2-core machine 1 "
+                        "avoids OpenMP stalls in the many small ops of a decode step")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """--threads, for the commands that take it, before any work."""
+    threads = getattr(args, "threads", None)
+    if threads is None:
+        return
+    from haq.errors import HaqError
+
+    if threads < 1:
+        raise HaqError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
