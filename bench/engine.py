@@ -262,11 +262,20 @@ def moe_layer(args) -> None:
     from haq.kernels.moe import route
     from haq.loading import load_model
 
+    from haq.kernels.experts import Int8Experts
+
+    if not args.int8:
+        raise SystemExit("--moe-layer needs --int8 CKPT (an int8 haq checkpoint of a MoE model)")
     model, _, _ = load_model(args.int8)
-    experts = [layer.mlp.experts for layer in model.model.layers]
+    experts = [m for m in model.modules() if isinstance(m, Int8Experts)]
+    runnable = [GroupedExperts.supports(m.act_fn, m.act_bits, m.act_mode, m.gate_up_in_scale is not None,
+                                        m.gate_up_q.device) and m.down_rotation is None for m in experts]
+    if not experts or not all(runnable):
+        raise SystemExit(f"{args.int8}: the grouped kernel does not run these experts (dynamic per-token W8A8 "
+                         "SiLU experts without a down rotation)")
     grouped = [GroupedExperts(list(m.gate_up_q), list(m.gate_up_scale), list(m.down_q), list(m.down_scale))
                for m in experts]
-    E, K, H = model.config.num_local_experts, model.config.num_experts_per_tok, model.config.hidden_size
+    E, K, H = experts[0].num_experts, model.config.num_experts_per_tok, experts[0].hidden_dim
     gen = torch.Generator().manual_seed(0)
     rows = []
     for T in args.tokens:
@@ -283,6 +292,9 @@ def moe_layer(args) -> None:
                 start = time.perf_counter()
                 fn()
                 times[way].append((time.perf_counter() - start) * 1e3)
+        for g, m in zip(grouped, experts):  # the same math: integers equal, SiLU's expf within an ulp
+            ref = m(x, index, weights)
+            torch.testing.assert_close(g.run(x, calls, weights), ref, rtol=0, atol=2e-3 * ref.abs().max().item())
         ms = {way: float(np.median(t)) for way, t in times.items()}
         rows.append({"tokens": T, "layers": len(experts), "grouped_ms": round(ms["grouped"], 2),
                      "call_by_call_ms": round(ms["call by call"], 2),

@@ -129,6 +129,39 @@ def measure(base: str, prompts: list[str], concurrency: int, max_tokens: int) ->
             "failed": len(results) - len(ok)}
 
 
+def measure_budget(args, budget: str, servers: dict, prompts: list[str], path, rows: list[dict]) -> dict | None:
+    """Every (prefill chunk, concurrency) level of one budget, interleaved, into `rows`; after the last
+    budget, the soak on the first chunk's server (its row returned)."""
+    for _, base in servers.values():
+        asyncio.run(load(base, prompts[:2], 2, 4))  # warm-up: prepacking, allocator, first-touch pages
+    levels = [(chunk, c) for chunk in args.prefill_chunks for c in args.concurrency]
+    runs: dict[tuple[int, int], list[dict]] = {level: [] for level in levels}
+    loads = []
+    for _ in range(args.rounds):
+        for chunk, c in levels:  # interleaved
+            runs[chunk, c].append(measure(servers[chunk][1], prompts, c, args.max_tokens))
+            loads.append(os.getloadavg()[0])
+            print(budget, chunk, c, runs[chunk, c][-1], flush=True)
+    for chunk, c in levels:
+        row = {"model": path.name, "budget_pct": int(budget.rstrip("%")), "prefill_chunk": chunk, "concurrency": c}
+        for key in runs[chunk, c][0]:
+            values = [r[key] for r in runs[chunk, c]]
+            row[key] = sum(values) if key == "failed" else statistics.median(values)
+        row["load"] = round(statistics.median(loads), 2)
+        rows.append(row)
+    if budget != args.budgets[-1]:
+        return None
+    proc, base = servers[args.prefill_chunks[0]]
+    rss0, start_t, failed, total = _rss_mb(proc.pid), time.perf_counter(), 0, 0
+    while time.perf_counter() - start_t < args.soak_s:
+        results, _ = asyncio.run(load(base, prompts, max(args.concurrency), args.max_tokens))
+        failed += sum(r["failed"] for r in results)
+        total += len(results)
+    return {"budget": budget, "prefill_chunk": args.prefill_chunks[0],
+            "seconds": round(time.perf_counter() - start_t, 1), "requests": total,
+            "failed": failed, "rss_start_mb": round(rss0, 1), "rss_end_mb": round(_rss_mb(proc.pid), 1)}
+
+
 def main() -> None:
     from haq.data.windows import eval_windows
     from haq.loading import load_model
@@ -151,39 +184,17 @@ def main() -> None:
     windows = eval_windows("wiki-offline", tokenizer, seqlen=48, max_windows=args.requests)
     prompts = [tokenizer.decode(w) for w in windows]
     rows, soak = [], {}
+    args.prefill_chunks = list(dict.fromkeys(args.prefill_chunks))
     for budget in args.budgets:
-        servers = {chunk: start(args.model, budget, max(args.concurrency), args.hardware, args.threads, chunk)
-                   for chunk in args.prefill_chunks}  # idle but for the one measured
-        for _, base in servers.values():
-            asyncio.run(load(base, prompts[:2], 2, 4))  # warm-up: prepacking, allocator, first-touch pages
-        levels = [(chunk, c) for chunk in args.prefill_chunks for c in args.concurrency]
-        runs: dict[tuple[int, int], list[dict]] = {level: [] for level in levels}
-        loads = []
-        for _ in range(args.rounds):
-            for chunk, c in levels:  # interleaved
-                runs[chunk, c].append(measure(servers[chunk][1], prompts, c, args.max_tokens))
-                loads.append(os.getloadavg()[0])
-                print(budget, chunk, c, runs[chunk, c][-1], flush=True)
-        for chunk, c in levels:
-            row = {"model": path.name, "budget_pct": int(budget.rstrip("%")), "prefill_chunk": chunk, "concurrency": c}
-            for key in runs[chunk, c][0]:
-                values = [r[key] for r in runs[chunk, c]]
-                row[key] = sum(values) if key == "failed" else statistics.median(values)
-            row["load"] = round(statistics.median(loads), 2)
-            rows.append(row)
-        if budget == args.budgets[-1]:
-            proc, base = servers[args.prefill_chunks[0]]
-            rss0, start_t, failed, total = _rss_mb(proc.pid), time.perf_counter(), 0, 0
-            while time.perf_counter() - start_t < args.soak_s:
-                results, _ = asyncio.run(load(base, prompts, max(args.concurrency), args.max_tokens))
-                failed += sum(r["failed"] for r in results)
-                total += len(results)
-            soak = {"budget": budget, "prefill_chunk": args.prefill_chunks[0],
-                    "seconds": round(time.perf_counter() - start_t, 1), "requests": total,
-                    "failed": failed, "rss_start_mb": round(rss0, 1), "rss_end_mb": round(_rss_mb(proc.pid), 1)}
-        for proc, _ in servers.values():
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
+        servers = {}  # one per chunk size, idle but for the one measured
+        try:
+            for chunk in args.prefill_chunks:
+                servers[chunk] = start(args.model, budget, max(args.concurrency), args.hardware, args.threads, chunk)
+            soak = measure_budget(args, budget, servers, prompts, path, rows) or soak
+        finally:
+            for proc, _ in servers.values():
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=120)
     one_by_one = {(r["budget_pct"], r["prefill_chunk"]): r["tokens_per_s"] for r in rows if r["concurrency"] == 1}
     for r in rows:
         r["vs_concurrency_1"] = r["tokens_per_s"] / one_by_one[r["budget_pct"], r["prefill_chunk"]]

@@ -149,8 +149,8 @@ def parse_budget(text: str, total_expert_bytes: int) -> int:
         raise HaqError(f"--gpu-budget {text!r}: expected bytes (e.g. 6GiB, 512MB, 1000000) or a percentage (25%)")
     number, unit = float(match.group(1)), match.group(2) or ""
     if unit in ("", "b") and not number.is_integer():  # 0.5 is half a byte: the user meant a share
-        raise HaqError(f"--gpu-budget {text}: a byte count is a whole number; for a share of the expert bytes "
-                       f"write a percentage ({number * 100:g}%)")
+        share = f"; for a share of the expert bytes write a percentage ({number * 100:g}%)" if number < 1 else ""
+        raise HaqError(f"--gpu-budget {text}: a byte count is a whole number, or give a unit (1.5GB){share}")
     if unit == "%":
         if number > 100:
             raise HaqError(f"--gpu-budget {text}: a percentage of the expert bytes must be <= 100%")

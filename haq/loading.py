@@ -100,7 +100,8 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int
             names = sorted(f"{k[0]} {list(k[1])} in the files, {list(k[2])} by the config" if isinstance(k, tuple)
                            else str(k) for k in extra)
             raise HaqError(f"{path}: {len(names)} tensors in its files do not fit its config.json "
-                           f"({', '.join(names[:3])}...): the config does not describe these weights")
+                           f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): the config does not "
+                           "describe these weights")
         if info["missing_keys"]:  # transformers would initialize them at random: a model that is not this one
             missing = sorted(info["missing_keys"])
             raise HaqError(f"{path}: {len(missing)} weights of the architecture are not in its files "

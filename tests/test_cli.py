@@ -172,6 +172,7 @@ def test_every_help_shows_a_default_once_and_never_none():
         assert not re.search(r"\(default: [^)]*\) \(default:", text), p.prog
     run_help = " ".join(build_parser()._subparsers._group_actions[0].choices["run"].format_help().split())
     assert "--max-new-tokens MAX_NEW_TOKENS tokens generated per prompt (default: 32)" in run_help
+    assert "--temperature TEMPERATURE 0 = greedy (default: 0.0)" in run_help  # a default of 0 is shown
 
 
 def test_a_recipe_flag_the_method_does_not_read_is_a_warning(capsys, caplog, monkeypatch):

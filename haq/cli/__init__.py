@@ -51,9 +51,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from haq.quant.recipe import Recipe
 
     fields = Recipe.from_file(args.recipe) if args.recipe else {}
-    fields.update({k[len("recipe_"):]: v for k, v in vars(args).items() if k.startswith("recipe_")})
+    flags = {k[len("recipe_"):]: v for k, v in vars(args).items() if k.startswith("recipe_")}  # only those given
+    fields.update(flags)
     recipe = Recipe.from_dict(fields)
-    for name in recipe.ignored(set(fields)):
+    for name in recipe.ignored(set(flags)):  # a recipe file may hold every field; a flag is a choice
         logging.warning("--%s has no effect with --method %s", name.replace("_", "-"), recipe.method)
     out = quantize(args.model, recipe, args.output, calib=args.calib, nsamples=args.nsamples,
                    seqlen=args.seqlen, seed=args.seed, offload=args.offload, device=args.device)

@@ -81,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     config = engine.model.config
     for prompt in ids:  # before any text is shown
         try:
-            check_request(prompt, params, config.vocab_size, getattr(config, "max_position_embeddings", None))
+            check_request(prompt, params, getattr(config, "vocab_size", None),
+                          getattr(config, "max_position_embeddings", None))
         except HaqError:
             engine.close()
             raise

@@ -10,7 +10,8 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     or False one (an unset option, an off switch)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or "default" in (action.help or ""):  # `is`: a default of 0 is shown (0 == False)
             return action.help or ""
         return super()._get_help_string(action)
 

@@ -218,6 +218,7 @@ class BatchGenerator:
         if seq.prefilled < len(seq.prompt):
             return []
         self.prefilling = None
+        _check_logits(out.logits[0, -1])
         event = self._sample(seq, out.logits[0, -1])
         if event.finish_reason is None:
             self._join(seq)
@@ -233,6 +234,7 @@ class BatchGenerator:
         else:
             logits = self._module_decode(rows)
         self.last_step.decode_rows = len(rows)
+        _check_logits(logits)  # the whole step, before any row takes a token
         events = [self._sample(seq, logits[b]) for b, seq in enumerate(rows)]
         done = [b for b, event in enumerate(events) if event.finish_reason is not None]
         if done:
@@ -256,8 +258,6 @@ class BatchGenerator:
         return out.logits[:, -1]
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
-        if bool((logits.isnan() | logits.isposinf()).any()):  # -inf is a token a model rules out
-            raise HaqError(NOT_FINITE)
         token = next_token(logits, seq.tokens, seq.params, seq.generator)
         seq.tokens.append(token)
         if (token in self.eos and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
@@ -321,6 +321,13 @@ class BatchGenerator:
         for event in self.stream():
             out[event.seq_id].append(event.token)
         return [out[i] for i in ids]
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    """NaN or +inf logits come from damaged weights or an overflow, never from a real distribution
+    (-inf is a token a model rules out): an error with the reason, not a silent first-token stop."""
+    if bool((logits.isnan() | logits.isposinf()).any()):
+        raise HaqError(NOT_FINITE)
 
 
 def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
