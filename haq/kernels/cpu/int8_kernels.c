@@ -121,7 +121,10 @@ static inline __attribute__((always_inline)) void dot_tile(const uint8_t *xu, co
         for (int r = 0; r < ROWS; r++) a[i][r] = _mm512_setzero_si512();
     for (int64_t k = 0; k < full; k += 64) {
 #pragma GCC unroll 4
-        for (int r = 0; r < ROWS; r++) wv[r] = _mm512_loadu_si512((const void *)(w + r * K + k));
+        for (int r = 0; r < ROWS; r++) {
+            wv[r] = _mm512_loadu_si512((const void *)(w + r * K + k));
+            __asm__("" : "+v"(wv[r])); /* in a register: gcc would fold it into every vpdpbusd as a load */
+        }
 #pragma GCC unroll 4
         for (int i = 0; i < q; i++) {
             const __m512i xv = _mm512_loadu_si512((const void *)(xu + i * K + k));
@@ -199,7 +202,8 @@ static void gemm_rows(const uint8_t *xu, const float *xs, int64_t M, const int8_
             int tile = 1;
 #if HAQ_VNNI
             if (m > 0 && rows == ROWS && m + 1 < M) {
-                tile = (int)(M - m < TILE_Q ? M - m : TILE_Q);
+                int64_t left = M - m; /* 5 left go as 3 + 2, not 4 + a single row */
+                tile = (int)(left == TILE_Q + 1 ? TILE_Q - 1 : left < TILE_Q ? left : TILE_Q);
                 dot_tile_rows(xu + m * K, w + n * K, K, sums + n, acc, tile);
             } else
 #endif
