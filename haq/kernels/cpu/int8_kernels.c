@@ -1,6 +1,6 @@
-/* haq's CPU int8 kernels for decode-sized batches (a few rows): activation quantization, the
- * int8 x int8 -> int32 product and the rescale fused in one pass, and a whole MoE layer's routed
- * experts in one call. Built at first use by haq/kernels/cpu/__init__.py (gcc -O3 -march=native
+/* haq's CPU int8 kernels: activation quantization, the int8 x int8 -> int32 product and the rescale
+ * fused in one pass (decode-sized batches), and a whole MoE layer's routed experts in one call (decode
+ * steps and prefill chunks: register tiles once a block of weights is in L1). Built at first use by haq/kernels/cpu/__init__.py (gcc -O3 -march=native
  * -fopenmp) and called through ctypes; the OpenMP runtime is the one PyTorch already loaded.
  *
  * Grid (haq/kernels/grid.py): symmetric, levels in [-qmax, qmax], scale = max(amax / qmax, 1e-8),
