@@ -1,7 +1,8 @@
 /* haq's CPU int8 kernels: activation quantization, the int8 x int8 -> int32 product and the rescale
  * fused in one pass (decode-sized batches), and a whole MoE layer's routed experts in one call (decode
- * steps and prefill chunks: register tiles once a block of weights is in L1). Built at first use by haq/kernels/cpu/__init__.py (gcc -O3 -march=native
- * -fopenmp) and called through ctypes; the OpenMP runtime is the one PyTorch already loaded.
+ * steps and prefill chunks: register tiles once a block of weights is in L1). Built at first use by
+ * haq/kernels/cpu/__init__.py (gcc -O3 -march=native -fopenmp) and called through ctypes; the OpenMP
+ * runtime is the one PyTorch already loaded.
  *
  * Grid (haq/kernels/grid.py): symmetric, levels in [-qmax, qmax], scale = max(amax / qmax, 1e-8),
  * q = round-half-even(x / scale). Weights: int8 [N, K] row-major, one float scale per row.
@@ -89,7 +90,7 @@ static void quantize(const float *x, int64_t M, int64_t K, int qmax, int mode, f
     }
 }
 
-#define TILE_Q 4 /* activation rows per register tile of dot_tile: TILE_Q x ROWS accumulators */
+#define TILE_M 4 /* activation rows per register tile (dot_tile, f32_tile): TILE_M x ROWS accumulators */
 
 #if HAQ_VNNI
 /* The four accumulators' horizontal sums at once, less the u8 offset: pairwise interleaved adds,
@@ -105,14 +106,14 @@ static void reduce_rows(const __m512i a[ROWS], const int32_t *sums, int rows, in
     for (int r = 0; r < rows; r++) acc[r] = lanes[r] - 128 * sums[r];
 }
 
-/* Exact int32 dot products of q <= TILE_Q activation rows (stride K) with ROWS weight rows, k
+/* Exact int32 dot products of q <= TILE_M activation rows (stride K) with ROWS weight rows, k
  * outermost: each of the ROWS + q loads per step feeds q or ROWS vpdpbusd (0.5 loads each for a full
  * tile, against 2 in dot_rows), for the rows of a prefill or a large batch, once dot_rows has brought
  * the weight rows into L1. Inlined with q constant, so the accumulators stay in registers.
  * acc[i * ROWS + r]: activation row i with weight row r. */
 static inline __attribute__((always_inline)) void dot_tile(const uint8_t *xu, const int8_t *w, int64_t K,
                                                             const int32_t *sums, int32_t *acc, const int q) {
-    __m512i a[TILE_Q][ROWS], wv[ROWS];
+    __m512i a[TILE_M][ROWS], wv[ROWS];
     const int64_t full = K / 64 * 64;
     const __mmask64 mask = full < K ? _cvtu64_mask64((~0ULL) >> (64 - (K - full))) : 0;
 #pragma GCC unroll 4
@@ -146,7 +147,7 @@ static inline __attribute__((always_inline)) void dot_tile(const uint8_t *xu, co
     for (int i = 0; i < q; i++) reduce_rows(a[i], sums, ROWS, acc + i * ROWS);
 }
 
-/* dot_tile for the rows left, 2 to TILE_Q of them (one goes through dot_rows). */
+/* dot_tile for the rows left, 2 to TILE_M of them (one goes through dot_rows). */
 static void dot_tile_rows(const uint8_t *xu, const int8_t *w, int64_t K, const int32_t *sums, int32_t *acc, int q) {
     switch (q) {
     case 4: dot_tile(xu, w, K, sums, acc, 4); break;
@@ -192,10 +193,10 @@ static void dot_rows(const uint8_t *xu, const int8_t *w, int64_t K, int rows, co
 /* y[m, n] = acc * x_scale[m] * w_scale[n] (+ bias[n]) for rows [n0, n1) of the weight and all M
  * activation rows (ld: y's row stride); each block of ROWS weight rows is read once, row after row
  * for the first activation row (the DRAM-bound GEMV order), then from L1 for the others, in tiles of
- * up to TILE_Q rows. The integers are exact either way, so the floats are the same. */
+ * up to TILE_M rows. The integers are exact either way, so the floats are the same. */
 static void gemm_rows(const uint8_t *xu, const float *xs, int64_t M, const int8_t *w, const int32_t *sums,
                       const float *ws, const float *bias, int64_t K, int64_t n0, int64_t n1, float *y, int64_t ld) {
-    int32_t acc[TILE_Q * ROWS];
+    int32_t acc[TILE_M * ROWS];
     for (int64_t n = n0; n < n1; n += ROWS) {
         int rows = (int)(n1 - n < ROWS ? n1 - n : ROWS);
         for (int64_t m = 0; m < M;) {
@@ -203,7 +204,7 @@ static void gemm_rows(const uint8_t *xu, const float *xs, int64_t M, const int8_
 #if HAQ_VNNI
             if (m > 0 && rows == ROWS && m + 1 < M) {
                 int64_t left = M - m; /* 5 left go as 3 + 2, not 4 + a single row */
-                tile = (int)(left == TILE_Q + 1 ? TILE_Q - 1 : left < TILE_Q ? left : TILE_Q);
+                tile = (int)(left == TILE_M + 1 ? TILE_M - 1 : left < TILE_M ? left : TILE_M);
                 dot_tile_rows(xu + m * K, w + n * K, K, sums + n, acc, tile);
             } else
 #endif
@@ -245,8 +246,6 @@ static void linear_blocks(const uint8_t *xu, const float *xs, int64_t M, const i
 }
 
 #if defined(__AVX512F__)
-#define TILE_M 4 /* activation rows per register tile of f32_tile: 4 x ROWS accumulators */
-
 /* One full tile of f32_rows: rows m0..m0+TILE_M of x against weight rows n..n+ROWS, k outermost, so
  * each loaded vector of x or w feeds TILE_M or ROWS FMAs (0.5 loads per FMA, against 2 row by row);
  * the weight rows prefetched as in the GEMV (the lm_head streams from DRAM). Each (m, n)
