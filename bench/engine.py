@@ -258,23 +258,21 @@ def check_tokens(args) -> None:
 
 
 def moe_layer(args) -> None:
+    from haq.kernels.experts import Int8Experts
     from haq.kernels.grouped_moe import GroupedExperts
     from haq.kernels.moe import route
     from haq.loading import load_model
-
-    from haq.kernels.experts import Int8Experts
 
     if not args.int8:
         raise SystemExit("--moe-layer needs --int8 CKPT (an int8 haq checkpoint of a MoE model)")
     model, _, _ = load_model(args.int8)
     experts = [m for m in model.modules() if isinstance(m, Int8Experts)]
     runnable = [GroupedExperts.supports(m.act_fn, m.act_bits, m.act_mode, m.gate_up_in_scale is not None,
-                                        m.gate_up_q.device) and m.down_rotation is None for m in experts]
+                                        m.gate_up_q.device) for m in experts]
     if not experts or not all(runnable):
         raise SystemExit(f"{args.int8}: the grouped kernel does not run these experts (dynamic per-token W8A8 "
-                         "SiLU experts without a down rotation)")
-    grouped = [GroupedExperts(list(m.gate_up_q), list(m.gate_up_scale), list(m.down_q), list(m.down_scale))
-               for m in experts]
+                         "SiLU experts on the CPU)")
+    grouped = [GroupedExperts.of_int8_experts(m) for m in experts]
     E, K, H = experts[0].num_experts, model.config.num_experts_per_tok, experts[0].hidden_dim
     gen = torch.Generator().manual_seed(0)
     rows = []

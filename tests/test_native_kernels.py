@@ -97,8 +97,7 @@ def test_grouped_layer_equals_the_experts_call_by_call(kernels, T: int, K: int) 
     g = torch.Generator().manual_seed(T * 10 + K)
     E, H, I = 8, 96, 72
     experts = random_experts(E, H, I, g)
-    grouped = GroupedExperts(list(experts.gate_up_q), list(experts.gate_up_scale), list(experts.down_q),
-                             list(experts.down_scale))
+    grouped = GroupedExperts.of_int8_experts(experts)
     x = torch.randn(T, H, generator=g)
     x[0, :5] *= 40
     index = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])

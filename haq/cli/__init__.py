@@ -22,9 +22,8 @@ def cmd_zoo(args: argparse.Namespace) -> None:
             state = "built" if zoo.is_built(entry.name) else "-"
             print(f"{entry.name:22s} {state:6s} {entry.description}")
     else:
-        unknown = [name for name in args.names if name not in zoo.ZOO]
-        if unknown:  # before any build, not after the first
-            raise HaqError(f"unknown zoo model {unknown[0]!r}; available: {', '.join(zoo.ZOO)}")
+        for name in args.names:  # every name before any build, not after the first
+            zoo.entry_of(name)
         for name in args.names:
             print(zoo.build(name, force=args.force))
 

@@ -69,6 +69,15 @@ class GroupedExperts:
             A, B = self.rotation_factors
             self.rotation = cpu.Rotation(A.data_ptr(), B.data_ptr(), A.shape[0], B.shape[0])
 
+    @classmethod
+    def of_int8_experts(cls, experts) -> GroupedExperts:
+        """Kernel tables over an `Int8Experts` module's own weights (no copy); `supports` says whether
+        the kernel computes its math."""
+        E = experts.num_experts
+        return cls([experts.gate_up_q[e] for e in range(E)], [experts.gate_up_scale[e] for e in range(E)],
+                   [experts.down_q[e] for e in range(E)], [experts.down_scale[e] for e in range(E)],
+                   experts.act_bits, down_rotation=experts.down_rotation)
+
     @staticmethod
     def supports(act_fn: nn.Module, act_bits: int, act_mode: str, static_scales: bool, device: torch.device) -> bool:
         return (device.type == "cpu" and act_bits <= 8 and act_mode == "per-token" and not static_scales

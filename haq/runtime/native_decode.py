@@ -283,10 +283,7 @@ class NativeDecoder:
             raise Unsupported(f"layer {index} experts are not SiLU W8A8 per-token experts on the CPU")
         if qmax_for(experts.act_bits) != self.qmax:
             raise Unsupported("experts and linears with different activation bits")
-        E = experts.num_experts
-        return GroupedExperts([experts.gate_up_q[e] for e in range(E)], [experts.gate_up_scale[e] for e in range(E)],
-                              [experts.down_q[e] for e in range(E)], [experts.down_scale[e] for e in range(E)],
-                              experts.act_bits, down_rotation=experts.down_rotation)
+        return GroupedExperts.of_int8_experts(experts)
 
     @classmethod
     def build(cls, model: nn.Module, experts: Sequence[GroupedExperts] | None = None

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 0.0, "repetition_penalty": 1.0}
+NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "presence_penalty", "repetition_penalty")
 
 
 class _Request(BaseModel):
@@ -31,10 +31,10 @@ class _Request(BaseModel):
     ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens tokens")
     user: str | None = None
 
-    @field_validator(*SAMPLING_DEFAULTS, mode="before")
+    @field_validator(*NULL_IS_DEFAULT, mode="before")
     @classmethod
     def _null_is_the_default(cls, value, info):
-        return SAMPLING_DEFAULTS[info.field_name] if value is None else value
+        return cls.model_fields[info.field_name].default if value is None else value
 
     @model_validator(mode="after")
     def _one_max_tokens(self):

@@ -92,11 +92,16 @@ def is_built(name: str) -> bool:
     return marker.is_file() and marker.read_text().splitlines()[0] == f"version {ZOO[name].version()}"
 
 
-def build(name: str, force: bool = False) -> Path:
-    """Build a zoo model (and what it requires) atomically: a temp folder renamed into place."""
+def entry_of(name: str) -> ZooEntry:
+    """The zoo's entry for `name`, or an error listing the names it has."""
     if name not in ZOO:
         raise HaqError(f"unknown zoo model {name!r}; available: {', '.join(ZOO)}")
-    entry = ZOO[name]
+    return ZOO[name]
+
+
+def build(name: str, force: bool = False) -> Path:
+    """Build a zoo model (and what it requires) atomically: a temp folder renamed into place."""
+    entry = entry_of(name)
     for dep in entry.requires:
         build(dep)
     final = models_dir() / name
