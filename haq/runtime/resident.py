@@ -114,5 +114,4 @@ def _unstack(engine: Engine, layer: int) -> None:
     for e in range(engine.store.num_experts):
         key = (layer, e)
         if key in engine.cache:
-            engine.cache[key] = ExpertWeights(*(None if t is None else t.clone() for t in
-                                                (getattr(engine.cache[key], f) for f in FIELDS)))
+            engine.cache[key] = engine.cache[key].copy()
