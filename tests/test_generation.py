@@ -195,3 +195,19 @@ def test_nan_weights_are_an_error_not_a_silent_stop_or_a_nan_perplexity(tiny_dir
         BatchGenerator(model).generate([prompts()[0]], SamplingParams(max_tokens=3))
     with pytest.raises(HaqError, match="window 0: .*NaN or infinite"):
         perplexity(model, torch.randint(0, 4096, (2, 16)), progress=False)
+
+
+@pytest.mark.parametrize("value, bad", [(float("nan"), True), (float("inf"), True), (float("-inf"), False)])
+def test_check_logits_refuses_a_nan_or_plus_inf_anywhere_in_the_step(value, bad):
+    """One pass over the rows' maxima sees a single bad logit in any row; -inf rules a token out."""
+    from haq.runtime.generation import _check_logits
+
+    logits = torch.randn(3, 50)
+    logits[2, 37] = value
+    if bad:
+        with pytest.raises(HaqError, match="NaN or infinite"):
+            _check_logits(logits)
+    else:
+        _check_logits(logits)
+    with pytest.raises(HaqError, match="NaN or infinite"):  # no token left to choose
+        _check_logits(torch.full((1, 4), float("-inf")))

@@ -345,13 +345,14 @@ class Engine:
 
     def _count_native_step(self, routing: np.ndarray) -> None:
         """A native decode step's routing [decoder layers, rows, top_k]: its calls, all on the CPU."""
-        ordered = np.sort(routing[self.moe_layer_index].reshape(len(self.moe_layer_index), -1), axis=1)
-        distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(axis=1)  # distinct experts per layer
-        for layer, calls in enumerate(distinct.tolist()):
-            self.calls[layer] += calls
-            if self.record_routing:
-                self.routing[layer].append(torch.from_numpy(routing[self.moe_layer_index[layer]].copy()))
-        self.cpu_calls += int(distinct.sum())
+        moe = torch.from_numpy(routing[self.moe_layer_index])  # [MoE layers, rows, top_k], a copy
+        ordered = np.sort(moe.numpy().reshape(len(moe), -1), axis=1)
+        distinct = (1 + (ordered[:, 1:] != ordered[:, :-1]).sum(axis=1)).tolist()  # distinct experts per layer
+        self.calls = [calls + new for calls, new in zip(self.calls, distinct)]
+        if self.record_routing:
+            for chunks, layer in zip(self.routing, moe.unbind(0)):
+                chunks.append(layer)
+        self.cpu_calls += sum(distinct)
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams, max_batch: int = 8,

@@ -227,6 +227,7 @@ class NativeDecoder:
             self.lm_head, self.lm_head_q = self._hold(_contiguous_f32(head.weight, "the lm_head")), cpu.QLinear()
         self.num_layers = len(layers)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._struct: tuple[cpu.Step, int] | None = None
 
     # -- building ---------------------------------------------------------------------------
     def _hold(self, obj):
@@ -311,6 +312,17 @@ class NativeDecoder:
         index = torch.tensor(positions, dtype=torch.long)
         return self._rope[0][index], self._rope[1][index]
 
+    def _step_struct(self, B: int) -> tuple[cpu.Step, int]:
+        """The step's fixed fields for B rows and its scratch bytes, built once per B (a step sets
+        its length, pads, rotary rows and threads)."""
+        if self._struct is None or self._struct[0].B != B:
+            st = cpu.Step(layers=self.num_layers, B=B, H=self.hidden, heads=self.heads, kv_heads=self.kv_heads,
+                          head_dim=self.head_dim, experts=self.experts, top_k=self.top_k, vocab=self.vocab,
+                          final_norm=self.final_norm, lm_head=None if self.lm_head is None else self.lm_head.data_ptr(),
+                          lm_head_q=self.lm_head_q, eps=self.eps, attn_scale=self.scaling, qmax=self.qmax)
+            self._struct = (st, cpu.library().haq_decode_scratch(st, self.max_inter))
+        return self._struct
+
     def accepts(self, cache) -> bool:
         """A cache this step can extend: every layer preallocated, float32, holding tokens."""
         layers = getattr(cache, "layers", ())
@@ -334,14 +346,11 @@ class NativeDecoder:
                 raise ValueError(f"cache layers disagree: length {n} vs {length}, rows {kbuf.shape[0]} vs {B}")
             spec.kbuf, spec.vbuf, spec.cap = kbuf.data_ptr(), vbuf.data_ptr(), kbuf.shape[-2]
         pad = torch.tensor(list(pads), dtype=torch.int64)
-        st = cpu.Step(layers=self.num_layers, B=B, H=self.hidden, heads=self.heads, kv_heads=self.kv_heads,
-                      head_dim=self.head_dim, experts=self.experts, top_k=self.top_k, vocab=self.vocab,
-                      length=length, pads=pad.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
-                      final_norm=self.final_norm, lm_head=None if self.lm_head is None else self.lm_head.data_ptr(),
-                      lm_head_q=self.lm_head_q, eps=self.eps,
-                      attn_scale=self.scaling, qmax=self.qmax, threads=threads or torch.get_num_threads())
+        st, scratch_bytes = self._step_struct(B)
+        st.length, st.pads, st.cos, st.sin = length, pad.data_ptr(), cos.data_ptr(), sin.data_ptr()
+        st.threads = threads or torch.get_num_threads()
         lib = cpu.library()
-        work = cpu.scratch(lib.haq_decode_scratch(st, self.max_inter))
+        work = cpu.scratch(scratch_bytes)
         logits = torch.empty(B, self.vocab, dtype=torch.float32)
         routing = np.full((self.num_layers, B, max(self.top_k, 1)), -1, dtype=np.int16)
         if seconds is not None and (seconds.dtype != np.float64 or seconds.shape != (len(STEP_PARTS) + 1,)):
