@@ -91,10 +91,11 @@ def test_other_dtypes_and_prefill_run_hf_attention(tiny_dir, monkeypatch) -> Non
 
 
 @pytest.mark.parametrize("D", [8, 16, 32, 64, 128])  # the scalar, one-vector and four-vector score loops
-def test_kernel_attention_equals_a_torch_reference_for_every_head_width(D: int) -> None:
+@pytest.mark.parametrize("length", [30, 290])  # one chunk of columns; three (ATT_CHUNK = 128), the max rescaled
+def test_kernel_attention_equals_a_torch_reference_for_every_head_width(D: int, length: int) -> None:
     """RoPE on q and the new k, the cache write at column `length`, GQA softmax attention over
     each row's unpadded columns, against the same in torch (float64)."""
-    B, nh, kvh, cap, length = 2, 6, 2, 40, 30
+    B, nh, kvh, cap = 2, 6, 2, length + 10
     g = torch.Generator().manual_seed(D)
     q, k, v = (torch.randn(B, n * D, generator=g) for n in (nh, kvh, kvh))
     kbuf, vbuf = torch.randn(B, kvh, cap, D, generator=g), torch.randn(B, kvh, cap, D, generator=g)

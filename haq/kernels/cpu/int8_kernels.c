@@ -607,12 +607,17 @@ static float dot_head(const float *a, const float *b, int64_t D) {
     return s;
 }
 
+/* One head's attention over the cached columns pads[b]..length, in chunks of ATT_CHUNK columns:
+ * the chunk's scores first (independent dot products, not one chain through expf per column),
+ * then its exponentials against the running max (the accumulated sums rescaled when it grows),
+ * then the weighted values. */
+#define ATT_CHUNK 128
 static void attend_head(const float *q, int64_t q_stride, int64_t b, int64_t h, int64_t nh, int64_t kvh, int64_t D,
                         const float *cos, const float *sin, const float *kbuf, const float *vbuf, int64_t cap,
                         int64_t length, const int64_t *pads, float scale, float *out) {
     int64_t half = D / 2;
     const float *c = cos + b * D, *s = sin + b * D, *qr = q + b * q_stride + h * D;
-    float qh[512], acc[512];
+    float qh[512], acc[512], p[ATT_CHUNK];
     for (int64_t d = 0; d < D; d++) {
         float rot = d < half ? -qr[d + half] : qr[d - half];
         qh[d] = qr[d] * c[d] + rot * s[d];
@@ -621,17 +626,24 @@ static void attend_head(const float *q, int64_t q_stride, int64_t b, int64_t h, 
     int64_t g = h / (nh / kvh);
     const float *K = kbuf + (b * kvh + g) * cap * D, *V = vbuf + (b * kvh + g) * cap * D;
     float m = -INFINITY, l = 0.f;
-    for (int64_t t = pads[b]; t <= length; t++) {
-        float score = dot_head(qh, K + t * D, D) * scale;
-        if (score > m) { /* a new running max: rescale what was accumulated */
-            float r = expf(m - score);
+    for (int64_t t0 = pads[b]; t0 <= length; t0 += ATT_CHUNK) {
+        int64_t n = length + 1 - t0 < ATT_CHUNK ? length + 1 - t0 : ATT_CHUNK;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < n; j++) {
+            p[j] = dot_head(qh, K + (t0 + j) * D, D) * scale;
+            top = fmaxf(top, p[j]);
+        }
+        if (top > m) { /* a new running max: rescale what was accumulated */
+            float r = expf(m - top);
             l *= r;
             for (int64_t d = 0; d < D; d++) acc[d] *= r;
-            m = score;
+            m = top;
         }
-        float p = expf(score - m);
-        l += p;
-        for (int64_t d = 0; d < D; d++) acc[d] += p * V[t * D + d];
+        for (int64_t j = 0; j < n; j++) l += (p[j] = expf(p[j] - m));
+        for (int64_t j = 0; j < n; j++) {
+            const float *vr = V + (t0 + j) * D;
+            for (int64_t d = 0; d < D; d++) acc[d] += p[j] * vr[d];
+        }
     }
     float *o = out + b * nh * D + h * D;
     for (int64_t d = 0; d < D; d++) o[d] = acc[d] / l;
