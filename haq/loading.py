@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -69,32 +70,66 @@ QUIET_WHILE_LOADING = ("transformers.modeling_utils", "transformers.distributed.
 a folder whose tensors do not fit, naming them) and tensor-parallel notes (haq loads on one device)."""
 
 
+class _Held(logging.Handler):
+    """Keeps what a load logs instead of printing it: its report is read only if the load fails."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text += record.getMessage() + "\n"
+
+
+def _conversion_error(report: str) -> str | None:
+    """From transformers' load report, the first weight conversion that failed: its error and the
+    tensor it was building ("Error: MergeModulelist on tensors destined for NAME ..."), or None."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", report).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("Error:") and i > 0:
+            target = re.search(r"destined for (\S+?)\.?(\s|$)", line)
+            return f"{lines[i - 1]}{'; building ' + target.group(1) if target else ''}"
+    return None
+
+
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int8_backend: str | None = None):
     """(model, tokenizer, path); a haq quantized checkpoint loads with its int8 modules (on
     `int8_backend`, default the one its specs record)."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
-    read_config(path)
+    quant_method = (read_config(path).get("quantization_config") or {}).get("quant_method")
     if (path / CONFIG_NAME).is_file():
         from haq.checkpoint.native import load_quantized
 
         model = load_quantized(path, backend=int8_backend)
+    elif quant_method == "compressed-tensors":  # `haq export`'s format (vLLM's): haq's own reader
+        model = _load_export(path, int8_backend)
+    elif quant_method is not None:
+        raise HaqError(f"{path} is quantized ({quant_method}, config.json's quantization_config): haq reads float "
+                       "models, its own checkpoints and compressed-tensors int8 ones; give the float model's folder")
     else:
         refuse_orphaned_checkpoint(path)
         quiet = [logging.getLogger(name) for name in QUIET_WHILE_LOADING]
-        levels = [logger.level for logger in quiet]
+        held = _Held()
+        saved = [logger.propagate for logger in quiet]
         for logger in quiet:
-            logger.setLevel(logging.ERROR)
+            logger.addHandler(held)
+            logger.propagate = False
         try:  # mismatched sizes come back in `info` (refused below), not as an error that points at the report
             model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True,
                                                                ignore_mismatched_sizes=True)
         except Exception as exc:  # noqa: BLE001 - transformers, huggingface_hub's config validation and
             # safetensors raise a dozen types for a malformed folder; each is the folder's fault here
+            conversion = _conversion_error(held.text) if "CONVERSION" in str(exc) else None
+            if conversion:
+                raise HaqError(f"cannot load the model in {path}: its weights do not convert to the model's layout "
+                               f"({conversion}): the files are damaged or of another architecture") from None
             raise HaqError(f"cannot load the model in {path} ({type(exc).__name__}): {_first_line(exc)}") from None
         finally:
-            for logger, level in zip(quiet, levels):
-                logger.setLevel(level)
+            for logger, propagate in zip(quiet, saved):
+                logger.removeHandler(held)
+                logger.propagate = propagate
         extra = info.get("mismatched_keys") or info.get("unexpected_keys")
         if extra:  # a mismatch comes as (name, shape in the files, shape the config gives)
             names = sorted(f"{k[0]} {list(k[1])} in the files, {list(k[2])} by the config" if isinstance(k, tuple)
@@ -107,6 +142,17 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int
             raise HaqError(f"{path}: {len(missing)} weights of the architecture are not in its files "
                            f"({', '.join(missing[:3])}...): incomplete or not an HF checkpoint")
     return model.eval(), load_tokenizer(path), path
+
+
+def _load_export(path: Path, int8_backend: str | None):
+    """A compressed-tensors int8 folder as haq int8 modules, inputs fused as a haq checkpoint's are."""
+    from haq.checkpoint.compressed_tensors import load_compressed_tensors
+
+    try:
+        return load_compressed_tensors(path, backend=int8_backend, fuse=True)
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+        raise HaqError(f"cannot read the compressed-tensors checkpoint in {path} ({type(exc).__name__}): "
+                       f"{_first_line(exc)}") from None
 
 
 def load_tokenizer(path: Path):

@@ -115,6 +115,8 @@ def test_recipe_file_flags_win_and_the_summary_lists_the_layers(capsys, tmp_path
     ("- a list\n", ".yaml", "must hold a mapping"),
     ("{bad json", ".json", "is not valid JSON"),
     ("method: [unclosed\n", ".yaml", "is not valid YAML"),
+    ("method: haq\nnsamples: 16\n", ".yaml", "calibration data is not part of a recipe; remove it there and pass "
+                                              "--nsamples 16"),
 ])
 def test_bad_recipe_files_are_one_line_errors(capsys, tmp_path, text, suffix, needle):
     path = tmp_path / f"recipe{suffix}"
@@ -189,3 +191,22 @@ def test_a_recipe_flag_the_method_does_not_read_is_a_warning(capsys, caplog, mon
     caplog.clear()
     run(capsys, "quantize", "tiny-llama", "--method", "smoothquant", "--alpha", "0.7", "-o", "x")
     assert "no effect" not in caplog.text
+
+
+def test_weights_that_do_not_convert_name_the_tensor_not_a_hidden_report(capsys, tiny_dir, tmp_path):
+    """transformers stacks a Mixtral's per-expert w1/w3 into gate_up_proj while loading; an expert of
+    the wrong shape fails there with "look at the report above", a report haq keeps quiet."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_dir("tiny-mixtral-random"), folder)
+    state = load_file(folder / "model.safetensors")
+    name = "model.layers.0.block_sparse_moe.experts.3.w1.weight"
+    state[name] = state[name][:-8].contiguous()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()  # the fixture's build output
+    code, err = run(capsys, "eval", str(folder), "--seqlen", "16", "--max-windows", "1")
+    assert code == 2 and "\n" not in err.strip() and "report" not in err
+    assert "do not convert" in err and "equal size" in err and "layers.0.mlp.experts.gate_up_proj" in err

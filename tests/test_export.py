@@ -138,3 +138,26 @@ def test_bad_input_is_refused_and_nothing_is_half_written(tiny_dir, checkpoints,
     assert not (tmp_path / "ct2").exists()
     with pytest.raises(HaqError, match="not a compressed-tensors"):
         load_compressed_tensors(tiny_dir("tiny-llama"))
+
+
+def test_eval_reads_an_export_as_the_checkpoint_it_came_from(tmp_path, capsys):
+    """`haq eval EXPORT` loads the compressed-tensors folder through haq's reader (it used to stop
+    at transformers asking for the compressed-tensors package): the same perplexity as the checkpoint."""
+    from haq import zoo
+    from haq.cli import main
+
+    q, ct = tmp_path / "q", tmp_path / "ct"
+    assert main(["quantize", str(zoo.build("tiny-mixtral")), "--method", "rtn", "--nsamples", "2", "--seqlen", "16",
+                 "-o", str(q)]) == 0
+    assert main(["export", str(q), "-o", str(ct)]) == 0
+    for folder in (q, ct):
+        assert main(["eval", str(folder), "--seqlen", "16", "--max-windows", "2", "--json", f"{folder}.json"]) == 0
+    ppl = [json.loads((tmp_path / f"{n}.json").read_text())["ppl"] for n in ("q", "ct")]
+    assert ppl[0] == ppl[1]
+    config = json.loads((ct / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (ct / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["eval", str(ct), "--seqlen", "16", "--max-windows", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is quantized (gptq" in err and "\n" not in err

@@ -207,6 +207,7 @@ def test_simulate_cli_takes_expert_bytes_and_nonexpert_time_from_a_measured_prof
                                                                  Quantity(per_layer, "s", "test")))
     measured.save(tmp_path / "hw.json")
     assert profile_from_dict(json.loads((tmp_path / "hw.json").read_text())) == measured
+    assert "toy: 32.00 MiB and 67.11 Mflop per expert per token, 2.000 ms per layer" in measured.summary()
     plain.save(tmp_path / "plain.json")
     common = ["simulate", str(trace_path), "--policies", "lru", "--gpu-budget", "25%"]
     assert main([*common, "--hardware", str(tmp_path / "hw.json"), "--json", str(tmp_path / "a.json")]) == 0

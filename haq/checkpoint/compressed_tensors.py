@@ -292,9 +292,10 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: ExportFormat = "com
     return out
 
 
-def load_compressed_tensors(path: str | Path):
+def load_compressed_tensors(path: str | Path, backend: str | None = None, fuse: bool = False):
     """Read an int-quantized compressed-tensors folder (channel weights, token or tensor
-    activations) back into haq's int8 modules; returns the model (eval mode)."""
+    activations) back into haq's int8 modules (on `backend`, default the CPU's; `fuse` as in
+    `load_quantized`); returns the model (eval mode)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -375,6 +376,10 @@ def load_compressed_tensors(path: str | Path):
                 specs[ours][attr] = [1, W.shape[0]]
                 used.add(key)
     state.update({names.from_disk(k): v for k, v in disk.items() if k not in used})
-    install_specs(model, specs)
+    install_specs(model, specs, backend)
     load_state_checked(model, state, config, path)
+    if fuse:
+        from haq.checkpoint.native import fuse_model_inputs
+
+        fuse_model_inputs(model)
     return model.eval()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -144,9 +143,9 @@ def cmd_profile_hw(args: argparse.Namespace) -> None:
     profile = dataclasses.replace(profile, model_costs=ModelCosts(path.name, weights[0].nbytes, flops,
                                                                   Quantity(nonexpert, "s", source)))
     profile.save(args.output)
-    print(json.dumps(profile.to_dict(), indent=1))
-    print(f"wrote {args.output}: one expert is {weights[0].nbytes} bytes, the rest of a decode step "
-          f"{nonexpert * 1e3:.3f} ms per layer (`haq simulate TRACE --hardware {args.output}` uses both)")
+    print(profile.summary())
+    print(f"wrote {args.output} (each figure with how it was measured); `haq simulate TRACE --hardware "
+          f"{args.output}` replays a trace of {path.name} with them")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -199,6 +198,11 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     if len(set(args.gpu_budget)) < len(args.gpu_budget):
         raise HaqError(f"--gpu-budget lists a value twice ({' '.join(args.gpu_budget)}): give each budget once")
     budgets = [parse_budget(b, total) for b in args.gpu_budget]
+    for text, budget in zip(args.gpu_budget, budgets):
+        if budget > total:
+            print(f"note: --gpu-budget {text} holds every expert of the trace ({total / 2**20:.1f} MiB): "
+                  "simulated as 100%", file=sys.stderr)
+    budgets = [min(b, total) for b in budgets]
     rows = simulate(trace, hardware, budgets, expert_bytes, args.policies,
                     flops_per_token=MIXTRAL_EXPERT_FLOPS if mixtral else costs.flops_per_token if costs else None,
                     nonexpert_bytes_per_layer=MIXTRAL_NONEXPERT_BYTES_PER_LAYER if mixtral else 0,
@@ -364,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-FILE_OUTPUTS = {"trace": "--output", "profile": "--output", "profile-hw": "--output"}
+FILE_OUTPUTS = {"trace": ".npz", "profile": ".npz", "profile-hw": ".json"}  # each command's --output, by kind
 
 
 def _check_output_files(args: argparse.Namespace) -> None:
@@ -374,7 +378,11 @@ def _check_output_files(args: argparse.Namespace) -> None:
     if getattr(args, "json", None):
         check_output_file(Path(args.json), "--json")
     if args.cmd in FILE_OUTPUTS:
-        check_output_file(Path(args.output), FILE_OUTPUTS[args.cmd])
+        output, suffix = Path(args.output), FILE_OUTPUTS[args.cmd]
+        check_output_file(output, "--output")
+        if output.suffix != suffix:  # the readers (simulate, --hardware) go by content, a person by the name
+            raise HaqError(f"--output {output}: `haq {args.cmd}` writes a {suffix} file; name it "
+                           f"{output.with_suffix(suffix)}")
     if getattr(args, "plot", None) and Path(args.plot).exists() and not Path(args.plot).is_dir():
         raise HaqError(f"--plot {args.plot} is a file: give a folder for the PNG plots")
 

@@ -13,6 +13,7 @@ Method = Literal["fp", "rtn", "smoothquant", "gptq", "haq"]
 METHODS: tuple[str, ...] = ("fp", "rtn", "smoothquant", "gptq", "haq")
 
 
+CALIBRATION_FLAGS = ("calib", "nsamples", "seqlen", "seed")  # `haq quantize` flags, not recipe fields
 _FIELD_TYPES = {"int": int, "float": float, "bool": bool}  # the rest are strings (Literal choices)
 
 FIELD_HELP = {
@@ -150,6 +151,11 @@ class Recipe:
             raise HaqError(f"the recipe file {path} must hold a mapping of recipe fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(map(str, data)) - known)
+        calibration = [name for name in unknown if name in CALIBRATION_FLAGS]
+        if calibration:  # as in llm-compressor, the recipe is what is done; the data it is done on is given apart
+            flags = " ".join(f"--{name} {data[name]}" for name in calibration)
+            raise HaqError(f"the recipe file {path} sets {', '.join(calibration)}: calibration data is not part of a "
+                           f"recipe; remove it there and pass {flags} to `haq quantize`")
         if unknown:
             raise HaqError(f"the recipe file {path} has unknown fields {unknown}; known: {sorted(known)}")
         return data

@@ -115,6 +115,22 @@ class HardwareProfile:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def summary(self) -> str:
+        """The measured rates, one line per part, for a person (the file holds each one's source)."""
+        def proc(p: Processor) -> str:
+            return (f"{p.mem_bw.value / 1e9:.1f} GB/s streaming expert weights, {p.int8_ops.value / 1e9:.0f} Gop/s, "
+                    f"{p.overhead.value * 1e6:.1f} us per call")
+
+        lines = [f"cpu:    {proc(self.cpu)}", f"device: {proc(self.device)}",
+                 f"link:   {self.link.bw.value / 1e9:.1f} GB/s, {self.link.latency.value * 1e6:.1f} us per copy; "
+                 f"device memory {self.device_memory.value / 2**30:.1f} GiB"]
+        if self.model_costs is not None:
+            c = self.model_costs
+            lines.append(f"model:  {c.model}: {c.expert_bytes / 2**20:.2f} MiB and {c.flops_per_token / 1e6:.2f} "
+                         f"Mflop per expert per token, {c.nonexpert_s_per_layer.value * 1e3:.3f} ms per layer "
+                         "outside the experts")
+        return "\n".join(lines)
+
     def save(self, path: str | Path) -> None:
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
 

@@ -168,6 +168,8 @@ def runtime_cases() -> list[Case]:
                                                             "{case}/hw.json"]),
         Case("profile-hw-dense-model", "runtime", "error", ["profile-hw", "{llama}", "-o", "{case}/hw.json"]),
         Case("trace-dense-model", "runtime", "error", ["trace", "{llama}", "-o", "{case}/t.npz"]),
+        Case("trace-output-not-npz", "runtime", "error", ["trace", "{mixtral}", "-o", "{case}/t.txt"]),
+        Case("profile-hw-output-not-json", "runtime", "error", ["profile-hw", "{mixtral}", "-o", "{case}/hw"]),
         Case("zoo-build-unknown", "runtime", "error", ["zoo", "build", "tiny-gpt5"]),
         Case("zoo-list-closed-pipe", "runtime", "ok", ["zoo", "list"], inject=_closed_stdout),
     ]

@@ -250,17 +250,18 @@ def output_cases() -> list[Case]:
                      "{trace}", "--threads", "1", "--json"],
     }
     for cmd, base in file_outputs.items():
-        written = lambda v, fx, f: (f / "r" / "res").is_file() and (f / "r" / "res").stat().st_size > 0
+        res = "res.npz" if cmd in ("trace", "profile") else "res.json"  # the name each command writes
+        written = lambda v, fx, f, res=res: (f / "r" / res).is_file() and (f / "r" / res).stat().st_size > 0
         cases += [
             Case(f"file-{cmd}-is-a-folder", "outputs", "error", [*base, "{case}"], keep=[]),
-            Case(f"file-{cmd}-missing-parent", "outputs", "ok", [*base, "{case}/r/res"], check=written),
-            Case(f"file-{cmd}-overwrites-own-file", "outputs", "ok", [*base, "{case}/r/res"], check=written,
-                 setup=lambda fx, f: ((f / "r").mkdir(exist_ok=True), (f / "r" / "res").write_text("old"))),
-            Case(f"file-{cmd}-full-disk", "outputs", "error", [*base, "{case}/r/res"], inject=_enospc_fsync,
-                 setup=lambda fx, f: ((f / "r").mkdir(exist_ok=True), (f / "r" / "res").write_text("old")),
-                 keep=["r/res"]),
-            Case(f"file-{cmd}-read-only", "outputs", "error", [*base, "{case}/r/res"], inject=_read_only),
-            Case(f"file-{cmd}-under-a-file", "outputs", "error", [*base, "{case}/f/res"],
+            Case(f"file-{cmd}-missing-parent", "outputs", "ok", [*base, f"{{case}}/r/{res}"], check=written),
+            Case(f"file-{cmd}-overwrites-own-file", "outputs", "ok", [*base, f"{{case}}/r/{res}"], check=written,
+                 setup=lambda fx, f, res=res: ((f / "r").mkdir(exist_ok=True), (f / "r" / res).write_text("old"))),
+            Case(f"file-{cmd}-full-disk", "outputs", "error", [*base, f"{{case}}/r/{res}"], inject=_enospc_fsync,
+                 setup=lambda fx, f, res=res: ((f / "r").mkdir(exist_ok=True), (f / "r" / res).write_text("old")),
+                 keep=[f"r/{res}"]),
+            Case(f"file-{cmd}-read-only", "outputs", "error", [*base, f"{{case}}/r/{res}"], inject=_read_only),
+            Case(f"file-{cmd}-under-a-file", "outputs", "error", [*base, f"{{case}}/f/{res}"],
                  setup=lambda fx, f: (f / "f").write_text("a file"), keep=["f"]),
         ]
     return cases
