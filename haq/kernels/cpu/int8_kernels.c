@@ -392,7 +392,7 @@ static int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 int64_t haq_moe_scratch(int64_t T, int64_t H, int64_t I, int64_t P) {
     int64_t int8 = align64(T * H) + align64(P * H) + align64(P * I) + align64(4 * (P * (2 * I + H) + T + 2 * P));
     int64_t f32 = align64(4 * P * H) * 2 + align64(4 * P * 2 * I); /* moe_body_f32 */
-    return (int8 > f32 ? int8 : f32) + 8 * (P + 2);
+    return (int8 > f32 ? int8 : f32) + 8 * (P + 2 + T + 1 + P); /* segments; each token's pairs */
 }
 
 /* An online rotation x -> x (A kron B) of an I = na * nb row, as haq.kernels.rotation's
@@ -425,17 +425,27 @@ static void rotate_row(float *x, const haq_rotation *r, float *tmp) {
     }
 }
 
+/* tok_pair[tok_off[t] .. tok_off[t + 1]): the pairs of token t, ascending (counts, prefix sums, then
+ * each pair placed at its token's cursor; the cursors end at the next token's start, so shift back). */
+static void token_pairs(const int64_t *pair_token, int64_t T, int64_t P, int64_t *tok_off, int64_t *tok_pair) {
+    memset(tok_off, 0, (size_t)(T + 1) * sizeof(int64_t));
+    for (int64_t p = 0; p < P; p++) tok_off[pair_token[p] + 1]++;
+    for (int64_t t = 0; t < T; t++) tok_off[t + 1] += tok_off[t];
+    for (int64_t p = 0; p < P; p++) tok_pair[tok_off[pair_token[p]]++] = p;
+    for (int64_t t = T; t > 0; t--) tok_off[t] = tok_off[t - 1];
+    tok_off[0] = 0;
+}
+
 /* out[t] = sum over t's pairs, in pair order, of weight * y[pair]: the experts' weighted sum. */
-static void combine_pairs(const float *y, int64_t T, int64_t H, int64_t P, const int64_t *pair_token,
+static void combine_pairs(const float *y, int64_t T, int64_t H, const int64_t *tok_off, const int64_t *tok_pair,
                           const float *pair_weight, float *out) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         float *o = out + t * H;
         memset(o, 0, (size_t)H * sizeof(float));
-        for (int64_t p = 0; p < P; p++) {
-            if (pair_token[p] != t) continue;
-            float wgt = pair_weight[p];
-            const float *yp = y + p * H;
+        for (int64_t i = tok_off[t]; i < tok_off[t + 1]; i++) {
+            float wgt = pair_weight[tok_pair[i]];
+            const float *yp = y + tok_pair[i] * H;
             for (int64_t h = 0; h < H; h++) o[h] += yp[h] * wgt;
         }
     }
@@ -460,9 +470,11 @@ static void moe_body(const float *x, int64_t T, int64_t H, int64_t I, int64_t P,
     float *g = (float *)(hu + align64(P * I));
     float *y = g + P * 2 * I, *xs_tok = y + P * H, *xs = xs_tok + T, *hs = xs + P;
     int64_t *seg = (int64_t *)((uint8_t *)g + align64(4 * (P * (2 * I + H) + T + 2 * P))), *nseg = seg + P + 1;
+    int64_t *tok_off = nseg + 1, *tok_pair = tok_off + T + 1;
     if (y_pairs) y = y_pairs;
 #pragma omp single
     {
+        if (out) token_pairs(pair_token, T, P, tok_off, tok_pair);
         quantize(x, T, H, qmax, 0, 0.f, xu_tok, xs_tok);
         for (int64_t p = 0; p < P; p++) { /* levels in pair order */
             memcpy(xu + p * H, xu_tok + pair_token[p] * H, (size_t)H);
@@ -496,7 +508,7 @@ static void moe_body(const float *x, int64_t T, int64_t H, int64_t I, int64_t P,
             gemm_rows(hu + p0 * I, hs + p0, seg[s + 1] - p0, (const int8_t *)dn_w[e], (const int32_t *)dn_sums[e],
                       (const float *)dn_ws[e], NULL, I, n0, n1, y + p0 * H, H);
         }
-    if (out) combine_pairs(y, T, H, P, pair_token, pair_weight, out);
+    if (out) combine_pairs(y, T, H, tok_off, tok_pair, pair_weight, out);
 }
 
 /* moe_body for float32 experts (tables of float32 gate_up [2I, H] and down [H, I]; no quantization,
@@ -507,9 +519,11 @@ static void moe_body_f32(const float *x, int64_t T, int64_t H, int64_t I, int64_
     float *xp = (float *)scratch, *y = (float *)(scratch + align64(4 * P * H));
     float *g = (float *)((uint8_t *)y + align64(4 * P * H));
     int64_t *seg = (int64_t *)((uint8_t *)g + align64(4 * P * 2 * I)), *nseg = seg + P + 1;
+    int64_t *tok_off = nseg + 1, *tok_pair = tok_off + T + 1;
     if (y_pairs) y = y_pairs;
 #pragma omp single
     {
+        if (out) token_pairs(pair_token, T, P, tok_off, tok_pair);
         for (int64_t p = 0; p < P; p++) /* rows in pair order */
             memcpy(xp + p * H, x + pair_token[p] * H, (size_t)H * sizeof(float));
         *nseg = expert_segments(pair_expert, P, seg);
@@ -535,7 +549,7 @@ static void moe_body_f32(const float *x, int64_t T, int64_t H, int64_t I, int64_
             f32_rows(g + p0 * 2 * I, 2 * I, seg[s + 1] - p0, (const float *)dn_w[pair_expert[p0]], I, n0, n1,
                      y + p0 * H, H);
         }
-    if (out) combine_pairs(y, T, H, P, pair_token, pair_weight, out);
+    if (out) combine_pairs(y, T, H, tok_off, tok_pair, pair_weight, out);
 }
 
 /* A MoE layer's experts, int8 (qmax > 0) or float32 (qmax = 0: only the gate_up and down tables are read). */
