@@ -108,46 +108,6 @@ def cmd_trace(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}: {trace.num_tokens} tokens x {trace.meta.layers} layers x top-{trace.meta.top_k}")
 
 
-def cmd_profile_hw(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    import torch
-
-    from haq.api import build_engine, check_device, profile_trace_for
-    from haq.models.adapters import adapter_for
-    from haq.loading import load_model
-    from haq.runtime.hardware import ModelCosts, Quantity
-    from haq.runtime.profile_hw import measure_overhead_s_per_layer, profile_hardware
-    from haq.runtime.store import extract_experts
-
-    if args.repeats < 1:
-        raise HaqError(f"--repeats must be >= 1, got {args.repeats}")
-    check_device(args.device)
-    model, tokenizer, path = load_model(args.model)
-    adapter = adapter_for(model.config)
-    if adapter.moe is None:
-        raise HaqError(f"{path} is a dense model: profile-hw measures expert calls of an MoE model")
-    first = adapter.decoder_layers(model)[adapter.moe_layers(model.config)[0]]
-    weights, math = extract_experts(first.get_submodule(adapter.moe.experts))
-    profile = profile_hardware(weights[0], math, device=args.device, repeats=args.repeats)
-    # the rest of a decode step, per layer, on this model: what the simulator adds to expert times
-    trace = profile_trace_for(model, tokenizer, path.name, windows=1, seqlen=64)
-    engine = build_engine(model, budget_bytes=0, hardware=profile, policy="all-cpu", profile=trace,
-                          device=args.device or "cpu")
-    prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
-    nonexpert = measure_overhead_s_per_layer(engine, prompt, steps=max(8, args.repeats))
-    engine.close()
-    flops = 2.0 * (weights[0].gate_up.numel() + weights[0].down.numel())
-    source = (f"measured: median decode step of {path.name} with expert math taken out (attention, norms, router, "
-              f"dispatch), per layer, on {args.device or 'cpu'}")
-    profile = dataclasses.replace(profile, model_costs=ModelCosts(path.name, weights[0].nbytes, flops,
-                                                                  Quantity(nonexpert, "s", source)))
-    profile.save(args.output)
-    print(profile.summary())
-    print(f"wrote {args.output} (each figure with how it was measured); `haq simulate TRACE --hardware "
-          f"{args.output}` replays a trace of {path.name} with them")
-
-
 def cmd_profile(args: argparse.Namespace) -> None:
     import numpy as np
 
@@ -354,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (the median is kept)")
     p.add_argument("-o", "--output", required=True, help="the hardware profile (JSON)")
     add_threads_option(p)
-    p.set_defaults(func=cmd_profile_hw)
+    p.set_defaults(func=engine_commands.cmd_profile_hw)
 
     p = sub.add_parser("eval", help="perplexity on non-overlapping windows (GPTQ protocol)")
     p.add_argument("model", help="model folder, quantized checkpoint or zoo name")

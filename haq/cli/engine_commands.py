@@ -1,4 +1,5 @@
-"""`haq run` and `haq serve`: generation on the offloading engine, from the command line or over HTTP."""
+"""`haq run` and `haq serve`: generation on the offloading engine, from the command line or over HTTP;
+`haq profile-hw`: the machine and model costs the engine's policies (and the simulator) decide with."""
 from __future__ import annotations
 
 import argparse
@@ -146,3 +147,41 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print("drained and stopped", file=sys.stderr)
 
 
+def cmd_profile_hw(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import torch
+
+    from haq.api import build_engine, check_device, profile_trace_for
+    from haq.models.adapters import adapter_for
+    from haq.loading import load_model
+    from haq.runtime.hardware import ModelCosts, Quantity
+    from haq.runtime.profile_hw import measure_overhead_s_per_layer, profile_hardware
+    from haq.runtime.store import extract_experts
+
+    if args.repeats < 1:
+        raise HaqError(f"--repeats must be >= 1, got {args.repeats}")
+    check_device(args.device)
+    model, tokenizer, path = load_model(args.model)
+    adapter = adapter_for(model.config)
+    if adapter.moe is None:
+        raise HaqError(f"{path} is a dense model: profile-hw measures expert calls of an MoE model")
+    first = adapter.decoder_layers(model)[adapter.moe_layers(model.config)[0]]
+    weights, math = extract_experts(first.get_submodule(adapter.moe.experts))
+    profile = profile_hardware(weights[0], math, device=args.device, repeats=args.repeats)
+    # the rest of a decode step, per layer, on this model: what the simulator adds to expert times
+    trace = profile_trace_for(model, tokenizer, path.name, windows=1, seqlen=64)
+    engine = build_engine(model, budget_bytes=0, hardware=profile, policy="all-cpu", profile=trace,
+                          device=args.device or "cpu")
+    prompt = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    nonexpert = measure_overhead_s_per_layer(engine, prompt, steps=max(8, args.repeats))
+    engine.close()
+    flops = 2.0 * (weights[0].gate_up.numel() + weights[0].down.numel())
+    source = (f"measured: median decode step of {path.name} with expert math taken out (attention, norms, router, "
+              f"dispatch), per layer, on {args.device or 'cpu'}")
+    profile = dataclasses.replace(profile, model_costs=ModelCosts(path.name, weights[0].nbytes, flops,
+                                                                  Quantity(nonexpert, "s", source)))
+    profile.save(args.output)
+    print(profile.summary())
+    print(f"wrote {args.output} (each figure with how it was measured); `haq simulate TRACE --hardware "
+          f"{args.output}` replays a trace of {path.name} with them")
