@@ -132,6 +132,8 @@ def test_next_token_rules():
     assert next_token(logits, [], SamplingParams(), None) == 1
     assert next_token(logits, [1], SamplingParams(repetition_penalty=10.0), None) == 2  # 3 / 10 < 2
     assert next_token(logits, [1, 2], SamplingParams(presence_penalty=2.0), None) == 0
+    assert next_token(logits, [1, 2], SamplingParams(frequency_penalty=1.5), None) == 1  # once each: 1.5 < 3 - 1
+    assert next_token(logits, [1, 1, 2], SamplingParams(frequency_penalty=1.5), None) == 0  # twice: 3 - 3 < 1
     g = torch.Generator().manual_seed(0)
     assert {next_token(logits, [], SamplingParams(temperature=1.0, top_k=1), g) for _ in range(20)} == {1}
     assert {next_token(logits, [], SamplingParams(temperature=1.0, top_p=0.5), g) for _ in range(20)} == {1}

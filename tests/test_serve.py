@@ -134,20 +134,21 @@ BAD = [
 
 
 def test_what_current_openai_clients_send_is_taken(live):
-    """max_completion_tokens, the developer role, content as text parts, null sampling fields: the
-    same answer as the classic request."""
+    """max_completion_tokens, the developer role, content as text parts, null sampling fields, zero
+    penalties (frequency_penalty too): the same answer as the classic request."""
     _, base, client = live
     classic = client.chat.completions.create(
         model="tiny", max_tokens=6, temperature=0,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about Paris."}])
     current = client.chat.completions.create(
-        model="tiny", max_completion_tokens=6, temperature=0,
+        model="tiny", max_completion_tokens=6, temperature=0, frequency_penalty=0, presence_penalty=0,
         messages=[{"role": "developer", "content": "Be brief."},
                   {"role": "user", "content": [{"type": "text", "text": "Tell me about "},
                                                {"type": "text", "text": "Paris."}]}])
     assert current.choices[0].message.content == classic.choices[0].message.content
     reply = httpx.post(f"{base}/v1/completions", timeout=30,
-                       json={"model": "tiny", "prompt": "x", "max_tokens": 2, "top_p": None, "temperature": None})
+                       json={"model": "tiny", "prompt": "x", "max_tokens": 2, "top_p": None, "temperature": None,
+                             "frequency_penalty": None})
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
 
 

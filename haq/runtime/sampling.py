@@ -2,8 +2,9 @@
 
 Greedy when temperature is 0. Otherwise: repetition penalty (CTRL: divide positive logits,
 multiply negative ones, for tokens already generated), presence penalty (subtract from tokens
-already generated), temperature, top-k, top-p (nucleus), then a draw from the request's own
-seeded generator, so a seeded request gives the same tokens whatever else is in the batch.
+already generated), frequency penalty (subtract once per time a token was generated),
+temperature, top-k, top-p (nucleus), then a draw from the request's own seeded generator, so a
+seeded request gives the same tokens whatever else is in the batch.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class SamplingParams:
     seed: int | None = None
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = field(default=())  # besides the model's EOS
     ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks, tests)
 
@@ -33,7 +35,9 @@ class SamplingParams:
                   (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
                   (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
                   (-2.0 <= self.presence_penalty <= 2.0,
-                   f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")]
+                   f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+                  (-2.0 <= self.frequency_penalty <= 2.0,
+                   f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")]
         for ok, message in checks:
             if not ok:
                 raise HaqError(message)
@@ -44,15 +48,17 @@ class SamplingParams:
 
 
 def penalized(logits: torch.Tensor, generated: list[int], params: SamplingParams) -> torch.Tensor:
-    """logits [V] with the repetition and presence penalties of the tokens generated so far."""
-    if not generated or (params.repetition_penalty == 1.0 and params.presence_penalty == 0.0):
+    """logits [V] with the repetition, presence and frequency penalties of the tokens generated so far."""
+    if not generated or (params.repetition_penalty == 1.0 and params.presence_penalty == 0.0
+                         and params.frequency_penalty == 0.0):
         return logits
     logits = logits.clone()
-    seen = torch.tensor(sorted(set(generated)), dtype=torch.long, device=logits.device)
+    seen, counts = torch.tensor(generated, dtype=torch.long).unique(return_counts=True)
+    seen = seen.to(logits.device)
     picked = logits[seen]
     if params.repetition_penalty != 1.0:
         picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
-    logits[seen] = picked - params.presence_penalty
+    logits[seen] = picked - params.presence_penalty - params.frequency_penalty * counts.to(logits)
     return logits
 
 

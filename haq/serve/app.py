@@ -103,7 +103,7 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                     top_k=body.top_k, seed=body.seed, presence_penalty=body.presence_penalty,
-                                    repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
+                                    frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
         except HaqError as exc:
             raise ApiError(400, str(exc)) from None
         return Handle(prompt, params, body.stops, asyncio.get_running_loop())

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "presence_penalty", "repetition_penalty")
+NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 class _Request(BaseModel):
@@ -23,6 +23,7 @@ class _Request(BaseModel):
     top_k: int = Field(default=0, ge=0)
     seed: int | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     stop: str | list[str] | None = None
     stream: bool = False

@@ -38,6 +38,7 @@ BAD_REQUESTS = {
     "temperature-5": (C, {**OK_BODY, "temperature": 5}),
     "top-p-0": (C, {**OK_BODY, "top_p": 0}),
     "presence-penalty-9": (C, {**OK_BODY, "presence_penalty": 9}),
+    "frequency-penalty-9": (C, {**OK_BODY, "frequency_penalty": 9}),
     "stop-int": (C, {**OK_BODY, "stop": 5}),
     "seed-string": (C, {**OK_BODY, "seed": "one"}),
     "stream-string": (C, {**OK_BODY, "stream": "yes"}),
