@@ -213,3 +213,28 @@ def test_check_logits_refuses_a_nan_or_plus_inf_anywhere_in_the_step(value, bad)
         _check_logits(logits)
     with pytest.raises(HaqError, match="NaN or infinite"):  # no token left to choose
         _check_logits(torch.full((1, 4), float("-inf")))
+
+
+def test_logprobs_are_the_models_own_and_the_prompts_sum_to_its_loss(models):
+    """Each generated token's log-probability is its entry of log_softmax(logits) (the greedy one the
+    top one); the prompt's, over chunks of a chunked prefill, sum to minus the model's summed
+    cross-entropy on the prompt, as `haq eval` computes it."""
+    model = models["tiny-mixtral-int8"]
+    prompt = prompts()[3]
+    gen = BatchGenerator(model, prefill_chunk=7)
+    gen.add(prompt, SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=True))
+    events = list(gen.stream())
+    sizes = [len(e.prompt_logprobs) if e.prompt_logprobs else None for e in events]
+    assert sizes == [len(prompt) - 1, None, None, None]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0].float()
+    loss = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(prompt[1:]), reduction="sum")
+    first = events[0].prompt_logprobs
+    assert [lp.token for lp in first] == prompt[1:]
+    assert sum(lp.logprob for lp in first) == pytest.approx(-loss.item(), rel=1e-4)
+    for event in events:
+        assert event.logprob.token == event.token and len(event.logprob.top) == 3
+        assert event.logprob.top[0] == (event.token, event.logprob.logprob)  # greedy: the most likely token
+        assert event.logprob.top[0][1] >= event.logprob.top[1][1] >= event.logprob.top[2][1]
+    plain = BatchGenerator(model).generate([prompt], SamplingParams(max_tokens=4))[0]
+    assert [e.token for e in events] == plain  # asking for log-probabilities changes no token

@@ -260,3 +260,39 @@ def test_a_request_past_its_timeout_gets_408_and_frees_its_slot(tiny_mixtral, tm
         thread.join(timeout=20)
     assert reply.status_code == 408 and reply.json()["error"]["type"] == "timeout_error"
     assert server.worker.generator.active == 0
+
+
+def test_logprobs_and_echo_as_lm_eval_reads_them(live):
+    """Completions: logprobs=N gives each token's log-probability and its N most likely ones; with
+    echo, the prompt's text and tokens come first (the first token with None): lm-eval's
+    `local-completions` loglikelihood request (token ids, max_tokens 1, logprobs 1, echo). Streamed,
+    the chunks carry the same entries. Chat: logprobs and top_logprobs in its own layout."""
+    _, base, client = live
+    ids = [450, 3405, 310, 1298, 338]
+    full = client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    lp = full.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(top) <= 2 for top in lp.top_logprobs[1:])
+    generated = [max(top, key=top.get) for top in lp.top_logprobs[len(ids):]]
+    assert generated == lp.tokens[len(ids):]  # greedy: each token is its step's most likely one
+    assert lp.text_offset[0] == 0 and full.choices[0].text.startswith(lp.tokens[0])
+    plain = client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0)
+    assert full.choices[0].text.endswith(plain.choices[0].text) and plain.choices[0].logprobs is None
+    chunks = list(client.completions.create(model="tiny", prompt=ids, max_tokens=3, temperature=0, logprobs=2,
+                                            echo=True, stream=True))
+    streamed = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], rel=1e-5)  # experts may
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text  # run elsewhere: another rounding
+    batch = client.completions.create(model="tiny", prompt=[ids, ids[:3]], max_tokens=1, temperature=0, logprobs=1,
+                                      echo=True)  # lm-eval's payload: a batch of token lists, one choice each
+    assert [c.index for c in batch.choices] == [0, 1] and len(batch.choices[1].logprobs.tokens) == 4
+    assert batch.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:len(ids) + 1], rel=1e-5)
+    assert batch.usage.prompt_tokens == len(ids) + 3 and batch.usage.completion_tokens == 2
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.top_logprobs[0].logprob == c.logprob for c in content)  # greedy
+    reply = httpx.post(f"{base}/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2})
+    assert reply.status_code == 400 and "top_logprobs needs logprobs" in reply.json()["error"]["message"]

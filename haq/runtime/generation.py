@@ -21,14 +21,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from haq.errors import NOT_FINITE, HaqError
-from haq.runtime.sampling import SamplingParams, next_token
+from haq.runtime.sampling import Logprob, SamplingParams, logprobs_of, next_token
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already in its cache
     cache: object = None  # its own cache while prefilling
     finish_reason: str | None = None
+    prompt_logprobs: list[Logprob] = field(default_factory=list)  # of prompt tokens 1.. (params.prompt_logprobs)
 
     @property
     def length(self) -> int:
@@ -54,6 +55,8 @@ class TokenEvent:
     token: int
     index: int  # 0 for the first generated token
     finish_reason: str | None  # "stop" (EOS or stop token), "length", or None while running
+    logprob: Logprob | None = None  # with params.logprobs
+    prompt_logprobs: tuple[Logprob, ...] | None = None  # with params.prompt_logprobs, on index 0: tokens 1..
 
 
 @dataclass
@@ -212,7 +215,13 @@ class BatchGenerator:
         ids = torch.tensor([chunk], device=self.device)
         positions = torch.arange(seq.prefilled, seq.prefilled + len(chunk), device=self.device)[None]
         self.on_forward(True)
-        out = self.model(ids, past_key_values=seq.cache, position_ids=positions, use_cache=True, logits_to_keep=1)
+        every = seq.params.prompt_logprobs  # every position's logits (0: all), not only the last one's
+        out = self.model(ids, past_key_values=seq.cache, position_ids=positions, use_cache=True,
+                         logits_to_keep=0 if every else 1)
+        if every:  # position i predicts the prompt's next token, where the prompt has one
+            targets = seq.prompt[seq.prefilled + 1:seq.prefilled + len(chunk) + 1]
+            _check_logits(out.logits[0, :len(targets)])
+            seq.prompt_logprobs += logprobs_of(out.logits[0, :len(targets)], targets, seq.params.logprobs or 0)
         seq.prefilled += len(chunk)
         self.last_step.prefill_tokens += len(chunk)
         if seq.prefilled < len(seq.prompt):
@@ -220,6 +229,8 @@ class BatchGenerator:
         self.prefilling = None
         _check_logits(out.logits[0, -1])
         event = self._sample(seq, out.logits[0, -1])
+        if every:
+            event = replace(event, prompt_logprobs=tuple(seq.prompt_logprobs))
         if event.finish_reason is None:
             self._join(seq)
         return [event]
@@ -259,12 +270,13 @@ class BatchGenerator:
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> TokenEvent:
         token = next_token(logits, seq.tokens, seq.params, seq.generator)
+        logprob = None if seq.params.logprobs is None else logprobs_of(logits[None], [token], seq.params.logprobs)[0]
         seq.tokens.append(token)
         if (token in self.eos and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
             seq.finish_reason = "stop"
         elif len(seq.tokens) >= seq.params.max_tokens:
             seq.finish_reason = "length"
-        return TokenEvent(seq.id, token, len(seq.tokens) - 1, seq.finish_reason)
+        return TokenEvent(seq.id, token, len(seq.tokens) - 1, seq.finish_reason, logprob)
 
     # -- the shared cache ---------------------------------------------------------------------
     def _layers(self, cache) -> list:

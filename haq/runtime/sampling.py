@@ -15,6 +15,19 @@ import torch
 from haq.errors import HaqError
 
 
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs and vLLM's default cap
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability under the model's own distribution (before penalties and
+    temperature, as vLLM reports by default) and the `top` most likely tokens with theirs."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -27,6 +40,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = field(default=())  # besides the model's EOS
     ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks, tests)
+    logprobs: int | None = None  # each generated token's log-probability and this many top ones; None: none
+    prompt_logprobs: bool = False  # the prompt tokens' too (each given the ones before it), `logprobs` top ones
 
     def __post_init__(self) -> None:
         checks = [(self.max_tokens >= 1, f"max_tokens (--max-new-tokens) must be >= 1, got {self.max_tokens}"),
@@ -37,7 +52,9 @@ class SamplingParams:
                   (-2.0 <= self.presence_penalty <= 2.0,
                    f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
                   (-2.0 <= self.frequency_penalty <= 2.0,
-                   f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")]
+                   f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+                  (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                   f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")]
         for ok, message in checks:
             if not ok:
                 raise HaqError(message)
@@ -78,3 +95,14 @@ def next_token(logits: torch.Tensor, generated: list[int], params: SamplingParam
         keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # the smallest set whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))  # the request's CPU generator, any device
+
+
+def logprobs_of(logits: torch.Tensor, tokens: list[int], top: int) -> list[Logprob]:
+    """For logits [N, V] and the token that followed each row: that token's log-probability and
+    the row's `top` most likely tokens (ties: the lower id first, as topk gives them)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
+    if not top:
+        return [Logprob(t, c) for t, c in zip(tokens, chosen)]
+    values, ids = lp.topk(top, dim=-1)
+    return [Logprob(t, c, tuple(zip(i, v))) for t, c, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())]

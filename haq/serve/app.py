@@ -1,7 +1,8 @@
 """`haq serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batch generator.
 
 POST /v1/completions, POST /v1/chat/completions (JSON, or SSE with stream=true: a role chunk for
-chat, text deltas, a final chunk with finish_reason and usage, then `data: [DONE]`), GET /v1/models,
+chat, text deltas, a final chunk with finish_reason and usage, then `data: [DONE]`; log-probabilities
+when asked, with the chunk that carries their tokens' text; completions: a batch of prompts, echo), GET /v1/models,
 GET /health, GET /metrics (Prometheus). Errors carry OpenAI's body
 {"error": {"message", "type", "param", "code"}}: 400 for bad values, 404 for an unknown model,
 429 when the queue is full, 408 on timeout; a client that disconnects frees its slot at once.
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from haq.errors import HaqError
 from haq.runtime.generation import first_invalid_token
 from haq.runtime.sampling import SamplingParams
+from haq.serve.logprobs import chat_logprobs, completion_logprobs, token_texts
 from haq.serve.protocol import ChatCompletionRequest, CompletionRequest
 from haq.serve.worker import Handle, QueueFull, Worker, WorkerDead
 
@@ -49,6 +51,7 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
                chat_template: str | None = None) -> FastAPI:
     """`tokenizer` is the HTTP side's own (the worker decodes with another instance)."""
     metrics = worker.metrics
+    token_text = token_texts(tokenizer)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -101,48 +104,73 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
             raise ApiError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                                 f"context of {context} tokens", param="max_tokens")
         try:
+            echo_logprobs = kind == "completion" and bool(body.echo) and body.logprobs is not None
             params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                     top_k=body.top_k, seed=body.seed, presence_penalty=body.presence_penalty,
-                                    frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos)
+                                    frequency_penalty=body.frequency_penalty,
+                                    repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
+                                    logprobs=body.top_logprobs_asked, prompt_logprobs=echo_logprobs)
         except HaqError as exc:
             raise ApiError(400, str(exc)) from None
         return Handle(prompt, params, body.stops, asyncio.get_running_loop())
 
-    async def _run(request: Request, body, prompt: list[int], kind: str):
-        handle = _prepare(body, prompt, kind)
-        try:
-            worker.submit(handle)
-        except QueueFull:
-            raise ApiError(429, f"the server queue is full ({worker.max_queue} waiting); retry later",
-                           "rate_limit_error") from None
-        except WorkerDead as exc:
-            raise ApiError(503, f"the model is not running: {exc}", "server_error") from None
-        metrics.prompt_tokens.inc(len(prompt))
+    async def _run(request: Request, body, prompts: list[tuple[list[int], str | None]], kind: str):
+        """`prompts`: (token ids, the text sent or None) per choice; a batch of prompts (completions)
+        decodes together in the batch and answers with one choice each."""
+        if body.stream and len(prompts) > 1:
+            raise ApiError(400, "a streamed request takes one prompt", param="prompt")
+        handles = [_prepare(body, ids, kind) for ids, _ in prompts]  # every prompt checked before any runs
+        for i, handle in enumerate(handles):
+            try:
+                worker.submit(handle)
+            except (QueueFull, WorkerDead) as exc:
+                for sent in handles[:i]:
+                    worker.abort(sent)
+                if isinstance(exc, QueueFull):
+                    raise ApiError(429, f"the server queue is full ({worker.max_queue} waiting); retry later",
+                                   "rate_limit_error") from None
+                raise ApiError(503, f"the model is not running: {exc}", "server_error") from None
+        metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if body.stream:
             metrics.requests.labels(request.url.path, "200").inc()
-            return StreamingResponse(_sse(handle, body, kind, rid, created), media_type="text/event-stream")
-        text, reason = [], None
+            return StreamingResponse(_sse(handles[0], body, kind, rid, created, _echo_text(body, *prompts[0])),
+                                     media_type="text/event-stream")
         try:
-            async for kind_, value in _events(handle, request):
-                if kind_ == "delta":
-                    text.append(value)
-                else:
-                    reason = value
+            answers = await asyncio.gather(*(_collect(handle, request) for handle in handles))
         except ClientGone:
             metrics.requests.labels(request.url.path, "499").inc()
             return JSONResponse({}, status_code=499)  # nobody reads it
         finally:
-            if handle.finish_reason is None:
-                worker.abort(handle)
+            for handle in handles:
+                if handle.finish_reason is None:
+                    worker.abort(handle)
         metrics.requests.labels(request.url.path, "200").inc()
-        usage = _usage(handle)
-        content = "".join(text)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}
-                  if kind == "chat" else {"index": 0, "text": content, "finish_reason": reason, "logprobs": None})
+        choices = [_choice(kind, body, i, handle, _echo_text(body, *prompt) + text, reason)
+                   for i, (handle, prompt, (text, reason)) in enumerate(zip(handles, prompts, answers))]
+        usage = [_usage(handle) for handle in handles]
         return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-                "model": model_name, "choices": [choice], "usage": usage}
+                "model": model_name, "choices": choices, "usage": {k: sum(u[k] for u in usage) for k in usage[0]}}
+
+    async def _collect(handle: Handle, request: Request) -> tuple[str, str]:
+        text, reason = [], None
+        async for kind_, value in _events(handle, request):
+            if kind_ == "delta":
+                text.append(value)
+            elif kind_ == "done":
+                reason = value
+        return "".join(text), reason
+
+    def _choice(kind: str, body, index: int, handle: Handle, content: str, reason: str) -> dict:
+        asked = body.top_logprobs_asked is not None
+        if kind == "chat":
+            return {"index": index, "message": {"role": "assistant", "content": content}, "finish_reason": reason,
+                    "logprobs": chat_logprobs(handle.logprobs, token_text) if asked else None}
+        entries = _prompt_entries(handle) if asked and body.echo else []
+        entries += [(e.token, e) for e in handle.logprobs]
+        return {"index": index, "text": content, "finish_reason": reason,
+                "logprobs": completion_logprobs(entries, token_text) if asked else None}
 
     async def _events(handle: Handle, request: Request | None = None) -> AsyncIterator[tuple[str, str]]:
         """The request's events until done; a timeout, a hang-up (polled while waiting) or an error ends it."""
@@ -171,22 +199,36 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
             if kind == "done":
                 return
 
-    async def _sse(handle: Handle, body, kind: str, rid: str, created: int):
+    async def _sse(handle: Handle, body, kind: str, rid: str, created: int, echo: str):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        asked, sent = body.top_logprobs_asked is not None, [0]  # characters of text streamed so far
+        pending: list = []  # (token, entry) pairs whose text the next chunk carries
 
         def chunk(delta: str | None, reason: str | None = None, role: bool = False) -> str:
             if kind == "chat":
                 d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
-                choice = {"index": 0, "delta": d, "finish_reason": reason}
+                logprobs = chat_logprobs([e for _, e in pending], token_text) if asked and not role else None
+                choice = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": logprobs}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
+                logprobs = completion_logprobs(pending, token_text, sent[0]) if asked else None
+                choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": logprobs}
+            pending.clear()
+            sent[0] += len(delta or "")
             return f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': model_name, 'choices': [choice]})}\n\n"
 
         try:
             if kind == "chat":
                 yield chunk(None, role=True)
+            if echo and not (asked and body.echo):  # the prompt's text now; with logprobs, once they are known
+                yield chunk(echo)
             async for kind_, value in _events(handle):
-                if kind_ == "delta":
+                if kind_ == "prompt_logprobs":
+                    pending.extend(_prompt_entries(handle))
+                    yield chunk(echo)
+                elif kind_ == "logprob":
+                    pending.append((value.token, value))
+                elif kind_ == "delta":
                     yield chunk(value)
                 else:
                     final = json.loads(chunk(None, value)[6:])
@@ -199,21 +241,34 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
             if handle.finish_reason is None:
                 worker.abort(handle)
 
+    def _echo_text(body, ids: list[int], text: str | None) -> str:
+        """A completion's prompt text when it asks for echo ("" otherwise): as sent, or its token ids decoded."""
+        if not getattr(body, "echo", None):
+            return ""
+        return text if text is not None else tokenizer.decode(ids)
+
+    def _prompt_entries(handle: Handle) -> list:
+        """The prompt's (token, entry) pairs: nothing precedes the first token, so it has none."""
+        return [(handle.prompt[0], None)] + [(e.token, e) for e in handle.prompt_logprobs]
+
     def _usage(handle: Handle) -> dict:
         n = len(handle.tokens)
         return {"prompt_tokens": len(handle.prompt), "completion_tokens": n, "total_tokens": len(handle.prompt) + n}
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        if isinstance(body.prompt, list):
-            bad = first_invalid_token(body.prompt, len(tokenizer))
-            if bad is not None:
-                raise ApiError(400, f"prompt: token id {bad} is outside the vocabulary [0, {len(tokenizer)})",
-                               param="prompt")
-            prompt = body.prompt
-        else:
-            prompt = (await asyncio.to_thread(tokenizer, body.prompt))["input_ids"]  # long prompts: off the loop
-        return await _run(request, body, prompt, "completion")
+        prompts = []
+        for item in body.prompts:
+            if isinstance(item, list):
+                bad = first_invalid_token(item, len(tokenizer))
+                if bad is not None:
+                    raise ApiError(400, f"prompt: token id {bad} is outside the vocabulary [0, {len(tokenizer)})",
+                                   param="prompt")
+                prompts.append((item, None))
+            else:
+                ids = (await asyncio.to_thread(tokenizer, item))["input_ids"]  # long prompts: off the loop
+                prompts.append((ids, item))
+        return await _run(request, body, prompts, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request, body: ChatCompletionRequest):
@@ -229,6 +284,6 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
             raise ApiError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
         if isinstance(prompt, dict):
             prompt = prompt["input_ids"]
-        return await _run(request, body, list(prompt), "chat")
+        return await _run(request, body, [(list(prompt), None)], "chat")
 
     return app

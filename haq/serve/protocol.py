@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from haq.runtime.sampling import MAX_LOGPROBS
+
 NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
@@ -59,7 +61,29 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] = Field(min_length=1, description="text, or token ids as OpenAI allows")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        min_length=1, description="text or token ids, or a batch of either (one choice each), as OpenAI allows")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                 description="each token's log-probability and this many most likely ones")
+    echo: bool | None = Field(default=None, description="the prompt before the completion (with logprobs: its "
+                                                        "tokens' log-probabilities, lm-eval's loglikelihood)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _no_empty_prompt(cls, value):
+        if isinstance(value, list) and any(len(item) == 0 for item in value if isinstance(item, (str, list))):
+            raise ValueError("every prompt of a batch needs at least one character or token")
+        return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a batch: one text or token list per choice."""
+        single = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if single else list(self.prompt)
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -86,3 +110,15 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = Field(default=None, description="each token's log-probability")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="and this many most likely ones")
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from haq.errors import HaqError
 from haq.runtime.generation import BatchGenerator, TokenEvent
-from haq.runtime.sampling import SamplingParams
+from haq.runtime.sampling import Logprob, SamplingParams
 from haq.serve.metrics import ServeMetrics
 
 
@@ -32,7 +32,8 @@ PREFIX_TOKENS = 4
 @dataclass
 class Handle:
     """One request as the worker sees it; `events` receives ("delta", text), then ("done", reason)
-    or ("error", message), on the request's event loop."""
+    or ("error", message), on the request's event loop; with log-probabilities asked, a token's
+    ("logprob", entry) before its text (and ("prompt_logprobs", entries) before the first)."""
 
     prompt: list[int]
     params: SamplingParams
@@ -46,6 +47,8 @@ class Handle:
     arrived: float = field(default_factory=time.perf_counter)
     last_token_at: float | None = None
     finish_reason: str | None = None
+    logprobs: list[Logprob] = field(default_factory=list)  # of the generated tokens, when asked
+    prompt_logprobs: tuple[Logprob, ...] = ()  # of prompt tokens 1.., when asked
 
     def put(self, kind: str, value) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
@@ -140,6 +143,12 @@ class Worker(threading.Thread):
         handle.last_token_at = now
         self.metrics.generated.inc()
         handle.tokens.append(event.token)
+        if event.prompt_logprobs is not None:
+            handle.prompt_logprobs = event.prompt_logprobs
+            handle.put("prompt_logprobs", event.prompt_logprobs)
+        if event.logprob is not None:
+            handle.logprobs.append(event.logprob)
+            handle.put("logprob", event.logprob)
         prefix = handle.prompt[-PREFIX_TOKENS:]
         if handle.prefix_text is None:
             handle.prefix_text = self._decode(prefix)
