@@ -98,7 +98,11 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, int
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
-    quant_method = (read_config(path).get("quantization_config") or {}).get("quant_method")
+    quantization = read_config(path).get("quantization_config")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise HaqError(f"{path / 'config.json'}: quantization_config must be an object, got "
+                       f"{type(quantization).__name__}: remove it from a float model's config")
+    quant_method = (quantization or {}).get("quant_method")
     if (path / CONFIG_NAME).is_file():
         from haq.checkpoint.native import load_quantized
 
@@ -150,7 +154,10 @@ def _load_export(path: Path, int8_backend: str | None):
 
     try:
         return load_compressed_tensors(path, backend=int8_backend, fuse=True)
-    except (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError) as exc:
+    except HaqError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, transformers' config and a malformed layout raise
+        # a dozen types; each is the folder's fault here, as in load_model
         raise HaqError(f"cannot read the compressed-tensors checkpoint in {path} ({type(exc).__name__}): "
                        f"{_first_line(exc)}") from None
 

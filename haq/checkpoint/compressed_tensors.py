@@ -43,6 +43,7 @@ from typing import Literal
 
 import torch
 
+from haq.checkpoint.weights import sha256_file
 from haq.errors import HaqError
 from haq.io import atomic_dir, check_output_dir
 
@@ -287,9 +288,26 @@ def export_checkpoint(src: str | Path, out: str | Path, fmt: ExportFormat = "com
             if extra.is_file() and extra.name.startswith(COPIED_PREFIXES):
                 shutil.copy2(extra, tmp / extra.name)
         provenance = {"format": fmt, "source": str(src.resolve()), "source_sha256": digest,
+                      "weights_sha256": sha256_file(tmp / WEIGHTS_NAME),  # haq's reader checks it
                       "recipe": meta["recipe"], "versions": meta.get("versions", {})}
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
     return out
+
+
+def _verify_export(path: Path) -> None:
+    """haq's own export records its weights' checksum (another tool's folder has none to check)."""
+    provenance = path / PROVENANCE_NAME
+    if not provenance.is_file():
+        return
+    try:
+        expected = json.loads(provenance.read_text()).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        raise HaqError(f"{provenance} is not haq's export record (JSON with weights_sha256): re-run `haq export`") \
+            from None
+    weights = path / WEIGHTS_NAME
+    if expected is not None and (not weights.is_file() or sha256_file(weights) != expected):
+        raise HaqError(f"{weights} is missing or does not match the checksum in {provenance.name}: truncated or "
+                       "modified; re-run `haq export`")
 
 
 def load_compressed_tensors(path: str | Path, backend: str | None = None, fuse: bool = False):
@@ -304,6 +322,7 @@ def load_compressed_tensors(path: str | Path, backend: str | None = None, fuse: 
     from haq.kernels.specs import install_specs
 
     path = Path(path)
+    _verify_export(path)
     config = AutoConfig.from_pretrained(path)
     qc = getattr(config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) else getattr(qc, "to_dict", lambda: None)()

@@ -163,6 +163,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             print(f"note: --gpu-budget {text} holds every expert of the trace ({total / 2**20:.1f} MiB): "
                   "simulated as 100%", file=sys.stderr)
     budgets = [min(b, total) for b in budgets]
+    if len(set(budgets)) < len(budgets):
+        raise HaqError(f"--gpu-budget {' '.join(args.gpu_budget)}: two of them hold every expert "
+                       f"({total / 2**20:.1f} MiB), the same budget: give it once")
     rows = simulate(trace, hardware, budgets, expert_bytes, args.policies,
                     flops_per_token=MIXTRAL_EXPERT_FLOPS if mixtral else costs.flops_per_token if costs else None,
                     nonexpert_bytes_per_layer=MIXTRAL_NONEXPERT_BYTES_PER_LAYER if mixtral else 0,

@@ -119,6 +119,9 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
         decodes together in the batch and answers with one choice each."""
         if body.stream and len(prompts) > 1:
             raise ApiError(400, "a streamed request takes one prompt", param="prompt")
+        if len(prompts) > worker.max_queue:  # each prompt waits in the queue until its first token
+            raise ApiError(400, f"a batch of {len(prompts)} prompts exceeds the server's queue of {worker.max_queue} "
+                                "(--max-queue): send at most that many per request", param="prompt")
         handles = [_prepare(body, ids, kind) for ids, _ in prompts]  # every prompt checked before any runs
         for i, handle in enumerate(handles):
             try:
@@ -137,12 +140,16 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
             metrics.requests.labels(request.url.path, "200").inc()
             return StreamingResponse(_sse(handles[0], body, kind, rid, created, _echo_text(body, *prompts[0])),
                                      media_type="text/event-stream")
+        tasks = [asyncio.ensure_future(_collect(handle, request)) for handle in handles]
         try:
-            answers = await asyncio.gather(*(_collect(handle, request) for handle in handles))
+            answers = await asyncio.gather(*tasks)
         except ClientGone:
             metrics.requests.labels(request.url.path, "499").inc()
             return JSONResponse({}, status_code=499)  # nobody reads it
         finally:
+            for task in tasks:  # one prompt failed (timeout, hang-up): the others stop with it
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             for handle in handles:
                 if handle.finish_reason is None:
                     worker.abort(handle)

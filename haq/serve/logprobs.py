@@ -35,7 +35,13 @@ def completion_logprobs(entries: Sequence[tuple[int, Logprob | None]], text: Cal
         out["text_offset"].append(offset)
         offset += len(piece)
         out["token_logprobs"].append(None if entry is None else _value(entry.logprob))
-        out["top_logprobs"].append(None if entry is None else {text(t): _value(v) for t, v in entry.top})
+        if entry is None:
+            out["top_logprobs"].append(None)
+            continue
+        top: dict = {}
+        for t, v in entry.top:  # two ids may share a text: the key keeps the likelier (first) one
+            top.setdefault(text(t), _value(v))
+        out["top_logprobs"].append(top)
     return out
 
 

@@ -33,7 +33,8 @@ PREFIX_TOKENS = 4
 class Handle:
     """One request as the worker sees it; `events` receives ("delta", text), then ("done", reason)
     or ("error", message), on the request's event loop; with log-probabilities asked, a token's
-    ("logprob", entry) before its text (and ("prompt_logprobs", entries) before the first)."""
+    ("logprob", entry) before its text (and ("prompt_logprobs", entries) before the first). Every
+    generated token has its entry, a stop string's too though the text leaves it out (as vLLM)."""
 
     prompt: list[int]
     params: SamplingParams

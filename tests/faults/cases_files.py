@@ -90,6 +90,13 @@ def checkpoint_cases() -> list[Case]:
     cases.append(Case("ckpt-intact-eval", "checkpoint", "ok", ON_CKPT["eval"], setup=copy_of("ckpt")))
     cases.append(Case("ckpt-intact-export", "checkpoint", "ok", ON_CKPT["export"], setup=copy_of("ckpt"),
                       check=lambda v, fx, f: (f / "exp" / "config.json").is_file()))
+    on_export = ["eval", "{case}/m", "--seqlen", "32", "--max-windows", "1"]  # haq's reader of its vLLM export
+    cases.append(Case("export-intact-eval", "checkpoint", "ok", on_export, setup=copy_of("export")))
+    for how in ("truncate", "flip", "delete"):
+        cases.append(Case(f"export-weights-{how}-eval", "checkpoint", "error", on_export,
+                          setup=then(copy_of("export"), _mutate("model.safetensors", how))))
+    cases.append(Case("export-scheme-float-eval", "checkpoint", "error", on_export, setup=then(copy_of("export"),
+                      _edit_json("config.json", lambda c: c["quantization_config"].update(format="float-quantized")))))
     return cases
 
 
@@ -129,6 +136,9 @@ FLOAT_FAULTS = {
     "config-bert": _edit_json("config.json", lambda c: c.update(model_type="bert")),
     "config-rope-scaling-float": _edit_json("config.json", lambda c: c.update(rope_scaling=1.5)),
     "config-vocab-string": _edit_json("config.json", lambda c: c.update(vocab_size="many")),
+    "config-quantization-string": _edit_json("config.json", lambda c: c.update(quantization_config="int8")),
+    "config-quantization-gptq": _edit_json("config.json", lambda c: c.update(
+        quantization_config={"quant_method": "gptq", "bits": 4})),
     "config-deleted": _mutate("config.json", "delete"),
     "tokenizer-deleted": then(_mutate("tokenizer.json", "delete"), _mutate("tokenizer_config.json", "delete")),
     "tokenizer-corrupt": _write("tokenizer.json", b"{\"version\": broken"),

@@ -44,6 +44,7 @@ BAD_REQUESTS = {
     "prompt-batch-streamed": (C, {**OK_BODY, "prompt": ["one", "two"], "stream": True}),
     "prompt-batch-empty-item": (C, {**OK_BODY, "prompt": ["one", ""]}),
     "prompt-batch-mixed": (C, {**OK_BODY, "prompt": ["one", [1, 2]]}),
+    "prompt-batch-beyond-queue": (C, {**OK_BODY, "prompt": ["one"] * 2000}),
     "chat-top-logprobs-alone": (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                        "top_logprobs": 2}),
     "stop-int": (C, {**OK_BODY, "stop": 5}),
