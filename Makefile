@@ -7,7 +7,7 @@ STAMP := $(VENV)/.haq-installed
 TORCH_SPEC ?= torch==2.13.0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test bench-zoo bench-quant bench-kernels bench-runtime bench-peers bench-engine bench-faults bench-scale gpu-text clean
+.PHONY: setup demo test bench-zoo bench-quant bench-kernels bench-runtime bench-peers bench-engine bench-lm-eval bench-faults bench-scale gpu-text clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ bench-runtime: $(STAMP)
 
 # llama.cpp's llama-bench built from the llama-cpp-python sdist into .peers/llama.cpp (git-ignored),
 # then haq's engine and llama.cpp on the same models and threads: bench/results/engine.{json,md}.
+bench-lm-eval: $(STAMP)
+	PYTHON=$(PYTHON) TORCH_SPEC=$(TORCH_SPEC) bash bench/peers/setup.sh lmeval
+	$(PY) bench/lm_eval_served.py
+
 bench-engine: $(STAMP)
 	PY=$(abspath $(PY)) bash bench/llamacpp/build.sh
 	$(PY) bench/engine_peers.py

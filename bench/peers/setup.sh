@@ -5,6 +5,7 @@
 #   .peers/llmc      llmcompressor 0.14.0.1 + compressed-tensors 0.19.0 (caps transformers <= 5.17.0)
 #   .peers/torchao   torchao 0.18.0
 #   .peers/gptqmodel gptqmodel 7.6.0 (7.7.0 needs a newer torch)
+#   .peers/lmeval    lm-eval 0.4.13 with its API client (bench/lm_eval_served.py; not in the default set)
 # Usage: bench/peers/setup.sh [llmc|torchao|gptqmodel ...]   (default: all three)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
@@ -17,6 +18,7 @@ declare -A PINS=(
   [llmc]="llmcompressor==0.14.0.1 compressed-tensors==0.19.0 $TRANSFORMERS_SPEC"
   [torchao]="torchao==0.18.0 $TRANSFORMERS_SPEC accelerate==1.15.0 safetensors==0.8.0"
   [gptqmodel]="gptqmodel==7.6.0 $TRANSFORMERS_SPEC"
+  [lmeval]="lm-eval[api]==0.4.13 $TRANSFORMERS_SPEC"
 )
 
 make_venv() {
@@ -39,7 +41,7 @@ make_venv() {
 mkdir -p "$PEERS"
 for name in "${@:-llmc torchao gptqmodel}"; do
   for one in $name; do
-    [[ -n "${PINS[$one]+x}" ]] || { echo "peers: unknown venv $one (llmc, torchao, gptqmodel)" >&2; exit 2; }
+    [[ -n "${PINS[$one]+x}" ]] || { echo "peers: unknown venv $one (llmc, torchao, gptqmodel, lmeval)" >&2; exit 2; }
     make_venv "$one"
   done
 done
