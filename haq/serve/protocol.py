@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from haq.runtime.sampling import MAX_LOGPROBS
 
+MAX_STOPS = 16  # OpenAI takes 4; lm-eval sends a task's stop strings plus the EOS text, vLLM any number
 NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
@@ -51,8 +52,8 @@ class _Request(BaseModel):
     @classmethod
     def _stops(cls, value):
         stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOPS} non-empty strings")
         return stops
 
     @property

@@ -48,6 +48,7 @@ BAD_REQUESTS = {
     "chat-top-logprobs-alone": (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                        "top_logprobs": 2}),
     "stop-int": (C, {**OK_BODY, "stop": 5}),
+    "stop-seventeen": (C, {**OK_BODY, "stop": [f"s{i}" for i in range(17)]}),
     "seed-string": (C, {**OK_BODY, "seed": "one"}),
     "stream-string": (C, {**OK_BODY, "stream": "yes"}),
     "chat-no-messages": (CHAT, {"model": "tiny"}),
