@@ -297,3 +297,22 @@ def test_logprobs_and_echo_as_lm_eval_reads_them(live):
     reply = httpx.post(f"{base}/v1/chat/completions", timeout=30, json={
         "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 2})
     assert reply.status_code == 400 and "top_logprobs needs logprobs" in reply.json()["error"]["message"]
+
+
+def test_n_choices_per_prompt_sample_apart_and_reproducibly(live):
+    """n: one choice each, choice i drawn with seed + i (a seeded request repeats); greedy choices agree;
+    the prompt counts once in usage; a streamed request takes n = 1."""
+    _, base, client = live
+    ask = dict(model="tiny", prompt="The history of", max_tokens=8, temperature=1.0, seed=7, n=3)
+    first, again = client.completions.create(**ask), client.completions.create(**ask)
+    texts = [c.text for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2] and texts == [c.text for c in again.choices]
+    assert len(set(texts)) > 1
+    one = client.completions.create(**{**ask, "n": 1, "seed": 8})
+    assert one.choices[0].text == texts[1]  # choice 1 is the request with seed + 1
+    greedy = client.completions.create(model="tiny", prompt="The history of", max_tokens=6, temperature=0, n=2)
+    assert greedy.choices[0].text == greedy.choices[1].text
+    assert greedy.usage.prompt_tokens == client.completions.create(
+        model="tiny", prompt="The history of", max_tokens=6, temperature=0).usage.prompt_tokens
+    reply = httpx.post(f"{base}/v1/completions", timeout=30, json={**ask, "stream": True})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "n"

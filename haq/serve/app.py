@@ -95,7 +95,7 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "haq",
                                             "max_model_len": context}]}
 
-    def _prepare(body, prompt: list[int], kind: str) -> Handle:
+    def _prepare(body, prompt: list[int], kind: str, choice: int = 0) -> Handle:
         if body.model != model_name:
             raise ApiError(404, f"model {body.model!r} not found; this server serves {model_name!r}",
                            "not_found_error", "model")
@@ -106,7 +106,8 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
         try:
             echo_logprobs = kind == "completion" and bool(body.echo) and body.logprobs is not None
             params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                    top_k=body.top_k, seed=body.seed, presence_penalty=body.presence_penalty,
+                                    top_k=body.top_k, seed=None if body.seed is None else body.seed + choice,
+                                    presence_penalty=body.presence_penalty,
                                     frequency_penalty=body.frequency_penalty,
                                     repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
                                     logprobs=body.top_logprobs_asked, prompt_logprobs=echo_logprobs)
@@ -115,14 +116,16 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
         return Handle(prompt, params, body.stops, asyncio.get_running_loop())
 
     async def _run(request: Request, body, prompts: list[tuple[list[int], str | None]], kind: str):
-        """`prompts`: (token ids, the text sent or None) per choice; a batch of prompts (completions)
-        decodes together in the batch and answers with one choice each."""
-        if body.stream and len(prompts) > 1:
-            raise ApiError(400, "a streamed request takes one prompt", param="prompt")
-        if len(prompts) > worker.max_queue:  # each prompt waits in the queue until its first token
-            raise ApiError(400, f"a batch of {len(prompts)} prompts exceeds the server's queue of {worker.max_queue} "
-                                "(--max-queue): send at most that many per request", param="prompt")
-        handles = [_prepare(body, ids, kind) for ids, _ in prompts]  # every prompt checked before any runs
+        """`prompts`: (token ids, the text sent or None); a batch of prompts (completions) and `n`
+        choices of each decode together in the batch, one choice each, prompt by prompt."""
+        count = len(prompts) * body.n
+        if body.stream and count > 1:
+            raise ApiError(400, "a streamed request takes one prompt and n = 1", param="n" if body.n > 1 else "prompt")
+        if count > worker.max_queue:  # each choice waits in the queue until its first token
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n = {body.n} choices exceed the server's queue of "
+                                f"{worker.max_queue} (--max-queue): send at most that many per request", param="n")
+        prompts = [prompt for prompt in prompts for _ in range(body.n)]
+        handles = [_prepare(body, ids, kind, i % body.n) for i, (ids, _) in enumerate(prompts)]  # all checked first
         for i, handle in enumerate(handles):
             try:
                 worker.submit(handle)
@@ -156,9 +159,12 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
         metrics.requests.labels(request.url.path, "200").inc()
         choices = [_choice(kind, body, i, handle, _echo_text(body, *prompt) + text, reason)
                    for i, (handle, prompt, (text, reason)) in enumerate(zip(handles, prompts, answers))]
-        usage = [_usage(handle) for handle in handles]
+        prompt_tokens = sum(len(handle.prompt) for handle in handles[::body.n])  # a prompt counts once, as OpenAI's
+        completion_tokens = sum(len(handle.tokens) for handle in handles)
         return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-                "model": model_name, "choices": choices, "usage": {k: sum(u[k] for u in usage) for k in usage[0]}}
+                "model": model_name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
 
     async def _collect(handle: Handle, request: Request) -> tuple[str, str]:
         text, reason = [], None

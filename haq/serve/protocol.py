@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from haq.runtime.sampling import MAX_LOGPROBS
 
+MAX_N = 64  # choices per prompt
 MAX_STOPS = 16  # OpenAI takes 4; lm-eval sends a task's stop strings plus the EOS text, vLLM any number
 NULL_IS_DEFAULT = ("temperature", "top_p", "top_k", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
@@ -31,7 +32,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
-    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+    n: int = Field(default=1, ge=1, le=MAX_N, description="choices per prompt (choice i samples with seed + i)")
     ignore_eos: bool = Field(default=False, description="vLLM's extension: generate max_tokens tokens")
     user: str | None = None
 
