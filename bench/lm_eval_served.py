@@ -17,6 +17,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,14 +79,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     engine_models = ROOT / ".peers" / "engine-models"
     parser.add_argument("--models", nargs="+", default=[
-        f"fp32={model_path('smollm2-8x135m')}", f"int8 W8A8={engine_models / 'smollm2-8x135m-int8'}",
-        f"int8 W8A8, int8 lm_head={engine_models / 'smollm2-8x135m-int8-lm-head'}"],
-        help="LABEL=FOLDER pairs (default: smollm2-8x135m float and its RTN int8 checkpoints, from make bench-engine)")
-    parser.add_argument("--questions", type=int, default=100)
+        f"fp32={model_path('smollm2-8x135m')}", f"int8 W8A8 RTN={engine_models / 'smollm2-8x135m-int8'}",
+        f"int8 W8A8 RTN, int8 lm_head={engine_models / 'smollm2-8x135m-int8-lm-head'}",
+        f"int8 W8A8 haq (default recipe, 32 x 512 calibration)={engine_models / 'smollm2-8x135m-haq'}"],
+        help="LABEL=FOLDER pairs (default: smollm2-8x135m float, its RTN int8 checkpoints from make bench-engine, "
+             "and its haq checkpoint, quantized here when missing)")
+    parser.add_argument("--questions", type=int, default=200)
     parser.add_argument("--batch", type=int, default=4, help="lm-eval's --batch_size: prompts per request")
     args = parser.parse_args()
     if not LMEVAL.is_file():
         raise SystemExit(f"{LMEVAL} is missing: run `bash bench/peers/setup.sh lmeval` (make bench-lm-eval)")
+    haq_ckpt = engine_models / "smollm2-8x135m-haq"
+    if any(spec.endswith(f"={haq_ckpt}") for spec in args.models) and not haq_ckpt.is_dir():
+        subprocess.run([sys.executable, "-m", "haq.cli", "quantize", "smollm2-8x135m", "--nsamples", "32",
+                        "--seqlen", "512", "-o", str(haq_ckpt)], check=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tasks = Path(tmp) / "tasks"
