@@ -141,7 +141,8 @@ def test_next_token_rules():
 
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(max_tokens=-5), dict(temperature=-0.1),
                                  dict(temperature=3.0), dict(top_p=0.0), dict(top_k=-1),
-                                 dict(repetition_penalty=0.0)])
+                                 dict(repetition_penalty=0.0), dict(frequency_penalty=2.5), dict(seed=2**64),
+                                 dict(seed=-2**63 - 1), dict(logprobs=21)])
 def test_bad_sampling_parameters_are_clear_errors(bad):
     with pytest.raises(HaqError, match=next(iter(bad))):
         SamplingParams(**bad)

@@ -53,6 +53,8 @@ class SamplingParams:
                    f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
                   (-2.0 <= self.frequency_penalty <= 2.0,
                    f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+                  (self.seed is None or -2**63 <= self.seed < 2**64,
+                   f"seed must fit in 64 bits (a torch generator's seed), got {self.seed}"),
                   (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
                    f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")]
         for ok, message in checks:

@@ -118,10 +118,11 @@ class Worker(threading.Thread):
     def _add(self, handle: Handle) -> None:
         try:
             handle.seq_id = self.generator.add(handle.prompt, handle.params)
-        except HaqError as exc:
+        except Exception as exc:  # noqa: BLE001 - this request's fault or not, it must not fail the running ones
             with self.lock:
                 self.pending -= 1
-            handle.put("error", str(exc))
+            handle.put("error" if isinstance(exc, HaqError) else "server_error",
+                       str(exc) if isinstance(exc, HaqError) else f"{type(exc).__name__}: {exc}")
             return
         self.handles[handle.seq_id] = handle
 

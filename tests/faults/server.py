@@ -53,6 +53,8 @@ BAD_REQUESTS = {
     "n-65": (C, {**OK_BODY, "n": 65}),
     "n-streamed": (C, {**OK_BODY, "n": 2, "stream": True}),
     "seed-string": (C, {**OK_BODY, "seed": "one"}),
+    "seed-beyond-64-bits": (C, {**OK_BODY, "seed": 2**70, "temperature": 1.0}),
+    "seed-plus-n-beyond-64-bits": (C, {**OK_BODY, "seed": 2**64 - 1, "n": 2, "temperature": 1.0}),
     "stream-string": (C, {**OK_BODY, "stream": "yes"}),
     "chat-no-messages": (CHAT, {"model": "tiny"}),
     "chat-empty-messages": (CHAT, {"model": "tiny", "messages": []}),
