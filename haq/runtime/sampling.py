@@ -106,5 +106,5 @@ def logprobs_of(logits: torch.Tensor, tokens: list[int], top: int) -> list[Logpr
     chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
     if not top:
         return [Logprob(t, c) for t, c in zip(tokens, chosen)]
-    values, ids = lp.topk(top, dim=-1)
+    values, ids = lp.topk(min(top, lp.shape[-1]), dim=-1)
     return [Logprob(t, c, tuple(zip(i, v))) for t, c, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())]
