@@ -155,17 +155,16 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         print(f"note: {args.hardware} has no measured model costs, so the prediction counts expert calls only "
               "(no attention, norms or dispatch): `haq profile-hw MODEL -o PROFILE` measures them", file=sys.stderr)
     total = expert_bytes * trace.meta.layers * trace.meta.num_experts
-    if len(set(args.gpu_budget)) < len(args.gpu_budget):
-        raise HaqError(f"--gpu-budget lists a value twice ({' '.join(args.gpu_budget)}): give each budget once")
     budgets = [parse_budget(b, total) for b in args.gpu_budget]
     for text, budget in zip(args.gpu_budget, budgets):
         if budget > total:
             print(f"note: --gpu-budget {text} holds every expert of the trace ({total / 2**20:.1f} MiB): "
                   "simulated as 100%", file=sys.stderr)
     budgets = [min(b, total) for b in budgets]
-    if len(set(budgets)) < len(budgets):
-        raise HaqError(f"--gpu-budget {' '.join(args.gpu_budget)}: two of them hold every expert "
-                       f"({total / 2**20:.1f} MiB), the same budget: give it once")
+    twice = next((b for i, b in enumerate(budgets) if b in budgets[:i]), None)
+    if twice is not None:  # the same text twice, or two that come to the same bytes (capped at every expert)
+        raise HaqError(f"--gpu-budget {' '.join(args.gpu_budget)}: two of them are the same budget ({twice} bytes"
+                       f"{', every expert' if twice == total else ''}): give each budget once")
     rows = simulate(trace, hardware, budgets, expert_bytes, args.policies,
                     flops_per_token=MIXTRAL_EXPERT_FLOPS if mixtral else costs.flops_per_token if costs else None,
                     nonexpert_bytes_per_layer=MIXTRAL_NONEXPERT_BYTES_PER_LAYER if mixtral else 0,
