@@ -345,12 +345,12 @@ class Engine:
 
     def _count_native_step(self, routing: np.ndarray) -> None:
         """A native decode step's routing [decoder layers, rows, top_k]: its calls, all on the CPU."""
-        moe = torch.from_numpy(routing[self.moe_layer_index])  # [MoE layers, rows, top_k], a copy
-        ordered = np.sort(moe.numpy().reshape(len(moe), -1), axis=1)
+        moe = routing[self.moe_layer_index]  # [MoE layers, rows, top_k], a copy
+        ordered = np.sort(moe.reshape(len(moe), -1), axis=1)
         distinct = (1 + (ordered[:, 1:] != ordered[:, :-1]).sum(axis=1)).tolist()  # distinct experts per layer
         self.calls = [calls + new for calls, new in zip(self.calls, distinct)]
-        if self.record_routing:
-            for chunks, layer in zip(self.routing, moe.unbind(0)):
+        if self.record_routing:  # views of the one copy
+            for chunks, layer in zip(self.routing, torch.from_numpy(moe).unbind(0)):
                 chunks.append(layer)
         self.cpu_calls += sum(distinct)
 

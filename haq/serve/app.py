@@ -104,13 +104,12 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
             raise ApiError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                                 f"context of {context} tokens", param="max_tokens")
         try:
-            echo_logprobs = kind == "completion" and bool(body.echo) and body.logprobs is not None
             params = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                     top_k=body.top_k, seed=None if body.seed is None else body.seed + choice,
                                     presence_penalty=body.presence_penalty,
                                     frequency_penalty=body.frequency_penalty,
                                     repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,
-                                    logprobs=body.top_logprobs_asked, prompt_logprobs=echo_logprobs)
+                                    logprobs=body.top_logprobs_asked, prompt_logprobs=body.prompt_logprobs_asked)
         except HaqError as exc:
             raise ApiError(400, str(exc)) from None
         return Handle(prompt, params, body.stops, asyncio.get_running_loop())
@@ -159,12 +158,8 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
         metrics.requests.labels(request.url.path, "200").inc()
         choices = [_choice(kind, body, i, handle, _echo_text(body, *prompt) + text, reason)
                    for i, (handle, prompt, (text, reason)) in enumerate(zip(handles, prompts, answers))]
-        prompt_tokens = sum(len(handle.prompt) for handle in handles[::body.n])  # a prompt counts once, as OpenAI's
-        completion_tokens = sum(len(handle.tokens) for handle in handles)
         return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion", "created": created,
-                "model": model_name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+                "model": model_name, "choices": choices, "usage": _usage(handles, body.n)}
 
     async def _collect(handle: Handle, request: Request) -> tuple[str, str]:
         text, reason = [], None
@@ -180,7 +175,7 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
         if kind == "chat":
             return {"index": index, "message": {"role": "assistant", "content": content}, "finish_reason": reason,
                     "logprobs": chat_logprobs(handle.logprobs, token_text) if asked else None}
-        entries = _prompt_entries(handle) if asked and body.echo else []
+        entries = _prompt_entries(handle) if body.prompt_logprobs_asked else []
         entries += [(e.token, e) for e in handle.logprobs]
         return {"index": index, "text": content, "finish_reason": reason,
                 "logprobs": completion_logprobs(entries, token_text) if asked else None}
@@ -215,25 +210,26 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
     async def _sse(handle: Handle, body, kind: str, rid: str, created: int, echo: str):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        asked, sent = body.top_logprobs_asked is not None, [0]  # characters of text streamed so far
+        asked, sent = body.top_logprobs_asked is not None, 0  # characters of text streamed so far
         pending: list = []  # (token, entry) pairs whose text the next chunk carries
 
         def chunk(delta: str | None, reason: str | None = None, role: bool = False) -> str:
+            nonlocal sent
             if kind == "chat":
                 d = {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
                 logprobs = chat_logprobs([e for _, e in pending], token_text) if asked and not role else None
                 choice = {"index": 0, "delta": d, "finish_reason": reason, "logprobs": logprobs}
             else:
-                logprobs = completion_logprobs(pending, token_text, sent[0]) if asked else None
+                logprobs = completion_logprobs(pending, token_text, sent) if asked else None
                 choice = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": logprobs}
             pending.clear()
-            sent[0] += len(delta or "")
+            sent += len(delta or "")
             return f"data: {json.dumps({'id': rid, 'object': obj, 'created': created, 'model': model_name, 'choices': [choice]})}\n\n"
 
         try:
             if kind == "chat":
                 yield chunk(None, role=True)
-            if echo and not (asked and body.echo):  # the prompt's text now; with logprobs, once they are known
+            if echo and not body.prompt_logprobs_asked:  # the prompt's text now; with its logprobs, once known
                 yield chunk(echo)
             async for kind_, value in _events(handle):
                 if kind_ == "prompt_logprobs":
@@ -245,7 +241,7 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
                     yield chunk(value)
                 else:
                     final = json.loads(chunk(None, value)[6:])
-                    final["usage"] = _usage(handle)
+                    final["usage"] = _usage([handle])
                     yield f"data: {json.dumps(final)}\n\n"
             yield "data: [DONE]\n\n"
         except ApiError as exc:
@@ -264,9 +260,11 @@ def create_app(worker: Worker, tokenizer, model_name: str, context: int, request
         """The prompt's (token, entry) pairs: nothing precedes the first token, so it has none."""
         return [(handle.prompt[0], None)] + [(e.token, e) for e in handle.prompt_logprobs]
 
-    def _usage(handle: Handle) -> dict:
-        n = len(handle.tokens)
-        return {"prompt_tokens": len(handle.prompt), "completion_tokens": n, "total_tokens": len(handle.prompt) + n}
+    def _usage(handles: list[Handle], n: int = 1) -> dict:
+        """A response's token counts: `n` choices per prompt, a prompt counted once (as OpenAI's)."""
+        prompt = sum(len(handle.prompt) for handle in handles[::n])
+        completion = sum(len(handle.tokens) for handle in handles)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):

@@ -87,6 +87,11 @@ class CompletionRequest(_Request):
     def top_logprobs_asked(self) -> int | None:
         return self.logprobs
 
+    @property
+    def prompt_logprobs_asked(self) -> bool:
+        """echo with logprobs: the prompt tokens' log-probabilities lead the choice's."""
+        return bool(self.echo) and self.logprobs is not None
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -124,3 +129,7 @@ class ChatCompletionRequest(_Request):
     @property
     def top_logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def prompt_logprobs_asked(self) -> bool:
+        return False  # chat has no echo

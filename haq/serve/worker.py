@@ -121,8 +121,8 @@ class Worker(threading.Thread):
         except Exception as exc:  # noqa: BLE001 - this request's fault or not, it must not fail the running ones
             with self.lock:
                 self.pending -= 1
-            handle.put("error" if isinstance(exc, HaqError) else "server_error",
-                       str(exc) if isinstance(exc, HaqError) else f"{type(exc).__name__}: {exc}")
+            ours = isinstance(exc, HaqError)  # the request's own fault: a 400, else a 500
+            handle.put("error" if ours else "server_error", str(exc) if ours else f"{type(exc).__name__}: {exc}")
             return
         self.handles[handle.seq_id] = handle
 
